@@ -1,0 +1,1 @@
+"""What an adapter is: architectures, gates, LoRA, the zoo format, diffusers export."""

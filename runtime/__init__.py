@@ -1,0 +1,1 @@
+"""Backbone, schedule, samplers, conditioned denoiser, adapter pool, serving."""

@@ -1,0 +1,1 @@
+"""Data, CoDi and baseline objectives, training loop, evaluation."""

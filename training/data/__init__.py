@@ -1,0 +1,1 @@
+"""Data: the procedural scenes world, Real-ESRGAN degradations, task datasets."""
