@@ -1,0 +1,79 @@
+"""`cdd-zoo list|show|verify|export`: inspect and manage zoo entries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .fingerprint import unet_fingerprint
+from .zoo import Manifest, ZooError, default_backbone_dir, default_zoo_dir, list_entries, load_entry, verify_entry
+
+
+def _resolve(ref: str, zoo: Path) -> Path:
+    """A path to an entry folder, or the name of an entry in `zoo`."""
+    p = Path(ref)
+    if p.is_dir():
+        return p
+    if (zoo / ref).is_dir():
+        return zoo / ref
+    raise ZooError(f"no zoo entry {ref!r}: not a folder and not an entry of {zoo}")
+
+
+def _load_unet(backbone: Path):
+    from diffusers import UNet2DConditionModel
+
+    if not (backbone / "unet").is_dir():
+        raise ZooError(f"backbone folder {backbone} has no unet/ folder")
+    return UNet2DConditionModel.from_pretrained(backbone, subfolder="unet", local_files_only=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cdd-zoo", description=__doc__)
+    parser.add_argument("--zoo", type=Path, default=default_zoo_dir(), help="zoo folder (default: the embedded zoo)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="one line per entry")
+    show = sub.add_parser("show", help="print an entry's manifest")
+    show.add_argument("entry", help="entry name or folder")
+    verify = sub.add_parser("verify", help="check hashes, manifest and (with a backbone) the fingerprint and weights")
+    verify.add_argument("entry")
+    verify.add_argument("--backbone", type=Path, default=None, help="backbone folder to check the fingerprint against")
+    export = sub.add_parser("export", help="write a diffusers ControlNetModel / T2IAdapter folder")
+    export.add_argument("entry")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--backbone", type=Path, default=default_backbone_dir())
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "list":
+            for path, m in list_entries(args.zoo):
+                if isinstance(m, Manifest):
+                    print(f"{m.name:28s} {m.task:18s} {m.kind:17s} {m.mode:4s} {m.sampler}x{m.steps}  {path}")
+                else:
+                    print(f"{path.name:28s} INVALID: {m}")
+        elif args.command == "show":
+            print(verify_entry(_resolve(args.entry, args.zoo)).to_json(), end="")
+        elif args.command == "verify":
+            path = _resolve(args.entry, args.zoo)
+            if args.backbone is None:
+                m = verify_entry(path)
+            else:
+                unet = _load_unet(args.backbone)
+                m = load_entry(path, unet, unet_fingerprint(unet)).manifest
+            print(f"OK {m.name}: {len(m.files)} file(s) match their sha256" + (", backbone and weights match" if args.backbone else ""))
+        elif args.command == "export":
+            from .export import export_entry
+
+            unet = _load_unet(args.backbone)
+            entry = load_entry(_resolve(args.entry, args.zoo), unet, unet_fingerprint(unet))
+            out = export_entry(entry, args.out)
+            print(json.dumps({"exported": str(out), "kind": entry.manifest.kind}))
+    except ZooError as e:
+        print(f"cdd-zoo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random backbones built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def pixel_backbone():
+    from cdd.runtime.factory import make_backbone
+
+    return make_backbone("pixel", resolution=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def latent_backbone():
+    from cdd.runtime.factory import make_backbone
+
+    return make_backbone("latent", resolution=16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def pixel_backbone_dir(tmp_path_factory, pixel_backbone):
+    from cdd.runtime.factory import save_backbone
+
+    return save_backbone(pixel_backbone, tmp_path_factory.mktemp("bb") / "pixel")
+
+
+@pytest.fixture(scope="session")
+def latent_backbone_dir(tmp_path_factory, latent_backbone):
+    from cdd.runtime.factory import save_backbone
+
+    return save_backbone(latent_backbone, tmp_path_factory.mktemp("bb") / "latent")
+
+
+def perturb_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Give zero-initialised parts random values so an adapter's effect is visible in a test."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+    return module
