@@ -15,6 +15,7 @@ Kinds:
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, ClassVar
 
 import torch
@@ -280,6 +281,11 @@ def adapter_from_config(kind: str, config: dict[str, Any], unet: UNet2DCondition
 
 # ---------------------------------------------------------------------------------------------
 # Optional backbone LoRA (training mode `lora`): peft LoRA on the UNet, stored with the adapter.
+
+
+def backbone_lora_name(entry_name: str) -> str:
+    """A peft adapter name for a zoo entry that cannot clash with nn.Module attributes (`train`, `eval`)."""
+    return "cdd_" + re.sub(r"\W", "_", entry_name)
 
 
 def add_backbone_lora(unet: UNet2DConditionModel, name: str, rank: int = 4, alpha: float | None = None, targets=None) -> LoraConfig:

@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .architectures import ADAPTER_KINDS, Adapter, adapter_from_config, load_backbone_lora
+from .architectures import (
+    ADAPTER_KINDS,
+    Adapter,
+    adapter_from_config,
+    backbone_lora_name,
+    load_backbone_lora,
+    set_backbone_lora,
+)
 from .atomic import atomic_directory
 
 FORMAT_VERSION = 1
@@ -194,7 +201,7 @@ class ZooEntry:
 
 def load_entry(path: str | Path, unet, backbone_fingerprint: str, *, lora_name: str | None = None) -> ZooEntry:
     """Verify and load an entry onto `unet`'s device and dtype. A backbone LoRA (mode `lora`) is added to
-    the shared UNet under `lora_name` (default: the entry's name) and left inactive."""
+    the shared UNet under `lora_name` (default: `backbone_lora_name(name)`) and left inactive."""
     root = Path(path)
     manifest = verify_entry(root, backbone_fingerprint)
     try:
@@ -205,7 +212,8 @@ def load_entry(path: str | Path, unet, backbone_fingerprint: str, *, lora_name: 
         raise ZooError(f"zoo entry {root}: weights do not fit the {manifest.kind} architecture: {e}") from e
     adapter.requires_grad_(False).eval()
     if manifest.backbone_lora is not None:
-        load_backbone_lora(unet, lora_name or manifest.name, manifest.backbone_lora, load_file(root / BACKBONE_LORA_FILE))
+        load_backbone_lora(unet, lora_name or backbone_lora_name(manifest.name), manifest.backbone_lora, load_file(root / BACKBONE_LORA_FILE))
+        set_backbone_lora(unet, None)
     unet_state = load_file(root / UNET_FILE) if UNET_FILE in manifest.files else None
     return ZooEntry(root, manifest, adapter, unet_state)
 

@@ -41,6 +41,11 @@ def latent_backbone_dir(tmp_path_factory, latent_backbone):
     return save_backbone(latent_backbone, tmp_path_factory.mktemp("bb") / "latent")
 
 
+@pytest.fixture
+def perturb():
+    return perturb_
+
+
 def perturb_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Give zero-initialised parts random values so an adapter's effect is visible in a test."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,51 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from cdd.runtime.backbone import BackboneError, load_backbone
+
+
+@pytest.mark.parametrize("name", ["pixel", "latent"])
+def test_load_round_trip(name, request):
+    backbone = request.getfixturevalue(f"{name}_backbone")
+    loaded = load_backbone(request.getfixturevalue(f"{name}_backbone_dir"))
+    assert loaded.fingerprint == backbone.fingerprint
+    assert loaded.latent == (name == "latent")
+    assert not any(p.requires_grad for m in loaded.modules() for p in m.parameters())
+    torch.testing.assert_close(loaded.encode_text(["a red cube"]), backbone.encode_text(["a red cube"]))
+    assert loaded.schedule.prediction_type == "epsilon"
+
+
+def test_dtype_does_not_change_fingerprint(pixel_backbone_dir):
+    a = load_backbone(pixel_backbone_dir)
+    b = load_backbone(pixel_backbone_dir, dtype=torch.bfloat16)
+    assert b.dtype == torch.bfloat16 and a.fingerprint == b.fingerprint
+
+
+def test_missing_parts_are_named(pixel_backbone_dir, tmp_path):
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone(tmp_path / "nope")
+    with pytest.raises(BackboneError, match="model_index.json is missing"):
+        load_backbone(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(pixel_backbone_dir, broken)
+    shutil.rmtree(broken / "scheduler")
+    for f in (broken / "unet").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(BackboneError, match=r"scheduler/ \(folder\).*unet/ weights"):
+        load_backbone(broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    del index["tokenizer"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(BackboneError, match="tokenizer"):
+        load_backbone(broken)
+
+
+def test_latent_folder_loads_in_plain_diffusers(latent_backbone_dir):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(latent_backbone_dir, local_files_only=True)
+    assert pipe.vae is not None and pipe.safety_checker is None
+    UNet2DConditionModel.from_pretrained(latent_backbone_dir, subfolder="unet")
