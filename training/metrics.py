@@ -1,0 +1,123 @@
+"""Quality metrics that need no downloaded weights (design.md section 11).
+
+- PSNR and SSIM (fidelity to the ground truth), on images in [0, 1].
+- Sliced Wasserstein distance over Laplacian-pyramid patches (distribution distance), as in
+  Karras et al., "Progressive Growing of GANs" (their `sliced_wasserstein.py`): at each pyramid
+  level, random 7x7 patches are described by their normalised pixels and the SWD between the two
+  sets of descriptors is estimated with random projections. Reported x 1e3 and averaged over levels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [0, 1], shape [B, C, H, W]."""
+    mse = (pred.float() - target.float()).square().flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).float()
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004; Gaussian 11x11, sigma 1.5, K1 = 0.01, K2 = 0.03), images in [0, 1],
+    averaged over channels and valid positions."""
+    c1, c2 = 0.01**2, 0.03**2
+    x, y = pred.float(), target.float()
+    channels = x.shape[1]
+    w = _gaussian_window(window, sigma).to(x.device)[None, None].expand(channels, 1, window, window)
+
+    def blur(v):
+        return F.conv2d(v, w, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+
+
+def _pyr_down(x: torch.Tensor) -> torch.Tensor:
+    k = (_BINOMIAL[:, None] * _BINOMIAL[None, :]).to(x)[None, None].expand(x.shape[1], 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, groups=x.shape[1])[:, :, ::2, ::2]
+
+
+def _pyr_up(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    up = torch.zeros(b, c, h * 2, w * 2, dtype=x.dtype, device=x.device)
+    up[:, :, ::2, ::2] = x
+    k = (_BINOMIAL[:, None] * _BINOMIAL[None, :] * 4).to(x)[None, None].expand(c, 1, 5, 5)
+    return F.conv2d(F.pad(up, (2, 2, 2, 2), mode="reflect"), k, groups=c)
+
+
+def laplacian_pyramid(x: torch.Tensor, min_size: int = 16) -> list[torch.Tensor]:
+    """Band-pass levels from fine to coarse, ending with the low-pass image at >= min_size."""
+    levels = []
+    while x.shape[-1] > min_size:
+        down = _pyr_down(x)
+        levels.append(x - _pyr_up(down))
+        x = down
+    levels.append(x)
+    return levels
+
+
+def _patches(level: torch.Tensor, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    b, c, h, w = level.shape
+    idx = torch.randint(0, b, (n,), generator=generator)
+    ys = torch.randint(0, h - size + 1, (n,), generator=generator)
+    xs = torch.randint(0, w - size + 1, (n,), generator=generator)
+    out = torch.stack([level[i, :, y : y + size, x : x + size] for i, y, x in zip(idx.tolist(), ys.tolist(), xs.tolist())])
+    return out.reshape(n, -1)
+
+
+def _normalise(desc: torch.Tensor, channels: int) -> torch.Tensor:
+    d = desc.reshape(desc.shape[0], channels, -1)
+    d = (d - d.mean(dim=(0, 2), keepdim=True)) / d.std(dim=(0, 2), keepdim=True).clamp_min(1e-8)
+    return d.reshape(desc.shape[0], -1)
+
+
+def _swd(a: torch.Tensor, b: torch.Tensor, directions: int, repeats: int, generator: torch.Generator) -> float:
+    results = []
+    for _ in range(repeats):
+        dirs = torch.randn(a.shape[1], directions, generator=generator, dtype=torch.float64)
+        dirs = dirs / dirs.norm(dim=0, keepdim=True)
+        pa = torch.sort(a.double() @ dirs, dim=0).values
+        pb = torch.sort(b.double() @ dirs, dim=0).values
+        results.append((pa - pb).abs().mean().item())
+    return sum(results) / len(results)
+
+
+def sliced_wasserstein(
+    images_a: torch.Tensor,
+    images_b: torch.Tensor,
+    patches_per_image: int = 128,
+    patch_size: int = 7,
+    directions: int = 512,
+    repeats: int = 4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """SWD x 1e3 between two sets of images in [0, 1] ([N, 3, H, W], same N), per pyramid level and the mean.
+    Descriptors are normalised per level and channel with each set's own statistics, as the reference does."""
+    if images_a.shape[0] != images_b.shape[0]:
+        raise ValueError(f"SWD needs sets of equal size, got {images_a.shape[0]} and {images_b.shape[0]}")
+    g = torch.Generator().manual_seed(seed)
+    pa, pb = laplacian_pyramid(images_a.float()), laplacian_pyramid(images_b.float())
+    out = {}
+    n = images_a.shape[0] * patches_per_image
+    for level, (la, lb) in enumerate(zip(pa, pb)):
+        da = _normalise(_patches(la, n, patch_size, g), la.shape[1])
+        db = _normalise(_patches(lb, n, patch_size, g), lb.shape[1])
+        out[f"swd_{la.shape[-1]}"] = 1e3 * _swd(da, db, directions, repeats, g)
+    out["swd"] = sum(out.values()) / len(out)
+    return out

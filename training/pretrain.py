@@ -1,0 +1,274 @@
+"""`cdd-pretrain-backbone`: train the embedded default text-to-image backbone on the scenes world.
+
+The "unconditional pretraining" every adapter is distilled from (design.md sections 1 and 10): a
+pixel-space diffusers `UNet2DConditionModel` with cross-attention to a small `CLIPTextModel`, both
+trained jointly with the plain diffusion loss, a word-level tokenizer over the scenes vocabulary,
+and caption dropout so that the empty prompt is a real unconditional model. The output folder is
+diffusers format (`UNet2DConditionModel.from_pretrained(path, subfolder="unet")` and friends).
+
+Checkpoints are atomic and `--resume` continues a killed run from the last one: the data stream is
+a pure function of (seed, step), so nothing else needs restoring but weights, optimiser, EMA and RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..adapters.atomic import atomic_directory, write_text
+from ..runtime.backbone import Backbone
+from ..runtime.denoiser import ConditionedDenoiser
+from ..runtime.factory import make_text_encoder, make_unet, save_backbone, scheduler_config
+from ..runtime.samplers import initial_noise, sample_with_scheduler
+from ..runtime.text import build_word_tokenizer
+from .data.scenes import caption, render, sample_scene, scene_vocabulary
+
+GRID_CAPTIONS = [
+    "a red sphere on a checkered floor at noon",
+    "a blue cube on a plain floor at sunset",
+    "a green cylinder on a striped floor at night",
+    "a yellow sphere and a purple cube on a plain floor at noon",
+    "a white cube on a checkered floor at sunset",
+    "an orange cylinder and a cyan sphere on a striped floor at noon",
+    "a pink sphere and a brown cube and a blue cylinder on a plain floor at night",
+    "a red cube and a green sphere on a checkered floor at sunset",
+]
+
+
+@dataclass
+class PretrainConfig:
+    output: str = "runs/backbone"
+    resolution: int = 64
+    channels: tuple[int, ...] = (32, 64, 128, 128)
+    layers_per_block: int = 1
+    self_attention_from: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    max_length: int = 24
+    prediction_type: str = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    ema: float = 0.999
+    max_train_steps: int = 3000
+    checkpoint_every: int = 100
+    sample_every: int = 500
+    sample_steps: int = 50
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if self.resolution % (2 ** (len(self.channels) - 1)):
+            raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channels) - 1}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not epsilon, v_prediction or sample")
+
+
+def scene_batch(cfg: PretrainConfig, step: int, rank: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """Batch `step` of the stream: a pure function of (seed, step, rank), so a resumed run sees the
+    same data an uninterrupted one would. Images in [-1, 1]; captions dropped to "" with p = dropout."""
+    rng = np.random.default_rng([cfg.seed, step, rank])
+    images, texts = [], []
+    for _ in range(cfg.batch_size):
+        spec = sample_scene(rng)
+        images.append(render(spec, cfg.resolution).image)
+        texts.append("" if rng.random() < cfg.caption_dropout else caption(spec))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2 - 1
+    return x, texts
+
+
+def build_backbone(cfg: PretrainConfig) -> Backbone:
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_word_tokenizer(scene_vocabulary(), max_length=cfg.max_length)
+    sched = scheduler_config(cfg.prediction_type)
+    sched["beta_schedule"] = cfg.beta_schedule
+    return Backbone(
+        unet=make_unet(cfg.resolution, 3, cfg.channels, cfg.text_hidden, cfg.layers_per_block, 8, cfg.self_attention_from),
+        scheduler_config=sched,
+        text_encoder=make_text_encoder(len(tokenizer), cfg.max_length, cfg.text_hidden, cfg.text_layers, tokenizer.eos_token_id),
+        tokenizer=tokenizer,
+    )
+
+
+@torch.no_grad()
+def sample_grid(backbone: Backbone, captions: list[str], steps: int, seed: int = 0) -> np.ndarray:
+    """50-step DDIM samples for fixed captions, one row of images, uint8 HxWx3."""
+    denoiser = ConditionedDenoiser(backbone.unet, backbone.schedule)
+    text = backbone.encode_text(captions)
+    size = backbone.unet.config.sample_size
+    z = initial_noise(range(seed, seed + len(captions)), (3, size, size), backbone.device, backbone.dtype)
+    x = sample_with_scheduler(denoiser.bind(None, text), z, steps, backbone.schedule, backbone.scheduler_config, "ddim")
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return np.concatenate(list(x), axis=1)
+
+
+def _tokens(backbone: Backbone, texts: list[str], device) -> torch.Tensor:
+    return backbone.tokenizer(
+        texts, padding="max_length", max_length=backbone.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def train(cfg: PretrainConfig, resume: bool = False) -> Path:
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(out / "logs"))
+    backbone = build_backbone(cfg)
+    unet, text_encoder = backbone.unet, backbone.text_encoder
+    for m in (unet, text_encoder):
+        m.requires_grad_(True).train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    ema = EMAModel(params, decay=cfg.ema, use_ema_warmup=True, power=2 / 3)
+    unet, text_encoder, optimizer, scheduler = accelerator.prepare(unet, text_encoder, optimizer, scheduler)
+
+    step, ckpt = 0, out / "checkpoint"
+    if resume and (ckpt / "state.json").is_file():
+        state = torch.load(ckpt / "training_state.pt", weights_only=False)
+        accelerator.unwrap_model(unet).load_state_dict(state["unet"])
+        accelerator.unwrap_model(text_encoder).load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    elif resume:
+        accelerator.print(f"--resume: no checkpoint in {ckpt}, starting from scratch")
+    write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    accelerator.init_trackers("pretrain", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+    schedule = backbone.schedule
+    n_params = sum(p.numel() for p in params)
+    accelerator.print(f"training {n_params / 1e6:.2f}M parameters for {cfg.max_train_steps} steps of batch {cfg.batch_size}")
+
+    bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
+    t_start, steps_timed = time.time(), 0
+    while step < cfg.max_train_steps:
+        x, texts = scene_batch(cfg, step, accelerator.process_index)
+        x = x.to(accelerator.device)
+        eps = torch.randn_like(x)
+        t = torch.randint(0, schedule.num_train_timesteps, (x.shape[0],), device=x.device)
+        z_t = schedule.add_noise(x, eps, t)  # eq. 1
+        with accelerator.autocast():
+            text_emb = text_encoder(_tokens(backbone, texts, x.device))[0]
+            out_ = unet(z_t, t, encoder_hidden_states=text_emb).sample
+            loss = F.mse_loss(out_.float(), schedule.target(x, eps, t).float())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt}")
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(params)
+        step += 1
+        steps_timed += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        accelerator.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}, step=step)
+        if steps_timed == 5:
+            per = (time.time() - t_start) / 5
+            accelerator.print(f"{per:.2f} s/step; about {per * (cfg.max_train_steps - step) / 60:.0f} min to go")
+        if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.max_train_steps):
+            with atomic_directory(ckpt) as tmp:
+                torch.save(
+                    {
+                        "unet": accelerator.unwrap_model(unet).state_dict(),
+                        "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "ema": ema.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                    tmp / "training_state.pt",
+                )
+                (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_train_steps):
+            with _ema_weights(ema, params):
+                grid = sample_grid(_eval_view(backbone), GRID_CAPTIONS, cfg.sample_steps)
+            (out / "samples").mkdir(exist_ok=True)
+            Image.fromarray(grid).save(out / "samples" / f"step_{step:06d}.png")
+    bar.close()
+    accelerator.end_training()
+
+    final = out / "backbone"
+    if accelerator.is_main_process:
+        with _ema_weights(ema, params):
+            save_backbone(_eval_view(backbone), final, fp16=True)
+    return final
+
+
+def _eval_view(backbone: Backbone) -> Backbone:
+    backbone.unet.eval()
+    backbone.text_encoder.eval()
+    return backbone
+
+
+class _ema_weights:
+    """Temporarily swap the EMA weights into the live parameters."""
+
+    def __init__(self, ema, params):
+        self.ema, self.params = ema, params
+
+    def __enter__(self):
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc):
+        self.ema.restore(self.params)
+        for p in self.params:
+            p.requires_grad_(True)
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = PretrainConfig()
+    parser = argparse.ArgumentParser(prog="cdd-pretrain-backbone", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=value,
+                                help=f"comma-separated (default {','.join(map(str, value))})")
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint")
+    parser.add_argument("--dry-run", action="store_true", help="print the validated config and exit")
+    args = vars(parser.parse_args(argv))
+    resume, dry = args.pop("resume"), args.pop("dry_run")
+    try:
+        cfg = PretrainConfig(**args)
+    except ValueError as e:
+        parser.error(str(e))
+    if dry:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    final = train(cfg, resume=resume)
+    print(f"backbone written to {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
