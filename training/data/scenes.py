@@ -245,9 +245,10 @@ def _as_rng(rng_or_seed) -> np.random.Generator:
 
 def _sample_object(rng: np.random.Generator, shape: str, color: str) -> SceneObject:
     z = rng.uniform(-0.6, 3.0)
-    # Keep the object inside the frame: half-width of the view at that depth, less a margin.
-    half_width = (z - CAMERA.position[2]) * CAMERA.tan_half_fov * 0.9
-    x = rng.uniform(-1, 1) * max(half_width - 0.8, 0.1)
+    # Roughly inside the frame (half the view's width at that depth, less a margin);
+    # _placement_ok checks the exact screen box.
+    half_width = (z - CAMERA.position[2]) * CAMERA.tan_half_fov
+    x = rng.uniform(-1, 1) * max(half_width - 0.45, 0.1)
     if shape == "sphere":
         return SceneObject(shape, color, x, z, size=rng.uniform(0.42, 0.65))
     if shape == "cube":
@@ -257,43 +258,45 @@ def _sample_object(rng: np.random.Generator, shape: str, color: str) -> SceneObj
                        height=rng.uniform(0.8, 1.5))
 
 
-def _placement_ok(new: SceneObject, placed: list[SceneObject]) -> bool:
-    u0, v0, u1, v1 = _screen_bbox(_bbox_corners(new))
-    if u0 < 0.02 or u1 > 0.98 or v1 > 0.98:
-        return False
-    for o in placed:
+def _placement_ok(new: SceneObject, placed: list[tuple[SceneObject, tuple]]) -> tuple | None:
+    """The new object's screen box if it fits beside the `placed` (object, box) pairs."""
+    for o, _ in placed:
         if math.hypot(new.x - o.x, new.z - o.z) < new.footprint_radius + o.footprint_radius + 0.2:
-            return False
+            return None
+    box = _screen_bbox(_bbox_corners(new))
+    if box[0] < 0.02 or box[2] > 0.98 or box[3] > 0.98:
+        return None
+    for o, other in placed:
         # Whichever is farther must stay mostly visible: at most 35% of its screen box hidden.
-        a, b = _screen_bbox(_bbox_corners(o)), (u0, v0, u1, v1)
-        iw = min(a[2], b[2]) - max(a[0], b[0])
-        ih = min(a[3], b[3]) - max(a[1], b[1])
+        iw = min(box[2], other[2]) - max(box[0], other[0])
+        ih = min(box[3], other[3]) - max(box[1], other[1])
         if iw > 0 and ih > 0:
-            far = a if o.z > new.z else b
+            far = other if o.z > new.z else box
             if iw * ih > 0.35 * (far[2] - far[0]) * (far[3] - far[1]):
-                return False
-    return True
+                return None
+    return box
 
 
 def sample_scene(rng_or_seed) -> SceneSpec:
     """A random scene, fully determined by the seed (or numpy Generator) given."""
     rng = _as_rng(rng_or_seed)
     n = int(rng.choice([1, 2, 3, 4], p=[0.2, 0.3, 0.3, 0.2]))
-    placed: list[SceneObject] = []
+    placed: list[tuple[SceneObject, tuple]] = []
     for _ in range(200):
         if len(placed) == n:
             break
         shape = SHAPES[rng.integers(len(SHAPES))]
         color = list(COLORS)[rng.integers(len(COLORS))]
-        if any(o.shape == shape and o.color == color for o in placed):
+        if any(o.shape == shape and o.color == color for o, _ in placed):
             continue
         obj = _sample_object(rng, shape, color)
-        if _placement_ok(obj, placed):
-            placed.append(obj)
+        box = _placement_ok(obj, placed)
+        if box is not None:
+            placed.append((obj, box))
     # After 200 tries a crowded scene keeps the objects that fit (at least one always does).
-    placed.sort(key=lambda o: float(project(np.array([o.x, o.top / 2, o.z]))[0]))
+    objects = sorted((o for o, _ in placed), key=lambda o: float(project(np.array([o.x, o.top / 2, o.z]))[0]))
     return SceneSpec(
-        objects=tuple(placed),
+        objects=tuple(objects),
         floor=FLOORS[rng.integers(len(FLOORS))],
         time=TIMES[rng.integers(len(TIMES))],
         light_azimuth=float(rng.uniform(-math.radians(70), math.radians(70))),
@@ -548,6 +551,19 @@ def _trace(spec: SceneSpec, n: int):
     return t, ids, rects
 
 
+def _box_downsample(x: np.ndarray, k: int) -> np.ndarray:
+    """Mean over k x k blocks; summing strided views is ~5x faster than reshape().mean()."""
+    if k == 1:
+        return x.copy()
+    out = x[0::k, 0::k].copy()
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                out += x[i::k, j::k]
+    out *= 1.0 / (k * k)
+    return out
+
+
 def render(spec: SceneSpec, size: int = 64, supersample: int = 2) -> RenderResult:
     """Ray-cast `spec` into a size x size image with supersample^2 rays per pixel.
 
@@ -590,35 +606,30 @@ def render(spec: SceneSpec, size: int = 64, supersample: int = 2) -> RenderResul
             continue
         hit = _HIT[o.shape](o, px[r] + eps * nx[r], py[r] + eps * ny[r], pz[r] + eps * nz[r],
                             lx, ly, lz)
-        lit[r] &= ~(m & np.isfinite(hit))
+        shadowed = m & np.isfinite(hit)
+        lit[r] &= ~shadowed
+        np.copyto(color[r], shadow_col[r], where=(shadowed & (ids[r] == -1))[..., None])
 
-    floor_shadow = (ids == -1) & ~lit
-    color[floor_shadow] = shadow_col[floor_shadow]
-
-    # Object shading: hemisphere ambient + Lambert + Blinn-Phong highlight, then fog.
-    sun = np.array(tod.sun_color, dtype=np.float32)
-    for k, (o, r) in enumerate(zip(spec.objects, rects)):
-        m = ids[r] == k
-        if not m.any():
-            continue
-        kx, ky, kz, kl = nx[r][m], ny[r][m], nz[r][m], lit[r][m]
-        # view vector points back to the camera: -ray direction
-        vx, vy, vz = -g.dx[r][m], -g.dy[r][m], -g.dz[r][m]
-        hx, hy, hz = vx + lx, vy + ly, vz + lz
+    # Object shading, all objects at once: hemisphere ambient + Lambert + Blinn-Phong
+    # highlight, then fog.
+    obj = np.flatnonzero(ids >= 0)
+    if obj.size:
+        kx, ky, kz = nx.ravel()[obj], ny.ravel()[obj], nz.ravel()[obj]
+        kl = lit.ravel()[obj]
+        # half vector between the light and the view direction (back along the ray)
+        hx, hy, hz = lx - g.dx.ravel()[obj], ly - g.dy.ravel()[obj], lz - g.dz.ravel()[obj]
         hn = np.sqrt(hx * hx + hy * hy + hz * hz)
         ndl = np.clip(kx * lx + ky * ly + kz * lz, 0, None) * kl
         ndh = np.clip((kx * hx + ky * hy + kz * hz) / hn, 0, None)
-        spec_term = (SPECULAR * ndh ** SHININESS * (ndl > 0) * kl)[:, None] * sun
-        albedo = np.array(COLORS[o.color], dtype=np.float32)
-        c = albedo * (_ambient(tod, ky) + ndl[:, None] * sun) + spec_term
-        f = _fog(t[r][m])[:, None]
+        sun = np.array(tod.sun_color, dtype=np.float32)
+        albedo = np.array([COLORS[o.color] for o in spec.objects], dtype=np.float32)[ids.ravel()[obj]]
+        c = albedo * (_ambient(tod, ky) + ndl[:, None] * sun)
+        c += (SPECULAR * ndh**SHININESS * ndl.astype(bool))[:, None] * sun
+        f = _fog(t.ravel()[obj])[:, None]
         c = (1 - f) * c + f * np.array(tod.horizon, dtype=np.float32)
-        block = color[r]
-        block[m] = c
-        color[r] = block
+        color.reshape(-1, 3)[obj] = c
 
-    image = color.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
-    image = np.clip(image, 0, 1).astype(np.float32)
+    image = np.clip(_box_downsample(color, supersample), 0, 1)
 
     if supersample == 1:
         tc, ids_c = t, ids
