@@ -7,6 +7,7 @@ same constructors at a larger size.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -161,6 +162,8 @@ def save_backbone(backbone: Backbone, path: str | Path, fp16: bool = False) -> P
                 requires_safety_checker=False,
             )
         else:
+            # plain diffusers runs it with DiffusionPipeline.from_pretrained(path, custom_pipeline=str(path), trust_remote_code=True)
             index.update(_class_name="PixelTextToImagePipeline")
+            shutil.copyfile(Path(__file__).with_name("pixel_pipeline.py"), tmp / "pipeline.py")
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path

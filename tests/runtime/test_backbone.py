@@ -49,3 +49,20 @@ def test_latent_folder_loads_in_plain_diffusers(latent_backbone_dir):
     pipe = StableDiffusionPipeline.from_pretrained(latent_backbone_dir, local_files_only=True)
     assert pipe.vae is not None and pipe.safety_checker is None
     UNet2DConditionModel.from_pretrained(latent_backbone_dir, subfolder="unet")
+
+
+def test_pixel_folder_runs_in_plain_diffusers(pixel_backbone, pixel_backbone_dir):
+    """The folder's own pipeline.py (torch + diffusers only) equals our sampler on the same weights."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from cdd.runtime.denoiser import ConditionedDenoiser
+    from cdd.runtime.samplers import initial_noise, sample_ddim
+
+    pipe = DiffusionPipeline.from_pretrained(pixel_backbone_dir, custom_pipeline=str(pixel_backbone_dir), trust_remote_code=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red cube", num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    bb = pixel_backbone
+    z = sample_ddim(ConditionedDenoiser(bb.unet, bb.schedule).bind(None, bb.encode_text(["a red cube"])),
+                    initial_noise([3], (3, 16, 16)), bb.schedule.trailing_timesteps(4), bb.schedule)
+    torch.testing.assert_close(images, (z / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
