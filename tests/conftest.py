@@ -10,7 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tests are dominated by small ops, and several pytest processes (or a training run
+# beside them) on 2 cores with 2 OpenMP threads each slow each other down many times over.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
