@@ -159,7 +159,7 @@ def _write(root: Path, args) -> None:
             if k < SHEET_MAX:
                 up = pair.condition[0].permute(1, 2, 0).numpy()
                 sr_tiles.append(np.concatenate([image, _uint8(up)], axis=1))
-                sr_captions.append(f"{k}: high resolution | degraded x4, bicubic up")
+                sr_captions.append(f"{k}: HR {args.size}px | LR {args.size // 4}px, bicubic up")
         lines.append(json.dumps(row))
         if k < SHEET_MAX:
             sheet_images.append(image)

@@ -198,8 +198,10 @@ class _RecordsDataset(IterableDataset):
     def sample(self, k: int) -> dict:
         n = len(self)
         epoch, pos = divmod(k, n)
-        order = np.random.default_rng([self.seed, epoch, 1]).permutation(n)
-        return self.load(int(order[pos]), _sample_rng(self.seed, k))
+        cached = getattr(self, "_order", None)
+        if cached is None or cached[0] != epoch:  # one permutation per pass, not per sample
+            cached = self._order = (epoch, np.random.default_rng([self.seed, epoch, 1]).permutation(n))
+        return self.load(int(cached[1][pos]), _sample_rng(self.seed, k))
 
     def __iter__(self):
         s, n = _stream(self.rank, self.world_size)
