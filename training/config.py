@@ -1,0 +1,210 @@
+"""The one typed configuration of an adapter training run (`cdd-train-adapter`).
+
+Validated on construction (errors name the field and the value at fault), saved as
+`<output>/config.json` beside the run and inside every checkpoint, printed by `--dry-run`.
+Defaults are tuned for the embedded 64x64 scenes world on a CPU; design.md section 5 lists the
+published Stable-Diffusion-class settings (constant lr 1e-5, batch 2 per device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapters.architectures import ADAPTER_KINDS
+from ..adapters.zoo import MODES, default_backbone_dir
+
+TASKS = ("super-resolution", "depth", "edit")
+METHODS = ("codi", "finetune")
+PREV_PREDICTORS = ("prev", "ddim", "teacher")
+CONSISTENCY_SPACES = ("eps", "x")
+DISTANCES = ("l2", "huber")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+# Fields that may change when a run is resumed; every other field defines the run and must match
+# the checkpoint's config (see `TrainConfig.resume_conflicts`). A moved backbone folder is allowed: the
+# loop checks the backbone fingerprint instead of its path.
+RESUMABLE_CHANGES = frozenset(
+    {"max_train_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_workers", "resume",
+     "zoo_out", "output", "backbone", "mixed_precision"}
+)
+
+# The sampler and step count a trained entry is served with, by training method (the zoo manifest's default).
+DEFAULT_SAMPLING = {"codi": ("prev", 4), "finetune": ("ddim", 50)}
+
+
+class ConfigError(ValueError):
+    """A training option that cannot be used as given."""
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    backbone: str | None = None  # None: the embedded default backbone (cdd.adapters.zoo.default_backbone_dir())
+    data: str = "scenes"
+    data_options: dict[str, Any] = field(default_factory=dict)  # passed to build_dataset (column names, ...)
+    adapter: str = "controlnet"
+    mode: str = "pe"  # pe: adapter only; lora: + backbone LoRA; full: + the whole backbone UNet
+    method: str = "codi"
+    output: str | None = None  # None: runs/<task>-<adapter>-<method>
+    zoo_out: str | None = None  # None: <output>/entry
+    name: str | None = None  # zoo entry name; None: <task>-<adapter>-<method>
+
+    # CoDi, Algorithm 1 (design.md section 5)
+    prev_predictor: str = "prev"
+    consistency_space: str = "eps"
+    distance: str = "l2"
+    huber_c: float = 1e-3  # pseudo-Huber c, per element (the diffusers LCM scripts' default)
+    cond_weight: float = 1.0  # r in eq. 11
+    same_t: bool = True  # one n per batch (Algorithm 1); False: one per sample (ablation)
+    ema: float = 0.999  # mu, the EMA rate of the target theta^-
+    steps: int = 50  # N, intervals of [0, T)
+
+    # architecture sizes
+    adapter_rank: int = 8  # LoRA rank inside a controlnet-lora adapter
+    lora_rank: int = 4  # backbone LoRA rank (mode lora)
+
+    # optimisation: AdamW as published, lr raised for the tiny world (1e-5 is the SD-class setting)
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    max_train_steps: int = 1000
+    seed: int = 0
+    resolution: int | None = None  # None: the backbone's native resolution
+    mixed_precision: str = "auto"  # auto: bf16 on a CUDA device that supports it, else no
+    num_workers: int = 2  # DataLoader workers rendering / reading data ahead of the model
+
+    # long runs
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    sample_every: int = 250  # 0: only at the end
+    log_every: int = 10
+    resume: str | None = None  # "latest" (in <output>/checkpoints), a checkpoint folder or a run folder
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        self.data = str(self.data)
+        for name in ("backbone", "output", "zoo_out", "resume"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(value))
+        _choice("task", self.task, TASKS)
+        _choice("adapter", self.adapter, ADAPTER_KINDS)
+        _choice("mode", self.mode, MODES)
+        _choice("method", self.method, METHODS)
+        _choice("prev_predictor", self.prev_predictor, PREV_PREDICTORS)
+        _choice("consistency_space", self.consistency_space, CONSISTENCY_SPACES)
+        _choice("distance", self.distance, DISTANCES)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check("ema", self.ema, 0 <= self.ema < 1, "must be in [0, 1)")
+        _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
+        _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
+        _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")
+        _check("lr", self.lr, self.lr > 0, "must be > 0")
+        _check("weight_decay", self.weight_decay, self.weight_decay >= 0, "must be >= 0")
+        _check("adam_betas", self.adam_betas, len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+               "must be two numbers in [0, 1)")
+        _check("adam_eps", self.adam_eps, self.adam_eps > 0, "must be > 0")
+        _check("grad_clip", self.grad_clip, self.grad_clip > 0, "must be > 0")
+        for name in ("batch_size", "grad_accum", "max_train_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "adapter_rank", "lora_rank"):
+            _check(name, getattr(self, name), int(getattr(self, name)) >= 1, "must be >= 1")
+        for name in ("sample_every", "num_workers"):
+            _check(name, getattr(self, name), int(getattr(self, name)) >= 0, "must be >= 0")
+        _check("resolution", self.resolution, self.resolution is None or self.resolution >= 8, "must be >= 8")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ConfigError(f"name {self.name!r}: a zoo entry name must be non-empty and contain no '/'")
+        if self.data != "scenes" and not Path(self.data).exists():
+            raise ConfigError(f"data {self.data!r} is neither 'scenes' nor an existing path")
+
+    # ----------------------------------------------------------------------------------------
+    # derived values (not stored: the saved config is what the user chose)
+
+    @property
+    def backbone_dir(self) -> Path:
+        return Path(self.backbone) if self.backbone is not None else default_backbone_dir()
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output is not None else Path("runs") / f"{self.task}-{self.adapter}-{self.method}"
+
+    @property
+    def entry_dir(self) -> Path:
+        return Path(self.zoo_out) if self.zoo_out is not None else self.output_dir / "entry"
+
+    @property
+    def entry_name(self) -> str:
+        return self.name or f"{self.task}-{self.adapter}-{self.method}" + ("" if self.mode == "pe" else f"-{self.mode}")
+
+    @property
+    def sampling(self) -> tuple[str, int]:
+        """The default sampler and steps recorded in the zoo manifest."""
+        return DEFAULT_SAMPLING[self.method]
+
+    def check_backbone(self) -> Path:
+        """The backbone folder, or a clear error naming it (the default one is produced by cdd-pretrain-backbone)."""
+        path = self.backbone_dir
+        if not (path / "model_index.json").is_file():
+            hint = (
+                "the embedded default backbone has not been built yet (cdd-pretrain-backbone writes it); "
+                "pass --backbone PATH to a diffusers backbone folder"
+                if self.backbone is None
+                else "pass --backbone PATH to a diffusers backbone folder (with model_index.json)"
+            )
+            raise ConfigError(f"backbone folder {path} has no model_index.json: {hint}")
+        return path
+
+    # ----------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        if "task" not in data:
+            raise ConfigError("config lacks the required field 'task'")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def resume_conflicts(self, saved: TrainConfig) -> list[str]:
+        """Run-defining fields whose value differs from the checkpoint's config, as 'field: saved -> now'."""
+        mine, theirs = self.to_dict(), saved.to_dict()
+        return [
+            f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]
+        ]
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}")
+
+
+def _check(name: str, value: Any, ok: bool, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} {value!r} {why}")

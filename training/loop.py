@@ -1,0 +1,562 @@
+"""The adapter training loop: CoDi (Algorithm 1) or conditional fine-tuning, with accelerate.
+
+    train(config) -> TrainResult
+
+One run writes, under `config.output_dir`:
+    config.json                       the TrainConfig
+    checkpoints/step-NNNNNN/          atomic: trainable weights, EMA, optimizer, RNG states, data position
+    logs/                             TensorBoard scalars (each loss term, lr, grad norm) and sample grids
+    metrics.jsonl                     the same scalars, one JSON object per logged step
+    samples/step-NNNNNN.png           condition | 1, 2, 4 steps (EMA weights) | target
+    entry/ (or config.zoo_out)        the zoo entry, with the EMA weights
+
+Multi-GPU / multi-node: run the same command under `accelerate launch`; every process trains on its own
+slice of the data stream, DDP averages the gradients of the trainable parameters only.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..adapters.architectures import add_backbone_lora, backbone_lora_name, backbone_lora_state, build_adapter
+from ..adapters.atomic import atomic_directory, write_text
+from ..adapters.zoo import save_entry
+from ..runtime.backbone import Backbone, load_backbone
+from ..runtime.denoiser import ConditionedDenoiser
+from .codi import build_objective
+from .config import ConfigError, TrainConfig
+
+CHECKPOINTS = "checkpoints"
+ETA_STEPS = 3  # steps timed (after the first, which pays one-off costs) before the ETA is printed
+GRID_ROWS = 4
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    entry: Path | None
+    checkpoint: Path | None
+    first_loss: dict[str, float] = field(default_factory=dict)
+    last_loss: dict[str, float] = field(default_factory=dict)
+    seconds_per_step: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# theta^-: the EMA of the trainable parameters, and forwards with substituted weights
+
+
+class EMA:
+    """An exponential moving average of the trainable parameters only: frozen ones are shared, never copied."""
+
+    def __init__(self, trainable: dict[str, nn.Parameter], rate: float):
+        self.rate = rate
+        self.shadow = {name: p.detach().clone() for name, p in trainable.items()}
+
+    @torch.no_grad()
+    def update(self, trainable: dict[str, nn.Parameter]) -> None:
+        """theta^- <- mu theta^- + (1 - mu) theta."""
+        ema = list(self.shadow.values())
+        torch._foreach_mul_(ema, self.rate)
+        torch._foreach_add_(ema, [trainable[name].detach() for name in self.shadow], alpha=1 - self.rate)
+
+    @torch.no_grad()
+    def copy_to(self, trainable: dict[str, nn.Parameter]) -> None:
+        for name, value in self.shadow.items():
+            trainable[name].copy_(value)
+
+
+class WithWeights:
+    """`module`'s forward with some of its parameters replaced by other tensors (torch.func.functional_call):
+    the EMA target is the student's own ConditionedDenoiser evaluated at theta^-, without copying the
+    frozen backbone or the adapter module."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]):
+        self.module, self.tensors = module, tensors
+
+    @torch.no_grad()
+    def __call__(self, z_t, t, cond, text_emb):
+        return torch.func.functional_call(self.module, self.tensors, (z_t, t, cond, text_emb), strict=False)
+
+    def bind(self, cond, text_emb):
+        return lambda z_t, t: self(z_t, t, cond, text_emb)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data stream: a pure function of (seed, position), so a resumed run sees what an uninterrupted one would
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    return {
+        "condition": torch.stack([s["condition"] for s in samples]),
+        "target": torch.stack([s["target"] for s in samples]),
+        "text": [s["text"] for s in samples],
+    }
+
+
+class BatchStream(IterableDataset):
+    """Micro-batches of this process: micro-batch m holds samples k = (m * world_size + rank) * B + b,
+    b < B, of the dataset's global sequence, starting at m = `start`. DataLoader worker w of W makes
+    m = start + w, start + w + W, ...; the DataLoader's round-robin over workers restores the order.
+
+    Datasets with `sample(k)` (cdd.training.data) are read at those indices directly; any other
+    IterableDataset is iterated from its start and the consumed micro-batches are skipped."""
+
+    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.rank, self.world_size, self.start = rank, world_size, start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        B = self.batch_size
+        if hasattr(self.dataset, "sample"):
+            for m in itertools.count(self.start + worker, workers):
+                g = m * self.world_size + self.rank
+                yield collate([self.dataset.sample(g * B + b) for b in range(B)])
+        else:
+            it = iter(self.dataset)
+            for g in itertools.count():
+                samples = list(itertools.islice(it, B))
+                if len(samples) < B:
+                    return
+                m, r = divmod(g, self.world_size)
+                if r == self.rank and m >= self.start and (m - self.start) % workers == worker:
+                    yield collate(samples)
+
+
+def first_samples(dataset, n: int) -> dict[str, Any]:
+    if hasattr(dataset, "sample"):
+        return collate([dataset.sample(k) for k in range(n)])
+    return collate(list(itertools.islice(iter(dataset), n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one folder per saved step, written to a temporary folder and renamed into place
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    """The checkpoint folder to continue from (None: a fresh run)."""
+    existing = checkpoint_dirs(config.output_dir)
+    if config.resume is None:
+        if existing:
+            raise ConfigError(
+                f"output folder {config.output_dir} already holds checkpoints ({existing[-1].name}); "
+                "pass --resume to continue that run, or choose another --output"
+            )
+        return None
+    if config.resume == "latest":
+        return existing[-1] if existing else None
+    path = Path(config.resume)
+    if (path / "state.json").is_file():
+        return path
+    found = checkpoint_dirs(path)
+    if found:
+        return found[-1]
+    raise ConfigError(f"resume {config.resume!r}: neither a checkpoint folder (with state.json) nor a run folder with {CHECKPOINTS}/")
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, trainable, ema: EMA, optimizer,
+                    generator: torch.Generator, fingerprint: str, loss: dict[str, float]) -> None:
+    """Every process contributes its RNG state; the main process writes the folder atomically."""
+    rng = _gather_objects(accelerator, _rng_state(generator))
+    if accelerator.is_main_process:
+        with atomic_directory(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+            save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            torch.save(rng, tmp / "rng.pt")
+            (tmp / "config.json").write_text(config.to_json())
+            state = {
+                "step": step,
+                "micro_batches": step * config.grad_accum,
+                "num_processes": accelerator.num_processes,
+                "seed": config.seed,
+                "backbone_fingerprint": fingerprint,
+                "loss": loss,
+            }
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        for old in checkpoint_dirs(path.parent.parent)[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
+                    fingerprint: str) -> int:
+    """Restore weights, EMA, optimizer and this process's RNG states; returns the step."""
+    state = json.loads((path / "state.json").read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise ConfigError(
+            f"checkpoint {path} was written by {state['num_processes']} process(es); this run has "
+            f"{accelerator.num_processes}: the data stream and RNG states are per process, resume with the same count"
+        )
+    if state["backbone_fingerprint"] != fingerprint:
+        raise ConfigError(f"checkpoint {path} was trained on backbone {state['backbone_fingerprint'][:16]}..., "
+                          f"not on the loaded one ({fingerprint[:16]}...)")
+    weights, shadow = load_file(path / "trainable.safetensors"), load_file(path / "ema.safetensors")
+    if set(weights) != set(trainable) or set(shadow) != set(ema.shadow):
+        raise ConfigError(f"checkpoint {path} holds other trainable parameters than this run builds")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name])
+        for name, v in ema.shadow.items():
+            v.copy_(shadow[name])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)[accelerator.process_index]
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"])
+
+
+def _gather_objects(accelerator, obj) -> list:
+    from accelerate.utils import gather_object
+
+    return gather_object([obj]) if accelerator.num_processes > 1 else [obj]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the run
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _cast_frozen(module: nn.Module | None, dtype: torch.dtype) -> None:
+    """Store the frozen weights of a backbone module in `dtype` (trainable ones, e.g. a LoRA, stay float32)."""
+    if module is None or dtype == torch.float32:
+        return
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
+def _check_resolution(config: TrainConfig, backbone: Backbone) -> int:
+    resolution = config.resolution or backbone.resolution
+    multiple = backbone.vae_scale_factor * 2 ** (len(backbone.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise ConfigError(f"resolution {resolution} must be a multiple of {multiple} for backbone {config.backbone_dir}")
+    return resolution
+
+
+@dataclass
+class Roles:
+    student: ConditionedDenoiser  # the trained forward: the shared UNet plus the adapter (and LoRA / UNet by mode)
+    trainable: dict[str, nn.Parameter]  # by name in `student`
+    teacher: Any  # the frozen backbone without the adapter, or None when the objective does not need one
+    adapter: Any
+    lora: Any = None  # peft LoraConfig of the backbone LoRA (mode lora)
+    lora_name: str | None = None
+
+
+def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
+    """The student (a ConditionedDenoiser over the shared UNet), its trainable parameters by mode, and the
+    frozen teacher when the `teacher` predictor needs one."""
+    unet, schedule = backbone.unet, backbone.schedule
+    torch.manual_seed(config.seed)  # adapter initialisation (gates, LoRA) belongs to the run's seed
+    options = {"rank": config.adapter_rank} if config.adapter == "controlnet-lora" else {}
+    adapter = build_adapter(config.adapter, unet, backbone.vae_scale_factor, **options)
+    needs_teacher = config.method == "codi" and config.prev_predictor == "teacher"
+    teacher = lora = lora_name = None
+    if config.mode == "full":
+        # The student owns the UNet now; only a teacher needs the original frozen weights kept aside.
+        teacher = ConditionedDenoiser(copy.deepcopy(unet), schedule) if needs_teacher else None
+        unet.requires_grad_(True).train()
+    elif config.mode == "lora":
+        lora_name = backbone_lora_name(config.entry_name)
+        lora = add_backbone_lora(unet, lora_name, rank=config.lora_rank)
+    student = ConditionedDenoiser(unet, schedule, adapter)
+    adapter.train()
+    trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
+    if needs_teacher and teacher is None:
+        base = ConditionedDenoiser(unet, schedule)
+        # mode lora: the shared UNet carries the student's LoRA; a zero lora_B turns it off exactly.
+        zeros = {n: torch.zeros_like(p) for n, p in base.named_parameters() if "lora_B" in n}
+        teacher = WithWeights(base, zeros) if zeros else base
+    return Roles(student, trainable, teacher, adapter, lora, lora_name)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, dataset: IterableDataset | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train one adapter as `config` says; `dataset` overrides config.data (any IterableDataset of
+    {"condition", "target", "text"} samples); `on_step(step)` is called after each optimizer step."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .sample_grid import sample_grid, save_grid
+
+    # 1. Processes, precision, run folder. `accelerate launch` sets the processes; nothing else changes.
+    precision = resolve_precision(config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
+    main, device = accelerator.is_main_process, accelerator.device
+    out = config.output_dir
+    resume_from = resolve_resume(config)
+    if resume_from is not None:
+        saved = TrainConfig.from_file(resume_from / "config.json")
+        conflicts = config.resume_conflicts(saved)
+        if conflicts:
+            raise ConfigError(f"cannot resume {resume_from} with other run settings: {'; '.join(conflicts)}")
+
+    # 2. The frozen backbone, shared by every role; the trainable parameters by mode.
+    backbone = load_backbone(config.check_backbone(), device=device)
+    resolution = _check_resolution(config, backbone)
+    roles = build_roles(config, backbone)
+    student_module, trainable, teacher = roles.student, roles.trainable, roles.teacher
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    for module in backbone.modules():
+        _cast_frozen(module, weight_dtype)
+
+    # 3. Optimizer on the trainable parameters only; theta^- the EMA of exactly those.
+    optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
+                                  weight_decay=config.weight_decay)
+    ema = EMA(trainable, config.ema)
+    student, optimizer = accelerator.prepare(student_module, optimizer)
+    ema_target = WithWeights(student_module, ema.shadow)
+    objective = build_objective(config, backbone.schedule)
+
+    # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position.
+    rank, world = accelerator.process_index, accelerator.num_processes
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0]))
+    step = 0
+    if resume_from is not None:
+        step = load_checkpoint(accelerator, resume_from, trainable=trainable, ema=ema, optimizer=optimizer,
+                               generator=generator, fingerprint=backbone.fingerprint)
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    elif config.resume == "latest":
+        accelerator.print(f"--resume: no checkpoint in {out / CHECKPOINTS} yet, starting a new run")
+
+    if dataset is None:
+        from .data.datasets import build_dataset
+
+        dataset = build_dataset(config.task, config.data, size=resolution, seed=config.seed, **config.data_options)
+        val_dataset = build_dataset(config.task, config.data, size=resolution, seed=config.seed + 1, **config.data_options)
+    else:
+        val_dataset = dataset
+    stream = BatchStream(dataset, config.batch_size, rank, world, start=step * config.grad_accum)
+    loader = DataLoader(stream, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(config.seed))
+    val = first_samples(val_dataset, GRID_ROWS) if main else None
+
+    writer = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.json", config.to_json())
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "logs"), purge_step=step + 1 if step else None)
+        _trim_metrics(out / "metrics.jsonl", step)
+    n_trainable = sum(p.numel() for p in trainable.values())
+    n_frozen = sum(p.numel() for p in student_module.parameters()) - n_trainable
+    accelerator.print(
+        f"{config.method} {config.task}: {config.adapter} adapter, mode {config.mode}, backbone {config.backbone_dir} "
+        f"({backbone.fingerprint[:12]}), {resolution}px\n"
+        f"  {n_trainable / 1e6:.2f}M trainable / {n_frozen / 1e6:.2f}M frozen parameters; {world} process(es) on "
+        f"{device.type}, precision {precision}; batch {config.batch_size} x {config.grad_accum} accumulation x {world}\n"
+        f"  steps {step} -> {config.max_train_steps}; output {out}; timing the first steps for an ETA ..."
+    )
+
+    def encode(batch):
+        """Model-space targets, conditions and text embeddings; the frozen encoders run without grad."""
+        with torch.no_grad():
+            x = backbone.to_model_space(batch["target"].to(device)).float()
+            text_emb = backbone.encode_text(batch["text"])
+        return x, batch["condition"].to(device), text_emb
+
+    def checkpoint(loss):
+        path = out / CHECKPOINTS / f"step-{step:06d}"
+        save_checkpoint(accelerator, path, step=step, config=config, trainable=trainable, ema=ema,
+                        optimizer=optimizer, generator=generator, fingerprint=backbone.fingerprint, loss=loss)
+        return path
+
+    def grid():
+        if main:
+            sampler, steps = config.sampling
+            with accelerator.autocast():
+                image = sample_grid(ema_target, backbone, val, sampler, sorted({1, 2, 4, steps}), seed=config.seed)
+            save_grid(out / "samples" / f"step-{step:06d}.png", image)
+            writer.add_image("samples", image, step, dataformats="HWC")
+        accelerator.wait_for_everyone()
+
+    # 5. The loop. One iteration = one micro-batch; an optimizer step every grad_accum of them.
+    last_ckpt = checkpoint_dirs(out)[-1] if checkpoint_dirs(out) else None
+    window: dict[str, list[float]] = {}
+    first_loss: dict[str, float] = {}
+    last_loss: dict[str, float] = {}
+    grad_norm = torch.tensor(0.0)
+    timer, seconds_per_step = None, None
+    start_step = step
+    bar = tqdm(total=config.max_train_steps, initial=step, disable=not main, desc=f"{config.method} {config.task}",
+               dynamic_ncols=True)
+    data = iter(loader)
+    while step < config.max_train_steps:
+        batch = next(data)
+        x, c, text_emb = encode(batch)
+        with accelerator.accumulate(student):
+            with accelerator.autocast():
+                terms = objective(student, ema_target, teacher, x, c, text_emb, generator)
+            _stop_if_not_finite(accelerator, terms.loss, "loss", step + 1, terms.parts, last_ckpt)
+            accelerator.backward(terms.loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), config.grad_clip)
+                if precision != "fp16":  # fp16's grad scaler skips overflowing steps by design
+                    _stop_if_not_finite(accelerator, grad_norm, "gradient norm", step + 1, terms.parts, last_ckpt)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for k, v in {"total": terms.loss.detach(), **terms.parts}.items():
+            window.setdefault(k, []).append(float(v))
+        if not accelerator.sync_gradients:
+            continue
+
+        ema.update(trainable)  # theta^- <- mu theta^- + (1 - mu) theta
+        step += 1
+        bar.update(1)
+
+        # Logging: means over the window and over processes.
+        if step % config.log_every == 0 or step == start_step + 1 or step == config.max_train_steps:
+            means = accelerator.reduce(torch.tensor([np.mean(v) for v in window.values()], device=device), "mean")
+            last_loss = dict(zip(window, means.tolist()))
+            first_loss = first_loss or last_loss
+            window = {}
+            if main:
+                scalars = {f"loss/{k}": v for k, v in last_loss.items()}
+                scalars.update({"train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm)})
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, step)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **scalars, "time": time.time()}) + "\n")
+                bar.set_postfix(loss=f"{last_loss['total']:.4f}")
+
+        # The ETA: time a few steps after the first (which pays for warm-up) and say how long the run takes.
+        if step == start_step + 1:
+            timer = time.perf_counter()
+        elif timer is not None and seconds_per_step is None and (
+            step == start_step + 1 + ETA_STEPS or step == config.max_train_steps
+        ):
+            seconds_per_step = (time.perf_counter() - timer) / (step - start_step - 1)
+            remaining = seconds_per_step * (config.max_train_steps - step)
+            if remaining > 0:
+                accelerator.print(
+                    f"\n{seconds_per_step:.2f} s/step on this machine: {config.max_train_steps - start_step} steps take about "
+                    f"{_duration(seconds_per_step * (config.max_train_steps - start_step))} "
+                    f"(done around {time.strftime('%H:%M', time.localtime(time.time() + remaining))}; "
+                    "checkpoints and sample grids not counted)"
+                )
+
+        if step % config.checkpoint_every == 0 or step == config.max_train_steps:
+            last_ckpt = checkpoint(last_loss)
+        if (config.sample_every and step % config.sample_every == 0) or step == config.max_train_steps:
+            grid()
+        if on_step is not None:
+            on_step(step)
+    bar.close()
+
+    # 6. The zoo entry: the EMA weights, the config, the backbone fingerprint, the default sampler.
+    entry = None
+    if main:
+        entry = export_entry(config, backbone, roles, ema, resolution, step, last_loss)
+        accelerator.print(f"zoo entry written to {entry}")
+    accelerator.wait_for_everyone()
+    if writer is not None:
+        writer.close()
+    accelerator.end_training()
+    return TrainResult(step, entry, last_ckpt, first_loss, last_loss, seconds_per_step)
+
+
+def export_entry(config: TrainConfig, backbone: Backbone, roles: Roles, ema: EMA, resolution: int, step: int,
+                 loss: dict[str, float]) -> Path:
+    """Write the zoo entry with the EMA weights (copied into the live modules: training is over)."""
+    ema.copy_to(roles.trainable)
+    sampler, steps = config.sampling
+    backbone_lora = unet_state = None
+    if config.mode == "lora":
+        cfg = {"r": roles.lora.r, "lora_alpha": roles.lora.lora_alpha, "target_modules": sorted(roles.lora.target_modules)}
+        backbone_lora = (cfg, backbone_lora_state(backbone.unet, roles.lora_name))
+    elif config.mode == "full":
+        unet_state = {k: v.float() for k, v in backbone.unet.state_dict().items()}
+    save_entry(
+        config.entry_dir,
+        roles.adapter,
+        name=config.entry_name,
+        task=config.task,
+        backbone_fingerprint=backbone.fingerprint,
+        condition={"channels": 3, "range": [0, 1], "resolution": resolution},
+        sampler=sampler,
+        steps=steps,
+        mode=config.mode,
+        backbone_lora=backbone_lora,
+        unet_state=unet_state,
+        training={"method": config.method, "config": config.to_dict(), "step": step, "loss": loss,
+                  "weights": "ema", "backbone": str(config.backbone_dir)},
+    )
+    return config.entry_dir
+
+
+def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, parts: dict, last_ckpt: Path | None):
+    """Stop every process together when any of them sees a NaN/inf; nothing is saved from this step."""
+    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    if bad.item() == 0:
+        return
+    terms = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+    kept = (f"the last good checkpoint {last_ckpt} is intact; continue from it with --resume (e.g. with a lower --lr)"
+            if last_ckpt is not None else "no checkpoint had been written yet")
+    raise TrainingStopped(f"{what} is {float(value):.4g} at step {step} ({terms}); training stopped: {kept}")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint: drop their old lines."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"

@@ -1,0 +1,182 @@
+"""`cdd-train-adapter`: distil a task adapter with Conditional Diffusion Distillation (or fine-tune it).
+
+    cdd-train-adapter --task depth                      # the embedded backbone and scenes world
+    cdd-train-adapter --task depth --resume             # continue the killed run in runs/depth-controlnet-codi
+    accelerate launch --num_processes 8 -m cdd.training.train_adapter --task edit --mixed-precision bf16
+
+Every option maps onto one field of cdd.training.config.TrainConfig; `--dry-run` prints the
+validated config. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..adapters.architectures import ADAPTER_KINDS
+from ..adapters.zoo import MODES, ZooError
+from ..runtime.backbone import BackboneError
+from .config import (
+    CONSISTENCY_SPACES,
+    DISTANCES,
+    METHODS,
+    MIXED_PRECISION,
+    PREV_PREDICTORS,
+    TASKS,
+    ConfigError,
+    TrainConfig,
+)
+
+CODI_ONLY = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "same_t", "ema", "steps")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(task="depth")  # for the defaults shown in --help
+    p = argparse.ArgumentParser(
+        prog="cdd-train-adapter",
+        description="Distil a task adapter with CoDi (Algorithm 1 of seed 000) or fine-tune it, and write a zoo entry.",
+        argument_default=argparse.SUPPRESS,  # only options given on the command line reach the config
+    )
+    g = p.add_argument_group("what to train")
+    g.add_argument("--task", choices=TASKS, help="required unless --resume PATH names a run")
+    g.add_argument("--backbone", help="diffusers backbone folder (default: the embedded one, cdd.adapters.zoo.default_backbone_dir())")
+    g.add_argument("--data", help=f"'scenes' (the procedural world) or a dataset path (default {d.data})")
+    g.add_argument("--data-option", dest="data_options", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="option for build_dataset, e.g. caption_column=prompt (repeatable)")
+    g.add_argument("--adapter", choices=ADAPTER_KINDS, help=f"adapter architecture (default {d.adapter})")
+    g.add_argument("--mode", choices=MODES, help="pe: adapter only; lora: + backbone LoRA; full: + the whole UNet (default pe)")
+    g.add_argument("--method", choices=METHODS, help="codi (distillation) or finetune (plain diffusion loss) (default codi)")
+    g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
+    g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
+
+    g = p.add_argument_group("CoDi (design.md section 5)")
+    g.add_argument("--prev-predictor", choices=PREV_PREDICTORS, help="how z_hat_s is predicted: prev (eq. 12, the real noise), "
+                   "ddim (eps_hat_t), teacher (the frozen backbone's DDIM step) (default prev)")
+    g.add_argument("--consistency-space", choices=CONSISTENCY_SPACES, help="eps, or x: boundary-scaled signal predictions (default eps)")
+    g.add_argument("--distance", choices=DISTANCES, help="l2 or pseudo-Huber (default l2)")
+    g.add_argument("--huber-c", type=float, help=f"pseudo-Huber c (default {d.huber_c})")
+    g.add_argument("--cond-weight", type=float, help="r in eq. 11; 0 = no conditional guidance (default 1)")
+    g.add_argument("--same-t", dest="same_t", action="store_true", help="one t for the whole batch (default)")
+    g.add_argument("--per-sample-t", dest="same_t", action="store_false", help="one t per sample (ablation)")
+    g.add_argument("--ema", type=float, help=f"EMA rate mu of the target theta^- (default {d.ema})")
+    g.add_argument("--steps", type=int, help=f"N, the number of intervals of [0, T) (default {d.steps})")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, help=f"constant learning rate (default {d.lr}; SD-class: 1e-5)")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    g.add_argument("--adam-beta1", type=float, help=f"(default {d.adam_betas[0]})")
+    g.add_argument("--adam-beta2", type=float, help=f"(default {d.adam_betas[1]})")
+    g.add_argument("--adam-eps", type=float, help=f"(default {d.adam_eps})")
+    g.add_argument("--grad-clip", type=float, help=f"max gradient norm (default {d.grad_clip})")
+    g.add_argument("--batch-size", type=int, help=f"per process (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, help=f"gradient accumulation steps (default {d.grad_accum})")
+    g.add_argument("--max-train-steps", type=int, help=f"optimizer steps (default {d.max_train_steps})")
+    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--resolution", type=int, help="image size in pixels (default: the backbone's)")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="auto: bf16 on a CUDA GPU, else no (default auto)")
+    g.add_argument("--num-workers", type=int, help=f"DataLoader workers (default {d.num_workers})")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output", help="run folder (default runs/<task>-<adapter>-<method>)")
+    g.add_argument("--zoo-out", help="zoo entry folder (default <output>/entry)")
+    g.add_argument("--name", help="zoo entry name (default <task>-<adapter>-<method>[-<mode>])")
+    g.add_argument("--checkpoint-every", type=int, help=f"steps between checkpoints (default {d.checkpoint_every})")
+    g.add_argument("--keep-checkpoints", type=int, help=f"newest checkpoints kept (default {d.keep_checkpoints})")
+    g.add_argument("--sample-every", type=int, help=f"steps between sample grids, 0: only at the end (default {d.sample_every})")
+    g.add_argument("--log-every", type=int, help=f"steps between logged scalars (default {d.log_every})")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                   help="continue a run: alone, the latest checkpoint in --output; or a checkpoint / run folder")
+    g.add_argument("--dry-run", action="store_true", help="print the validated config and exit")
+    return p
+
+
+def config_from_args(given: dict) -> TrainConfig:
+    """The run's config: the options given; when resuming, the checkpoint's config with them on top."""
+    given = dict(given)
+    if "data_options" in given:
+        given["data_options"] = dict(given["data_options"])
+    betas = {i: given.pop(k) for i, k in enumerate(("adam_beta1", "adam_beta2")) if k in given}
+    if given.get("method") == "finetune":
+        wrong = [k for k in CODI_ONLY if k in given]
+        if wrong:
+            flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+            raise ConfigError(f"{flags}: CoDi option(s) that --method finetune does not use")
+    base: dict = {}
+    if "resume" in given:
+        checkpoint = _checkpoint_for(given)
+        if checkpoint is not None:
+            base = json.loads((checkpoint / "config.json").read_text())
+            base["output"] = given.get("output", str(checkpoint.parent.parent))
+    merged = {**base, **given}
+    if "task" not in merged:
+        raise ConfigError("--task is required (or --resume PATH naming a run to continue)")
+    if betas:
+        current = list(merged.get("adam_betas", TrainConfig(task=merged["task"]).adam_betas))
+        merged["adam_betas"] = tuple(betas.get(i, current[i]) for i in range(2))
+    return TrainConfig.from_dict(merged)
+
+
+def _checkpoint_for(given: dict) -> Path | None:
+    """The checkpoint `--resume` points at, found before the config is known (None: nothing to resume yet)."""
+    from .loop import checkpoint_dirs
+
+    if given["resume"] != "latest":
+        path = Path(given["resume"])
+        if (path / "state.json").is_file():
+            return path
+        found = checkpoint_dirs(path)
+        if not found:
+            raise ConfigError(f"--resume {path}: neither a checkpoint folder (with state.json) nor a run folder with checkpoints/")
+        given["resume"] = str(found[-1])
+        return found[-1]
+    if "task" not in given and "output" not in given:
+        raise ConfigError("--resume without a PATH needs --task (and the same --adapter/--method/--output as the run)")
+    probe = TrainConfig.from_dict({"task": given.get("task", "depth"), **{k: v for k, v in given.items()
+                                                                        if k in ("output", "adapter", "method")}})
+    found = checkpoint_dirs(probe.output_dir)
+    return found[-1] if found else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    dry_run = given.pop("dry_run", False)
+    try:
+        config = config_from_args(given)
+        config.check_backbone()
+        if dry_run:
+            print(config.to_json(), end="")
+            sampler, steps = config.sampling
+            print(f"# output {config.output_dir}, zoo entry {config.entry_dir} ({config.entry_name}, served with "
+                  f"{sampler} x {steps}), backbone {config.backbone_dir}")
+            return 0
+        from .data.datasets import DataError
+        from .loop import TrainingStopped, train
+
+        try:
+            result = train(config)
+        except (DataError, BackboneError, ZooError) as e:
+            raise ConfigError(str(e)) from e
+        except TrainingStopped as e:
+            print(f"cdd-train-adapter: stopped: {e}", file=sys.stderr)
+            return 1
+    except ConfigError as e:
+        print(f"cdd-train-adapter: error: {e}", file=sys.stderr)
+        return 2
+    if result.entry is not None:
+        loss = ", ".join(f"{k} {result.first_loss.get(k, float('nan')):.4f} -> {v:.4f}" for k, v in result.last_loss.items())
+        print(f"done: step {result.step}; loss {loss}; zoo entry {result.entry}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
