@@ -39,49 +39,40 @@ def step_noise(seeds: Sequence[int], shape: Sequence[int], steps: int, device=No
     ]
 
 
-def _step_pairs(timesteps: Sequence[int], schedule: NoiseSchedule):
-    k = len(timesteps)
-    for t in timesteps:
-        yield t, schedule.previous_timestep(t, k)
+def _few_step(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, noise_of_step) -> torch.Tensor:
+    """The loop the few-step samplers share: z_s = alpha_s x_hat + sigma_s n_i, where only the noise
+    direction n_i = noise_of_step(i, eps_hat) differs between them. Step i goes from t to
+    s = t - T//k, as diffusers' DDIMScheduler.step computes it."""
+    z = z_T
+    for i, t in enumerate(timesteps):
+        s = schedule.previous_timestep(t, len(timesteps))
+        x_hat, eps_hat = model(z, torch.full((z.shape[0],), t, dtype=torch.long))
+        alpha_s, sigma_s = schedule.alpha_sigma(s, z)
+        z = alpha_s * x_hat + sigma_s * noise_of_step(i, eps_hat)
+    return z
 
 
 @torch.no_grad()
 def sample_ddim(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
     """Deterministic DDIM (eq. 6/8): z_s = alpha_s x_hat + sigma_s eps_hat. Equals diffusers'
     DDIMScheduler(timestep_spacing="trailing", eta=0) step for step."""
-    z = z_T
-    for t, s in _step_pairs(timesteps, schedule):
-        x_hat, eps_hat = model(z, torch.full((z.shape[0],), t, dtype=torch.long))
-        alpha_s, sigma_s = schedule.alpha_sigma(s, z)
-        z = alpha_s * x_hat + sigma_s * eps_hat
-    return z
+    return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: eps_hat)
 
 
 @torch.no_grad()
 def sample_prev(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
     """PREv sampler: z_s = alpha_s x_hat + sigma_s z_T. Reuses the initial noise, as training's
     PREv predictor (eq. 12) reuses the real noise eps."""
-    z = z_T
-    for t, s in _step_pairs(timesteps, schedule):
-        x_hat, eps_hat = model(z, torch.full((z.shape[0],), t, dtype=torch.long))
-        alpha_s, sigma_s = schedule.alpha_sigma(s, z)
-        z = alpha_s * x_hat + sigma_s * z_T
-    return z
+    return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: z_T)
 
 
 @torch.no_grad()
 def sample_cm(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
     """Consistency-model multistep sampling: z_s = alpha_s x_hat + sigma_s xi with a fresh xi each step
     (`fresh_noise[i]` for step i, from `step_noise`)."""
-    pairs = list(_step_pairs(timesteps, schedule))
-    if fresh_noise is None or len(fresh_noise) < len(pairs):
-        raise ValueError(f"cm sampling with {len(pairs)} steps needs {len(pairs)} fresh noise tensors")
-    z = z_T
-    for (t, s), xi in zip(pairs, fresh_noise):
-        x_hat, _ = model(z, torch.full((z.shape[0],), t, dtype=torch.long))
-        alpha_s, sigma_s = schedule.alpha_sigma(s, z)
-        z = alpha_s * x_hat + sigma_s * xi
-    return z
+    if fresh_noise is None or len(fresh_noise) < len(timesteps):
+        raise ValueError(f"cm sampling with {len(timesteps)} steps needs {len(timesteps)} fresh noise tensors")
+    return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: fresh_noise[i])
 
 
 FEW_STEP = {"ddim": sample_ddim, "prev": sample_prev, "cm": sample_cm}
