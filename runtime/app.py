@@ -1,0 +1,460 @@
+"""The HTTP layer: parse, validate, respond. `create_app` builds the FastAPI app; its lifespan owns the
+engine (started on startup, drained on shutdown: admitted requests finish).
+
+Errors are JSON `{"error": {"code", "message"}}` with a 4xx status for anything the client sent wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..adapters.zoo import MANIFEST, ZooError, list_entries
+from .backbone import Backbone
+from .engine import Engine
+from .imaging import ImageError, decode_image, encode_png
+from .metrics import Metrics
+from .pool import AdapterConflict, AdapterGone, Registered
+from .samplers import FEW_STEP_SAMPLERS
+from .scheduler import DeadlineExceeded, QueueFull, SchedulerClosed
+from .settings import ServeSettings
+from .tasks import assemble, prompt_required
+
+access_log = logging.getLogger("cdd.serve.access")
+log = logging.getLogger("cdd.serve")
+MAX_SEED = 2**63 - 2  # `cm` noise uses seed + 1
+MAX_PROMPT = 2000
+
+
+# -- response models (the OpenAPI schema at /docs) ------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    task: str
+    kind: str
+    mode: str
+    steps: int = Field(description="default steps")
+    sampler: str = Field(description="default sampler")
+    resolution: int
+    channels: int
+    backbone_lora: bool
+    resident: bool
+    manifest: dict[str, Any]
+
+
+class TaskInfo(BaseModel):
+    task: str
+    default_adapter: str
+    prompt_required: bool
+    adapters: list[AdapterInfo]
+
+
+class TasksResponse(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="waiting in the queue for a batch")
+    execute_ms: float = Field(description="the batch's device time (text, sampling, decoding)")
+    total_ms: float = Field(description="arrival to response")
+    batch_size: int = Field(description="requests in the batch")
+    batch_rows: int = Field(description="images or tiles in the batch")
+
+
+class TaskResult(BaseModel):
+    image: str = Field(description="the result, base64 PNG")
+    task: str
+    adapter: str
+    steps: int
+    seed: int
+    sampler: str
+    width: int
+    height: int
+    resized: str | None = Field(None, description="WxH->wxh when the condition was resized")
+    tiles: int = Field(description="tiles sampled (super-resolution), else 1")
+    timings: Timings
+
+
+class RegisterRequest(BaseModel):
+    path: str = Field(description="a zoo entry folder (with manifest.json), or a zoo folder of entries")
+
+
+class RegisterResponse(BaseModel):
+    registered: list[AdapterInfo]
+
+
+class DeleteResponse(BaseModel):
+    deleted: str
+
+
+ERRORS = {s: {"model": ErrorBody} for s in (400, 404, 413, 415, 422, 429, 503, 504)}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+              413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+
+def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | None = None) -> FastAPI:
+    """The service. `backbone`: an already loaded backbone to serve instead of `settings.backbone`."""
+    settings = settings or ServeSettings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = Engine(settings, backbone=backbone, metrics=metrics)
+        await run_in_threadpool(engine.start)
+        app.state.engine = engine
+        log.info("serving", extra={"fields": {"settings": settings.public()}})
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.stop)
+
+    app = FastAPI(
+        title="cdd-serve",
+        summary="Conditional diffusion distillation adapters on one resident backbone: few-step conditional sampling.",
+        version=_version(),
+        lifespan=lifespan,
+        max_body_size=settings.max_upload_bytes,
+        openapi_tags=[{"name": "tasks"}, {"name": "operations"}, {"name": "admin"}],
+    )
+    app.state.settings, app.state.metrics = settings, metrics
+    app.add_middleware(AccessLog, metrics=metrics)
+    _install_error_handlers(app)
+    playground = (files("cdd.runtime") / "static" / "index.html").read_text()
+
+    def engine() -> Engine:
+        return app.state.engine
+
+    # -- operations ----------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(playground)
+
+    @app.get("/healthz", tags=["operations"], summary="the process is alive")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="the backbone is loaded and warmed up",
+             responses={503: {"description": "starting or warm-up failed"}})
+    async def readyz() -> JSONResponse:
+        e = engine()
+        if e.warmup_error:
+            return JSONResponse({"status": "warm-up failed", "error": e.warmup_error}, status_code=503)
+        if not e.ready:
+            return JSONResponse({"status": "warming up"}, status_code=503)
+        return JSONResponse({"status": "ready", "adapters": len(e.pool.entries()), "device": str(e.backbone.device)})
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters and manifests")
+    async def list_tasks() -> TasksResponse:
+        e = engine()
+        resident = set(e.pool.resident_names())
+        tasks = []
+        for task, regs in sorted(e.tasks().items()):
+            infos = [_info(r, r.name in resident) for r in regs]
+            tasks.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task), adapters=infos))
+        return TasksResponse(tasks=tasks)
+
+    @app.post(
+        "/v1/tasks/{task}",
+        tags=["tasks"],
+        summary="run a task on an image",
+        description=(
+            "Multipart form. `image`: the condition (super-resolution: the low-resolution image, output 4x; "
+            "depth: the depth-condition image; edit: the image to edit). Answers image/png with X-CDD-* headers, "
+            "or JSON (TaskResult) when the request sends `Accept: application/json`."
+        ),
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}, "application/json": {"schema": TaskResult.model_json_schema()}},
+                         "description": "the result"}, **ERRORS},
+    )
+    async def run_task(
+        request: Request,
+        task: str,
+        image: UploadFile = File(..., description="the condition image (PNG, JPEG, WebP, BMP, GIF, TIFF)"),
+        prompt: str | None = Form(None, max_length=MAX_PROMPT, description="text; for edit the instruction (required)"),
+        steps: int | None = Form(None, ge=1, le=4, description="sampling steps (default: the manifest's)"),
+        seed: int | None = Form(None, ge=0, le=MAX_SEED, description="noise seed (random when absent; returned)"),
+        sampler: Literal["prev", "ddim", "cm"] | None = Form(None, description="few-step sampler (default: the manifest's)"),
+        adapter: str | None = Form(None, description="zoo name, when the task has several adapters"),
+        x_cdd_deadline_ms: float | None = Header(None, gt=0, description="a deadline shorter than the server's"),
+    ) -> Response:
+        arrival = time.monotonic()
+        e = engine()
+        reg = _pick_adapter(e, task, adapter)
+        log_fields = request.scope.setdefault("cdd", {})
+        log_fields["task"] = task
+        prompt = prompt or ""
+        if prompt_required(task) and not prompt.strip():
+            raise APIError(422, "invalid_parameter", f"task {task!r} needs a prompt: the edit instruction")
+        steps = steps if steps is not None else reg.manifest.steps
+        sampler = sampler or reg.manifest.sampler
+        seed = seed if seed is not None else secrets.randbelow(2**32)
+        log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler)
+
+        data = await image.read()
+        try:
+            cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels)
+        except ImageError as err:
+            raise APIError(err.status, err.code, str(err)) from err
+        work = await run_in_threadpool(e.prepare, reg, cond, steps=steps, sampler=sampler, seed=seed, prompt=prompt)
+        log_fields["rows"] = work.rows
+
+        budget = settings.request_deadline_s if x_cdd_deadline_ms is None else min(settings.request_deadline_s, x_cdd_deadline_ms / 1000)
+        result = await _run(e, work, arrival + budget)
+        png = await run_in_threadpool(lambda: encode_png(assemble(work, result.rows)))
+        total = time.monotonic() - arrival
+        timings = Timings(queue_ms=result.queue_s * 1e3, execute_ms=result.execute_s * 1e3, total_ms=total * 1e3,
+                          batch_size=result.batch_size, batch_rows=result.batch_rows)
+        log_fields.update(queue_ms=round(timings.queue_ms, 2), execute_ms=round(timings.execute_ms, 2),
+                          batch_size=result.batch_size)
+        height, width = (work.layout.out[1], work.layout.out[0]) if work.layout else (reg.resolution, reg.resolution)
+        headers = {
+            "X-CDD-Adapter": reg.name, "X-CDD-Steps": str(steps), "X-CDD-Seed": str(seed), "X-CDD-Sampler": sampler,
+            "Server-Timing": f"queue;dur={timings.queue_ms:.2f}, execute;dur={timings.execute_ms:.2f}, total;dur={timings.total_ms:.2f}",
+        }
+        if work.resized:
+            headers["X-CDD-Resized"] = work.resized
+        if work.layout is not None:
+            headers["X-CDD-Tiles"] = str(work.rows)
+        if "application/json" in request.headers.get("accept", ""):
+            body = TaskResult(image=base64.b64encode(png).decode(), task=task, adapter=reg.name, steps=steps, seed=seed,
+                              sampler=sampler, width=width, height=height, resized=work.resized, tiles=work.rows,
+                              timings=timings)
+            return JSONResponse(body.model_dump(), headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
+
+    # -- admin ---------------------------------------------------------------------------
+
+    def require_admin(
+        authorization: str | None = Header(None, description="Bearer API key"),
+        x_api_key: str | None = Header(None, description="the API key (alternative to Authorization)"),
+    ) -> None:
+        if settings.api_key is None:
+            raise APIError(403, "admin_disabled", "admin endpoints are disabled: the server has no API key (set CDD_API_KEY)")
+        given = x_api_key
+        if authorization and authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if not given:
+            raise APIError(401, "unauthorized", "admin endpoints need the API key: Authorization: Bearer KEY",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
+            raise APIError(403, "forbidden", "the API key is not valid")
+
+    @app.post("/v1/adapters", tags=["admin"], status_code=201, dependencies=[Depends(require_admin)],
+              summary="register a zoo entry (or every entry of a zoo folder), verified against the backbone",
+              responses={s: {"model": ErrorBody} for s in (401, 403, 409, 422)})
+    async def register(body: RegisterRequest) -> RegisterResponse:
+        e = engine()
+        path = Path(body.path)
+        if (path / MANIFEST).is_file():
+            paths = [path]
+        elif path.is_dir():
+            entries = list_entries(path)
+            bad = [f"{p.name}: {m}" for p, m in entries if isinstance(m, ZooError)]
+            if bad:
+                raise APIError(422, "invalid_zoo_entry", "; ".join(bad))
+            paths = [p for p, _ in entries]
+        else:
+            raise APIError(422, "invalid_zoo_entry", f"{path} is not a zoo entry or zoo folder (no such folder)")
+        if not paths:
+            raise APIError(422, "invalid_zoo_entry", f"{path} holds no zoo entries")
+        registered = []
+        for p in paths:
+            try:
+                registered.append(await run_in_threadpool(e.register, p))
+            except AdapterConflict as err:
+                raise APIError(409, "adapter_exists", str(err)) from err
+            except ZooError as err:
+                raise APIError(422, "invalid_zoo_entry", str(err)) from err
+        log.info("registered adapters", extra={"fields": {"adapters": [r.name for r in registered]}})
+        return RegisterResponse(registered=[_info(r, False) for r in registered])
+
+    @app.delete("/v1/adapters/{name}", tags=["admin"], dependencies=[Depends(require_admin)],
+                summary="unregister an adapter (and free its device memory)",
+                responses={s: {"model": ErrorBody} for s in (401, 403, 404)})
+    async def unregister(name: str) -> DeleteResponse:
+        try:
+            await run_in_threadpool(engine().unregister, name)
+        except AdapterGone as err:
+            raise APIError(404, "unknown_adapter", f"no adapter named {name!r} is registered") from err
+        log.info("unregistered adapter", extra={"fields": {"adapter": name}})
+        return DeleteResponse(deleted=name)
+
+    return app
+
+
+def _pick_adapter(e: Engine, task: str, name: str | None) -> Registered:
+    regs = e.tasks().get(task)
+    if not regs:
+        known = ", ".join(sorted(e.tasks())) or "none"
+        raise APIError(404, "unknown_task", f"no adapter serves task {task!r}; tasks: {known}")
+    if name is None:
+        return regs[0]
+    for reg in regs:
+        if reg.name == name:
+            return reg
+    raise APIError(422, "invalid_parameter",
+                   f"adapter {name!r} does not serve task {task!r}; choose one of {', '.join(r.name for r in regs)}")
+
+
+async def _run(e: Engine, work, deadline: float):
+    """Queue the work and wait for it; 504 when its deadline passes before it starts (once started it finishes)."""
+    try:
+        job = e.submit(work, deadline)
+    except QueueFull as err:
+        raise APIError(429, "queue_full", str(err), headers={"Retry-After": str(err.retry_after)}) from err
+    except DeadlineExceeded as err:
+        raise APIError(504, "deadline_exceeded", "the request's deadline passed before it was queued") from err
+    except SchedulerClosed as err:
+        raise APIError(503, "shutting_down", str(err), headers={"Retry-After": "5"}) from err
+    fut = asyncio.wrap_future(job.future)
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when we stop waiting
+    try:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=max(deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            if e.scheduler.cancel(job):
+                raise DeadlineExceeded(time.monotonic() - job.enqueued) from None
+            return await fut  # it started before the deadline: let it finish
+    except DeadlineExceeded as err:
+        raise APIError(504, "deadline_exceeded", str(err)) from err
+    except AdapterGone as err:
+        raise APIError(410, "adapter_gone", f"adapter {work.adapter!r} was unregistered while the request waited") from err
+
+
+def _info(reg: Registered, resident: bool) -> AdapterInfo:
+    m = reg.manifest
+    return AdapterInfo(name=reg.name, task=reg.task, kind=m.kind, mode=m.mode, steps=m.steps, sampler=m.sampler,
+                       resolution=reg.resolution, channels=reg.channels, backbone_lora=m.backbone_lora is not None,
+                       resident=resident, manifest=json.loads(m.to_json()))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cdd-zoo")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return error_response(err.status, err.code, err.message, err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = err.detail if isinstance(err.detail, str) else json.dumps(err.detail)
+        if err.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        if err.status_code == 413:
+            message = f"the request body is larger than {app.state.settings.max_upload_mb:g} MiB"
+        return error_response(err.status_code, HTTP_CODES.get(err.status_code, "http_error"), message,
+                              dict(err.headers) if err.headers else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        task = request.path_params.get("task")
+        engine = getattr(request.app.state, "engine", None)
+        if task is not None and engine is not None and task not in engine.tasks():
+            known = ", ".join(sorted(engine.tasks())) or "none"
+            return error_response(404, "unknown_task", f"no adapter serves task {task!r}; tasks: {known}")
+        parts = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "header", "query", "path"))
+            parts.append(f"{where or 'request'}: {e.get('msg')}" + (f" (got {e['input']!r})" if _short(e.get("input")) else ""))
+        return error_response(422, "invalid_parameter", "; ".join(parts))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=err)
+        return error_response(500, "internal", f"internal error: {type(err).__name__}")
+
+
+def _short(value) -> bool:
+    return isinstance(value, (int, float, str)) and len(str(value)) <= 80
+
+
+class AccessLog:
+    """One JSON log line and one metrics count per request (pure ASGI middleware)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.monotonic()
+        status = {"code": 500}
+        fields = scope.setdefault("cdd", {})
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            seconds = time.monotonic() - t0
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            if "task" in fields:
+                self.metrics.request_latency.labels(fields["task"]).observe(seconds)
+            client = scope.get("client")
+            access_log.info(
+                "request",
+                extra={"fields": {
+                    "method": scope["method"], "path": scope["path"], "route": route, "status": status["code"],
+                    "duration_ms": round(seconds * 1e3, 2), "client": client[0] if client else None, **fields,
+                }},
+            )

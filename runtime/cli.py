@@ -1,0 +1,96 @@
+"""`cdd-serve`: serve a backbone and a zoo over HTTP (flags override CDD_* environment variables)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pydantic import ValidationError
+
+from .settings import ServeSettings
+
+FLAGS = {
+    # flag: (settings field, type, help)
+    "--backbone": ("backbone", str, "diffusers backbone folder [CDD_BACKBONE; default: the embedded backbone]"),
+    "--zoo": ("zoo", str, "zoo folder [CDD_ZOO; default: the embedded zoo]"),
+    "--device": ("device", str, "cpu, cuda, cuda:1 ... [CDD_DEVICE; default cpu]"),
+    "--dtype": ("dtype", str, "float32, bfloat16 or float16 [CDD_DTYPE]"),
+    "--max-batch": ("max_batch", int, "rows per batch [CDD_MAX_BATCH]"),
+    "--max-wait-ms": ("max_wait_ms", float, "batching wait [CDD_MAX_WAIT_MS]"),
+    "--queue-size": ("queue_size", int, "queued requests before 429 [CDD_QUEUE_SIZE]"),
+    "--request-deadline-s": ("request_deadline_s", float, "queue deadline before 504 [CDD_REQUEST_DEADLINE_S]"),
+    "--max-pixels": ("max_pixels", int, "most input pixels before 413 [CDD_MAX_PIXELS]"),
+    "--max-upload-mb": ("max_upload_mb", float, "largest request body [CDD_MAX_UPLOAD_MB]"),
+    "--memory-budget-mb": ("memory_budget_mb", float, "resident adapter budget [CDD_MEMORY_BUDGET_MB]"),
+    "--api-key": ("api_key", str, "enables the admin endpoints; prefer CDD_API_KEY (flags show in ps)"),
+    "--host": ("host", str, "listen address [CDD_HOST]"),
+    "--port": ("port", int, "listen port [CDD_PORT]"),
+    "--log-level": ("log_level", str, "debug, info, warning, error [CDD_LOG_LEVEL]"),
+    "--threads": ("threads", int, "torch CPU threads [CDD_THREADS; default: torch's]"),
+}
+
+
+def parse(argv: list[str] | None = None) -> tuple[ServeSettings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="cdd-serve",
+        description="Serve task adapters on one resident backbone: POST /v1/tasks/{task}, playground at /.",
+    )
+    for flag, (dest, typ, help_) in FLAGS.items():
+        parser.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    for flag, dest, help_ in (
+        ("cuda-graphs", "cuda_graphs", "capture sampling as CUDA graphs on CUDA [CDD_CUDA_GRAPHS]"),
+        ("exact-batching", "exact_batching", "run every batch at max_batch rows [CDD_EXACT_BATCHING]"),
+        ("warmup", "warmup", "warm up before ready [CDD_WARMUP]"),
+    ):
+        parser.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    parser.add_argument("--print-settings", action="store_true", help="print the resolved settings as JSON and exit")
+    args = parser.parse_args(argv)
+    overrides = {dest: getattr(args, dest) for dest, *_ in FLAGS.values()}
+    overrides.update(cuda_graphs=args.cuda_graphs, exact_batching=args.exact_batching, warmup=args.warmup)
+    try:
+        settings = ServeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        parser.exit(2, f"cdd-serve: invalid settings:\n{e}\n")
+    return settings, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, args = parse(argv)
+    if args.print_settings:
+        print(json.dumps(settings.public(), indent=2))
+        return 0
+    for what, folder, flag in (("backbone", settings.backbone_dir(), "--backbone"), ("zoo", settings.zoo_dir(), "--zoo")):
+        if not folder.is_dir():
+            print(
+                f"cdd-serve: {what} folder {folder} does not exist. Pass {flag} PATH or set CDD_{what.upper()}"
+                + (" (the embedded default is not built yet)" if getattr(settings, what) is None else ""),
+                file=sys.stderr,
+            )
+            return 2
+
+    import uvicorn
+
+    from .app import create_app
+    from .logs import configure
+
+    configure(settings.log_level)
+    if settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    # uvicorn drains on SIGTERM/SIGINT: stops accepting, lets in-flight requests finish, then runs the
+    # lifespan shutdown, which lets the engine finish every admitted request.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,  # one JSON line per request comes from the app itself
+        timeout_graceful_shutdown=int(settings.request_deadline_s) + 5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

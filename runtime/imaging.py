@@ -1,0 +1,84 @@
+"""Image input and output for the service: decoding uploads safely, and PNG encoding.
+
+An upload's header is read first (PIL's `Image.open` reads only the header) and its size is checked
+against the pixel limit before a single pixel is decoded, so a decompression bomb never allocates.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Raster formats only: PIL can also open formats whose decoders run external programs (EPS).
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+class ImageError(ValueError):
+    """An upload that cannot be used; `status` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def decode_image(data: bytes, max_pixels: int, channels: int = 3) -> torch.Tensor:
+    """Bytes of an image file -> float32 [channels, H, W] in [0, 1].
+
+    415: not an image in an accepted format; 413: more than `max_pixels` pixels (checked on the header,
+    before decoding); 400: a corrupt or truncated file. 8-bit images are divided by 255, 16-bit
+    grayscale (a depth map) by 65535."""
+    if not data:
+        raise ImageError(400, "empty_image", "the uploaded image is empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(413, "too_many_pixels", f"the image is too large: {e}") from e
+        except Image.UnidentifiedImageError as e:
+            raise ImageError(
+                415, "unsupported_media_type", f"the upload is not an image in an accepted format ({', '.join(FORMATS)})"
+            ) from e
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on a bad header
+            raise ImageError(400, "corrupt_image", f"the image header cannot be read: {type(e).__name__}: {e}") from e
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise ImageError(400, "corrupt_image", f"the image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageError(
+                413, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
+        try:
+            img.load()
+            return _to_tensor(img, channels)
+        except Exception as e:  # noqa: BLE001 - truncated / corrupt data surfaces here
+            raise ImageError(400, "corrupt_image", f"the image cannot be decoded: {type(e).__name__}: {e}") from e
+
+
+def _to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
+    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+        arr = np.asarray(img, dtype=np.float32) / 65535.0
+        x = torch.from_numpy(np.clip(arr, 0.0, 1.0))[None]
+        return x.expand(channels, -1, -1).contiguous() if channels != 1 else x
+    arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    x = torch.from_numpy(np.ascontiguousarray(arr))
+    return x[None] if channels == 1 else x.permute(2, 0, 1).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] or [3, H, W] floats in [0, 1] -> uint8 HWC, as diffusers' image processor does
+    (`(x * 255).round().astype("uint8")` on float32)."""
+    x = images.detach().to("cpu", torch.float32).clamp(0, 1)
+    x = (x * 255).round().to(torch.uint8)
+    return x.permute(*range(x.ndim - 3), -2, -1, -3).numpy()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 HWC (or HW) -> PNG bytes; the same array always gives the same bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()

@@ -1,0 +1,210 @@
+"""The batching scheduler: a bounded queue, dynamic batching per key, deadlines, backpressure.
+
+Pure Python (no torch, no CUDA), so it is unit-tested on its own. Jobs with the same `key` (task,
+adapter, steps, sampler, resolution) are batched together, oldest first, up to `max_batch` rows;
+a batch waits at most `max_wait` seconds after its oldest job arrived for more to come. A full
+queue refuses new jobs (`QueueFull`, with a Retry-After estimate); a job whose deadline passes
+before it starts executing fails with `DeadlineExceeded`. Once a job is handed out it is the
+consumer's to finish: the scheduler never fails a running job.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SchedulerError(Exception):
+    """Base class of the scheduler's refusals."""
+
+
+class QueueFull(SchedulerError):
+    def __init__(self, queued: int, retry_after: int):
+        super().__init__(f"the queue is full ({queued} requests waiting); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(SchedulerError):
+    def __init__(self, waited: float):
+        super().__init__(f"the request's deadline passed after {waited:.3f} s in the queue, before it could run")
+        self.waited = waited
+
+
+class SchedulerClosed(SchedulerError):
+    def __init__(self):
+        super().__init__("the server is shutting down and admits no new requests")
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: `rows` images (or tiles) that must run together with the same `key`."""
+
+    key: Hashable
+    rows: int
+    payload: Any
+    deadline: float = math.inf  # on the scheduler's clock
+    enqueued: float = 0.0
+    started: float | None = None
+    future: Future = field(default_factory=Future)
+
+    @property
+    def waited(self) -> float:
+        return (self.started or 0.0) - self.enqueued
+
+
+def _fail(job: Job, error: Exception) -> None:
+    if not job.future.done():  # a waiter that left cancels its future
+        job.future.set_exception(error)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        max_batch: int,
+        max_wait: float,
+        queue_size: int,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_batch < 1 or queue_size < 1 or max_wait < 0:
+            raise ValueError(f"bad scheduler limits: max_batch={max_batch}, queue_size={queue_size}, max_wait={max_wait}")
+        self.max_batch, self.max_wait, self.queue_size = max_batch, max_wait, queue_size
+        self.clock = clock
+        self._queue: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._paused = False
+        self._seconds_per_row = 0.0  # exponential moving average of executed batches, for Retry-After
+
+    # -- producers -------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        """Admit a job or raise QueueFull / DeadlineExceeded (already late) / SchedulerClosed."""
+        if job.rows < 1:
+            raise ValueError(f"a job needs at least one row, got {job.rows}")
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed()
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(len(self._queue), self._retry_after())
+            job.enqueued = self.clock()
+            if job.deadline <= job.enqueued:
+                raise DeadlineExceeded(0.0)
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> bool:
+        """Withdraw a job that has not started (its future fails with DeadlineExceeded). False when the
+        job already started (or finished): then it will complete normally."""
+        with self._cond:
+            if job not in self._queue:
+                return False
+            self._queue.remove(job)
+            _fail(job, DeadlineExceeded(self.clock() - job.enqueued))
+            self._cond.notify_all()
+            return True
+
+    # -- the consumer ----------------------------------------------------------------------
+
+    def next_batch(self, timeout: float | None = None) -> list[Job] | None:
+        """Block until a batch is ready and hand it out (jobs marked started), or None after `timeout`
+        seconds with nothing ready, or when the scheduler is closed and drained."""
+        give_up = None if timeout is None else self.clock() + timeout
+        with self._cond:
+            while True:
+                self._expire()
+                now = self.clock()
+                if self._queue and not (self._paused and not self._closed):
+                    head = self._queue[0]
+                    batch = self._gather(head.key)
+                    ready_at = head.enqueued + self.max_wait
+                    full = sum(j.rows for j in batch) >= self.max_batch or len(batch) < self._count(head.key)
+                    if full or self._closed or now >= ready_at:
+                        started = []
+                        for job in batch:
+                            self._queue.remove(job)
+                            if job.future.set_running_or_notify_cancel():  # False: its waiter is gone
+                                job.started = now
+                                started.append(job)
+                        self._cond.notify_all()
+                        if started:
+                            return started
+                        continue
+                    wake = ready_at
+                elif self._closed and not self._queue:
+                    return None
+                else:
+                    wake = math.inf
+                # wake for the batch's max-wait, the next deadline, or the caller's timeout
+                wake = min([wake] + [j.deadline for j in self._queue])
+                if give_up is not None:
+                    if now >= give_up:
+                        return None
+                    wake = min(wake, give_up)
+                self._cond.wait(None if wake == math.inf else max(wake - now, 0.0))
+
+    def _gather(self, key: Hashable) -> list[Job]:
+        """The oldest jobs of `key` that fit in one batch; a job larger than max_batch goes alone."""
+        batch, rows = [], 0
+        for job in self._queue:
+            if job.key != key:
+                continue
+            if batch and rows + job.rows > self.max_batch:
+                break
+            batch.append(job)
+            rows += job.rows
+        return batch
+
+    def _count(self, key: Hashable) -> int:
+        return sum(1 for j in self._queue if j.key == key)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for job in [j for j in self._queue if j.deadline <= now]:
+            self._queue.remove(job)
+            _fail(job, DeadlineExceeded(now - job.enqueued))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def record_batch(self, seconds: float, rows: int) -> None:
+        """Feed the Retry-After estimate with an executed batch's time."""
+        per_row = seconds / max(rows, 1)
+        with self._cond:
+            self._seconds_per_row = per_row if self._seconds_per_row == 0 else 0.8 * self._seconds_per_row + 0.2 * per_row
+
+    def _retry_after(self) -> int:
+        rows = sum(j.rows for j in self._queue)
+        return max(1, math.ceil(rows * self._seconds_per_row))
+
+    def pause(self) -> None:
+        """Hand out nothing (admission and deadlines go on) until `resume` or `close`."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Admit nothing more; queued jobs are still handed out (without waiting for max_wait, paused or not)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def queued_rows(self) -> int:
+        with self._cond:
+            return sum(j.rows for j in self._queue)

@@ -1,0 +1,112 @@
+"""Every setting of `cdd-serve`, read here and nowhere else: flags override `CDD_*` environment
+variables, which override the defaults below (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ServeSettings(BaseSettings):
+    """Settings of the serving runtime. Environment: `CDD_<FIELD>` (e.g. `CDD_MAX_BATCH=8`)."""
+
+    model_config = SettingsConfigDict(env_prefix="CDD_", extra="forbid", validate_default=True)
+
+    backbone: Path | None = Field(None, description="diffusers backbone folder (default: the embedded backbone)")
+    zoo: Path | None = Field(None, description="zoo folder of adapter entries (default: the embedded zoo)")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations dtype")
+
+    max_batch: int = Field(4, ge=1, le=256, description="rows (images or tiles) per executed batch")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits for more requests")
+    exact_batching: bool = Field(
+        True,
+        description="execute every batch at exactly max_batch rows (zero-padded), so a request's bytes do not "
+        "depend on what it was batched with; false: power-of-two buckets, less padding, last-bit differences",
+    )
+    queue_size: int = Field(64, ge=1, le=100_000, description="requests admitted and waiting; more get 429")
+    request_deadline_s: float = Field(60.0, gt=0, description="a request not started by then gets 504")
+
+    max_pixels: int = Field(256 * 256, ge=1, description="most input pixels (width * height) accepted; more get 413")
+    max_upload_mb: float = Field(16.0, gt=0, description="largest request body in MiB; more gets 413")
+    sr_tile_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="super-resolution tile overlap, fraction of a tile")
+
+    memory_budget_mb: float = Field(2048.0, ge=0, description="device memory for resident adapters (LRU), MiB")
+    cuda_graphs: bool = Field(True, description="capture the sampling loop as CUDA graphs (CUDA devices only)")
+    graph_debug: bool = Field(False, description="check captured data pointers before every graph replay")
+    warmup: bool = Field(True, description="run every adapter architecture once before /readyz says ready")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (cdd-serve sets them; default: torch's)")
+
+    api_key: SecretStr | None = Field(None, description="enables the admin endpoints (Authorization: Bearer KEY)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            torch.device(value)
+        except RuntimeError as e:
+            raise ValueError(f"device {value!r} is not a torch device: {e}") from e
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None  # CDD_API_KEY="" means no key, not an empty key anyone could send
+        return value
+
+    def backbone_dir(self) -> Path:
+        from ..adapters.zoo import default_backbone_dir
+
+        return Path(self.backbone) if self.backbone is not None else default_backbone_dir()
+
+    def zoo_dir(self) -> Path:
+        from ..adapters.zoo import default_zoo_dir
+
+        return Path(self.zoo) if self.zoo is not None else default_zoo_dir()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return self.cuda_graphs and self.torch_device.type == "cuda"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mb * 1024 * 1024)
+
+    def batch_buckets(self) -> tuple[int, ...]:
+        """The batch sizes a batch is executed at (padded up to the smallest that fits)."""
+        if self.exact_batching:
+            return (self.max_batch,)
+        sizes, b = [], 1
+        while b < self.max_batch:
+            sizes.append(b)
+            b *= 2
+        return (*sizes, self.max_batch)
+
+    def public(self) -> dict:
+        """The settings as JSON, the API key masked (for logs and --print-settings)."""
+        data = self.model_dump(mode="json")
+        data["api_key"] = "***" if self.api_key is not None else None
+        data["backbone"], data["zoo"] = str(self.backbone_dir()), str(self.zoo_dir())
+        return data

@@ -1,0 +1,179 @@
+"""What each task does with an uploaded image, before and after sampling (CPU only, no model).
+
+- super-resolution: the output is 4x the input. The low-resolution image is bicubic-upsampled x4
+  exactly as training builds its condition (`F.interpolate(..., mode="bicubic", align_corners=False)`,
+  clamped to [0, 1]), then cut into overlapping tiles at the adapter's resolution; the tile outputs are
+  blended with smooth weights. The noise of every tile is a crop of one noise image drawn from the
+  seed over the whole (padded) canvas, so overlapping tiles start from the same noise, and an input
+  that is exactly one tile gets exactly the noise of a plain sample.
+- depth, edit and any other task: the condition is resized (bicubic, antialiased) to the adapter's
+  resolution when it is not already that size, and the response says so (X-CDD-Resized).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .samplers import initial_noise, step_noise
+
+SUPER_RESOLUTION = "super-resolution"
+EDIT = "edit"
+SR_SCALE = 4
+
+
+def prompt_required(task: str) -> bool:
+    """An edit's prompt is its instruction: there is no edit without one."""
+    return task == EDIT
+
+
+@dataclass(frozen=True)
+class Tile:
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Tiles of size `tile` over a canvas of `canvas` (W, H) pixels; the output is cropped to `out` (W, H)."""
+
+    tile: int
+    overlap: int
+    canvas: tuple[int, int]
+    out: tuple[int, int]
+    tiles: tuple[Tile, ...]
+
+    def weights(self) -> torch.Tensor:
+        """[tile, tile] blending weights: a raised-cosine ramp over the overlap, strictly positive so that
+        every canvas pixel has weight (at the canvas border a single tile covers it: weight / weight = 1)."""
+        i = torch.arange(self.tile, dtype=torch.float64)
+        if self.overlap == 0:
+            w = torch.ones(self.tile, dtype=torch.float64)
+        else:
+            d = torch.minimum(i, self.tile - 1 - i) + 0.5
+            w = 0.5 - 0.5 * torch.cos(math.pi * torch.clamp(d / self.overlap, max=1.0))
+        return (w[:, None] * w[None, :]).to(torch.float32)
+
+
+def tile_starts(length: int, tile: int, overlap: int, align: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, length), neighbours overlapping by at least
+    about `overlap`, every start a multiple of `align` (length, tile and overlap are multiples of it)."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    starts = [(i * (length - tile) // (n - 1)) // align * align for i in range(n)]
+    starts[-1] = length - tile
+    return starts
+
+
+def sr_layout(width: int, height: int, tile: int, align: int, overlap_fraction: float) -> TileLayout:
+    out = (width * SR_SCALE, height * SR_SCALE)
+    canvas = tuple(max(tile, math.ceil(v / align) * align) for v in out)
+    overlap = 0
+    if canvas[0] > tile or canvas[1] > tile:
+        overlap = min(max(align, round(overlap_fraction * tile / align) * align), tile - align)
+    xs = tile_starts(canvas[0], tile, overlap, align)
+    ys = tile_starts(canvas[1], tile, overlap, align)
+    return TileLayout(tile, overlap, canvas, out, tuple(Tile(x, y) for y in ys for x in xs))
+
+
+@dataclass
+class Work:
+    """One request, ready for the engine: `rows` conditions and their starting noise."""
+
+    task: str
+    adapter: str
+    steps: int
+    sampler: str
+    seed: int
+    prompt: str
+    resolution: int
+    cond: torch.Tensor  # [rows, c, R, R] in [0, 1], CPU float32
+    z_T: torch.Tensor  # [rows, C, R/f, R/f], CPU float32
+    fresh: list[torch.Tensor] | None = None  # cm: per step [rows, C, R/f, R/f]
+    layout: TileLayout | None = None  # super-resolution
+    resized: str | None = None  # "WxH->wxh" when the condition was resized
+    info: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return int(self.cond.shape[0])
+
+    @property
+    def key(self) -> tuple:
+        """What must be equal for requests to share a batch."""
+        return (self.task, self.adapter, self.steps, self.sampler, self.resolution)
+
+
+def prepare(
+    task: str,
+    image: torch.Tensor,
+    *,
+    adapter: str,
+    resolution: int,
+    model_channels: int,
+    scale_factor: int,
+    steps: int,
+    sampler: str,
+    seed: int,
+    prompt: str,
+    overlap_fraction: float = 0.25,
+) -> Work:
+    """The condition rows and noise for `image` ([c, H, W] in [0, 1]) under `task`'s semantics."""
+    common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution)
+    c, height, width = image.shape
+    if task == SUPER_RESOLUTION:
+        layout = sr_layout(width, height, resolution, scale_factor, overlap_fraction)
+        (ow, oh), (cw, ch) = layout.out, layout.canvas
+        up = F.interpolate(image[None], size=(oh, ow), mode="bicubic", align_corners=False).clamp(0, 1)
+        up = F.pad(up, (0, cw - ow, 0, ch - oh), mode="replicate") if (cw, ch) != (ow, oh) else up
+        shape = (model_channels, ch // scale_factor, cw // scale_factor)
+        noise = initial_noise([seed], shape)
+        fresh = step_noise([seed], shape, steps) if sampler == "cm" else None
+        r, f = resolution, scale_factor
+        crop = [(t.y, t.x) for t in layout.tiles]
+        cond = torch.stack([up[0, :, y : y + r, x : x + r] for y, x in crop])
+        z_T = torch.stack([noise[0, :, y // f : (y + r) // f, x // f : (x + r) // f] for y, x in crop])
+        if fresh is not None:
+            fresh = [torch.stack([xi[0, :, y // f : (y + r) // f, x // f : (x + r) // f] for y, x in crop]) for xi in fresh]
+        return Work(**common, cond=cond.contiguous(), z_T=z_T.contiguous(), fresh=fresh, layout=layout)
+    resized = None
+    if (height, width) != (resolution, resolution):
+        image = F.interpolate(
+            image[None], size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True
+        )[0].clamp(0, 1)
+        resized = f"{width}x{height}->{resolution}x{resolution}"
+    shape = (model_channels, resolution // scale_factor, resolution // scale_factor)
+    z_T = initial_noise([seed], shape)
+    fresh = step_noise([seed], shape, steps) if sampler == "cm" else None
+    return Work(**common, cond=image[None].contiguous(), z_T=z_T, fresh=fresh, resized=resized)
+
+
+def blank_work(adapter: str, task: str, resolution: int, channels: int, model_channels: int, scale_factor: int,
+               steps: int, sampler: str) -> Work:
+    """One row of zeros and seed-0 noise (warm-up)."""
+    shape = (model_channels, resolution // scale_factor, resolution // scale_factor)
+    return Work(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=0, prompt="", resolution=resolution,
+                cond=torch.zeros(1, channels, resolution, resolution), z_T=initial_noise([0], shape),
+                fresh=step_noise([0], shape, steps) if sampler == "cm" else None)
+
+
+def assemble(work: Work, rows: torch.Tensor) -> np.ndarray:
+    """The sampled rows ([rows, 3, R, R] in [0, 1]) -> the response image, uint8 HWC."""
+    from .imaging import to_uint8
+
+    if work.layout is None:
+        return to_uint8(rows[0])
+    layout, r = work.layout, work.layout.tile
+    (cw, ch), (ow, oh) = layout.canvas, layout.out
+    w = layout.weights()
+    acc = torch.zeros(3, ch, cw, dtype=torch.float32)
+    total = torch.zeros(1, ch, cw, dtype=torch.float32)
+    for tile, out in zip(layout.tiles, rows.to(torch.float32)):
+        acc[:, tile.y : tile.y + r, tile.x : tile.x + r] += w * out
+        total[:, tile.y : tile.y + r, tile.x : tile.x + r] += w
+    return to_uint8((acc / total)[:, :oh, :ow])

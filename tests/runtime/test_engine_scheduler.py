@@ -1,0 +1,119 @@
+"""The batching scheduler on its own: pure Python, no model."""
+
+import threading
+import time
+
+import pytest
+
+from cdd.runtime.scheduler import DeadlineExceeded, Job, QueueFull, Scheduler, SchedulerClosed
+
+
+def job(key="a", rows=1, deadline=float("inf"), payload=None):
+    return Job(key, rows, payload, deadline)
+
+
+def test_batches_same_key_up_to_max_batch_oldest_first():
+    s = Scheduler(max_batch=3, max_wait=10.0, queue_size=10)
+    jobs = [s.submit(job("a", payload=i)) for i in range(4)]
+    s.submit(job("b"))
+    first = s.next_batch(timeout=1)  # full: no waiting for max_wait
+    assert [j.payload for j in first] == [0, 1, 2]
+    assert all(j.future.running() and j.started is not None for j in first)
+    assert len(s) == 2 and jobs[3] not in first
+
+
+def test_keys_are_served_in_arrival_order_and_never_mixed():
+    s = Scheduler(max_batch=8, max_wait=0.0, queue_size=10)
+    for key in "abab":
+        s.submit(job(key, payload=key))
+    assert [j.key for j in s.next_batch(timeout=1)] == ["a", "a"]
+    assert [j.key for j in s.next_batch(timeout=1)] == ["b", "b"]
+    assert s.next_batch(timeout=0.01) is None
+
+
+def test_rows_count_and_a_large_job_runs_alone():
+    s = Scheduler(max_batch=4, max_wait=0.0, queue_size=10)
+    s.submit(job(rows=3, payload="three"))
+    s.submit(job(rows=2, payload="two"))
+    s.submit(job(rows=9, payload="nine"))
+    assert [j.payload for j in s.next_batch(timeout=1)] == ["three"]  # 3 + 2 > 4
+    assert [j.payload for j in s.next_batch(timeout=1)] == ["two"]  # 2 + 9 > 4
+    assert [j.payload for j in s.next_batch(timeout=1)] == ["nine"]
+
+
+def test_waits_max_wait_for_more_requests():
+    s = Scheduler(max_batch=4, max_wait=0.3, queue_size=10)
+    s.submit(job(payload=0))
+    threading.Timer(0.05, lambda: s.submit(job(payload=1))).start()
+    t0 = time.monotonic()
+    batch = s.next_batch(timeout=2)
+    assert [j.payload for j in batch] == [0, 1]
+    assert 0.25 <= time.monotonic() - t0 < 1.5
+
+
+def test_full_queue_refuses_with_retry_after():
+    s = Scheduler(max_batch=1, max_wait=0.0, queue_size=2)
+    s.record_batch(seconds=3.0, rows=1)
+    s.submit(job())
+    s.submit(job())
+    with pytest.raises(QueueFull) as e:
+        s.submit(job())
+    assert e.value.retry_after >= 6  # two queued rows at about 3 s a row
+    s.next_batch(timeout=1)
+    s.submit(job())  # room again
+
+
+def test_deadline_passed_in_the_queue_fails_the_job():
+    s = Scheduler(max_batch=4, max_wait=0.0, queue_size=10)
+    s.pause()
+    late = s.submit(job(deadline=time.monotonic() + 0.05))
+    ok = s.submit(job(key="b"))
+    assert s.next_batch(timeout=0.2) is None  # paused; but deadlines still expire
+    with pytest.raises(DeadlineExceeded):
+        late.future.result(timeout=0)
+    s.resume()
+    assert s.next_batch(timeout=1) == [ok]
+    with pytest.raises(DeadlineExceeded):
+        s.submit(job(deadline=time.monotonic() - 1))
+
+
+def test_cancel_only_before_start():
+    s = Scheduler(max_batch=1, max_wait=0.0, queue_size=10)
+    a, b = s.submit(job()), s.submit(job())
+    assert s.next_batch(timeout=1) == [a]
+    assert not s.cancel(a)  # running: it finishes
+    assert s.cancel(b)
+    with pytest.raises(DeadlineExceeded):
+        b.future.result(timeout=0)
+    assert len(s) == 0
+
+
+def test_a_job_whose_waiter_left_is_skipped():
+    s = Scheduler(max_batch=1, max_wait=0.0, queue_size=10)
+    gone, kept = s.submit(job(payload="gone")), s.submit(job(payload="kept"))
+    assert gone.future.cancel()
+    assert [j.payload for j in s.next_batch(timeout=1)] == ["kept"]
+
+
+def test_close_drains_then_stops():
+    s = Scheduler(max_batch=1, max_wait=5.0, queue_size=10)
+    s.pause()
+    s.submit(job(payload=1))
+    s.submit(job(payload=2))
+    s.close()  # closing overrides pause and max_wait: admitted jobs are handed out at once
+    with pytest.raises(SchedulerClosed):
+        s.submit(job())
+    assert [j.payload for j in s.next_batch(timeout=1)] == [1]
+    assert [j.payload for j in s.next_batch(timeout=1)] == [2]
+    assert s.next_batch(timeout=1) is None
+
+
+def test_consumer_blocks_until_work_arrives():
+    s = Scheduler(max_batch=2, max_wait=0.0, queue_size=10)
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.next_batch(timeout=5)))
+    t.start()
+    time.sleep(0.05)
+    s.submit(job(payload="x"))
+    t.join(2)
+    assert [j.payload for j in got[0]] == ["x"]
