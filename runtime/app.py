@@ -155,10 +155,10 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
         summary="Conditional diffusion distillation adapters on one resident backbone: few-step conditional sampling.",
         version=_version(),
         lifespan=lifespan,
-        max_body_size=settings.max_upload_bytes,
         openapi_tags=[{"name": "tasks"}, {"name": "operations"}, {"name": "admin"}],
     )
     app.state.settings, app.state.metrics = settings, metrics
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AccessLog, metrics=metrics)
     _install_error_handlers(app)
     playground = (files("cdd.runtime") / "static" / "index.html").read_text()
@@ -396,8 +396,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = err.detail if isinstance(err.detail, str) else json.dumps(err.detail)
         if err.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        if err.status_code == 413:
-            message = f"the request body is larger than {app.state.settings.max_upload_mb:g} MiB"
         return error_response(err.status_code, HTTP_CODES.get(err.status_code, "http_error"), message,
                               dict(err.headers) if err.headers else None)
 
@@ -422,6 +420,37 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def _short(value) -> bool:
     return isinstance(value, (int, float, str)) and len(str(value)) <= 80
+
+
+class BodyLimit:
+    """413 for a request body over `max_bytes`: at once from Content-Length, else while it streams in
+    (raised as an HTTPException from `receive`, which FastAPI's body reading passes on as it is)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _message(self) -> str:
+        return f"the request body is larger than {self.max_bytes / 1024 / 1024:g} MiB"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(413, "payload_too_large", self._message(), {"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
 
 
 class AccessLog:

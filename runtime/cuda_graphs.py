@@ -143,7 +143,8 @@ class GraphCache:
                 fn(**inputs.args())
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: HTTP threads never touch CUDA, but nothing else should be able to break a capture
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output = fn(**inputs.args())
         captured = CapturedGraph(
             key, graph, inputs, output, inputs.data_ptrs(), {k: t.data_ptr() for k, t in watched.items()}

@@ -80,7 +80,8 @@ class Executor:
                 key = GraphKey(slot.key, reg.lora_name, size, reg.resolution, batch.steps, batch.sampler)
                 self._prime(batch.steps, size, values["z_T"])
                 fn = self._loop(slot, batch.steps, batch.sampler)
-                images = self.graphs.run(key, fn, values, slot.tensors)
+                watched = slot.live_tensors() if self.graphs.debug else slot.tensors
+                images = self.graphs.run(key, fn, values, watched)
             else:
                 images = self._loop(slot, batch.steps, batch.sampler)(**values)
             out.append(images[:n].to("cpu", torch.float32))

@@ -99,8 +99,12 @@ class LiveSlot:
             for k, v in state.items():
                 self.tensors[k].copy_(v)
 
+    def live_tensors(self) -> dict[str, torch.Tensor]:
+        """The module's tensors as they are now (a rebound parameter shows up here, not in `tensors`)."""
+        return {k: v for k, v in self.adapter.state_dict().items() if k in self.stored_keys}
+
     def data_ptrs(self) -> dict[str, int]:
-        return {k: t.data_ptr() for k, t in self.tensors.items()}
+        return {k: t.data_ptr() for k, t in self.live_tensors().items()}
 
 
 def architecture_key(manifest: Manifest) -> str:

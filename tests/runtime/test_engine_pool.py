@@ -1,0 +1,223 @@
+"""The adapter pool (residency, live slots, in-place swaps, backbone LoRA) and the executor's batching."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cdd.adapters.architectures import add_backbone_lora, backbone_lora_name, backbone_lora_state, build_adapter
+from cdd.adapters.zoo import ADAPTER_FILE, ZooError, save_entry
+from cdd.runtime.engine import Engine, EngineError
+from cdd.runtime.executor import Batch, CachedSchedule
+from cdd.runtime.factory import make_backbone, save_backbone
+from cdd.runtime.imaging import to_uint8
+from cdd.runtime.metrics import Metrics
+from cdd.runtime.pool import AdapterConflict, AdapterGone, AdapterPool
+from cdd.runtime.samplers import initial_noise
+from cdd.runtime.settings import ServeSettings
+
+RES = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def perturb(module, std, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def lora_of(bb, seed):
+    unet = copy.deepcopy(bb.unet)
+    cfg = add_backbone_lora(unet, "trained", rank=2)
+    perturb(unet, 0.05, seed)
+    return ({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)},
+            backbone_lora_state(unet, "trained"))
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    bb = make_backbone("latent", resolution=RES, seed=21)
+    save_backbone(bb, root / "backbone")
+
+    def entry(name, kind, seed, task="depth", **kw):
+        adapter = perturb(build_adapter(kind, bb.unet, bb.vae_scale_factor), 0.03, seed)
+        save_entry(root / "zoo" / name, adapter, name=name, task=task, backbone_fingerprint=bb.fingerprint,
+                   condition={"channels": 3, "range": [0, 1], "resolution": RES}, **kw)
+        return root / "zoo" / name
+
+    paths = {
+        "a": entry("a", "controlnet", 1),
+        "b": entry("b", "controlnet", 2),
+        "c": entry("c", "controlnet", 3),
+        "t": entry("t", "t2i", 4),
+        "lora": entry("lora", "controlnet", 5, mode="lora", backbone_lora=lora_of(bb, 6)),
+        "cl": entry("cl", "controlnet-lora", 7),
+    }
+    return root, paths
+
+
+def fresh_backbone(root):
+    from cdd.runtime.backbone import load_backbone
+
+    return load_backbone(root / "backbone")
+
+
+def test_one_live_slot_per_architecture_and_swaps_copy_in_place(zoo):
+    root, paths = zoo
+    metrics = Metrics()
+    pool = AdapterPool(fresh_backbone(root), budget_bytes=1 << 30, metrics=metrics)
+    for name in ("a", "b", "t"):
+        pool.register(paths[name])
+    slot, _ = pool.activate("a")
+    ptrs = slot.data_ptrs()
+    stored = load_file(paths["a"] / ADAPTER_FILE)
+    for name in ("b", "a", "t", "b", "a"):
+        s, reg = pool.activate(name)
+        assert s.key == reg.architecture
+    assert len(pool.slots()) == 2  # controlnet and t2i
+    assert slot.data_ptrs() == ptrs  # the same storage after every swap
+    for k, v in stored.items():
+        assert torch.equal(slot.tensors[k], v), k  # A's weights exactly, after A, B, A
+    assert metrics.adapter_swaps._value.get() == 6  # a, b, a, b, a into the controlnet slot; t into its own
+    pool.activate("a")
+    assert metrics.adapter_swaps._value.get() == 6  # already live: no copy
+
+
+def test_memory_budget_evicts_least_recently_used(zoo):
+    root, paths = zoo
+    metrics = Metrics()
+    pool = AdapterPool(fresh_backbone(root), budget_bytes=1 << 30, metrics=metrics)
+    for name in ("a", "b", "c"):
+        pool.register(paths[name])
+    pool.activate("a")
+    one = pool.resident_bytes()
+    pool.budget_bytes = int(2.5 * one)
+    pool.activate("b")
+    pool.activate("a")  # a is now more recent than b
+    pool.activate("c")
+    assert pool.resident_names() == ["a", "c"] and pool.resident_bytes() <= pool.budget_bytes
+    assert metrics.adapter_evictions._value.get() == 1 and metrics.resident_adapters._value.get() == 2
+    slot, _ = pool.activate("b")  # loaded again from the zoo
+    for k, v in load_file(paths["b"] / ADAPTER_FILE).items():
+        assert torch.equal(slot.tensors[k], v)
+    pool.budget_bytes = 0
+    pool.activate("a")
+    assert pool.resident_names() == ["a"]  # one adapter over the budget still serves
+
+
+def test_backbone_lora_is_switched_on_the_shared_unet_and_dropped_on_eviction(zoo):
+    root, paths = zoo
+    bb = fresh_backbone(root)
+    dropped = []
+    pool = AdapterPool(bb, budget_bytes=1 << 30, on_lora_dropped=dropped.append)
+    for name in ("a", "lora", "cl"):
+        pool.register(paths[name])
+    name = backbone_lora_name("lora")
+    x = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    text = bb.encode_text([""])
+    with torch.no_grad():
+        plain = bb.unet(x, 500, text).sample
+        pool.activate("lora")
+        layers = [m for m in bb.unet.modules() if hasattr(m, "lora_A") and name in m.lora_A]
+        assert layers and all(m.active_adapters == [name] and not m.disable_adapters for m in layers)
+        with_lora = bb.unet(x, 500, text).sample
+        pool.activate("cl")  # a LoRA-ControlNet slot built while the UNet carries LoRA layers
+        assert all(m.disable_adapters for m in layers)
+        assert torch.equal(bb.unet(x, 500, text).sample, plain)
+    assert not torch.allclose(with_lora, plain)
+    pool.unregister("lora")
+    assert dropped == [name]
+    assert not any(name in m.lora_A for m in bb.unet.modules() if hasattr(m, "lora_A"))
+
+
+def test_register_refuses_what_cannot_be_served(zoo, tmp_path):
+    root, paths = zoo
+    bb = fresh_backbone(root)
+    pool = AdapterPool(bb, budget_bytes=1 << 30)
+    pool.register(paths["a"])
+    with pytest.raises(AdapterConflict, match="already registered"):
+        pool.register(paths["a"])
+    with pytest.raises(AdapterGone):
+        pool.unregister("nope")
+    adapter = build_adapter("controlnet", bb.unet, bb.vae_scale_factor)
+    common = dict(task="depth", backbone_fingerprint=bb.fingerprint)
+    cond = {"channels": 3, "range": [0, 1], "resolution": RES}
+    save_entry(tmp_path / "full", adapter, name="full", condition=cond, mode="full", unet_state=bb.unet.state_dict(), **common)
+    save_entry(tmp_path / "eight", adapter, name="eight", condition=cond, steps=8, **common)
+    save_entry(tmp_path / "odd", adapter, name="odd", condition={**cond, "resolution": 18}, **common)
+    for name, match in (("full", "mode 'full'"), ("eight", "1-4 steps"), ("odd", "multiple of 4")):
+        with pytest.raises(ZooError, match=match):
+            pool.register(tmp_path / name)
+
+
+def test_engine_start_names_missing_folders(tmp_path, zoo):
+    root, _ = zoo
+    with pytest.raises(EngineError, match=str(tmp_path / "no-backbone")):
+        Engine(ServeSettings(backbone=tmp_path / "no-backbone", zoo=tmp_path)).start()
+    with pytest.raises(EngineError, match=str(tmp_path / "no-zoo")):
+        Engine(ServeSettings(backbone=root / "backbone", zoo=tmp_path / "no-zoo")).start()
+
+
+def test_cached_schedule_gives_the_schedule_numbers():
+    bb = make_backbone("pixel", resolution=RES, seed=0)
+    cached = CachedSchedule.of(bb.schedule)
+    like = torch.zeros(3, 4, 5, 5)
+    for t in (999, 749, 0, -1):
+        for a, b in zip(cached.alpha_sigma(t, like), bb.schedule.alpha_sigma(torch.full((3,), t), like)):
+            assert torch.equal(a.expand_as(b), b)
+    assert cached.alpha_sigma(999, like)[0] is cached.alpha_sigma(999, like)[0]
+
+
+@pytest.mark.parametrize("exact", [True])
+def test_a_row_gives_the_same_bytes_alone_or_in_any_batch(zoo, exact):
+    """Exact batching: every batch runs at max_batch rows, so a row's result cannot depend on its company."""
+    root, paths = zoo
+    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False,
+                                  exact_batching=exact)).start()
+    try:
+        bb = engine.backbone
+        slot, reg = engine.pool.activate("t")
+        g = torch.Generator().manual_seed(1)
+        n = 6
+        cond = torch.rand(n, 3, RES, RES, generator=g)
+        z_T = initial_noise(range(100, 100 + n), (4, RES // 2, RES // 2))
+        text = torch.cat([bb.encode_text([p]) for p in ["a red sphere", "", "night", "a cube", "make it red", "blue"]])
+
+        def run(idx):
+            batch = Batch(z_T[idx], cond[idx], text[idx], None, 2, "prev")
+            return to_uint8(engine.executor.run(slot, reg, batch))
+
+        alone = [run([i])[0] for i in range(n)]
+        for idx in ([0, 1], [1, 0], [2, 2, 2], [5, 4, 3, 2, 1, 0], [3, 0, 1]):
+            together = run(idx)
+            for row, i in zip(together, idx):
+                np.testing.assert_array_equal(row, alone[i])
+    finally:
+        engine.stop()
+
+
+def test_engine_drains_admitted_work_on_stop(zoo):
+    root, _ = zoo
+    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=2, warmup=False)).start()
+    reg = engine.pool.get("a")
+    engine.pause()
+    jobs = [engine.submit(engine.prepare(reg, torch.rand(3, RES, RES), steps=1, sampler="prev", seed=s, prompt=""))
+            for s in range(3)]
+    engine.stop()
+    assert all(j.future.result(timeout=0).rows.shape == (1, 3, RES, RES) for j in jobs)
+    assert not engine._thread.is_alive()

@@ -1,0 +1,486 @@
+"""The HTTP service end to end (FastAPI TestClient, lifespan included) on a tiny latent backbone and a
+zoo of five entries: two super-resolution ControlNets of one architecture, a depth ControlNet and a
+depth T2I-Adapter, and an edit LoRA-ControlNet with a backbone LoRA (mode `lora`)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import logging
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cdd.adapters.architectures import add_backbone_lora, backbone_lora_state, build_adapter
+from cdd.adapters.zoo import ADAPTER_FILE, save_entry
+from cdd.runtime.app import create_app
+from cdd.runtime.factory import make_backbone, save_backbone
+from cdd.runtime.logs import JsonFormatter
+from cdd.runtime.settings import ServeSettings
+
+RES = 16
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: one intra-op thread is as fast, and immune to a busy machine's oversubscription.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def perturb(module, std, seed):
+    """Random values on the trainable (zero-initialised) parts, so each adapter visibly matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def save_adapter(bb, zoo, name, task, kind, seed, **kw):
+    adapter = perturb(build_adapter(kind, bb.unet, bb.vae_scale_factor), 0.03, seed)
+    save_entry(zoo / name, adapter, name=name, task=task, backbone_fingerprint=bb.fingerprint,
+               condition={"channels": 3, "range": [0, 1], "resolution": RES}, **kw)
+    return zoo / name
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    bb = make_backbone("latent", resolution=RES, seed=5)
+    save_backbone(bb, root / "backbone")
+    zoo = root / "zoo"
+    save_adapter(bb, zoo, "sr", "super-resolution", "controlnet", 1, steps=2, sampler="prev")
+    save_adapter(bb, zoo, "sr-b", "super-resolution", "controlnet", 2, steps=2, sampler="prev")
+    save_adapter(bb, zoo, "depth", "depth", "controlnet", 3, steps=4, sampler="ddim")
+    save_adapter(bb, zoo, "depth-t2i", "depth", "t2i", 4, steps=2, sampler="cm")
+    unet = copy.deepcopy(bb.unet)
+    cfg = add_backbone_lora(unet, "trained", rank=2)
+    perturb(unet, 0.05, 9)
+    lora = ({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)},
+            backbone_lora_state(unet, "trained"))
+    save_adapter(bb, zoo, "edit", "edit", "controlnet-lora", 5, steps=2, sampler="prev", mode="lora", backbone_lora=lora)
+    return {"root": root, "backbone": bb, "backbone_dir": root / "backbone", "zoo": zoo}
+
+
+def settings(world, **kw):
+    base = dict(backbone=world["backbone_dir"], zoo=world["zoo"], max_batch=4, max_wait_ms=20, max_pixels=64 * 64,
+                max_upload_mb=1, api_key=KEY)
+    return ServeSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def app(world):
+    app = create_app(settings(world))
+    with TestClient(app) as client:
+        assert app.state.engine.wait_ready(120)
+        yield app, client
+    assert not app.state.engine._thread.is_alive()  # the lifespan drained and stopped the engine
+
+
+@pytest.fixture
+def client(app):
+    return app[1]
+
+
+def png(w, h, seed=0, mode="RGB"):
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def post(client, task, image, headers=None, **form):
+    data = {k: str(v) for k, v in form.items()}
+    return client.post(f"/v1/tasks/{task}", files={"image": ("in.png", image, "image/png")}, data=data, headers=headers)
+
+
+def decode(content):
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def error(r, status, code):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+    return body["error"]["message"]
+
+
+# -- operations --------------------------------------------------------------------------
+
+
+def test_health_ready_docs_and_playground(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert "swagger" in client.get("/docs").text.lower()
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/tasks/{task}", "/v1/tasks", "/healthz", "/readyz", "/metrics", "/v1/adapters"} <= set(spec["paths"])
+    form = spec["components"]["schemas"][
+        spec["paths"]["/v1/tasks/{task}"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
+    ]
+    assert {"image", "prompt", "steps", "seed", "sampler", "adapter"} <= set(form["properties"])
+    page = client.get("/")
+    assert page.status_code == 200 and "cdd playground" in page.text and page.headers["content-type"].startswith("text/html")
+
+
+def test_tasks_list_adapters_and_manifests(client):
+    tasks = {t["task"]: t for t in client.get("/v1/tasks").json()["tasks"]}
+    assert set(tasks) == {"super-resolution", "depth", "edit"}
+    assert [a["name"] for a in tasks["depth"]["adapters"]] == ["depth", "depth-t2i"]
+    assert tasks["depth"]["default_adapter"] == "depth"
+    assert tasks["edit"]["prompt_required"] and not tasks["depth"]["prompt_required"]
+    edit = tasks["edit"]["adapters"][0]
+    assert edit["kind"] == "controlnet-lora" and edit["mode"] == "lora" and edit["backbone_lora"]
+    assert edit["manifest"]["files"][ADAPTER_FILE] and edit["manifest"]["condition"]["resolution"] == RES
+
+
+def test_metrics_exposition(client):
+    post(client, "depth", png(RES, RES), seed=1)
+    text = client.get("/metrics").text
+    for name in ("cdd_request_latency_seconds_bucket", "cdd_queue_wait_seconds_bucket", "cdd_batch_size_bucket",
+                 "cdd_adapter_swaps_total", "cdd_adapter_load_seconds_bucket", "cdd_resident_adapters",
+                 "cdd_http_requests_total", "cdd_cuda_graph_captures_total"):
+        assert name in text, name
+    assert 'cdd_http_requests_total{code="200",route="/v1/tasks/{task}"}' in text
+
+
+# -- tasks -------------------------------------------------------------------------------
+
+
+def test_super_resolution_png_is_4x_with_headers(client):
+    r = post(client, "super-resolution", png(9, 5), seed=7)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert decode(r.content).shape == (20, 36, 3)
+    h = r.headers
+    assert (h["x-cdd-adapter"], h["x-cdd-steps"], h["x-cdd-seed"], h["x-cdd-sampler"]) == ("sr", "2", "7", "prev")
+    assert int(h["x-cdd-tiles"]) > 1 and "x-cdd-resized" not in h and "execute;dur=" in h["server-timing"]
+
+
+def test_same_request_same_seed_same_bytes_and_random_seed_is_returned(client):
+    r1 = post(client, "super-resolution", png(6, 6, seed=3))
+    seed = int(r1.headers["x-cdd-seed"])
+    r2 = post(client, "super-resolution", png(6, 6, seed=3), seed=seed)
+    r3 = post(client, "super-resolution", png(6, 6, seed=3), seed=seed + 1)
+    assert r1.content == r2.content != r3.content
+
+
+def test_json_answer_carries_the_same_png(client):
+    r = post(client, "depth", png(RES, RES), seed=11)
+    j = post(client, "depth", png(RES, RES), seed=11, headers={"Accept": "application/json"})
+    assert j.headers["content-type"] == "application/json"
+    body = j.json()
+    assert base64.b64decode(body["image"]) == r.content
+    assert {k: body[k] for k in ("adapter", "steps", "seed", "sampler", "width", "height")} == {
+        "adapter": "depth", "steps": 4, "seed": 11, "sampler": "ddim", "width": RES, "height": RES}
+    assert set(body["timings"]) == {"queue_ms", "execute_ms", "total_ms", "batch_size", "batch_rows"}
+
+
+def test_depth_resizes_to_the_adapter_resolution_and_says_so(client):
+    r = post(client, "depth", png(40, 20), seed=1, adapter="depth-t2i", steps=1, sampler="ddim")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-cdd-resized"] == f"40x20->{RES}x{RES}"
+    assert (r.headers["x-cdd-adapter"], r.headers["x-cdd-steps"], r.headers["x-cdd-sampler"]) == ("depth-t2i", "1", "ddim")
+    assert decode(r.content).shape == (RES, RES, 3)
+
+
+def test_every_sampler_and_step_count(client):
+    outs = {}
+    for sampler in ("prev", "ddim", "cm"):
+        for steps in (1, 4):
+            r = post(client, "depth", png(RES, RES), seed=2, sampler=sampler, steps=steps)
+            assert r.status_code == 200 and r.headers["x-cdd-sampler"] == sampler
+            outs[sampler, steps] = r.content
+    assert len(set(outs.values())) == len(outs)
+
+
+def test_edit_uses_its_instruction_and_backbone_lora(client):
+    a = post(client, "edit", png(RES, RES), seed=4, prompt="make it red")
+    b = post(client, "edit", png(RES, RES), seed=4, prompt="make it blue")
+    assert a.status_code == b.status_code == 200 and a.content != b.content
+    message = error(post(client, "edit", png(RES, RES), seed=4), 422, "invalid_parameter")
+    assert "instruction" in message
+
+
+def test_swapping_a_b_a_leaves_a_unchanged(app):
+    _, client = app
+    engine = app[0].state.engine
+    swaps = engine.metrics.adapter_swaps._value.get()
+    a1 = post(client, "super-resolution", png(4, 4), seed=5, adapter="sr")
+    b = post(client, "super-resolution", png(4, 4), seed=5, adapter="sr-b")
+    a2 = post(client, "super-resolution", png(4, 4), seed=5, adapter="sr")
+    assert a1.content == a2.content != b.content
+    assert engine.metrics.adapter_swaps._value.get() >= swaps + 2
+    slots = [s for s in engine.pool.slots().values() if s.key.startswith("controlnet:")]
+    assert len(slots) == 1  # sr, sr-b and depth share one live slot
+
+
+def test_mixed_tasks_concurrently_give_the_bytes_of_requests_sent_one_by_one(app):
+    flask, client = app
+    engine = flask.state.engine
+    requests = [
+        ("super-resolution", png(4, 4, 1), {"seed": 1}),
+        ("super-resolution", png(7, 3, 2), {"seed": 2}),
+        ("super-resolution", png(4, 4, 3), {"seed": 3, "adapter": "sr-b"}),
+        ("depth", png(RES, RES, 4), {"seed": 4}),
+        ("depth", png(RES, RES, 5), {"seed": 5}),
+        ("depth", png(RES, RES, 6), {"seed": 6, "adapter": "depth-t2i"}),
+        ("depth", png(30, 12, 7), {"seed": 7, "adapter": "depth-t2i"}),
+        ("edit", png(RES, RES, 8), {"seed": 8, "prompt": "make it red"}),
+        ("edit", png(RES, RES, 9), {"seed": 9, "prompt": "remove the sphere"}),
+        ("super-resolution", png(4, 4, 10), {"seed": 10, "sampler": "cm"}),
+    ]
+    alone = [post(client, t, img, **form).content for t, img, form in requests]
+
+    engine.pause()  # queue everything first, so batches really mix requests
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(post, client, t, img, {"Accept": "application/json"}, **form) for t, img, form in requests]
+        deadline = time.monotonic() + 30
+        while len(engine.scheduler) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(engine.scheduler) == len(requests)
+        engine.resume()
+        together = [f.result().json() for f in futures]
+    assert [base64.b64decode(j["image"]) for j in together] == alone
+    assert max(j["timings"]["batch_size"] for j in together) > 1
+
+
+# -- client errors -----------------------------------------------------------------------
+
+
+def test_unknown_task_is_404_even_with_bad_parameters(client):
+    assert "tasks: depth, edit, super-resolution" in error(post(client, "colorize", png(4, 4)), 404, "unknown_task")
+    error(post(client, "colorize", png(4, 4), steps=9), 404, "unknown_task")
+    error(client.get("/v2/nothing"), 404, "not_found")
+
+
+def test_not_an_image_is_415_and_a_corrupt_one_400(client):
+    error(post(client, "depth", b"definitely not an image"), 415, "unsupported_media_type")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"  # PIL could open it, but runs ghostscript
+    error(post(client, "depth", eps), 415, "unsupported_media_type")
+    good = png(RES, RES)
+    error(post(client, "depth", good[: len(good) // 2]), 400, "corrupt_image")
+    error(post(client, "depth", b""), 400, "empty_image")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb(width: int, height: int, rows: int | None = None) -> bytes:
+    """A PNG whose header claims width x height RGB; its data is `rows` rows of zeros, compressed."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)
+    data = b"".join(z.compress(row) for _ in range(height if rows is None else rows)) + z.flush()
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def test_too_many_pixels_is_413_before_decoding(client):
+    assert "65x64" in error(post(client, "depth", png(65, 64)), 413, "too_many_pixels")
+    # decompression bombs: the header is checked before a pixel is decoded, so nothing big is allocated
+    full = bomb(3000, 3000)  # 27 MB of pixels in a 26 KB file
+    assert len(full) < 100_000
+    error(post(client, "depth", full), 413, "too_many_pixels")
+    error(post(client, "depth", bomb(100_000, 100_000, rows=1)), 413, "too_many_pixels")  # 30 GB claimed
+    error(post(client, "super-resolution", bomb(5000, 1, rows=1)), 413, "too_many_pixels")
+
+
+def test_body_larger_than_the_upload_limit_is_413(client):
+    big = bytes(2 * 1024 * 1024)
+    error(post(client, "depth", big), 413, "payload_too_large")  # refused on its Content-Length
+
+    def chunks():  # no Content-Length: refused while it streams in
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        for _ in range(40):
+            yield bytes(64 * 1024)
+        yield b"\r\n--b--\r\n"
+
+    r = client.post("/v1/tasks/depth", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+    error(r, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    "form, field",
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 5}, "steps"),
+        ({"steps": "two"}, "steps"),
+        ({"seed": -1}, "seed"),
+        ({"seed": "x"}, "seed"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"adapter": "edit"}, "adapter"),
+        ({"prompt": "x" * 3000}, "prompt"),
+    ],
+)
+def test_bad_parameters_are_422(client, form, field):
+    assert field in error(post(client, "depth", png(RES, RES), **form), 422, "invalid_parameter")
+
+
+def test_missing_image_is_422(client):
+    message = error(client.post("/v1/tasks/depth", data={"seed": "1"}), 422, "invalid_parameter")
+    assert "image" in message
+
+
+def test_bad_deadline_header_is_422(client):
+    error(post(client, "depth", png(RES, RES), headers={"X-CDD-Deadline-Ms": "-5"}), 422, "invalid_parameter")
+
+
+def test_client_errors_do_not_disturb_other_requests(client):
+    good = post(client, "depth", png(RES, RES), seed=21).content
+    with ThreadPoolExecutor(6) as pool:
+        bad = [pool.submit(post, client, "depth", b"junk") for _ in range(3)]
+        ok = [pool.submit(post, client, "depth", png(RES, RES), seed=21) for _ in range(3)]
+        assert all(f.result().status_code == 415 for f in bad)
+        assert all(f.result().content == good for f in ok)
+
+
+# -- admin -------------------------------------------------------------------------------
+
+
+def test_admin_needs_the_key(client, world):
+    body = {"path": str(world["zoo"] / "sr")}
+    r = client.post("/v1/adapters", json=body)
+    error(r, 401, "unauthorized")
+    assert r.headers["www-authenticate"] == "Bearer"
+    error(client.post("/v1/adapters", json=body, headers={"Authorization": "Bearer wrong"}), 403, "forbidden")
+    error(client.delete("/v1/adapters/sr"), 401, "unauthorized")
+    error(client.delete("/v1/adapters/sr", headers={"X-API-Key": "wrong"}), 403, "forbidden")
+    assert "sr" in [a["name"] for t in client.get("/v1/tasks").json()["tasks"] for a in t["adapters"]]
+
+
+def test_register_serve_and_delete_an_adapter(client, world, tmp_path):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    entry = save_adapter(world["backbone"], tmp_path / "zoo", "colorize-v1", "colorize", "controlnet", 31, steps=1)
+    r = client.post("/v1/adapters", json={"path": str(entry)}, headers=auth)
+    assert r.status_code == 201, r.text
+    assert [a["name"] for a in r.json()["registered"]] == ["colorize-v1"]
+    error(client.post("/v1/adapters", json={"path": str(entry)}, headers=auth), 409, "adapter_exists")
+    tasks = {t["task"] for t in client.get("/v1/tasks").json()["tasks"]}
+    assert "colorize" in tasks
+    r = post(client, "colorize", png(RES, RES), seed=1)
+    assert r.status_code == 200 and r.headers["x-cdd-adapter"] == "colorize-v1" and r.headers["x-cdd-steps"] == "1"
+    r = client.delete("/v1/adapters/colorize-v1", headers={"X-API-Key": KEY})
+    assert r.status_code == 200 and r.json() == {"deleted": "colorize-v1"}
+    error(post(client, "colorize", png(RES, RES)), 404, "unknown_task")
+    error(client.delete("/v1/adapters/colorize-v1", headers=auth), 404, "unknown_adapter")
+
+
+def test_register_refuses_bad_entries(client, world, tmp_path):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    error(client.post("/v1/adapters", json={"path": str(tmp_path / "nothing")}, headers=auth), 422, "invalid_zoo_entry")
+    entry = save_adapter(world["backbone"], tmp_path / "zoo", "tampered", "depth", "controlnet", 32)
+    f = entry / ADAPTER_FILE
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert "tampered" in error(client.post("/v1/adapters", json={"path": str(entry)}, headers=auth), 422, "invalid_zoo_entry")
+    other = make_backbone("latent", resolution=RES, seed=99)
+    foreign = save_adapter(other, tmp_path / "zoo", "foreign", "depth", "controlnet", 33)
+    assert "made for backbone" in error(client.post("/v1/adapters", json={"path": str(foreign)}, headers=auth),
+                                        422, "invalid_zoo_entry")
+    error(client.post("/v1/adapters", json={"nope": 1}, headers=auth), 422, "invalid_parameter")
+
+
+# -- logs --------------------------------------------------------------------------------
+
+
+def test_one_json_log_line_per_request(client, caplog):
+    with caplog.at_level(logging.INFO, logger="cdd.serve.access"):
+        post(client, "depth", png(RES, RES), seed=77)
+        post(client, "depth", b"junk")
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "cdd.serve.access"]
+    assert len(lines) == 2
+    ok, bad = lines
+    assert ok["status"] == 200 and ok["task"] == "depth" and ok["seed"] == 77 and ok["adapter"] == "depth"
+    assert ok["route"] == "/v1/tasks/{task}" and ok["duration_ms"] > 0 and ok["batch_size"] >= 1
+    assert bad["status"] == 415
+
+
+# -- backpressure, deadlines, no key: a second, small app --------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(world):
+    app = create_app(settings(world, queue_size=1, max_batch=1, max_wait_ms=0, api_key=None, warmup=False))
+    with TestClient(app) as client:
+        assert app.state.engine.wait_ready(60)
+        yield app, client
+
+
+def test_queue_full_is_429_with_retry_after(small):
+    app, client = small
+    engine = app.state.engine
+    engine.pause()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, client, "depth", png(RES, RES), seed=1)
+            while len(engine.scheduler) < 1:
+                time.sleep(0.01)
+            refused = [post(client, "depth", png(RES, RES), seed=s) for s in (2, 3)]
+            for r in refused:
+                error(r, 429, "queue_full")
+                assert int(r.headers["retry-after"]) >= 1
+            engine.resume()
+            assert first.result().status_code == 200
+    finally:
+        engine.resume()
+
+
+def test_deadline_passed_before_execution_is_504(small):
+    app, client = small
+    engine = app.state.engine
+    engine.pause()
+    try:
+        t0 = time.monotonic()
+        r = post(client, "depth", png(RES, RES), seed=1, headers={"X-CDD-Deadline-Ms": "300"})
+        error(r, 504, "deadline_exceeded")
+        assert 0.25 < time.monotonic() - t0 < 10
+        assert len(engine.scheduler) == 0  # withdrawn from the queue
+        error(post(client, "depth", png(RES, RES), headers={"X-CDD-Deadline-Ms": "0.001"}), 504, "deadline_exceeded")
+    finally:
+        engine.resume()
+    assert post(client, "depth", png(RES, RES), seed=1).status_code == 200
+
+
+def test_admin_is_refused_without_a_configured_key(small):
+    _, client = small
+    body = {"path": "/nowhere"}
+    assert "no API key" in error(client.post("/v1/adapters", json=body, headers={"Authorization": "Bearer x"}),
+                                 403, "admin_disabled")
+    error(client.delete("/v1/adapters/depth"), 403, "admin_disabled")
+
+
+def test_shutdown_finishes_admitted_requests(world):
+    app = create_app(settings(world, warmup=False, max_batch=2))
+    results = []
+    with TestClient(app) as client:
+        engine = app.state.engine
+        engine.pause()
+        threads = [threading.Thread(target=lambda s=s: results.append(post(client, "depth", png(RES, RES), seed=s)))
+                   for s in range(3)]
+        for t in threads:
+            t.start()
+        while len(engine.scheduler) < 3:
+            time.sleep(0.01)
+        stopper = threading.Thread(target=engine.stop)  # what the lifespan does on shutdown
+        stopper.start()
+        for t in threads:
+            t.join(60)
+        stopper.join(60)
+        error(post(client, "depth", png(RES, RES)), 503, "shutting_down")
+    assert [r.status_code for r in results] == [200, 200, 200]
