@@ -32,3 +32,9 @@ def configure(level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error"):  # uvicorn's own lines, as JSON through the root handler
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # progress bars are not log lines
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

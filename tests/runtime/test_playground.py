@@ -1,0 +1,229 @@
+"""The playground page in a real headless Chromium (Debian's /usr/bin/chromium), driven over the Chrome
+DevTools protocol on a pipe (--remote-debugging-pipe: no websocket client needed): pick a task, upload an
+image with DOM.setFileInputFiles, run, and check the input, the result and the timings on the page.
+
+Set CDD_PLAYGROUND_SCREENSHOT=path to keep the screenshot (docs/images/playground.png is made so)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from cdd.adapters.architectures import build_adapter
+from cdd.adapters.zoo import save_entry
+from cdd.runtime.app import create_app
+from cdd.runtime.factory import make_backbone, save_backbone
+from cdd.runtime.settings import ServeSettings
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install -y chromium to run the browser test)"
+)
+RES = 32
+
+
+class DevTools:
+    """A minimal Chrome DevTools protocol client over --remote-debugging-pipe (fd 3 in, fd 4 out, NUL-framed JSON)."""
+
+    def __init__(self, user_data_dir: Path):
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def wire():  # in the child, before exec: its fds 3 and 4 are the pipe ends
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--remote-debugging-pipe", f"--user-data-dir={user_data_dir}", "about:blank"],
+            pass_fds=(3, 4), preexec_fn=wire, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._id, self._buf, self.events = 0, b"", []
+
+    def _read_message(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
+                raise TimeoutError("no message from Chromium")
+            chunk = os.read(self._from_chrome, 1 << 20)
+            if not chunk:
+                raise RuntimeError("Chromium closed the pipe")
+            self._buf += chunk
+        raw, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(raw)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
+        while True:
+            reply = self._read_message(timeout)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e.get("method") == method:
+                    return self.events.pop(i)
+            self.events.append(self._read_message(max(deadline - time.monotonic(), 0.01)))
+
+    def close(self):
+        try:
+            self.send("Browser.close", timeout=5)
+        except Exception:  # noqa: BLE001 - it may already be gone
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    root = tmp_path_factory.mktemp("playground")
+    bb = make_backbone("latent", resolution=RES, seed=2)
+    save_backbone(bb, root / "backbone")
+    for name, task, kind in (("sr", "super-resolution", "controlnet"), ("depth", "depth", "t2i")):
+        adapter = build_adapter(kind, bb.unet, bb.vae_scale_factor)
+        save_entry(root / "zoo" / name, adapter, name=name, task=task, backbone_fingerprint=bb.fingerprint,
+                   condition={"channels": 3, "range": [0, 1], "resolution": RES}, steps=2)
+    app = create_app(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(30)
+
+
+def _input_image(path: Path) -> Path:
+    """A small low-resolution picture: sky, floor, a ball."""
+    img = Image.new("RGB", (16, 16), (120, 170, 230))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 10, 15, 15), fill=(90, 90, 80))
+    d.ellipse((4, 4, 11, 11), fill=(220, 40, 40))
+    img.save(path)
+    return path
+
+
+def test_playground_uploads_runs_and_shows_input_result_and_timings(server, tmp_path):
+    image = _input_image(tmp_path / "low-res.png")
+    browser = DevTools(tmp_path / "profile")
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+        def js(expression):
+            r = browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True},
+                             session)
+            return r["result"].get("value")
+
+        def wait_for(expression, timeout=60):
+            deadline = time.monotonic() + timeout
+            while not js(expression):
+                assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+                time.sleep(0.1)
+
+        browser.send("Page.enable", session=session)
+        browser.send("Emulation.setDeviceMetricsOverride",
+                     {"width": 1100, "height": 760, "deviceScaleFactor": 1, "mobile": False}, session)
+        browser.send("Page.navigate", {"url": server + "/"}, session)
+        browser.wait_event("Page.loadEventFired")
+        wait_for("document.body.dataset.state === 'loaded'")
+        wait_for("document.getElementById('status').textContent === 'ready'")
+        assert js("[...document.querySelectorAll('#task option')].map(o => o.value).join(',')") == "depth,super-resolution"
+
+        js("const t = document.getElementById('task'); t.value = 'super-resolution'; t.dispatchEvent(new Event('change'))")
+        js("document.getElementById('seed').value = '7'")
+        root = browser.send("DOM.getDocument", session=session)["root"]["nodeId"]
+        node = browser.send("DOM.querySelector", {"nodeId": root, "selector": "#image"}, session)["nodeId"]
+        browser.send("DOM.setFileInputFiles", {"files": [str(image)], "nodeId": node}, session)
+        wait_for("document.getElementById('input').naturalWidth === 16")
+        js("document.getElementById('run').click()")
+        wait_for("['done', 'error'].includes(document.body.dataset.state)")
+        assert js("document.getElementById('error').textContent") == ""
+        wait_for("document.getElementById('result').naturalWidth > 0")
+
+        assert js("document.getElementById('result').naturalWidth") == 64  # 4x
+        assert js("document.getElementById('result-size').textContent") == "64×64"
+        assert js("document.getElementById('input-size').textContent") == "16×16"
+        timings = js("document.getElementById('timings').innerText")
+        for label in ("adapter", "sr", "seed", "7", "queue", "execute", "round trip", "ms"):
+            assert label in timings, timings
+        dom = js("document.documentElement.outerHTML")
+        assert 'id="result"' in dom and "data:image/png;base64," in dom
+
+        shot = base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"}, session)["data"])
+    finally:
+        browser.close()
+    picture = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+    assert picture.shape == (760, 1100, 3) and picture.std() > 10  # something was drawn
+    (tmp_path / "playground.png").write_bytes(shot)
+    keep = os.environ.get("CDD_PLAYGROUND_SCREENSHOT")
+    if keep:
+        Path(keep).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / "playground.png", keep)
+
+
+def test_playground_shows_a_client_error(server, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is text")
+    browser = DevTools(tmp_path / "profile")
+    try:
+        target = browser.send("Target.createTarget", {"url": server + "/"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+        def js(expression):
+            return browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True},
+                                session)["result"].get("value")
+
+        deadline = time.monotonic() + 60
+        while js("document.body && document.body.dataset.state") != "loaded":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        root = browser.send("DOM.getDocument", session=session)["root"]["nodeId"]
+        node = browser.send("DOM.querySelector", {"nodeId": root, "selector": "#image"}, session)["nodeId"]
+        browser.send("DOM.setFileInputFiles", {"files": [str(bad)], "nodeId": node}, session)
+        js("document.getElementById('run').click()")
+        while js("document.body.dataset.state") != "error":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert js("document.getElementById('error').textContent").startswith("415 unsupported_media_type")
+    finally:
+        browser.close()
