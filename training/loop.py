@@ -58,6 +58,8 @@ class TrainResult:
     first_loss: dict[str, float] = field(default_factory=dict)
     last_loss: dict[str, float] = field(default_factory=dict)
     seconds_per_step: float | None = None
+    student: ConditionedDenoiser | None = None  # holds the EMA weights once the entry is written
+    trainable: list[str] = field(default_factory=list)  # names of the trained parameters in `student`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,10 +321,12 @@ def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
 # ---------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, *, dataset: IterableDataset | None = None,
+def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbone: Backbone | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
-    """Train one adapter as `config` says; `dataset` overrides config.data (any IterableDataset of
-    {"condition", "target", "text"} samples); `on_step(step)` is called after each optimizer step."""
+    """Train one adapter as `config` says. `dataset` overrides config.data (any IterableDataset of
+    {"condition", "target", "text"} samples); `backbone` is a backbone already loaded from config.backbone,
+    used in place (mode lora adds its LoRA to the UNet, mode full trains the UNet); `on_step(step)` is
+    called after each optimizer step."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -341,7 +345,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None,
             raise ConfigError(f"cannot resume {resume_from} with other run settings: {'; '.join(conflicts)}")
 
     # 2. The frozen backbone, shared by every role; the trainable parameters by mode.
-    backbone = load_backbone(config.check_backbone(), device=device)
+    if backbone is None:
+        backbone = load_backbone(config.check_backbone(), device=device)
     resolution = _check_resolution(config, backbone)
     roles = build_roles(config, backbone)
     student_module, trainable, teacher = roles.student, roles.trainable, roles.teacher
@@ -502,7 +507,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None,
     if writer is not None:
         writer.close()
     accelerator.end_training()
-    return TrainResult(step, entry, last_ckpt, first_loss, last_loss, seconds_per_step)
+    return TrainResult(step, entry, last_ckpt, first_loss, last_loss, seconds_per_step, student_module, list(trainable))
 
 
 def export_entry(config: TrainConfig, backbone: Backbone, roles: Roles, ema: EMA, resolution: int, step: int,
@@ -536,6 +541,7 @@ def export_entry(config: TrainConfig, backbone: Backbone, roles: Roles, ema: EMA
 
 def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, parts: dict, last_ckpt: Path | None):
     """Stop every process together when any of them sees a NaN/inf; nothing is saved from this step."""
+    value = value.detach()
     bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=accelerator.device)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, "sum")

@@ -159,8 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# output {config.output_dir}, zoo entry {config.entry_dir} ({config.entry_name}, served with "
                   f"{sampler} x {steps}), backbone {config.backbone_dir}")
             return 0
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
         from .data.datasets import DataError
         from .loop import TrainingStopped, train
+
+        diffusers_logging.disable_progress_bar()  # one progress bar: the training loop's
+        transformers_logging.disable_progress_bar()
 
         try:
             result = train(config)

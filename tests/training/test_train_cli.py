@@ -1,0 +1,138 @@
+"""`cdd-train-adapter` end to end on tiny backbones and the scenes world at 16 px: options, outputs,
+a real SIGKILL and --resume, and a 2-process `accelerate launch` run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cdd.adapters.cli import main as zoo_main
+from cdd.training.train_adapter import main
+
+TINY = ["--task", "depth", "--batch-size", "2", "--num-workers", "0", "--resolution", "16"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_dry_run_prints_the_validated_config(pixel_backbone_dir, capsys):
+    assert main(["--task", "depth", "--backbone", str(pixel_backbone_dir), "--per-sample-t", "--adam-beta2", "0.99",
+                 "--data-option", "caption_column=prompt", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    config = json.loads(out[: out.rindex("}") + 1])
+    assert config["task"] == "depth" and config["method"] == "codi" and config["adapter"] == "controlnet"
+    assert config["same_t"] is False and config["adam_betas"] == [0.9, 0.99] and config["ema"] == 0.999
+    assert config["steps"] == 50 and config["prev_predictor"] == "prev" and config["data_options"] == {"caption_column": "prompt"}
+    assert "runs/depth-controlnet-codi" in out and "prev x 4" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--ema", "1.5"], "ema 1.5 must be in [0, 1)"),
+        (["--method", "finetune", "--prev-predictor", "ddim"], "--prev-predictor: CoDi option(s) that --method finetune does not use"),
+        (["--data", "/nonexistent/folder"], "data '/nonexistent/folder' is neither 'scenes' nor an existing path"),
+        (["--resolution", "17"], "resolution 17 must be a multiple of 2"),
+    ],
+)
+def test_bad_options_fail_loudly_naming_the_field(argv, message, pixel_backbone_dir, tmp_path, capsys):
+    rc = main(["--task", "depth", "--backbone", str(pixel_backbone_dir), "--output", str(tmp_path / "o"),
+               "--max-train-steps", "1", *argv])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_default_backbone_names_the_folder(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("cdd.training.config.default_backbone_dir", lambda: tmp_path / "embedded" / "backbone")
+    assert main(["--task", "depth", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "embedded" / "backbone") in err and "--backbone" in err and "cdd-pretrain-backbone" in err
+
+
+def test_a_short_run_writes_checkpoints_logs_samples_and_a_verified_entry(pixel_backbone_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*TINY, "--backbone", str(pixel_backbone_dir), "--output", str(out), "--max-train-steps", "5",
+            "--checkpoint-every", "2", "--sample-every", "4", "--log-every", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "s/step on this machine: 5 steps take about" in printed and "zoo entry" in printed
+    assert json.loads((out / "config.json").read_text())["max_train_steps"] == 5
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000005"]  # keeps 2
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000004.png", "step-000005.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/distillation", "loss/guidance", "train/lr", "train/grad_norm"} <= tags
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4, 5]
+    assert zoo_main(["verify", str(out / "entry"), "--backbone", str(pixel_backbone_dir)]) == 0
+    manifest = json.loads((out / "entry" / "manifest.json").read_text())
+    assert manifest["training"]["config"]["max_train_steps"] == 5 and manifest["name"] == "depth-controlnet-codi"
+    # a second run into the same folder is refused unless it resumes
+    assert main(argv) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main([*argv[:-4], "--max-train-steps", "6", "--resume"]) == 0
+    assert json.loads((out / "checkpoints" / "step-000006" / "state.json").read_text())["step"] == 6
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_one(pixel_backbone_dir, tmp_path):
+    common = [*TINY, "--backbone", str(pixel_backbone_dir), "--checkpoint-every", "2", "--keep-checkpoints", "100",
+              "--sample-every", "0"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cdd.training.train_adapter", *common, "--output", str(killed),
+                             "--max-train-steps", "100000"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-000002").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert main([*common, "--output", str(killed), "--max-train-steps", "6",
+                 "--resume", str(killed / "checkpoints" / "step-000002")]) == 0
+    straight = tmp_path / "straight"
+    assert main([*common, "--output", str(straight), "--max-train-steps", "6"]) == 0
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        a = load_file(straight / "checkpoints" / "step-000006" / name)
+        b = load_file(killed / "checkpoints" / "step-000006" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_through_accelerate_launch(pixel_backbone_dir, tmp_path):
+    # accelerate 1.x's `launch --cpu` starts several processes only through MPI (--mpirun_hostfile); its torchrun
+    # launcher (--multi_gpu) with ACCELERATE_USE_CPU=1 starts them on any machine and Accelerator(cpu) picks gloo.
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdd.training.train_adapter",
+           *TINY, "--backbone", str(pixel_backbone_dir), "--output", str(out), "--max-train-steps", "3",
+           "--checkpoint-every", "2", "--sample-every", "2"]
+    done = subprocess.run(cmd, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["num_processes"] == 2 and state["step"] == 3
+    rng = torch.load(out / "checkpoints" / "step-000003" / "rng.pt")
+    assert len(rng) == 2 and not torch.equal(rng[0]["generator"], rng[1]["generator"])  # each process its own draws
+    assert (out / "samples" / "step-000002.png").is_file()
+    assert zoo_main(["verify", str(out / "entry"), "--backbone", str(pixel_backbone_dir)]) == 0
