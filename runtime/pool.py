@@ -132,7 +132,7 @@ class AdapterPool:
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # LRU: oldest first
         self._slots: dict[str, LiveSlot] = {}
         self._active_lora: str | None = None
-        self._lock = threading.Lock()  # guards _registered (read by the HTTP layer)
+        self._lock = threading.RLock()  # guards _registered and _resident (read by the HTTP layer)
 
     # -- registry ------------------------------------------------------------------------
 
@@ -172,13 +172,13 @@ class AdapterPool:
     def unregister(self, name: str) -> Registered:
         with self._lock:
             reg = self._registered.pop(name, None)
-        if reg is None:
-            raise AdapterGone(name)
-        if name in self._resident:
-            self._evict(name)
-        for slot in self._slots.values():
-            if slot.current == name:
-                slot.current = None
+            if reg is None:
+                raise AdapterGone(name)
+            if name in self._resident:
+                self._evict(name)
+            for slot in self._slots.values():
+                if slot.current == name:
+                    slot.current = None
         return reg
 
     def get(self, name: str) -> Registered:
@@ -199,10 +199,11 @@ class AdapterPool:
         another entry."""
         reg = self.get(name)
         slot = self._slot(reg)
-        resident = self._resident.get(name)
-        if resident is None:
-            resident = self._load(reg, slot)
-        self._resident.move_to_end(name)
+        with self._lock:
+            resident = self._resident.get(name)
+            if resident is None:
+                resident = self._load(reg, slot)
+            self._resident.move_to_end(name)
         if slot.current != name:
             slot.copy_in(resident.state)
             slot.current = name
@@ -292,11 +293,13 @@ class AdapterPool:
             self.metrics.resident_bytes.set(self.resident_bytes())
 
     def resident_bytes(self) -> int:
-        return sum(r.nbytes for r in self._resident.values())
+        with self._lock:
+            return sum(r.nbytes for r in self._resident.values())
 
     def resident_names(self) -> list[str]:
         """Resident entries, least recently used first."""
-        return list(self._resident)
+        with self._lock:
+            return list(self._resident)
 
     def slots(self) -> dict[str, LiveSlot]:
         return dict(self._slots)
