@@ -32,7 +32,6 @@ from .engine import Engine
 from .imaging import ImageError, decode_image, encode_png
 from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
-from .samplers import FEW_STEP_SAMPLERS
 from .scheduler import DeadlineExceeded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
 from .tasks import assemble, prompt_required

@@ -7,7 +7,6 @@ against the pixel limit before a single pixel is decoded, so a decompression bom
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import torch
@@ -33,30 +32,28 @@ def decode_image(data: bytes, max_pixels: int, channels: int = 3) -> torch.Tenso
     grayscale (a depth map) by 65535."""
     if not data:
         raise ImageError(400, "empty_image", "the uploaded image is empty")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(413, "too_many_pixels", f"the image is too large: {e}") from e
-        except Image.UnidentifiedImageError as e:
-            raise ImageError(
-                415, "unsupported_media_type", f"the upload is not an image in an accepted format ({', '.join(FORMATS)})"
-            ) from e
-        except Exception as e:  # noqa: BLE001 - PIL raises many types on a bad header
-            raise ImageError(400, "corrupt_image", f"the image header cannot be read: {type(e).__name__}: {e}") from e
-        width, height = img.size
-        if width < 1 or height < 1:
-            raise ImageError(400, "corrupt_image", f"the image has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise ImageError(
-                413, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-            )
-        try:
-            img.load()
-            return _to_tensor(img, channels)
-        except Exception as e:  # noqa: BLE001 - truncated / corrupt data surfaces here
-            raise ImageError(400, "corrupt_image", f"the image cannot be decoded: {type(e).__name__}: {e}") from e
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own ceiling (2 x Image.MAX_IMAGE_PIXELS)
+        raise ImageError(413, "too_many_pixels", f"the image is too large: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(
+            415, "unsupported_media_type", f"the upload is not an image in an accepted format ({', '.join(FORMATS)})"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on a bad header
+        raise ImageError(400, "corrupt_image", f"the image header cannot be read: {type(e).__name__}: {e}") from e
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError(400, "corrupt_image", f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(
+            413, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    try:
+        img.load()
+        return _to_tensor(img, channels)
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt data surfaces here
+        raise ImageError(400, "corrupt_image", f"the image cannot be decoded: {type(e).__name__}: {e}") from e
 
 
 def _to_tensor(img: Image.Image, channels: int) -> torch.Tensor:

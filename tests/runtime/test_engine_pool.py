@@ -183,12 +183,10 @@ def test_cached_schedule_gives_the_schedule_numbers():
     assert cached.alpha_sigma(999, like)[0] is cached.alpha_sigma(999, like)[0]
 
 
-@pytest.mark.parametrize("exact", [True])
-def test_a_row_gives_the_same_bytes_alone_or_in_any_batch(zoo, exact):
+def test_a_row_gives_the_same_bytes_alone_or_in_any_batch(zoo):
     """Exact batching: every batch runs at max_batch rows, so a row's result cannot depend on its company."""
     root, paths = zoo
-    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False,
-                                  exact_batching=exact)).start()
+    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False)).start()
     try:
         bb = engine.backbone
         slot, reg = engine.pool.activate("t")

@@ -99,3 +99,18 @@ def test_png_encoding_is_deterministic():
     a = to_uint8(torch.rand(3, 9, 11, generator=torch.Generator().manual_seed(0)))
     assert a.shape == (9, 11, 3) and encode_png(a) == encode_png(a.copy())
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(a)))), a)
+
+
+def test_a_decompression_bomb_is_refused_without_decoding(monkeypatch):
+    """The pixel limit is checked on the header: the decoder never runs, so nothing is allocated."""
+    from PIL import ImageFile
+
+    big = Image.new("L", (3000, 3000))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")  # 9 Mpx of zeros: a few KB
+    assert len(buf.getvalue()) < 50_000
+    calls = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: calls.append(self))
+    with pytest.raises(ImageError) as e:
+        decode_image(buf.getvalue(), max_pixels=256 * 256)
+    assert e.value.status == 413 and "3000x3000" in str(e.value) and calls == []

@@ -16,7 +16,6 @@ import uuid
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cdd.adapters import zoo as zoo_module
