@@ -353,6 +353,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     for module in backbone.modules():
         _cast_frozen(module, weight_dtype)
+    if isinstance(teacher, ConditionedDenoiser) and teacher.unet is not backbone.unet:  # mode full's kept-aside copy
+        _cast_frozen(teacher.unet, weight_dtype)
 
     # 3. Optimizer on the trainable parameters only; theta^- the EMA of exactly those.
     optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
