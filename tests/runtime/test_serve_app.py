@@ -230,8 +230,8 @@ def test_swapping_a_b_a_leaves_a_unchanged(app):
 
 
 def test_mixed_tasks_concurrently_give_the_bytes_of_requests_sent_one_by_one(app):
-    flask, client = app
-    engine = flask.state.engine
+    service, client = app
+    engine = service.state.engine
     requests = [
         ("super-resolution", png(4, 4, 1), {"seed": 1}),
         ("super-resolution", png(7, 3, 2), {"seed": 2}),
