@@ -70,6 +70,7 @@ class PretrainConfig:
     sample_steps: int = 50
     seed: int = 0
     mixed_precision: str = "no"
+    init_from: str = ""  # a backbone folder to start from (continue pretraining with a fresh optimiser)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -135,6 +136,8 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(out / "logs"))
     backbone = build_backbone(cfg)
+    if cfg.init_from:
+        _init_from(backbone, Path(cfg.init_from))
     unet, text_encoder = backbone.unet, backbone.text_encoder
     for m in (unet, text_encoder):
         m.requires_grad_(True).train()
@@ -218,6 +221,21 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
         with _ema_weights(ema, params):
             save_backbone(_eval_view(backbone), final, fp16=True)
     return final
+
+
+def _init_from(backbone: Backbone, folder: Path) -> None:
+    """Start from an existing backbone's weights (same architecture), e.g. the shipped default."""
+    from ..runtime.backbone import load_backbone
+
+    source = load_backbone(folder)
+    for name in ("unet", "text_encoder"):
+        target = getattr(backbone, name)
+        try:
+            target.load_state_dict(getattr(source, name).state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"--init-from {folder}: its {name} does not match this config's architecture: {e}") from e
+    if source.tokenizer.get_vocab() != backbone.tokenizer.get_vocab():
+        raise ValueError(f"--init-from {folder}: its tokenizer vocabulary differs from the scenes vocabulary")
 
 
 def _eval_view(backbone: Backbone) -> Backbone:
