@@ -281,3 +281,19 @@ def test_batch_stream_is_the_same_with_workers_processes_and_without_random_acce
     assert texts(BatchStream(PlainSet(), 2, start=2), 4) == one[2:]
     # two processes interleave micro-batches: rank r takes global batches r, r + 2, ...
     assert texts(BatchStream(TinySet(), 2, rank=1, world_size=2, start=1), 2) == [one[3], one[5]]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(prev_predictor="teacher", mode="full", adapter="t2i"),
+        dict(prev_predictor="teacher", mode="pe"),
+        dict(prev_predictor="ddim", consistency_space="x", distance="huber", same_t=False, cond_weight=0.0),
+        dict(grad_accum=2, batch_size=1),
+    ],
+)
+def test_ablation_options_train_end_to_end(options, tmp_path, pixel_backbone_dir):
+    result = train(config(tmp_path, pixel_backbone_dir, **options), dataset=TinySet())
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(v)) for v in result.last_loss.values())
+    state = json.loads((result.checkpoint / "state.json").read_text())
+    assert state["micro_batches"] == 2 * options.get("grad_accum", 1)
