@@ -13,11 +13,14 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -121,6 +124,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
+    def __reduce__(self):  # picklable: a Ray replica hands it back to the ingress
+        return APIError, (self.status, self.code, self.message, self.headers)
+
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
@@ -128,6 +134,175 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
               413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+# -- one task request: form, validation, execution, answer (cdd-serve and the Ray ingress) ----
+
+
+@dataclass
+class TaskForm:
+    """The form of `POST /v1/tasks/{task}` as FastAPI validated it."""
+
+    image: UploadFile
+    prompt: str | None
+    steps: int | None
+    seed: int | None
+    sampler: str | None
+    adapter: str | None
+    deadline_ms: float | None
+
+
+def task_form(
+    image: UploadFile = File(..., description="the condition image (PNG, JPEG, WebP, BMP, GIF, TIFF)"),
+    prompt: str | None = Form(None, max_length=MAX_PROMPT, description="text; for edit the instruction (required)"),
+    steps: int | None = Form(None, ge=1, le=4, description="sampling steps (default: the manifest's)"),
+    seed: int | None = Form(None, ge=0, le=MAX_SEED, description="noise seed (random when absent; returned)"),
+    sampler: Literal["prev", "ddim", "cm"] | None = Form(None, description="few-step sampler (default: the manifest's)"),
+    adapter: str | None = Form(None, description="zoo name, when the task has several adapters"),
+    x_cdd_deadline_ms: float | None = Header(None, gt=0, description="a deadline shorter than the server's"),
+) -> TaskForm:
+    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms)
+
+
+TASK_ROUTE = dict(
+    tags=["tasks"],
+    summary="run a task on an image",
+    description=(
+        "Multipart form. `image`: the condition (super-resolution: the low-resolution image, output 4x; "
+        "depth: the depth-condition image; edit: the image to edit). Answers image/png with X-CDD-* headers, "
+        "or JSON (TaskResult) when the request sends `Accept: application/json`."
+    ),
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "application/json": {"schema": TaskResult.model_json_schema()}},
+                     "description": "the result"}, **ERRORS},
+)
+
+
+@dataclass
+class TaskCall:
+    """A validated task request: the adapter that serves it, its decoded condition and its parameters."""
+
+    task: str
+    reg: Registered
+    cond: torch.Tensor  # [c, H, W] in [0, 1], CPU float32
+    prompt: str
+    steps: int
+    sampler: str
+    seed: int
+    budget_s: float  # from arrival: not started by then is 504
+
+
+@dataclass
+class TaskOutput:
+    """A task's answer before it becomes an HTTP response."""
+
+    png: bytes
+    width: int
+    height: int
+    rows: int  # tiles (super-resolution), else 1
+    tiled: bool
+    resized: str | None
+    queue_s: float
+    execute_s: float
+    batch_size: int
+    batch_rows: int
+
+
+async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[str, list[Registered]],
+                     settings: ServeSettings) -> TaskCall:
+    """Pick the adapter, fill in the manifest's defaults, decode the image: every 4xx a client can cause
+    before the engine sees the request."""
+    reg = pick_adapter(tasks, task, form.adapter)
+    log_fields = request.scope.setdefault("cdd", {})
+    log_fields["task"] = task
+    prompt = form.prompt or ""
+    if prompt_required(task) and not prompt.strip():
+        raise APIError(422, "invalid_parameter", f"task {task!r} needs a prompt: the edit instruction")
+    steps = form.steps if form.steps is not None else reg.manifest.steps
+    sampler = form.sampler or reg.manifest.sampler
+    seed = form.seed if form.seed is not None else secrets.randbelow(2**32)
+    log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler)
+
+    data = await form.image.read()
+    try:
+        cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels)
+    except ImageError as err:
+        raise APIError(err.status, err.code, str(err)) from err
+    budget = settings.request_deadline_s
+    if form.deadline_ms is not None:
+        budget = min(budget, form.deadline_ms / 1000)
+    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget)
+
+
+async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict) -> TaskOutput:
+    """Prepare the rows, run them on the engine (504 when `deadline`, monotonic, passes before they start),
+    blend and encode the answer."""
+    work = await run_in_threadpool(e.prepare, call.reg, call.cond, steps=call.steps, sampler=call.sampler,
+                                   seed=call.seed, prompt=call.prompt)
+    log_fields["rows"] = work.rows
+    result = await _run(e, work, deadline)
+    png = await run_in_threadpool(lambda: encode_png(assemble(work, result.rows)))
+    width, height = work.layout.out if work.layout else (call.reg.resolution, call.reg.resolution)
+    return TaskOutput(png, width, height, work.rows, work.layout is not None, work.resized, result.queue_s,
+                      result.execute_s, result.batch_size, result.batch_rows)
+
+
+def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: float) -> Response:
+    """The PNG with its X-CDD-* headers, or the JSON TaskResult when the client accepts JSON."""
+    timings = Timings(queue_ms=out.queue_s * 1e3, execute_ms=out.execute_s * 1e3,
+                      total_ms=(time.monotonic() - arrival) * 1e3, batch_size=out.batch_size, batch_rows=out.batch_rows)
+    request.scope.setdefault("cdd", {}).update(queue_ms=round(timings.queue_ms, 2),
+                                               execute_ms=round(timings.execute_ms, 2), batch_size=out.batch_size)
+    headers = {
+        "X-CDD-Adapter": call.reg.name, "X-CDD-Steps": str(call.steps), "X-CDD-Seed": str(call.seed),
+        "X-CDD-Sampler": call.sampler,
+        "Server-Timing": f"queue;dur={timings.queue_ms:.2f}, execute;dur={timings.execute_ms:.2f}, total;dur={timings.total_ms:.2f}",
+    }
+    if out.resized:
+        headers["X-CDD-Resized"] = out.resized
+    if out.tiled:
+        headers["X-CDD-Tiles"] = str(out.rows)
+    if "application/json" in request.headers.get("accept", ""):
+        body = TaskResult(image=base64.b64encode(out.png).decode(), task=call.task, adapter=call.reg.name,
+                          steps=call.steps, seed=call.seed, sampler=call.sampler, width=out.width, height=out.height,
+                          resized=out.resized, tiles=out.rows, timings=timings)
+        return JSONResponse(body.model_dump(), headers=headers)
+    return Response(out.png, media_type="image/png", headers=headers)
+
+
+def tasks_response(tasks: dict[str, list[Registered]], resident: set[str]) -> TasksResponse:
+    out = []
+    for task, regs in sorted(tasks.items()):
+        infos = [_info(r, r.name in resident) for r in regs]
+        out.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task), adapters=infos))
+    return TasksResponse(tasks=out)
+
+
+def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable[[], dict | None], *, title: str,
+                summary: str, lifespan=None) -> FastAPI:
+    """What every front end of the engine shares: the FastAPI app with its body limit, access log, JSON
+    errors, playground, /healthz and /metrics. `known_tasks()`: the served tasks (None while starting)."""
+    app = FastAPI(title=title, summary=summary, version=_version(), lifespan=lifespan,
+                  openapi_tags=[{"name": "tasks"}, {"name": "operations"}, {"name": "admin"}])
+    app.state.settings, app.state.metrics = settings, metrics
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(AccessLog, metrics=metrics)
+    _install_error_handlers(app, known_tasks)
+    playground = (files("cdd.runtime") / "static" / "index.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(playground)
+
+    @app.get("/healthz", tags=["operations"], summary="the process is alive")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -149,31 +324,21 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
         finally:
             await run_in_threadpool(engine.stop)
 
-    app = FastAPI(
+    def known_tasks() -> dict | None:
+        e = getattr(app.state, "engine", None)
+        return e.tasks() if e is not None else None
+
+    app = service_app(
+        settings, metrics, known_tasks,
         title="cdd-serve",
         summary="Conditional diffusion distillation adapters on one resident backbone: few-step conditional sampling.",
-        version=_version(),
         lifespan=lifespan,
-        openapi_tags=[{"name": "tasks"}, {"name": "operations"}, {"name": "admin"}],
     )
-    app.state.settings, app.state.metrics = settings, metrics
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(AccessLog, metrics=metrics)
-    _install_error_handlers(app)
-    playground = (files("cdd.runtime") / "static" / "index.html").read_text()
 
     def engine() -> Engine:
         return app.state.engine
 
     # -- operations ----------------------------------------------------------------------
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(playground)
-
-    @app.get("/healthz", tags=["operations"], summary="the process is alive")
-    async def healthz() -> dict:
-        return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"], summary="the backbone is loaded and warmed up",
              responses={503: {"description": "starting or warm-up failed"}})
@@ -185,90 +350,20 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
             return JSONResponse({"status": "warming up"}, status_code=503)
         return JSONResponse({"status": "ready", "adapters": len(e.pool.entries()), "device": str(e.backbone.device)})
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
     # -- tasks ---------------------------------------------------------------------------
 
     @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters and manifests")
     async def list_tasks() -> TasksResponse:
         e = engine()
-        resident = set(e.pool.resident_names())
-        tasks = []
-        for task, regs in sorted(e.tasks().items()):
-            infos = [_info(r, r.name in resident) for r in regs]
-            tasks.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task), adapters=infos))
-        return TasksResponse(tasks=tasks)
+        return tasks_response(e.tasks(), set(e.pool.resident_names()))
 
-    @app.post(
-        "/v1/tasks/{task}",
-        tags=["tasks"],
-        summary="run a task on an image",
-        description=(
-            "Multipart form. `image`: the condition (super-resolution: the low-resolution image, output 4x; "
-            "depth: the depth-condition image; edit: the image to edit). Answers image/png with X-CDD-* headers, "
-            "or JSON (TaskResult) when the request sends `Accept: application/json`."
-        ),
-        response_class=Response,
-        responses={200: {"content": {"image/png": {}, "application/json": {"schema": TaskResult.model_json_schema()}},
-                         "description": "the result"}, **ERRORS},
-    )
-    async def run_task(
-        request: Request,
-        task: str,
-        image: UploadFile = File(..., description="the condition image (PNG, JPEG, WebP, BMP, GIF, TIFF)"),
-        prompt: str | None = Form(None, max_length=MAX_PROMPT, description="text; for edit the instruction (required)"),
-        steps: int | None = Form(None, ge=1, le=4, description="sampling steps (default: the manifest's)"),
-        seed: int | None = Form(None, ge=0, le=MAX_SEED, description="noise seed (random when absent; returned)"),
-        sampler: Literal["prev", "ddim", "cm"] | None = Form(None, description="few-step sampler (default: the manifest's)"),
-        adapter: str | None = Form(None, description="zoo name, when the task has several adapters"),
-        x_cdd_deadline_ms: float | None = Header(None, gt=0, description="a deadline shorter than the server's"),
-    ) -> Response:
+    @app.post("/v1/tasks/{task}", **TASK_ROUTE)
+    async def run_task(request: Request, task: str, form: TaskForm = Depends(task_form)) -> Response:
         arrival = time.monotonic()
         e = engine()
-        reg = _pick_adapter(e, task, adapter)
-        log_fields = request.scope.setdefault("cdd", {})
-        log_fields["task"] = task
-        prompt = prompt or ""
-        if prompt_required(task) and not prompt.strip():
-            raise APIError(422, "invalid_parameter", f"task {task!r} needs a prompt: the edit instruction")
-        steps = steps if steps is not None else reg.manifest.steps
-        sampler = sampler or reg.manifest.sampler
-        seed = seed if seed is not None else secrets.randbelow(2**32)
-        log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler)
-
-        data = await image.read()
-        try:
-            cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels)
-        except ImageError as err:
-            raise APIError(err.status, err.code, str(err)) from err
-        work = await run_in_threadpool(e.prepare, reg, cond, steps=steps, sampler=sampler, seed=seed, prompt=prompt)
-        log_fields["rows"] = work.rows
-
-        budget = settings.request_deadline_s if x_cdd_deadline_ms is None else min(settings.request_deadline_s, x_cdd_deadline_ms / 1000)
-        result = await _run(e, work, arrival + budget)
-        png = await run_in_threadpool(lambda: encode_png(assemble(work, result.rows)))
-        total = time.monotonic() - arrival
-        timings = Timings(queue_ms=result.queue_s * 1e3, execute_ms=result.execute_s * 1e3, total_ms=total * 1e3,
-                          batch_size=result.batch_size, batch_rows=result.batch_rows)
-        log_fields.update(queue_ms=round(timings.queue_ms, 2), execute_ms=round(timings.execute_ms, 2),
-                          batch_size=result.batch_size)
-        height, width = (work.layout.out[1], work.layout.out[0]) if work.layout else (reg.resolution, reg.resolution)
-        headers = {
-            "X-CDD-Adapter": reg.name, "X-CDD-Steps": str(steps), "X-CDD-Seed": str(seed), "X-CDD-Sampler": sampler,
-            "Server-Timing": f"queue;dur={timings.queue_ms:.2f}, execute;dur={timings.execute_ms:.2f}, total;dur={timings.total_ms:.2f}",
-        }
-        if work.resized:
-            headers["X-CDD-Resized"] = work.resized
-        if work.layout is not None:
-            headers["X-CDD-Tiles"] = str(work.rows)
-        if "application/json" in request.headers.get("accept", ""):
-            body = TaskResult(image=base64.b64encode(png).decode(), task=task, adapter=reg.name, steps=steps, seed=seed,
-                              sampler=sampler, width=width, height=height, resized=work.resized, tiles=work.rows,
-                              timings=timings)
-            return JSONResponse(body.model_dump(), headers=headers)
-        return Response(png, media_type="image/png", headers=headers)
+        call = await parse_task(request, task, form, e.tasks(), settings)
+        out = await execute(e, call, arrival + call.budget_s, request.scope["cdd"])
+        return task_response(request, call, out, arrival)
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -330,10 +425,10 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
     return app
 
 
-def _pick_adapter(e: Engine, task: str, name: str | None) -> Registered:
-    regs = e.tasks().get(task)
+def pick_adapter(tasks: dict[str, list[Registered]], task: str, name: str | None) -> Registered:
+    regs = tasks.get(task)
     if not regs:
-        known = ", ".join(sorted(e.tasks())) or "none"
+        known = ", ".join(sorted(tasks)) or "none"
         raise APIError(404, "unknown_task", f"no adapter serves task {task!r}; tasks: {known}")
     if name is None:
         return regs[0]
@@ -385,7 +480,7 @@ def _version() -> str:
         return "0"
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, known_tasks: Callable[[], dict | None]) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
         return error_response(err.status, err.code, err.message, err.headers)
@@ -401,9 +496,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         task = request.path_params.get("task")
-        engine = getattr(request.app.state, "engine", None)
-        if task is not None and engine is not None and task not in engine.tasks():
-            known = ", ".join(sorted(engine.tasks())) or "none"
+        tasks = known_tasks() if task is not None else None
+        if tasks is not None and task not in tasks:
+            known = ", ".join(sorted(tasks)) or "none"
             return error_response(404, "unknown_task", f"no adapter serves task {task!r}; tasks: {known}")
         parts = []
         for e in err.errors():

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,11 +218,15 @@ class Engine:
         self._text.move_to_end(prompt)
         return emb
 
-    def warm_up(self) -> None:
+    def warm_up(self, names: Iterable[str] | None = None) -> None:
         """Run every (architecture, resolution, default steps and sampler) once per batch bucket: loads the
-        adapters, initialises kernels and, on CUDA, captures the graphs before the first request."""
+        adapters, initialises kernels and, on CUDA, captures the graphs before the first request.
+        `names`: only these entries (default: all)."""
         seen = set()
+        wanted = None if names is None else set(names)
         for reg in self.pool.entries():
+            if wanted is not None and reg.name not in wanted:
+                continue
             m = reg.manifest
             key = (reg.architecture, reg.lora_name, reg.resolution, m.steps, m.sampler)
             if key in seen:
@@ -241,6 +246,16 @@ class Engine:
     def unregister(self, name: str) -> Registered:
         with self._lock:
             return self.pool.unregister(name)
+
+    def load(self, name: str) -> Registered:
+        """Put a registered adapter's weights on the device ahead of its requests."""
+        with self._lock:
+            return self.pool.load(name)
+
+    def evict(self, name: str) -> bool:
+        """Free a registered adapter's device memory (it stays registered)."""
+        with self._lock:
+            return self.pool.evict(name)
 
     def tasks(self) -> dict[str, list[Registered]]:
         out: dict[str, list[Registered]] = {}

@@ -10,8 +10,8 @@ live slots the denoiser runs.
 - Backbone LoRA (mode `lora`) lives on the shared UNet under the entry's peft adapter name and is
   switched with `set_backbone_lora` before each batch.
 
-Not thread-safe by itself beyond registration: `activate` and `unregister` are called by the
-engine's worker, or under the engine's execution lock.
+Not thread-safe by itself beyond registration: `activate`, `load`, `evict` and `unregister` are called
+by the engine's worker, or under the engine's execution lock.
 """
 
 from __future__ import annotations
@@ -197,13 +197,7 @@ class AdapterPool:
         """Make `name` the adapter its architecture's live slot runs (and its backbone LoRA, if any, the
         active one): load it if it is not resident, then copy its weights in place when the slot holds
         another entry."""
-        reg = self.get(name)
-        slot = self._slot(reg)
-        with self._lock:
-            resident = self._resident.get(name)
-            if resident is None:
-                resident = self._load(reg, slot)
-            self._resident.move_to_end(name)
+        reg, slot, resident = self._make_resident(name)
         if slot.current != name:
             slot.copy_in(resident.state)
             slot.current = name
@@ -211,6 +205,29 @@ class AdapterPool:
                 self.metrics.adapter_swaps.inc()
         self._set_lora(resident.lora)
         return slot, reg
+
+    def load(self, name: str) -> Registered:
+        """Make `name` resident (its weights on the device) without serving it yet."""
+        return self._make_resident(name)[0]
+
+    def evict(self, name: str) -> bool:
+        """Drop `name`'s weights from the device (it stays registered; serving it loads it again).
+        False when it was not resident."""
+        with self._lock:
+            if name not in self._resident:
+                return False
+            self._evict(name)
+            return True
+
+    def _make_resident(self, name: str) -> tuple[Registered, LiveSlot, Resident]:
+        reg = self.get(name)
+        slot = self._slot(reg)
+        with self._lock:
+            resident = self._resident.get(name)
+            if resident is None:
+                resident = self._load(reg, slot)
+            self._resident.move_to_end(name)
+        return reg, slot, resident
 
     def _slot(self, reg: Registered) -> LiveSlot:
         slot = self._slots.get(reg.architecture)
