@@ -110,3 +110,34 @@ class ServeSettings(BaseSettings):
         data["api_key"] = "***" if self.api_key is not None else None
         data["backbone"], data["zoo"] = str(self.backbone_dir()), str(self.zoo_dir())
         return data
+
+
+class RayServeSettings(ServeSettings):
+    """The settings of cdd-serve on Ray Serve (`cdd.runtime.ray_serve:build_app`): every `ServeSettings`
+    field except host, port and api_key (Ray's proxy listens; the admin endpoints are not served), plus
+    how the deployment is laid out. Given as the application's `args` in a Serve config; `CDD_<FIELD>`
+    environment variables are read where the application is built."""
+
+    num_replicas: int = Field(2, ge=1, description="engine replicas, each with its own backbone and adapter pool")
+    max_adapters_per_replica: int = Field(
+        3, ge=1, description="adapters a replica keeps loaded (Ray's multiplexed LRU); loading one more unloads the "
+        "least recently used"
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="requests a replica runs or queues at once; at this many it is busy and Ray routes "
+        "elsewhere or waits (default: 2 * max_batch)"
+    )
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
+    replica_gpus: float | None = Field(None, ge=0, description="GPUs Ray reserves per engine replica (default: 1 on "
+                                       "a CUDA device, else 0; 0.5 puts two replicas on one GPU)")
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (parse, validate, route; no model)")
+
+    @property
+    def replica_ongoing_requests(self) -> int:
+        return self.max_ongoing_requests if self.max_ongoing_requests is not None else 2 * self.max_batch
+
+    @property
+    def replica_gpu_share(self) -> float:
+        if self.replica_gpus is not None:
+            return self.replica_gpus
+        return 1.0 if self.torch_device.type == "cuda" else 0.0
