@@ -10,6 +10,7 @@ Kinds:
   controlnet-gated  eq. 10: h'_i = (1 - mu) h_theta,i(z_t) + mu h_eta,i(z_t, c), one scalar mu = 0 at start.
   t2i               diffusers T2IAdapter with a per-level gate, 0 at start (T2I-Adapter is not zero-initialised).
   controlnet-lora   the ControlNet copy frozen, peft LoRA on it; trainable = LoRA + zero convs + condition embedding.
+  controlnet-guided a ControlNet that also takes the guidance weight w (the Guided Distillation baseline, seed 001).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
-ADAPTER_KINDS = ("controlnet", "controlnet-gated", "t2i", "controlnet-lora")
+ADAPTER_KINDS = ("controlnet", "controlnet-gated", "t2i", "controlnet-lora", "controlnet-guided")
 CONTROLNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 BACKBONE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -159,6 +161,61 @@ class GatedControlNetAdapter(ControlNetAdapter):
         }
 
 
+class GuidedControlNetAdapter(ControlNetAdapter):
+    """A ControlNet that takes the classifier-free guidance weight w as an extra input: the student of
+    Guided Distillation (seed 001 section 3.1, "a branch of conditional information intake that allows
+    guidance strength to be given to the model"). w gets a sinusoidal (Fourier) embedding, projected by a
+    zero-initialised `cond_proj` into the ControlNet's time embedding (diffusers' `time_cond_proj_dim`
+    mechanism), so a student built from a plain ControlNet starts as exactly that ControlNet.
+
+    `guidance` is the w used when none is set per batch: the weight the entry is served with."""
+
+    kind = "controlnet-guided"
+
+    def __init__(self, controlnet: ControlNetModel, guidance: float = 1.0, embedding_dim: int = 64):
+        super().__init__(controlnet)
+        old = controlnet.time_embedding
+        emb = TimestepEmbedding(old.linear_1.in_features, old.linear_1.out_features, cond_proj_dim=embedding_dim)
+        emb.linear_1.load_state_dict(old.linear_1.state_dict())
+        emb.linear_2.load_state_dict(old.linear_2.state_dict())
+        nn.init.zeros_(emb.cond_proj.weight)
+        controlnet.time_embedding = emb.to(old.linear_1.weight.device, old.linear_1.weight.dtype)
+        self.guidance, self.embedding_dim = float(guidance), int(embedding_dim)
+        self.w: torch.Tensor | None = None  # per-sample w for the next forwards (training); None: `guidance`
+
+    @classmethod
+    def from_controlnet(cls, adapter: ControlNetAdapter, guidance: float = 1.0) -> GuidedControlNetAdapter:
+        """The GD stage-1 student: a copy of a trained (fine-tuned) ControlNet adapter plus the w branch."""
+        import copy
+
+        return cls(copy.deepcopy(adapter.controlnet), guidance)
+
+    @classmethod
+    def from_unet(cls, unet, vae_scale_factor: int = 1, guidance: float = 1.0, **_: Any) -> GuidedControlNetAdapter:
+        return cls(ControlNetAdapter.from_unet(unet, vae_scale_factor).controlnet, guidance)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "guidance": self.guidance, "embedding_dim": self.embedding_dim}
+
+    @classmethod
+    def from_config(cls, config, unet):
+        return cls(_place(ControlNetModel.from_config(config["controlnet"]), unet), config["guidance"], config["embedding_dim"])
+
+    def set_guidance(self, w: torch.Tensor | float | None) -> None:
+        """w for the following forwards: a float, a [B] tensor (one per sample), or None for `guidance`."""
+        self.w = None if w is None else torch.as_tensor(w, dtype=torch.float32)
+
+    def unet_kwargs(self, unet, z_t, t, text_emb, cond):
+        w = self.w if self.w is not None else torch.tensor(self.guidance)
+        w = w.reshape(-1).expand(z_t.shape[0]).to(z_t.device)
+        w_emb = get_timestep_embedding(w * 1000, self.embedding_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        down, mid = self.controlnet(
+            z_t, t, encoder_hidden_states=text_emb, controlnet_cond=cond.to(z_t.dtype),
+            timestep_cond=w_emb.to(z_t.dtype), return_dict=False,
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
 class LoRAControlNetAdapter(ControlNetAdapter):
     """ControlNet copy with its copied weights frozen and peft LoRA on them. Only the LoRA, the zero
     convs and the condition embedding are trainable and stored: the copied weights come from the
@@ -259,7 +316,8 @@ class T2IAdapterGated(Adapter):
 
 
 ADAPTER_CLASSES: dict[str, type[Adapter]] = {
-    cls.kind: cls for cls in (ControlNetAdapter, GatedControlNetAdapter, T2IAdapterGated, LoRAControlNetAdapter)
+    cls.kind: cls for cls in (ControlNetAdapter, GatedControlNetAdapter, T2IAdapterGated, LoRAControlNetAdapter,
+                               GuidedControlNetAdapter)
 }
 
 

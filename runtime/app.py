@@ -157,7 +157,7 @@ def task_form(
     prompt: str | None = Form(None, max_length=MAX_PROMPT, description="text; for edit the instruction (required)"),
     steps: int | None = Form(None, ge=1, le=4, description="sampling steps (default: the manifest's)"),
     seed: int | None = Form(None, ge=0, le=MAX_SEED, description="noise seed (random when absent; returned)"),
-    sampler: Literal["prev", "ddim", "cm"] | None = Form(None, description="few-step sampler (default: the manifest's)"),
+    sampler: Literal["prev", "ddim", "cm", "gd"] | None = Form(None, description="few-step sampler (default: the manifest's)"),
     adapter: str | None = Form(None, description="zoo name, when the task has several adapters"),
     x_cdd_deadline_ms: float | None = Header(None, gt=0, description="a deadline shorter than the server's"),
 ) -> TaskForm:

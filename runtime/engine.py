@@ -22,6 +22,7 @@ from .backbone import Backbone, load_backbone
 from .executor import Batch, Executor
 from .metrics import Metrics
 from .pool import AdapterGone, AdapterPool, Registered
+from .samplers import STOCHASTIC
 from .scheduler import Job, Scheduler
 from .settings import ServeSettings
 from .tasks import Work, blank_work, prepare
@@ -201,7 +202,7 @@ class Engine:
                 z_T=torch.cat([w.z_T for w in works]),
                 cond=torch.cat([w.cond for w in works]),
                 text_emb=text,
-                fresh=[torch.cat(xs) for xs in zip(*[w.fresh for w in works])] if w0.sampler == "cm" else None,
+                fresh=[torch.cat(xs) for xs in zip(*[w.fresh for w in works])] if w0.sampler in STOCHASTIC else None,
                 steps=w0.steps,
                 sampler=w0.sampler,
             )

@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .schedule import NoiseSchedule
+from .schedule import FINAL, NoiseSchedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-FEW_STEP_SAMPLERS = ("prev", "ddim", "cm")
+FEW_STEP_SAMPLERS = ("prev", "ddim", "cm", "gd")
+STOCHASTIC = ("cm", "gd")  # samplers that draw fresh noise each step (`step_noise`)
 TEACHER_SAMPLERS = ("ddim", "dpm-solver++")
 
 
@@ -75,7 +76,36 @@ def sample_cm(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedul
     return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: fresh_noise[i])
 
 
-FEW_STEP = {"ddim": sample_ddim, "prev": sample_prev, "cm": sample_cm}
+@torch.no_grad()
+def sample_gd(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
+    """The stochastic sampler of Guided Distillation (seed 001 section 3.2, after Karras et al.): from t to
+    s = t - T/k, first a deterministic DDIM step twice as long, to u = s - T/k,
+        z_u = alpha_u x_hat + sigma_u (z_t - alpha_t x_hat) / sigma_t,
+    then one stochastic step forward to s with the original length,
+        z_s = (alpha_s / alpha_u) z_u + sigma_{s|u} xi,  sigma_{s|u}^2 = sigma_s^2 - (alpha_s / alpha_u)^2 sigma_u^2.
+    The last step (s past t = 0) is the usual deterministic one. `fresh_noise[i]` is xi of step i."""
+    if fresh_noise is None or len(fresh_noise) < len(timesteps):
+        raise ValueError(f"gd sampling with {len(timesteps)} steps needs {len(timesteps)} fresh noise tensors")
+    k, z = len(timesteps), z_T
+    for i, t in enumerate(timesteps):
+        s = schedule.previous_timestep(t, k)
+        x_hat, eps_hat = model(z, torch.full((z.shape[0],), t, dtype=torch.long))
+        if s == FINAL:
+            alpha_s, sigma_s = schedule.alpha_sigma(s, z)
+            z = alpha_s * x_hat + sigma_s * eps_hat
+            continue
+        u = s - schedule.num_train_timesteps // k
+        u = u if u >= 0 else FINAL
+        alpha_u, sigma_u = schedule.alpha_sigma(u, z)
+        alpha_s, sigma_s = schedule.alpha_sigma(s, z)
+        z_u = alpha_u * x_hat + sigma_u * eps_hat  # eps_hat = (z_t - alpha_t x_hat) / sigma_t
+        ratio = alpha_s / alpha_u
+        sigma_su = (sigma_s**2 - ratio**2 * sigma_u**2).clamp_min(0).sqrt()
+        z = ratio * z_u + sigma_su * fresh_noise[i]
+    return z
+
+
+FEW_STEP = {"ddim": sample_ddim, "prev": sample_prev, "cm": sample_cm, "gd": sample_gd}
 
 
 def few_step_sampler(name: str):

@@ -1,8 +1,11 @@
-"""Training objectives: Conditional Diffusion Distillation and plain conditional fine-tuning.
+"""Training objectives: Conditional Diffusion Distillation, and the baselines of design.md section 7.
 
 CoDiLoss is Algorithm 1 of Mei et al., "CoDi: Conditional Diffusion Distillation for Higher-Fidelity
 and Faster Image Generation" (seed 000, section 4.2; design.md section 5). DiffusionLoss is the
-conditional fine-tuning baseline (the slow teacher, design.md section 7).
+conditional fine-tuning baseline (the slow teacher). Consistency distillation of that teacher is
+CoDiLoss with the teacher's DDIM step, boundary-scaled outputs and no guidance term (`build_objective`).
+GuidanceDistillationLoss and ProgressiveDistillationLoss are the two stages of Guided Distillation
+(Meng et al., seeds 001 and 002).
 
 Both take the same roles, each a callable `(z_t, t, c, text_emb) -> (x_hat, eps_hat)`:
 `student` (the trained ConditionedDenoiser, with grad), `ema_target` (the same forward with the EMA
@@ -18,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..runtime.schedule import NoiseSchedule
+from ..runtime.schedule import FINAL, NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -125,10 +128,108 @@ class DiffusionLoss:
         return Terms(loss, {"diffusion": loss.detach()}, t)
 
 
-def build_objective(config, schedule: NoiseSchedule) -> CoDiLoss | DiffusionLoss:
-    """The objective a TrainConfig asks for."""
+def truncated_snr(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """w(lambda_t) = max(alpha_t^2 / sigma_t^2, 1): Salimans & Ho's "truncated SNR" weighting of an
+    x-space loss (the larger of the x and the eps losses), used by progressive and guided distillation."""
+    alpha_t, sigma_t = schedule.alpha_sigma(t, like)
+    return (alpha_t**2 / sigma_t.clamp_min(1e-6) ** 2).clamp_min(1.0)
+
+
+def _draw_w(batch: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:
+    return w_min + (w_max - w_min) * torch.rand(batch, generator=generator)
+
+
+@dataclass
+class GuidanceDistillationLoss:
+    """Guided Distillation stage 1 (seed 001 section 3.1, PHASE-ONE-DISTILLATION): the student, which takes w,
+    matches the classifier-free-guided teacher x~ = (1 + w) x_hat(z_t, c) - w x_hat(z_t, empty), w ~ U[w_min, w_max].
+    The guidance is over the text prompt (the backbone was pretrained with caption dropout, so the empty
+    prompt is its unconditional model); the condition image c is given to both branches.
+    `set_w(w)` passes the per-sample w to the student's adapter."""
+
+    schedule: NoiseSchedule
+    empty_text: torch.Tensor  # [1, L, D]: the embedding of ""
+    set_w: Callable[[torch.Tensor | None], None]
+    w_min: float = 0.0
+    w_max: float = 2.0
+
+    def __call__(self, student: Denoiser, ema_target: Denoiser | None, teacher: Denoiser,
+                 x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> Terms:
+        B = x.shape[0]
+        w = _draw_w(B, self.w_min, self.w_max, generator)                        # w ~ U[w_min, w_max]
+        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator)
+        xi = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)     # xi ~ N(0, I)
+        z_t = self.schedule.add_noise(x, xi, t)                                  # z_t = alpha_t x + sigma_t xi
+        with torch.no_grad():                                                    # both branches in one batch
+            empty = self.empty_text.to(text).expand(B, -1, -1)
+            x_both, _ = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c, c]), torch.cat([text, empty]))
+            x_c, x_u = x_both.chunk(2)
+            ww = w.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            x_tilde = (1 + ww) * x_c - ww * x_u                                  # the guided teacher
+        self.set_w(w)
+        x_hat, _ = student(z_t, t, c, text)
+        self.set_w(None)
+        weight = truncated_snr(self.schedule, t, x)                              # w(lambda_t)
+        loss = (weight * (x_hat.float() - x_tilde.float()).pow(2)).mean()
+        return Terms(loss, {"guided": loss.detach()}, t)
+
+
+@dataclass
+class ProgressiveDistillationLoss:
+    """Guided Distillation stage 2, one round (seed 001 section 3.2, STAGE-TWO-DISTILLATION; Salimans & Ho):
+    the student with k steps matches two DDIM steps of the teacher with 2k steps, t -> t' -> t'', through
+    x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t). Steps follow the
+    samplers' grid: t on the k-step trailing timesteps, t' = t - T//2k, t'' = t' - T//2k."""
+
+    schedule: NoiseSchedule
+    student_steps: int  # k
+    set_w: Callable[[torch.Tensor | None], None]  # sets w on both the student's and the teacher's adapters
+    w_min: float = 0.0
+    w_max: float = 2.0
+
+    def __call__(self, student: Denoiser, ema_target: Denoiser | None, teacher: Denoiser,
+                 x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> Terms:
+        B, k, sched = x.shape[0], self.student_steps, self.schedule
+        w = _draw_w(B, self.w_min, self.w_max, generator)
+        grid = torch.tensor(sched.trailing_timesteps(k))
+        t = grid[torch.randint(0, k, (B,), generator=generator)]                 # t = i/N, i ~ U{1..N}
+        half = sched.num_train_timesteps // (2 * k)
+        t1 = t - half                                                            # t' = t - 0.5/N
+        t2 = torch.where(t1 - half >= 0, t1 - half, torch.full_like(t1, FINAL))  # t'' = t - 1/N
+        xi = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        alpha_t, sigma_t = sched.alpha_sigma(t, x)
+        alpha_1, sigma_1 = sched.alpha_sigma(t1, x)
+        alpha_2, sigma_2 = sched.alpha_sigma(t2, x)
+        z_t = alpha_t * x + sigma_t * xi
+        self.set_w(w)
+        with torch.no_grad():                                                    # 2 steps of DDIM with the teacher
+            x_a, eps_a = teacher(z_t, t, c, text)
+            z_1 = alpha_1 * x_a + sigma_1 * eps_a
+            x_b, eps_b = teacher(z_1, t1, c, text)
+            z_2 = alpha_2 * x_b + sigma_2 * eps_b
+            ratio = sigma_2 / sigma_t
+            x_tilde = (z_2 - ratio * z_t) / (alpha_2 - ratio * alpha_t)
+        x_hat, _ = student(z_t, t, c, text)
+        self.set_w(None)
+        weight = truncated_snr(sched, t, x)
+        loss = (weight * (x_hat.float() - x_tilde.float()).pow(2)).mean()
+        return Terms(loss, {"progressive": loss.detach()}, t)
+
+
+def build_objective(config, schedule: NoiseSchedule, *, empty_text: torch.Tensor | None = None,
+                    set_w: Callable[[torch.Tensor | None], None] | None = None):
+    """The objective a TrainConfig asks for (`empty_text` and `set_w` are GD's: see the losses)."""
     if config.method == "finetune":
         return DiffusionLoss(schedule)
+    if config.method == "cm":
+        # Consistency distillation of the fine-tuned teacher (design.md section 7): the teacher's DDIM step,
+        # boundary-scaled x outputs against the EMA target, no conditional guidance term.
+        return CoDiLoss(schedule, N=config.steps, r=0.0, prev_predictor="teacher", consistency_space="x",
+                        distance=config.distance, huber_c=config.huber_c, same_t=config.same_t)
+    if config.method == "gd":
+        if config.gd_stage == 1:
+            return GuidanceDistillationLoss(schedule, empty_text, set_w, config.guidance_min, config.guidance_max)
+        return ProgressiveDistillationLoss(schedule, config.gd_steps, set_w, config.guidance_min, config.guidance_max)
     return CoDiLoss(
         schedule,
         N=config.steps,

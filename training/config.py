@@ -18,7 +18,7 @@ from ..adapters.architectures import ADAPTER_KINDS
 from ..adapters.zoo import MODES, default_backbone_dir
 
 TASKS = ("super-resolution", "depth", "edit")
-METHODS = ("codi", "finetune")
+METHODS = ("codi", "finetune", "cm", "gd")
 PREV_PREDICTORS = ("prev", "ddim", "teacher")
 CONSISTENCY_SPACES = ("eps", "x")
 DISTANCES = ("l2", "huber")
@@ -33,7 +33,9 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 # The sampler and step count a trained entry is served with, by training method (the zoo manifest's default).
-DEFAULT_SAMPLING = {"codi": ("prev", 4), "finetune": ("ddim", 50)}
+DEFAULT_SAMPLING = {"codi": ("prev", 4), "finetune": ("ddim", 50), "cm": ("cm", 4)}
+# Methods that start from a trained zoo entry (`init_from`): the fine-tuned teacher, or the previous GD round.
+FROM_ENTRY = ("cm", "gd")
 
 
 class ConfigError(ValueError):
@@ -52,6 +54,7 @@ class TrainConfig:
     output: str | None = None  # None: runs/<task>-<adapter>-<method>
     zoo_out: str | None = None  # None: <output>/entry
     name: str | None = None  # zoo entry name; None: <task>-<adapter>-<method>
+    init_from: str | None = None  # cm, gd: the zoo entry distilled from (the fine-tuned teacher, or GD's previous round)
 
     # CoDi, Algorithm 1 (design.md section 5)
     prev_predictor: str = "prev"
@@ -62,6 +65,14 @@ class TrainConfig:
     same_t: bool = True  # one n per batch (Algorithm 1); False: one per sample (ablation)
     ema: float = 0.999  # mu, the EMA rate of the target theta^-
     steps: int = 50  # N, intervals of [0, T)
+
+    # Guided Distillation (seeds 001, 002): stage 1 distils the guided teacher into a w-conditioned student,
+    # stage 2 halves the sampling steps, one round per run (`gd_steps` student steps = 2 x gd_steps teacher steps)
+    gd_stage: int = 1
+    gd_steps: int = 4
+    guidance_min: float = 0.0  # w ~ U[guidance_min, guidance_max] during training
+    guidance_max: float = 2.0
+    guidance: float = 1.0  # the w the entry is served with
 
     # architecture sizes
     adapter_rank: int = 8  # LoRA rank inside a controlnet-lora adapter
@@ -91,7 +102,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.data = str(self.data)
-        for name in ("backbone", "output", "zoo_out", "resume"):
+        for name in ("backbone", "output", "zoo_out", "resume", "init_from"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, str(value))
@@ -103,6 +114,23 @@ class TrainConfig:
         _choice("consistency_space", self.consistency_space, CONSISTENCY_SPACES)
         _choice("distance", self.distance, DISTANCES)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check("gd_stage", self.gd_stage, self.gd_stage in (1, 2), "must be 1 (guidance distillation) or 2 (halving the steps)")
+        _check("gd_steps", self.gd_steps, 1 <= self.gd_steps <= 500, "must be in 1..500 (the student's steps; the teacher takes twice as many)")
+        _check("guidance_max", self.guidance_max, self.guidance_min <= self.guidance_max,
+               f"must be >= guidance_min ({self.guidance_min})")
+        _check("guidance", self.guidance, self.guidance_min <= self.guidance <= self.guidance_max,
+               f"must be in [guidance_min, guidance_max] = [{self.guidance_min}, {self.guidance_max}]")
+        if self.method in FROM_ENTRY and not self.init_from:
+            raise ConfigError(f"method {self.method} distils a trained entry: give init_from (--init-from ENTRY), "
+                              "the fine-tuned teacher" + (" or the previous GD round" if self.method == "gd" else ""))
+        if self.method not in FROM_ENTRY and self.init_from:
+            raise ConfigError(f"init_from is for methods {', '.join(FROM_ENTRY)}, not {self.method}")
+        if self.init_from and not Path(self.init_from).is_dir():
+            raise ConfigError(f"init_from {self.init_from!r} is not a zoo entry folder")
+        if self.method == "gd" and self.adapter != "controlnet-guided":
+            raise ConfigError(f"method gd trains a controlnet-guided adapter (the student takes w), not {self.adapter!r}")
+        if self.method in FROM_ENTRY and self.mode != "pe":
+            raise ConfigError(f"method {self.method} trains the adapter only: mode must be pe, not {self.mode!r}")
         _check("ema", self.ema, 0 <= self.ema < 1, "must be in [0, 1)")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
@@ -146,6 +174,8 @@ class TrainConfig:
     @property
     def sampling(self) -> tuple[str, int]:
         """The default sampler and steps recorded in the zoo manifest."""
+        if self.method == "gd":
+            return ("ddim", 2 * self.gd_steps) if self.gd_stage == 1 else ("gd", self.gd_steps)
         return DEFAULT_SAMPLING[self.method]
 
     def check_backbone(self) -> Path:

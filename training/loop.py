@@ -33,9 +33,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..adapters.architectures import add_backbone_lora, backbone_lora_name, backbone_lora_state, build_adapter
+from ..adapters.architectures import (
+    GuidedControlNetAdapter,
+    adapter_from_config,
+    add_backbone_lora,
+    backbone_lora_name,
+    backbone_lora_state,
+    build_adapter,
+)
 from ..adapters.atomic import atomic_directory, write_text
-from ..adapters.zoo import save_entry
+from ..adapters.zoo import MANIFEST, Manifest, load_entry, save_entry
 from ..runtime.backbone import Backbone, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
 from .codi import build_objective
@@ -289,11 +296,55 @@ class Roles:
     adapter: Any
     lora: Any = None  # peft LoraConfig of the backbone LoRA (mode lora)
     lora_name: str | None = None
+    set_w: Callable[[torch.Tensor | None], None] | None = None  # GD: the guidance weight of student and teacher
+
+
+def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
+    """cm and gd distil a trained zoo entry (`init_from`): it becomes the frozen teacher, and the student starts
+    as a copy of it (gd stage 1: plus the zero-initialised w branch)."""
+    unet, schedule = backbone.unet, backbone.schedule
+    entry = load_entry(config.init_from, unet, backbone.fingerprint)  # verifies hashes and the backbone
+    m, where = entry.manifest, f"init_from {config.init_from} ({entry.manifest.name})"
+    if m.task != config.task:
+        raise ConfigError(f"{where} is a {m.task} adapter, not {config.task}")
+    if m.mode != "pe":
+        raise ConfigError(f"{where} has mode {m.mode}; {config.method} distils adapter-only (pe) entries")
+    torch.manual_seed(config.seed)
+    if config.method == "cm":
+        if m.kind != config.adapter:
+            raise ConfigError(f"{where} is a {m.kind} adapter: train its consistency model with --adapter {m.kind}")
+        options = {"rank": config.adapter_rank} if config.adapter == "controlnet-lora" else {}
+        adapter = build_adapter(config.adapter, unet, backbone.vae_scale_factor, **options)
+        adapter.load_weights(entry.adapter.weights())
+    elif config.gd_stage == 1:
+        if m.kind != "controlnet":
+            raise ConfigError(f"{where} is a {m.kind} adapter; GD stage 1 starts from a fine-tuned controlnet entry")
+        adapter = GuidedControlNetAdapter.from_controlnet(entry.adapter, config.guidance).requires_grad_(True)
+    else:
+        if m.kind != "controlnet-guided":
+            raise ConfigError(f"{where} is a {m.kind} adapter; GD stage 2 continues a controlnet-guided entry "
+                              "(GD stage 1 or an earlier round)")
+        adapter = adapter_from_config(m.kind, m.architecture, unet)
+        adapter.load_weights(entry.adapter.weights())
+        adapter.guidance = config.guidance
+    student = ConditionedDenoiser(unet, schedule, adapter)
+    adapter.train()
+    trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
+    teacher = ConditionedDenoiser(unet, schedule, entry.adapter)
+    guided = [a for a in (adapter, entry.adapter) if isinstance(a, GuidedControlNetAdapter)]
+
+    def set_w(w):
+        for a in guided:
+            a.set_guidance(w)
+
+    return Roles(student, trainable, teacher, adapter, set_w=set_w)
 
 
 def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
     """The student (a ConditionedDenoiser over the shared UNet), its trainable parameters by mode, and the
     frozen teacher when the `teacher` predictor needs one."""
+    if config.init_from is not None:
+        return roles_from_entry(config, backbone)
     unet, schedule = backbone.unet, backbone.schedule
     torch.manual_seed(config.seed)  # adapter initialisation (gates, LoRA) belongs to the run's seed
     options = {"rank": config.adapter_rank} if config.adapter == "controlnet-lora" else {}
@@ -355,6 +406,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         _cast_frozen(module, weight_dtype)
     if isinstance(teacher, ConditionedDenoiser) and teacher.unet is not backbone.unet:  # mode full's kept-aside copy
         _cast_frozen(teacher.unet, weight_dtype)
+    if isinstance(teacher, ConditionedDenoiser) and teacher.adapter is not None:  # cm / gd: the distilled entry
+        _cast_frozen(teacher.adapter, weight_dtype)
 
     # 3. Optimizer on the trainable parameters only; theta^- the EMA of exactly those.
     optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
@@ -362,7 +415,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     ema = EMA(trainable, config.ema)
     student, optimizer = accelerator.prepare(student_module, optimizer)
     ema_target = WithWeights(student_module, ema.shadow)
-    objective = build_objective(config, backbone.schedule)
+    empty_text = backbone.encode_text([""]) if config.method == "gd" else None
+    objective = build_objective(config, backbone.schedule, empty_text=empty_text, set_w=roles.set_w)
 
     # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position.
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -536,9 +590,16 @@ def export_entry(config: TrainConfig, backbone: Backbone, roles: Roles, ema: EMA
         backbone_lora=backbone_lora,
         unet_state=unet_state,
         training={"method": config.method, "config": config.to_dict(), "step": step, "loss": loss,
-                  "weights": "ema", "backbone": str(config.backbone_dir)},
+                  "weights": "ema", "backbone": str(config.backbone_dir), **_init_from(config)},
     )
     return config.entry_dir
+
+
+def _init_from(config: TrainConfig) -> dict[str, Any]:
+    if config.init_from is None:
+        return {}
+    m = Manifest.from_file(Path(config.init_from) / MANIFEST)
+    return {"init_from": {"path": str(config.init_from), "name": m.name, "method": m.training.get("method")}}
 
 
 def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, parts: dict, last_ckpt: Path | None):

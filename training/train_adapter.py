@@ -29,7 +29,15 @@ from .config import (
     TrainConfig,
 )
 
-CODI_ONLY = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "same_t", "ema", "steps")
+CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "same_t", "steps")
+GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance")
+# Options a method has no use for (given anyway, they are refused rather than silently ignored).
+UNUSED = {
+    "codi": GD_OPTIONS,
+    "finetune": CODI_OPTIONS + GD_OPTIONS,
+    "cm": ("prev_predictor", "consistency_space", "cond_weight") + GD_OPTIONS,  # fixed by the method
+    "gd": CODI_OPTIONS,
+}
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -54,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="option for build_dataset, e.g. caption_column=prompt (repeatable)")
     g.add_argument("--adapter", choices=ADAPTER_KINDS, help=f"adapter architecture (default {d.adapter})")
     g.add_argument("--mode", choices=MODES, help="pe: adapter only; lora: + backbone LoRA; full: + the whole UNet (default pe)")
-    g.add_argument("--method", choices=METHODS, help="codi (distillation) or finetune (plain diffusion loss) (default codi)")
+    g.add_argument("--method", choices=METHODS, help="codi (distillation), finetune (plain diffusion loss: the teacher), "
+                   "cm (consistency distillation of a fine-tuned entry) or gd (guided distillation) (default codi)")
+    g.add_argument("--init-from", metavar="ENTRY", help="cm, gd: the zoo entry to distil (the fine-tuned teacher; "
+                   "gd stage 2: the previous round)")
     g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
     g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
 
@@ -67,8 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cond-weight", type=float, help="r in eq. 11; 0 = no conditional guidance (default 1)")
     g.add_argument("--same-t", dest="same_t", action="store_true", help="one t for the whole batch (default)")
     g.add_argument("--per-sample-t", dest="same_t", action="store_false", help="one t per sample (ablation)")
-    g.add_argument("--ema", type=float, help=f"EMA rate mu of the target theta^- (default {d.ema})")
+    g.add_argument("--ema", type=float, help=f"EMA rate mu of the target theta^- and of the exported weights (default {d.ema})")
     g.add_argument("--steps", type=int, help=f"N, the number of intervals of [0, T) (default {d.steps})")
+
+    g = p.add_argument_group("Guided Distillation (--method gd; seeds 001, 002)")
+    g.add_argument("--gd-stage", type=int, choices=(1, 2), help="1: distil the guided teacher into a student taking w; "
+                   "2: one round of progressive distillation, halving the steps (default 1)")
+    g.add_argument("--gd-steps", type=int, help=f"the student's sampling steps; its teacher takes twice as many (default {d.gd_steps})")
+    g.add_argument("--guidance-min", type=float, help=f"w ~ U[min, max] in training (default {d.guidance_min})")
+    g.add_argument("--guidance-max", type=float, help=f"(default {d.guidance_max})")
+    g.add_argument("--guidance", type=float, help=f"the w the entry is served with (default {d.guidance})")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help=f"constant learning rate (default {d.lr}; SD-class: 1e-5)")
@@ -105,11 +124,13 @@ def config_from_args(given: dict) -> TrainConfig:
     if "data_options" in given:
         given["data_options"] = dict(given["data_options"])
     betas = {i: given.pop(k) for i, k in enumerate(("adam_beta1", "adam_beta2")) if k in given}
-    if given.get("method") == "finetune":
-        wrong = [k for k in CODI_ONLY if k in given]
-        if wrong:
-            flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
-            raise ConfigError(f"{flags}: CoDi option(s) that --method finetune does not use")
+    method = given.get("method", "codi")
+    wrong = [k for k in UNUSED.get(method, ()) if k in given]
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise ConfigError(f"{flags}: option(s) that --method {method} does not use")
+    if method == "gd" and "adapter" not in given and "resume" not in given:
+        given["adapter"] = "controlnet-guided"  # the GD student takes w: the only architecture it has
     base: dict = {}
     if "resume" in given:
         checkpoint = _checkpoint_for(given)

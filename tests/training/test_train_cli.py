@@ -48,7 +48,7 @@ def test_dry_run_prints_the_validated_config(pixel_backbone_dir, capsys):
     "argv,message",
     [
         (["--ema", "1.5"], "ema 1.5 must be in [0, 1)"),
-        (["--method", "finetune", "--prev-predictor", "ddim"], "--prev-predictor: CoDi option(s) that --method finetune does not use"),
+        (["--method", "finetune", "--prev-predictor", "ddim"], "--prev-predictor: option(s) that --method finetune does not use"),
         (["--data", "/nonexistent/folder"], "data '/nonexistent/folder' is neither 'scenes' nor an existing path"),
         (["--resolution", "17"], "resolution 17 must be a multiple of 2"),
     ],
