@@ -1,4 +1,4 @@
-"""`cdd-zoo list|show|verify|export`: inspect and manage zoo entries."""
+"""`cdd-zoo list|show|verify|export|install`: inspect and manage zoo entries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 from .fingerprint import unet_fingerprint
-from .zoo import Manifest, ZooError, default_backbone_dir, default_zoo_dir, list_entries, load_entry, verify_entry
+from .zoo import (
+    Manifest,
+    ZooError,
+    default_backbone_dir,
+    default_zoo_dir,
+    install_entry,
+    list_entries,
+    load_entry,
+    verify_entry,
+)
 
 
 def _resolve(ref: str, zoo: Path) -> Path:
@@ -43,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("entry")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--backbone", type=Path, default=default_backbone_dir())
+    install = sub.add_parser("install", help="copy a verified entry (e.g. a training run's) into --zoo")
+    install.add_argument("entry", type=Path, help="entry folder")
+    install.add_argument("--name", help="name in the zoo (default: the manifest's)")
+    install.add_argument("--half", action="store_true", help="store the weights as float16")
+    install.add_argument("--replace", action="store_true", help="overwrite an entry of that name")
     args = parser.parse_args(argv)
 
     try:
@@ -69,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             entry = load_entry(_resolve(args.entry, args.zoo), unet, unet_fingerprint(unet))
             out = export_entry(entry, args.out)
             print(json.dumps({"exported": str(out), "kind": entry.manifest.kind}))
+        elif args.command == "install":
+            dest = install_entry(args.entry, args.zoo, name=args.name, half=args.half, replace=args.replace)
+            print(f"installed {args.entry} as {dest}")
     except ZooError as e:
         print(f"cdd-zoo: error: {e}", file=sys.stderr)
         return 2

@@ -218,6 +218,44 @@ def load_entry(path: str | Path, unet, backbone_fingerprint: str, *, lora_name: 
     return ZooEntry(root, manifest, adapter, unet_state)
 
 
+def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, half: bool = False,
+                  replace: bool = False) -> Path:
+    """Copy a verified entry into `zoo` as `<zoo>/<name>` (default: its manifest name), atomically.
+    `half` stores floating-point weights as float16 (loading casts them back to the model's dtype): how the
+    embedded zoo is kept small. The manifest keeps everything else and records where the entry came from."""
+    src = Path(src)
+    manifest = verify_entry(src)
+    name = name or manifest.name
+    if not name or "/" in name or name.startswith("."):
+        raise ZooError(f"entry name {name!r}: expected a non-empty name without '/' that does not start with '.'")
+    dest = Path(zoo) / name
+    if dest.exists() and not replace:
+        raise ZooError(f"{dest} already exists (pass replace to overwrite it)")
+    manifest.name = name
+    manifest.training = {**manifest.training, "installed_from": {"path": str(src), "float16": half}}
+    with atomic_directory(dest) as tmp:
+        for fname in manifest.files:
+            state = load_file(src / fname)
+            if half:
+                state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+            save_file(_contiguous(state), tmp / fname, metadata={"format": "pt", "kind": manifest.kind})
+        manifest.files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    return dest
+
+
+def write_metrics(path: str | Path, key: str, value: Any) -> Manifest:
+    """Record measurements under `metrics[key]` of an entry's manifest, atomically; the weights (and so the
+    hashes `verify_entry` checks) are untouched."""
+    from .atomic import write_text
+
+    root = Path(path)
+    manifest = verify_entry(root)
+    manifest.metrics = {**manifest.metrics, key: json.loads(json.dumps(value, default=_jsonable))}
+    write_text(root / MANIFEST, manifest.to_json())
+    return manifest
+
+
 def list_entries(zoo: str | Path) -> list[tuple[Path, Manifest | ZooError]]:
     """Every entry folder under `zoo` with its manifest (or the error that reading it gave)."""
     out: list[tuple[Path, Manifest | ZooError]] = []

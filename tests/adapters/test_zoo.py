@@ -136,3 +136,32 @@ def test_cli_list_show_export(pixel_backbone, pixel_backbone_dir, tmp_path, pert
     assert "cannot be exported" in capsys.readouterr().err
     assert zoo_main(["--zoo", str(zoo), "verify", "depth-cn", "--backbone", str(pixel_backbone_dir)]) == 0
     assert zoo_main(["--zoo", str(zoo), "show", "nope"]) == 2
+
+
+def test_install_copies_renames_and_halves_an_entry(pixel_backbone, tmp_path, perturb, capsys):
+    from cdd.runtime.denoiser import ConditionedDenoiser
+
+    unet, sched = pixel_backbone.unet, pixel_backbone.schedule
+    adapter = perturb(build_adapter("controlnet", unet))
+    save_entry(tmp_path / "run" / "entry", adapter, name="depth-controlnet-codi", task="depth",
+               backbone_fingerprint=pixel_backbone.fingerprint, condition={"channels": 3, "range": [0, 1], "resolution": 16})
+    zoo = tmp_path / "zoo"
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "depth", "--half"]) == 0
+    assert "installed" in capsys.readouterr().out
+    m = verify_entry(zoo / "depth")
+    assert m.name == "depth" and m.training["installed_from"]["float16"] is True
+    assert {v.dtype for v in load_file(zoo / "depth" / ADAPTER_FILE).values()} == {torch.float16}
+    assert (zoo / "depth" / ADAPTER_FILE).stat().st_size < 0.6 * (tmp_path / "run" / "entry" / ADAPTER_FILE).stat().st_size
+    loaded = load_entry(zoo / "depth", unet, pixel_backbone.fingerprint).adapter
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())  # cast back to the model's dtype on load
+    g = torch.Generator().manual_seed(0)
+    z, cond = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    text = pixel_backbone.encode_text(["a red cube"] * 2)
+    a = ConditionedDenoiser(unet, sched, adapter)(z, 500, cond, text)[0]
+    b = ConditionedDenoiser(unet, sched, loaded)(z, 500, cond, text)[0]
+    assert 0 < (a - b).abs().max() < 1e-2  # float16 rounding of the weights, nothing else
+    # an existing name is not overwritten unless asked
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "depth"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "depth", "--replace"]) == 0
+    assert {v.dtype for v in load_file(zoo / "depth" / ADAPTER_FILE).values()} == {torch.float32}
