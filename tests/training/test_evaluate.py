@@ -1,0 +1,292 @@
+"""`cdd-eval` on the tiny 16 px test backbone with random adapters: outputs and their schema, one row
+recomputed by hand, determinism, --append, --record, modes pe/lora/full, and the refused inputs.
+The torch hub cache points at an empty folder throughout, so LPIPS and FID must come out null."""
+
+import contextlib
+import io
+import itertools
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdd.adapters.architectures import add_backbone_lora, backbone_lora_state, build_adapter
+from cdd.adapters.zoo import load_entry, save_entry, verify_entry
+from cdd.runtime.denoiser import ConditionedDenoiser
+from cdd.runtime.factory import make_backbone
+from cdd.runtime.samplers import initial_noise, sample_prev
+from cdd.training import evaluate as ev
+from cdd.training.data.datasets import build_dataset
+
+COND = {"channels": 3, "range": [0, 1], "resolution": 16}
+ROW_KEYS = {"method", "sampler", "steps", "psnr", "ssim", "swd", "lpips", "fid", "seconds_per_image"}
+
+
+def perturbed(module, seed, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def entry(backbone, path, seed, task="depth", kind="controlnet", fingerprint=None, sampler="prev", **kw):
+    torch.manual_seed(seed)  # the condition embedding's initialisation draws from the global generator
+    adapter = perturbed(build_adapter(kind, backbone.unet), seed)
+    save_entry(path, adapter, name=path.name, task=task, backbone_fingerprint=fingerprint or backbone.fingerprint,
+               condition=COND, sampler=sampler, steps=2, training={"method": "codi"}, **kw)
+    return path
+
+
+def run(*argv):
+    """main(argv) -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = ev.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def empty_hub(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("torch-home")
+        mp.setenv("TORCH_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, pixel_backbone):
+    root = tmp_path_factory.mktemp("zoo")
+    entry(pixel_backbone, root / "a", seed=1)
+    entry(pixel_backbone, root / "b", seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, zoo, pixel_backbone_dir, empty_hub):
+    out = tmp_path_factory.mktemp("eval") / "out"
+    rc, stdout, stderr = run("--task", "depth", "--adapters", "a,b", "--zoo", zoo, "--backbone", pixel_backbone_dir,
+                             "--steps", "2,1", "--num-images", 3, "--batch-size", 2, "--out", out)
+    assert rc == 0, stderr
+    return out, stdout
+
+
+def common(zoo, backbone_dir):
+    return ["--task", "depth", "--zoo", zoo, "--backbone", backbone_dir, "--num-images", 3, "--batch-size", 2]
+
+
+def rows_by_key(out):
+    return {(r["method"], r["sampler"], r["steps"]): r for r in json.loads((out / "results.json").read_text())["rows"]}
+
+
+def png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_results_schema_outputs_and_null_lpips_fid(first, empty_hub):
+    out, stdout = first
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "depth" and results["num_images"] == 3
+    assert results["seed"] == 0 and results["data_seed"] == ev.EVAL_SEED and results["device"] == "cpu"
+    assert [(r["method"], r["sampler"], r["steps"]) for r in results["rows"]] == [
+        ("a", "prev", 1), ("a", "prev", 2), ("b", "prev", 1), ("b", "prev", 2)]
+    for r in results["rows"]:
+        assert ROW_KEYS <= set(r) and r["training_method"] == "codi"
+        assert all(math.isfinite(r[m]) for m in ("psnr", "ssim", "swd")) and r["seconds_per_image"] > 0
+        assert r["lpips"] is None and r["fid"] is None  # no weights in the (empty) hub cache
+    rows = rows_by_key(out)
+    assert rows["a", "prev", 2]["psnr"] != rows["b", "prev", 2]["psnr"]  # different adapters, different rows
+    assert rows["a", "prev", 2]["swd"] != rows["b", "prev", 2]["swd"]
+
+    md = (out / "results.md").read_text()
+    assert "| method | sampler | steps | PSNR ↑ | SSIM ↑ | SWD ↓ | LPIPS ↓ | FID ↓ | s/image ↓ |" in md
+    assert str(empty_hub / "hub" / "checkpoints" / ev.FID_INCEPTION_FILE) in md and "LPIPS is empty" in md
+    assert "[1/4] a prev x1: PSNR" in stdout and "[4/4] b prev x2" in stdout and "| b | prev | 2 |" in stdout
+
+    assert sorted(p.name for p in out.glob("plot_*.png")) == ["plot_psnr.png", "plot_seconds_per_image.png",
+                                                              "plot_ssim.png", "plot_swd.png"]
+    assert Image.open(out / "plot_psnr.png").format == "PNG"
+    grid = Image.open(out / "grid.png")
+    assert grid.format == "PNG" and grid.size == ((2 + 4) * 16, 3 * 16)  # condition, 4 rows, truth; 3 examples
+    assert png(out / "images" / "condition.png").shape == (3 * 16, 16, 3)
+
+
+def test_a_row_equals_a_direct_computation(first, zoo, pixel_backbone):
+    out, _ = first
+    row = rows_by_key(out)["a", "prev", 2]
+    samples = list(itertools.islice(iter(build_dataset("depth", "scenes", size=16, seed=ev.EVAL_SEED)), 3))
+    cond = torch.stack([s["condition"] for s in samples])
+    text = pixel_backbone.encode_text([s["text"] for s in samples])
+    model = ConditionedDenoiser(pixel_backbone.unet, pixel_backbone.schedule,
+                                   load_entry(zoo / "a", pixel_backbone.unet, pixel_backbone.fingerprint).adapter)
+    z_0 = sample_prev(model.bind(cond, text), initial_noise(range(3), (3, 16, 16)), [999, 499], pixel_backbone.schedule)
+    mine = ((z_0.clamp(-1, 1) + 1) * 127.5).round().numpy().transpose(0, 2, 3, 1).reshape(48, 16, 3)
+    saved = png(out / row["image"]).astype(np.float64)
+    assert np.abs(mine - saved).max() <= 1  # batches of 2 + 1 there, one batch of 3 here
+    truth = ((torch.stack([s["target"] for s in samples]) + 1) * 127.5).round().numpy().transpose(0, 2, 3, 1)
+    mse = ((saved.reshape(3, 16, 16, 3) - truth) / 255) ** 2
+    assert row["psnr"] == pytest.approx(np.mean(10 * np.log10(1 / mse.reshape(3, -1).mean(1))), rel=1e-5)
+
+
+def test_same_seed_same_metrics_and_record_keeps_entries_valid(first, zoo, pixel_backbone_dir, tmp_path, empty_hub):
+    for name in ("a", "b"):
+        shutil.copytree(zoo / name, tmp_path / name)
+    rc, _, err = run(*common(zoo, pixel_backbone_dir), "--adapters", f"a={tmp_path / 'a'},b={tmp_path / 'b'}",
+                     "--steps", "1,2", "--out", tmp_path / "out", "--record")
+    assert rc == 0, err
+    before, again = rows_by_key(first[0]), rows_by_key(tmp_path / "out")
+    assert before.keys() == again.keys()
+    for key in before:
+        assert all(before[key][m] == again[key][m] for m in ("psnr", "ssim", "swd")), key
+    for name in ("a", "b"):
+        manifest = verify_entry(tmp_path / name, json.loads((tmp_path / "out" / "results.json").read_text())["backbone_fingerprint"])
+        recorded = manifest.metrics["cdd-eval"]
+        assert recorded["num_images"] == 3 and recorded["seed"] == 0 and recorded["task"] == "depth"
+        assert [(r["method"], r["steps"], r["psnr"]) for r in recorded["rows"]] == [
+            (name, k, before[name, "prev", k]["psnr"]) for k in (1, 2)]
+
+
+def test_append_replaces_a_row_and_keeps_the_others(first, zoo, pixel_backbone_dir, tmp_path, empty_hub):
+    out = tmp_path / "out"
+    shutil.copytree(first[0], out)
+    before = rows_by_key(out)
+    rc, _, err = run(*common(zoo, pixel_backbone_dir), "--adapters", f"a={zoo / 'b'}", "--samplers", "prev,dpm-solver++",
+                     "--steps", "2", "--out", out, "--append")
+    assert rc == 0, err
+    after = rows_by_key(out)
+    assert list(after) == [("a", "prev", 1), ("a", "prev", 2), ("a", "dpm-solver++", 2), ("b", "prev", 1), ("b", "prev", 2)]
+    assert after["a", "prev", 2]["psnr"] == before["b", "prev", 2]["psnr"]  # replaced: now entry b's numbers
+    for key in [("a", "prev", 1), ("b", "prev", 1), ("b", "prev", 2)]:
+        assert after[key] == before[key]
+    assert Image.open(out / "grid.png").size == ((2 + 5) * 16, 3 * 16)
+    assert "| a | dpm-solver++ | 2 |" in (out / "results.md").read_text()
+    # a run on other held-out data is not merged
+    rc, _, err = run(*common(zoo, pixel_backbone_dir)[:-4], "--num-images", 2, "--adapters", "a", "--out", out, "--append")
+    assert rc == 2 and "num_images 3, this run 2" in err
+
+
+def test_lora_full_and_guided_entries_are_sampled_as_trained(pixel_backbone_dir, pixel_backbone, tmp_path, empty_hub):
+    # three entries with the same adapter weights (seed 3): plain, plus a backbone LoRA, plus a fine-tuned UNet;
+    # all sampled with their manifest's sampler (cm), and a Guided-Distillation entry with its own (gd)
+    entry(pixel_backbone, tmp_path / "pe", seed=3, sampler="cm")
+    owner = make_backbone("pixel", resolution=16, seed=0)  # same weights as pixel_backbone; takes the LoRA
+    assert owner.fingerprint == pixel_backbone.fingerprint
+    cfg = add_backbone_lora(owner.unet, "training_lora", rank=2)
+    perturbed(owner.unet, seed=4, std=0.2)  # only the LoRA weights are saved from it
+    lora = ({"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)},
+            backbone_lora_state(owner.unet, "training_lora"))
+    entry(pixel_backbone, tmp_path / "lora", seed=3, sampler="cm", mode="lora", backbone_lora=lora)
+    tuned = perturbed(make_backbone("pixel", resolution=16, seed=0).unet, seed=5, std=0.02)
+    entry(pixel_backbone, tmp_path / "full", seed=3, sampler="cm", mode="full", unet_state=tuned.state_dict())
+    entry(pixel_backbone, tmp_path / "guided", seed=3, sampler="gd", kind="controlnet-guided")
+    names = ("pe", "lora", "full", "guided")
+    rc, _, err = run("--task", "depth", "--backbone", pixel_backbone_dir, "--num-images", 2, "--steps", "1,2",
+                     "--adapters", ",".join(str(tmp_path / n) for n in names), "--out", tmp_path / "out")
+    assert rc == 0, err
+    rows = rows_by_key(tmp_path / "out")
+    assert sorted(rows) == sorted((n, "gd" if n == "guided" else "cm", k) for n in names for k in (1, 2))
+    for k in (1, 2):
+        assert rows["lora", "cm", k]["psnr"] != rows["pe", "cm", k]["psnr"]  # the LoRA was on
+        assert rows["full", "cm", k]["psnr"] != rows["pe", "cm", k]["psnr"]  # the entry's own UNet was used
+    assert rows["lora", "cm", 1]["mode"] == "lora" and rows["full", "cm", 1]["mode"] == "full"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--samplers", "euler"], "unknown sampler 'euler'"),
+        (["--steps", "1,0"], "--steps: '0' is not a positive integer"),
+        (["--steps", "two"], "--steps: 'two' is not a positive integer"),
+        (["--num-images", "1"], "--num-images is 1; at least 2"),
+        (["--adapters", "nope"], "'nope' is neither a zoo entry folder nor an entry of the zoo"),
+        (["--adapters", "notentry"], "notentry is not a zoo entry: manifest.json is missing"),
+        (["--adapters", "edit"], "is for task 'edit', not --task 'depth'"),
+        (["--adapters", "other"], "was made for backbone"),
+        (["--adapters", "a,a"], "method 'a' is given twice"),
+    ],
+)
+def test_bad_inputs_fail_naming_the_value(argv, message, zoo, pixel_backbone, pixel_backbone_dir, tmp_path):
+    (zoo / "notentry").mkdir(exist_ok=True)
+    if not (zoo / "edit").exists():
+        entry(pixel_backbone, zoo / "edit", seed=1, task="edit")
+        entry(pixel_backbone, zoo / "other", seed=1, fingerprint="0" * 64)
+    args = {"--adapters": "a", "--steps": "1", "--num-images": "2"}
+    args.update(zip(argv[::2], argv[1::2]))
+    rc, _, err = run("--task", "depth", "--zoo", zoo, "--backbone", pixel_backbone_dir, "--out", tmp_path / "o",
+                     *itertools.chain(*args.items()))
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_optional_metrics_need_their_weights_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    status = ev.optional_metric_status()
+    assert str(tmp_path / "hub" / "checkpoints" / ev.LPIPS_BACKBONE_FILE) in status["lpips"]
+    assert str(tmp_path / "hub" / "checkpoints" / ev.FID_INCEPTION_FILE) in status["fid"]
+    metrics = ev.OptionalMetrics(torch.rand(2, 3, 16, 16), torch.device("cpu"))  # constructs nothing, downloads nothing
+    assert metrics.lpips(torch.rand(2, 3, 16, 16)) is None and metrics.fid(torch.rand(2, 3, 16, 16)) is None
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / ev.FID_INCEPTION_FILE).touch()
+    assert ev.FID_INCEPTION_FILE not in (ev.optional_metric_status()["fid"] or "")
+
+
+def test_table_marks_directions_and_missing_values():
+    rows = [{"method": "m", "sampler": "prev", "steps": 1, "psnr": 20.0, "ssim": 0.5, "swd": 3.0, "lpips": 0.25,
+             "fid": None, "seconds_per_image": 0.01}]
+    text = ev.table(rows)
+    assert "| PSNR ↑ | SSIM ↑ | SWD ↓ | LPIPS ↓ | FID ↓ | s/image ↓ |" in text
+    assert "| m | prev | 1 | 20.00 | 0.5000 | 3.00 | 0.2500 | – | 0.01 |" in text
+
+
+def test_lpips_and_fid_get_what_torchmetrics_expects(monkeypatch):
+    """The available path, with stand-ins for the torchmetrics classes (their weights are not on this disk)."""
+    fid_module = pytest.importorskip("torchmetrics.image.fid")
+    lpip_module = pytest.importorskip("torchmetrics.image.lpip")
+    made = {}
+
+    class Stand_in:
+        device = torch.device("cpu")
+
+        def __init__(self, **kwargs):
+            self.kwargs, self.seen, self.real = kwargs, [], 0
+            made[type(self).__name__] = self
+
+        def to(self, device):
+            return self
+
+        def reset(self):
+            self.seen = []
+
+    class LPIPS(Stand_in):
+        def update(self, a, b):
+            assert a.shape[-2:] == b.shape[-2:] == (ev.LPIPS_MIN_SIZE, ev.LPIPS_MIN_SIZE)
+            self.seen.append((a - b).abs().mean(dim=(1, 2, 3)))
+
+        def compute(self):
+            return torch.cat(self.seen).mean()
+
+    class FID(Stand_in):
+        def update(self, images, real):
+            if real:
+                self.real += len(images)
+            else:
+                self.seen.append(images)
+
+        def compute(self):
+            return torch.tensor(1000.0 * self.real + sum(len(x) for x in self.seen))
+
+    monkeypatch.setattr(ev, "optional_metric_status", lambda: {"lpips": None, "fid": None})
+    monkeypatch.setattr(lpip_module, "LearnedPerceptualImagePatchSimilarity", LPIPS)
+    monkeypatch.setattr(fid_module, "FrechetInceptionDistance", FID)
+    truth = torch.rand(3, 3, 16, 16)
+    metrics = ev.OptionalMetrics(truth, torch.device("cpu"))
+    assert made["LPIPS"].kwargs == {"net_type": "alex", "normalize": True}
+    fid_kwargs = made["FID"].kwargs
+    assert fid_kwargs["normalize"] is True and fid_kwargs["reset_real_features"] is False
+    assert fid_kwargs["feature_extractor_weights_path"].endswith(ev.FID_INCEPTION_FILE)  # never a download
+    assert metrics.lpips(truth) == 0.0 and metrics.lpips(1 - truth) > 0
+    assert metrics.fid(torch.rand(3, 3, 16, 16)) == metrics.fid(torch.rand(3, 3, 16, 16)) == 3003.0  # truth kept

@@ -1,0 +1,606 @@
+"""`cdd-eval`: measure zoo adapters per (method, sampler, steps), as Table 1 and Figure 5 of the CoDi paper.
+
+    cdd-eval --task depth --adapters codi=runs/depth/entry,finetune=runs/depth-ft/entry --steps 1,2,4
+
+Held-out data: the first N samples of the scenes world drawn with EVAL_SEED = 20261125, a seed no
+training run uses by default (training streams use seed 0, their validation grids seed 1). Every adapter, sampler
+and step count sees the same N conditions and the same initial noise (image i from seed --seed + i),
+so rows are comparable. Generated and ground-truth images are quantised to 8 bits (what a saved PNG
+holds) before measuring: PSNR, SSIM and the sliced Wasserstein distance (training/metrics.py) always;
+LPIPS and FID through torchmetrics only when their weights are already on this disk (nothing is
+downloaded). seconds_per_image is the wall clock of sampling only (the k sampler steps and decoding,
+text embeddings precomputed), divided by N.
+
+Outputs in --out: results.json, results.md (the table), plot_<metric>.png (metric against steps, one
+line per method and sampler), grid.png (condition | each row's samples | ground truth, for the first
+GRID_EXAMPLES examples) and images/ (the per-row samples the grid is rebuilt from on --append).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import io
+import itertools
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..adapters.atomic import write_bytes, write_text
+from ..adapters.zoo import (
+    MANIFEST,
+    Manifest,
+    ZooError,
+    default_backbone_dir,
+    default_zoo_dir,
+    load_entry,
+    verify_entry,
+    write_metrics,
+)
+from ..runtime import samplers
+from ..runtime.backbone import Backbone, BackboneError, load_backbone
+from ..runtime.denoiser import ConditionedDenoiser
+from .data.datasets import TASKS, DataError, build_dataset
+from .metrics import psnr, sliced_wasserstein, ssim
+from .sample_grid import _with_header, save_grid
+
+EVAL_SEED = 20261125
+GRID_EXAMPLES = 4
+METRICS = ("psnr", "ssim", "swd", "lpips", "fid", "seconds_per_image")
+LOWER_IS_BETTER = {"swd", "lpips", "fid", "seconds_per_image"}
+LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid": "FID", "seconds_per_image": "s/image"}
+FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g"}
+# Must match between runs merged by --append: otherwise their rows were measured on different things.
+COMPARABLE = ("task", "num_images", "seed", "data_seed", "resolution", "backbone_fingerprint")
+
+# Weight files torchmetrics would download into the torch hub cache (torch.hub.get_dir()/checkpoints).
+LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1
+FID_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's InceptionV3 (TF FID net)
+LPIPS_MIN_SIZE = 64  # AlexNet's strides leave nothing of a 16 px image
+METRIC_BATCH = 64  # images per LPIPS / Inception forward
+
+
+class EvalError(ValueError):
+    """A bad command-line value, or entries that cannot be evaluated together."""
+
+
+@dataclass
+class Candidate:
+    """One --adapters item: the entry folder, its manifest, and the row label."""
+
+    method: str
+    path: Path
+    manifest: Manifest
+    samplers: list[str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line values
+
+
+def parse_steps(text: str) -> list[int]:
+    steps = []
+    for item in text.split(","):
+        if not item.strip().isdigit() or int(item) < 1:
+            raise EvalError(f"--steps: {item.strip()!r} is not a positive integer (expected e.g. 1,2,4)")
+        steps.append(int(item))
+    return sorted(set(steps))
+
+
+def known_samplers() -> list[str]:
+    return [*samplers.FEW_STEP, *(s for s in samplers.TEACHER_SAMPLERS if s not in samplers.FEW_STEP)]
+
+
+def check_sampler(name: str, where: str) -> str:
+    if name not in known_samplers():
+        raise EvalError(f"{where}: unknown sampler {name!r}; choose one of {', '.join(known_samplers())}")
+    return name
+
+
+def resolve_adapters(items: str, zoo: Path, task: str, samplers_given: list[str] | None) -> list[Candidate]:
+    """`[LABEL=]entry` items -> candidates, each with a valid manifest for `task` and a known sampler."""
+    out: list[Candidate] = []
+    for item in (i.strip() for i in items.split(",")):
+        label, _, ref = item.partition("=") if "=" in item.split("/")[0] else ("", "", item)
+        if not ref:
+            raise EvalError(f"--adapters: empty entry in {items!r}")
+        path = Path(ref)
+        if not path.exists() and not any(c in ref for c in "/\\") and (zoo / ref).exists():
+            path = zoo / ref
+        if not path.exists():
+            raise EvalError(f"--adapters: {ref!r} is neither a zoo entry folder nor an entry of the zoo {zoo}")
+        manifest = Manifest.from_file(path / MANIFEST)  # ZooError names what is wrong; hashes are checked below
+        if manifest.task != task:
+            raise EvalError(f"zoo entry {path} ({manifest.name}) is for task {manifest.task!r}, not --task {task!r}")
+        method = label or manifest.name
+        if any(c.method == method for c in out):
+            raise EvalError(f"--adapters: method {method!r} is given twice; label them (LABEL=entry)")
+        chosen = samplers_given or [check_sampler(manifest.sampler, f"zoo entry {path} (manifest sampler)")]
+        out.append(Candidate(method, path, manifest, chosen))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, models, sampling
+
+
+def held_out(task: str, num_images: int, resolution: int) -> dict:
+    """The first `num_images` scenes of the evaluation stream (seed EVAL_SEED), collated."""
+    try:
+        items = list(itertools.islice(iter(build_dataset(task, "scenes", size=resolution, seed=EVAL_SEED)), num_images))
+    except DataError as e:
+        raise EvalError(str(e)) from e
+    return {
+        "condition": torch.stack([s["condition"] for s in items]),
+        "target": torch.stack([s["target"] for s in items]),
+        "text": [s["text"] for s in items],
+    }
+
+
+@contextlib.contextmanager
+def entry_model(candidate: Candidate, backbone: Backbone, index: int) -> Iterator[ConditionedDenoiser]:
+    """The entry's ConditionedDenoiser, as the runtime would serve it: mode `lora` switches the entry's
+    backbone LoRA on for the duration (and deletes it afterwards), mode `full` runs on its own UNet."""
+    from ..adapters.architectures import set_backbone_lora
+
+    lora = f"cdd_eval_{index}"
+    entry = load_entry(candidate.path, backbone.unet, backbone.fingerprint, lora_name=lora)
+    unet = backbone.unet
+    if entry.unet_state is not None:
+        unet = _full_unet(backbone, entry.unet_state, candidate.path)
+    elif entry.manifest.backbone_lora is not None:
+        backbone.unet.to(backbone.device, backbone.dtype)  # the new LoRA layers are created on the CPU
+        set_backbone_lora(backbone.unet, lora)
+    try:
+        yield ConditionedDenoiser(unet, backbone.schedule, entry.adapter)
+    finally:
+        if entry.manifest.backbone_lora is not None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            set_backbone_lora(backbone.unet, None)
+            for module in backbone.unet.modules():
+                if isinstance(module, BaseTunerLayer) and lora in getattr(module, "lora_A", {}):
+                    module.delete_adapter(lora)
+
+
+def _full_unet(backbone: Backbone, state: dict, path: Path):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(backbone.unet.config)
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ZooError(f"zoo entry {path}: unet.safetensors does not fit the backbone UNet: {e}") from e
+    return unet.to(backbone.device, backbone.dtype).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_emb: torch.Tensor, sampler: str,
+             steps: int, seed: int, batch_size: int) -> tuple[torch.Tensor, float]:
+    """All N images for one row, in [0, 1] on the CPU, and the seconds spent sampling them."""
+    device, schedule = backbone.device, backbone.schedule
+    n, size = data["condition"].shape[0], data["condition"].shape[-1]
+    latent = size // backbone.vae_scale_factor
+    shape = (backbone.model_channels, latent, latent)
+    images, seconds = [], 0.0
+    for start in range(0, n, batch_size):
+        seeds = range(seed + start, seed + min(n, start + batch_size))
+        cond = data["condition"][start : start + batch_size].to(device, backbone.dtype)
+        bound = model.bind(cond, text_emb[start : start + batch_size])
+        z_T = samplers.initial_noise(seeds, shape, device, backbone.dtype)
+        fresh = None
+        if sampler in samplers.STOCHASTIC:
+            fresh = samplers.step_noise(seeds, shape, steps, device, backbone.dtype)
+        _sync(device)
+        t0 = time.perf_counter()
+        if sampler in samplers.FEW_STEP:
+            timesteps = schedule.trailing_timesteps(steps)
+            z_0 = samplers.FEW_STEP[sampler](bound, z_T, timesteps, schedule, fresh_noise=fresh)
+        else:
+            z_0 = samplers.sample_with_scheduler(bound, z_T, steps, schedule, backbone.scheduler_config, sampler)
+        x = backbone.from_model_space(z_0)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        images.append(x.float().cpu())
+    return quantise(torch.cat(images)), seconds
+
+
+@torch.no_grad()
+def warm_up(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_emb: torch.Tensor, batch_size: int) -> None:
+    """One untimed forward, so lazy initialisation (CUDA kernels, allocator) is not billed to the first row."""
+    cond = data["condition"][:batch_size].to(backbone.device, backbone.dtype)
+    size = cond.shape[-1] // backbone.vae_scale_factor
+    z = torch.zeros(cond.shape[0], backbone.model_channels, size, size, device=backbone.device, dtype=backbone.dtype)
+    model(z, backbone.schedule.num_train_timesteps - 1, cond, text_emb[:batch_size])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> 8-bit levels in [0, 1]: what a saved PNG holds, and what is measured."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 255
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _hub_file(name: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def optional_metric_status() -> dict[str, str | None]:
+    """{"lpips": None or why it cannot be computed here, "fid": ...}: checked before anything is constructed,
+    since constructing the metrics without their weights would try to download them."""
+    needs = {
+        "lpips": [("torchmetrics", "torchmetrics (pip install -e .[eval])"), ("torchvision", "torchvision")],
+        "fid": [("torchmetrics", "torchmetrics (pip install -e .[eval])"), ("torch_fidelity", "torch-fidelity")],
+    }
+    files = {"lpips": ("the AlexNet weights", LPIPS_BACKBONE_FILE), "fid": ("the InceptionV3 weights", FID_INCEPTION_FILE)}
+    status: dict[str, str | None] = {}
+    for metric, modules in needs.items():
+        missing = [f"{label} is not installed" for module, label in modules if importlib.util.find_spec(module) is None]
+        what, name = files[metric]
+        if not _hub_file(name).is_file():
+            missing.append(f"{what} {_hub_file(name)} are not on this disk")
+        status[metric] = "; ".join(missing) or None
+    return status
+
+
+class OptionalMetrics:
+    """LPIPS (AlexNet, mean over images) and FID (InceptionV3 pool features, generated set vs ground truth)
+    through torchmetrics, each only when `optional_metric_status` found everything it needs."""
+
+    def __init__(self, truth: torch.Tensor, device: torch.device):
+        self.status = optional_metric_status()
+        self.truth, self.lpips_metric, self.fid_metric = truth, None, None
+        if self.status["lpips"] is None:
+            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+            self.lpips_metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(device)
+        if self.status["fid"] is None:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            self.fid_metric = FrechetInceptionDistance(
+                feature=2048, normalize=True, reset_real_features=False,
+                feature_extractor_weights_path=str(_hub_file(FID_INCEPTION_FILE)),
+            ).to(device)
+            for chunk in truth.split(METRIC_BATCH):
+                self.fid_metric.update(chunk.to(device), real=True)
+
+    @torch.no_grad()
+    def lpips(self, images: torch.Tensor) -> float | None:
+        if self.lpips_metric is None:
+            return None
+        a, b = images, self.truth
+        if a.shape[-1] < LPIPS_MIN_SIZE:
+            a, b = (torch.nn.functional.interpolate(v, size=LPIPS_MIN_SIZE, mode="bilinear") for v in (a, b))
+        self.lpips_metric.reset()
+        device = self.lpips_metric.device
+        for x, y in zip(a.split(METRIC_BATCH), b.split(METRIC_BATCH)):
+            self.lpips_metric.update(x.to(device), y.to(device))
+        return float(self.lpips_metric.compute())
+
+    @torch.no_grad()
+    def fid(self, images: torch.Tensor) -> float | None:
+        if self.fid_metric is None:
+            return None
+        self.fid_metric.reset()  # keeps the ground truth's features
+        for chunk in images.split(METRIC_BATCH):
+            self.fid_metric.update(chunk.to(self.fid_metric.device), real=False)
+        return float(self.fid_metric.compute())
+
+
+def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics) -> dict[str, float | None]:
+    return {
+        "psnr": float(psnr(images, truth).mean()),
+        "ssim": float(ssim(images, truth).mean()),
+        "swd": float(sliced_wasserstein(images, truth)["swd"]),
+        "lpips": optional.lpips(images),
+        "fid": optional.fid(images),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def row_key(row: dict) -> tuple[str, str, int]:
+    return row["method"], row["sampler"], int(row["steps"])
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """Old rows with the new ones replacing those of the same (method, sampler, steps), new ones appended."""
+    fresh = {row_key(r): r for r in new}
+    merged = [fresh.pop(row_key(r), r) for r in old]
+    return merged + [r for r in new if row_key(r) in fresh]
+
+
+def ordered(rows: list[dict]) -> list[dict]:
+    """Grouped by method and sampler in order of first appearance, steps ascending."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    groups = list(dict.fromkeys((r["method"], r["sampler"]) for r in rows))
+    return sorted(rows, key=lambda r: (methods.index(r["method"]), groups.index((r["method"], r["sampler"])), int(r["steps"])))
+
+
+def image_name(row: dict) -> str:
+    slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{row['method']}-{row['sampler']}-{row['steps']}")
+    digest = hashlib.sha1(json.dumps(row_key(row)).encode()).hexdigest()[:8]
+    return f"images/{slug}-{digest}.png"
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[n, 3, H, W] in [0, 1] -> one column [n * H, W, 3] uint8."""
+    n, _, h, w = images.shape
+    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(n * h, w, 3).numpy()
+
+
+def _fmt(value, metric: str) -> str:
+    return "–" if value is None else format(value, FORMATS[metric])
+
+
+def table(rows: list[dict]) -> str:
+    head = ["method", "sampler", "steps"] + [f"{LABELS[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], r["sampler"], str(r["steps"])] + [_fmt(r.get(m), m) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(results: dict) -> str:
+    rows = results["rows"]
+    devices = ", ".join(sorted({r.get("device", "?") for r in rows}))
+    lines = [
+        f"# cdd-eval: {results['task']}",
+        "",
+        f"{results['num_images']} held-out scenes (scenes world, data seed {results['data_seed']}, "
+        f"{results['resolution']} px), initial noise seeds {results['seed']}..{results['seed'] + results['num_images'] - 1}, "
+        f"backbone {results['backbone_fingerprint'][:16]}...; images quantised to 8 bits before measuring.",
+        "",
+        table(rows),
+        "Notes:",
+        "",
+        f"- s/image: wall clock of sampling only (sampler steps and decoding; text embeddings precomputed) divided by "
+        f"the number of images, on {devices}"
+        + (" (this machine's CPU time: compare rows measured in the same run, never with GPU numbers)." if "cpu" in devices else "."),
+        "- SWD: sliced Wasserstein distance x 1e3 over Laplacian-pyramid patches, generated set vs ground-truth set.",
+        f"- grid.png: the first {min(GRID_EXAMPLES, results['num_images'])} examples; columns: condition, "
+        + ", ".join(f"{r['method']} {r['sampler']} {r['steps']}" for r in rows) + ", target (the ground truth).",
+    ]
+    for metric in ("lpips", "fid"):
+        if any(r.get(metric) is None for r in rows):
+            why = results.get("notes", {}).get(metric, "unavailable when those rows were measured")
+            lines.append(f"- {LABELS[metric]} is empty (null in results.json): {why}. cdd-eval downloads nothing: "
+                         "install what is missing and put the weight file at that path to get it.")
+    if any(r.get("lpips") is not None for r in rows):
+        lines.append(f"- LPIPS (AlexNet) on images upsampled to at least {LPIPS_MIN_SIZE} px.")
+    if any(r.get("fid") is not None for r in rows):
+        lines.append(f"- FID between {results['num_images']} generated and {results['num_images']} ground-truth "
+                     "images: strongly biased at small N, compare rows only.")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(out: Path, results: dict) -> list[Path]:
+    """plot_<metric>.png: the metric against steps (log axis), one line per (method, sampler)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    rows, written = results["rows"], []
+    groups = list(dict.fromkeys((r["method"], r["sampler"]) for r in rows))
+    all_steps = sorted({int(r["steps"]) for r in rows})
+    for metric in METRICS:
+        path = out / f"plot_{metric}.png"
+        if all(r.get(metric) is None for r in rows):
+            path.unlink(missing_ok=True)  # a stale plot from another machine would contradict the table
+            continue
+        fig = Figure(figsize=(5, 3.5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for method, sampler in groups:
+            pts = sorted((int(r["steps"]), r[metric]) for r in rows
+                         if (r["method"], r["sampler"]) == (method, sampler) and r.get(metric) is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{method} ({sampler})")
+        ax.set_xscale("log")
+        ax.set_xticks(all_steps)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(f"{LABELS[metric]} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
+        ax.set_title(f"{results['task']}: {LABELS[metric]}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written
+
+
+def write_grid(out: Path, results: dict) -> Path:
+    """grid.png: condition | one column per row (method, sampler, steps) | ground truth."""
+    columns = [np.asarray(Image.open(out / "images" / "condition.png").convert("RGB"))]
+    labels = ["condition"]
+    for row in results["rows"]:
+        columns.append(np.asarray(Image.open(out / row["image"]).convert("RGB")))
+        labels.append(_column_label(row, results["resolution"]))
+    columns.append(np.asarray(Image.open(out / "images" / "target.png").convert("RGB")))
+    labels.append("target")
+    if len({c.shape for c in columns}) != 1:
+        raise EvalError(f"the images under {out / 'images'} differ in size; rerun without --append")
+    return save_grid(out / "grid.png", _with_header(np.concatenate(columns, axis=1), results["resolution"], labels))
+
+
+def _column_label(row: dict, width: int) -> str:
+    """`method sampler steps`, the method shortened until the label fits its column (results.md has them whole)."""
+    sampler = {"dpm-solver++": "dpm++"}.get(row["sampler"], row["sampler"])
+    draw, method, rest = ImageDraw.Draw(Image.new("RGB", (1, 1))), row["method"], f"{sampler} {row['steps']}"
+    label = f"{method} {rest}"
+    while draw.textlength(label) > width - 4 and len(method) > 1:
+        method = method[:-1]
+        label = f"{method}. {rest}"
+    return label
+
+
+def write_outputs(out: Path, results: dict) -> None:
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(out / "results.md", results_markdown(results))
+    write_plots(out, results)
+    write_grid(out, results)
+
+
+def record(entry: Path, results: dict, rows: list[dict]) -> None:
+    """Put this run's rows for the entry under `metrics["cdd-eval"]` of its manifest (the weight files, and so
+    the hashes the entry is verified by, are untouched)."""
+    write_metrics(entry, "cdd-eval", {
+        **{k: results[k] for k in ("task", "num_images", "seed", "data_seed", "resolution")},
+        "rows": [{k: r[k] for k in ("method", "sampler", "steps", *METRICS, "device")} for r in rows],
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdd-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--adapters", required=True, help="comma-separated [LABEL=]entry: a zoo entry folder or a name in --zoo")
+    p.add_argument("--steps", default="1,2,4", help="comma-separated step counts (default 1,2,4)")
+    p.add_argument("--samplers", default=None, help="comma-separated samplers (default: each entry's manifest sampler)")
+    p.add_argument("--num-images", type=int, default=64, help="held-out images per row (default 64; at least 2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed SEED + i (default 0)")
+    p.add_argument("--resolution", type=int, default=None, help="default: the entries' condition resolution")
+    p.add_argument("--backbone", type=Path, default=default_backbone_dir())
+    p.add_argument("--zoo", type=Path, default=default_zoo_dir())
+    p.add_argument("--out", type=Path, default=None, help="output folder (default eval/<task>)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--append", action="store_true", help="merge into the results.json already in --out")
+    p.add_argument("--record", action="store_true", help="write each entry's rows into its manifest's metrics")
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
+    """Run the evaluation `args` describe; returns the results (as written to results.json) and the folder."""
+    # 1. Everything that can be checked without a model, first.
+    if args.task not in TASKS:
+        raise EvalError(f"--task: unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    steps = parse_steps(args.steps)
+    chosen = [check_sampler(s.strip(), "--samplers") for s in args.samplers.split(",")] if args.samplers else None
+    if args.num_images < 2:
+        raise EvalError(f"--num-images is {args.num_images}; at least 2 are needed (SWD and FID compare sets)")
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size is {args.batch_size}; expected a positive integer")
+    out = args.out or Path("eval") / args.task
+    candidates = resolve_adapters(args.adapters, args.zoo, args.task, chosen)
+    resolutions = {c.manifest.condition.get("resolution") for c in candidates}
+    resolution = args.resolution
+    if resolution is None:
+        if len(resolutions) != 1:
+            raise EvalError(f"the entries' condition resolutions differ ({sorted(map(str, resolutions))}); pass --resolution")
+        resolution = resolutions.pop()
+        if not isinstance(resolution, int):
+            raise EvalError(f"the entries' manifests give condition resolution {resolution!r}; pass --resolution")
+    if resolution < 16:
+        raise EvalError(f"resolution {resolution} is below 16 px (SSIM's 11x11 window, SWD's 7x7 patches)")
+
+    # 2. The backbone; every entry's hashes and fingerprint are checked before any sampling starts.
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        backbone = load_backbone(args.backbone, device=device)
+    except BackboneError as e:
+        raise EvalError(str(e)) from e
+    for c in candidates:
+        verify_entry(c.path, backbone.fingerprint)
+    if steps[-1] > backbone.schedule.num_train_timesteps:
+        raise EvalError(f"--steps: {steps[-1]} exceeds the backbone's {backbone.schedule.num_train_timesteps} timesteps")
+
+    results = {"task": args.task, "num_images": args.num_images, "rows": [], "seed": args.seed, "data_seed": EVAL_SEED,
+               "resolution": resolution, "backbone_fingerprint": backbone.fingerprint, "device": str(device), "notes": {}}
+    previous = None
+    if args.append and (out / "results.json").is_file():
+        previous = json.loads((out / "results.json").read_text())
+        for key in COMPARABLE:
+            if previous.get(key) != results[key]:
+                raise EvalError(f"--append: {out / 'results.json'} has {key} {previous.get(key)!r}, this run "
+                                f"{results[key]!r}; its rows would not be comparable")
+
+    # 3. The held-out set, its text embeddings, and the reference images (saved for the grid).
+    data = held_out(args.task, args.num_images, resolution)
+    truth = quantise(data["target"])
+    text_emb = backbone.encode_text(data["text"])
+    optional = OptionalMetrics(truth, device)
+    save_grid(out / "images" / "condition.png", to_uint8(data["condition"][:GRID_EXAMPLES]))
+    save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
+
+    # 4. One row per (method, sampler, steps), every row from the same conditions and noise.
+    total = sum(len(c.samplers) for c in candidates) * len(steps)
+    print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
+          f"{args.num_images} held-out images at {resolution} px on {device}", flush=True)
+    rows: list[dict] = []
+    for index, c in enumerate(candidates):
+        with entry_model(c, backbone, index) as model:
+            warm_up(model, backbone, data, text_emb, args.batch_size)
+            for sampler, k in itertools.product(c.samplers, steps):
+                images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size)
+                row = {"method": c.method, "sampler": sampler, "steps": k, **measure(images, truth, optional),
+                       "seconds_per_image": seconds / args.num_images, "adapter": str(c.path), "name": c.manifest.name,
+                       "training_method": c.manifest.training.get("method"), "kind": c.manifest.kind,
+                       "mode": c.manifest.mode, "device": str(device)}
+                row["image"] = image_name(row)
+                save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
+                rows.append(row)
+                print(f"[{len(rows)}/{total}] {c.method} {sampler} x{k}: "
+                      + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
+                if not all(math.isfinite(row[m]) for m in ("psnr", "ssim", "swd")):
+                    print(f"warning: {c.method} {sampler} x{k} gave non-finite metrics", file=sys.stderr)
+
+    # 5. Merge (--append), write, record.
+    results["notes"] = {m: why for m, why in optional.status.items() if why}
+    measured = rows
+    if previous is not None:
+        rows = merge_rows(previous["rows"], rows)
+        notes = {**previous.get("notes", {}), **results["notes"]}
+        results["notes"] = {m: why for m, why in notes.items() if any(r.get(m) is None for r in rows)}
+    results["rows"] = ordered(rows)
+    write_outputs(out, results)
+    if args.record:  # an entry given twice (under two labels) gets both labels' rows
+        for path in dict.fromkeys(c.path.resolve() for c in candidates):
+            record(path, results, [r for r in measured if Path(r["adapter"]).resolve() == path])
+    return results, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results, out = evaluate(args)
+    except (EvalError, ZooError) as e:
+        print(f"cdd-eval: error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(table(results["rows"]), end="")
+    print(f"\nwritten to {out}: results.json, results.md, plot_*.png, grid.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
