@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("--name", help="name in the zoo (default: the manifest's)")
     install.add_argument("--half", action="store_true", help="store the weights as float16")
     install.add_argument("--replace", action="store_true", help="overwrite an entry of that name")
+    install.add_argument("--sampler", help="default sampler to serve it with (default: the manifest's)")
+    install.add_argument("--steps", type=int, help="default steps to serve it with (default: the manifest's)")
     args = parser.parse_args(argv)
 
     try:
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             out = export_entry(entry, args.out)
             print(json.dumps({"exported": str(out), "kind": entry.manifest.kind}))
         elif args.command == "install":
-            dest = install_entry(args.entry, args.zoo, name=args.name, half=args.half, replace=args.replace)
+            dest = install_entry(args.entry, args.zoo, name=args.name, half=args.half, replace=args.replace,
+                                 sampler=args.sampler, steps=args.steps)
             print(f"installed {args.entry} as {dest}")
     except ZooError as e:
         print(f"cdd-zoo: error: {e}", file=sys.stderr)

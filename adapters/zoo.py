@@ -219,10 +219,11 @@ def load_entry(path: str | Path, unet, backbone_fingerprint: str, *, lora_name: 
 
 
 def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, half: bool = False,
-                  replace: bool = False) -> Path:
+                  replace: bool = False, sampler: str | None = None, steps: int | None = None) -> Path:
     """Copy a verified entry into `zoo` as `<zoo>/<name>` (default: its manifest name), atomically.
     `half` stores floating-point weights as float16 (loading casts them back to the model's dtype): how the
-    embedded zoo is kept small. The manifest keeps everything else and records where the entry came from."""
+    embedded zoo is kept small. `sampler` / `steps` replace the default the entry is served with (e.g. the
+    one cdd-eval measured best). The manifest keeps everything else and records where the entry came from."""
     src = Path(src)
     manifest = verify_entry(src)
     name = name or manifest.name
@@ -232,6 +233,16 @@ def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, 
     if dest.exists() and not replace:
         raise ZooError(f"{dest} already exists (pass replace to overwrite it)")
     manifest.name = name
+    if sampler is not None:
+        from ..runtime.samplers import FEW_STEP_SAMPLERS
+
+        if sampler not in FEW_STEP_SAMPLERS:
+            raise ZooError(f"sampler {sampler!r} is not one of {', '.join(FEW_STEP_SAMPLERS)}")
+        manifest.sampler = sampler
+    if steps is not None:
+        if not 1 <= int(steps) <= 1000:
+            raise ZooError(f"steps {steps!r}: expected an integer in 1..1000")
+        manifest.steps = int(steps)
     manifest.training = {**manifest.training, "installed_from": {"path": str(src), "float16": half}}
     with atomic_directory(dest) as tmp:
         for fname in manifest.files:

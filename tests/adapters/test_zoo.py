@@ -163,5 +163,9 @@ def test_install_copies_renames_and_halves_an_entry(pixel_backbone, tmp_path, pe
     # an existing name is not overwritten unless asked
     assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "depth"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "depth", "--replace"]) == 0
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "depth", "--replace",
+                     "--sampler", "ddim", "--steps", "2"]) == 0
     assert {v.dtype for v in load_file(zoo / "depth" / ADAPTER_FILE).values()} == {torch.float32}
+    assert (verify_entry(zoo / "depth").sampler, verify_entry(zoo / "depth").steps) == ("ddim", 2)
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "x", "--sampler", "euler"]) == 2
+    assert "sampler 'euler' is not one of" in capsys.readouterr().err
