@@ -18,15 +18,7 @@ TINY = ["--task", "depth", "--batch-size", "2", "--num-workers", "0", "--resolut
         "--max-train-steps", "2", "--checkpoint-every", "2"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/training/conftest.py
 
 
 def schedule():

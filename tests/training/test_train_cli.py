@@ -18,15 +18,7 @@ from cdd.training.train_adapter import main
 TINY = ["--task", "depth", "--batch-size", "2", "--num-workers", "0", "--resolution", "16"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/training/conftest.py
 
 
 def env():
