@@ -36,6 +36,8 @@ RESUMABLE_CHANGES = frozenset(
 DEFAULT_SAMPLING = {"codi": ("prev", 4), "finetune": ("ddim", 50), "cm": ("cm", 4)}
 # Methods that start from a trained zoo entry (`init_from`): the fine-tuned teacher, or the previous GD round.
 FROM_ENTRY = ("cm", "gd")
+# Methods that may start from a trained entry (codi: "finetune-first", the student starts as that entry).
+MAY_INIT_FROM = ("codi", "cm", "gd")
 
 
 class ConfigError(ValueError):
@@ -54,7 +56,8 @@ class TrainConfig:
     output: str | None = None  # None: runs/<task>-<adapter>-<method>
     zoo_out: str | None = None  # None: <output>/entry
     name: str | None = None  # zoo entry name; None: <task>-<adapter>-<method>
-    init_from: str | None = None  # cm, gd: the zoo entry distilled from (the fine-tuned teacher, or GD's previous round)
+    init_from: str | None = None  # cm, gd: the zoo entry distilled from (the fine-tuned teacher, or GD's previous
+    # round); codi: optional, the student starts as that entry (its teacher stays the frozen backbone)
 
     # CoDi, Algorithm 1 (design.md section 5)
     prev_predictor: str = "prev"
@@ -123,8 +126,8 @@ class TrainConfig:
         if self.method in FROM_ENTRY and not self.init_from:
             raise ConfigError(f"method {self.method} distils a trained entry: give init_from (--init-from ENTRY), "
                               "the fine-tuned teacher" + (" or the previous GD round" if self.method == "gd" else ""))
-        if self.method not in FROM_ENTRY and self.init_from:
-            raise ConfigError(f"init_from is for methods {', '.join(FROM_ENTRY)}, not {self.method}")
+        if self.method not in MAY_INIT_FROM and self.init_from:
+            raise ConfigError(f"init_from is for methods {', '.join(MAY_INIT_FROM)}, not {self.method}")
         if self.init_from and not Path(self.init_from).is_dir():
             raise ConfigError(f"init_from {self.init_from!r} is not a zoo entry folder")
         if self.method == "gd" and self.adapter != "controlnet-guided":

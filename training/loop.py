@@ -310,9 +310,9 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     if m.mode != "pe":
         raise ConfigError(f"{where} has mode {m.mode}; {config.method} distils adapter-only (pe) entries")
     torch.manual_seed(config.seed)
-    if config.method == "cm":
+    if config.method in ("cm", "codi"):
         if m.kind != config.adapter:
-            raise ConfigError(f"{where} is a {m.kind} adapter: train its consistency model with --adapter {m.kind}")
+            raise ConfigError(f"{where} is a {m.kind} adapter: continue it with --adapter {m.kind}")
         options = {"rank": config.adapter_rank} if config.adapter == "controlnet-lora" else {}
         adapter = build_adapter(config.adapter, unet, backbone.vae_scale_factor, **options)
         adapter.load_weights(entry.adapter.weights())
@@ -331,6 +331,8 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     adapter.train()
     trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
     teacher = ConditionedDenoiser(unet, schedule, entry.adapter)
+    if config.method == "codi":  # CoDi's teacher is the unconditional backbone, whatever the student starts from
+        teacher = ConditionedDenoiser(unet, schedule) if config.prev_predictor == "teacher" else None
     guided = [a for a in (adapter, entry.adapter) if isinstance(a, GuidedControlNetAdapter)]
 
     def set_w(w):

@@ -180,6 +180,11 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
     gd1 = json.loads((tmp_path / "gd1" / "entry" / "manifest.json").read_text())
     assert (gd1["kind"], gd1["sampler"], gd1["steps"]) == ("controlnet-guided", "ddim", 8)
     assert gd1["architecture"]["guidance"] == 0.5
+    # CoDi may start from the fine-tuned entry too ("finetune-first"); its teacher stays the backbone
+    assert main([*TINY, *bb, "--method", "codi", "--init-from", str(teacher), "--output", str(tmp_path / "codi-ft"),
+                 "--prev-predictor", "teacher"]) == 0
+    ft = json.loads((tmp_path / "codi-ft" / "entry" / "manifest.json").read_text())
+    assert ft["training"]["init_from"]["method"] == "finetune" and (ft["sampler"], ft["steps"]) == ("prev", 4)
     assert main([*TINY, *bb, "--method", "gd", "--gd-stage", "2", "--gd-steps", "2", "--init-from",
                  str(tmp_path / "gd1" / "entry"), "--output", str(tmp_path / "gd2"), "--sample-every", "2"]) == 0
     gd2 = json.loads((tmp_path / "gd2" / "entry" / "manifest.json").read_text())
@@ -190,10 +195,10 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
     # wrong starting points are refused, naming the entry and what is expected
     cases = [
         (["--method", "gd", "--gd-stage", "2", "--init-from", str(teacher)], "GD stage 2 continues a controlnet-guided entry"),
-        (["--method", "cm", "--adapter", "t2i", "--init-from", str(teacher)], "train its consistency model with --adapter controlnet"),
+        (["--method", "cm", "--adapter", "t2i", "--init-from", str(teacher)], "continue it with --adapter controlnet"),
         (["--method", "cm", "--init-from", str(teacher), "--task", "edit"], "is a depth adapter, not edit"),
         (["--method", "cm"], "method cm distils a trained entry: give init_from"),
-        (["--method", "codi", "--init-from", str(teacher)], "init_from is for methods cm, gd, not codi"),
+        (["--method", "finetune", "--init-from", str(teacher)], "init_from is for methods codi, cm, gd, not finetune"),
         (["--method", "cm", "--init-from", str(teacher), "--cond-weight", "1"], "--cond-weight: option(s) that --method cm does not use"),
         (["--method", "codi", "--guidance", "1"], "--guidance: option(s) that --method codi does not use"),
     ]
