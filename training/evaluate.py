@@ -395,6 +395,14 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _colours(n: int) -> list:
+    """One distinct colour per line: tab10 up to 10 lines, tab20 beyond (the default cycle repeats after 10)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def write_plots(out: Path, results: dict) -> list[Path]:
     """plot_<metric>.png: the metric against steps (log axis), one line per (method, sampler)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -409,14 +417,15 @@ def write_plots(out: Path, results: dict) -> list[Path]:
         if all(r.get(metric) is None for r in rows):
             path.unlink(missing_ok=True)  # a stale plot from another machine would contradict the table
             continue
-        fig = Figure(figsize=(5, 3.5), dpi=100)
+        fig = Figure(figsize=(7.5, 3.5), dpi=100)  # wide: the legend sits right of the axes
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        for method, sampler in groups:
+        colours = _colours(len(groups))
+        for i, (method, sampler) in enumerate(groups):
             pts = sorted((int(r["steps"]), r[metric]) for r in rows
                          if (r["method"], r["sampler"]) == (method, sampler) and r.get(metric) is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{method} ({sampler})")
+                ax.plot(*zip(*pts), marker="os^D"[i // 10 % 4], color=colours[i], label=f"{method} ({sampler})")
         ax.set_xscale("log")
         ax.set_xticks(all_steps)
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -425,7 +434,7 @@ def write_plots(out: Path, results: dict) -> list[Path]:
         ax.set_ylabel(f"{LABELS[metric]} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
         ax.set_title(f"{results['task']}: {LABELS[metric]}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
