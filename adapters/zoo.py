@@ -29,7 +29,7 @@ from .architectures import (
     load_backbone_lora,
     set_backbone_lora,
 )
-from .atomic import atomic_directory
+from .atomic import atomic_directory, write_text
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -258,8 +258,6 @@ def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, 
 def write_metrics(path: str | Path, key: str, value: Any) -> Manifest:
     """Record measurements under `metrics[key]` of an entry's manifest, atomically; the weights (and so the
     hashes `verify_entry` checks) are untouched."""
-    from .atomic import write_text
-
     root = Path(path)
     manifest = verify_entry(root)
     manifest.metrics = {**manifest.metrics, key: json.loads(json.dumps(value, default=_jsonable))}

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from cdd.adapters.zoo import default_zoo_dir, install_entry, write_metrics
+from cdd.training.evaluate import record
 
 
 def main() -> None:
@@ -41,11 +42,10 @@ def main() -> None:
             raise SystemExit(f"{entry}: no cdd-eval rows measure it in {', '.join(map(str, args.results))}")
         header, _, src = rows[0]
         best = min((r for _, r, _ in rows), key=lambda r: (r["swd"], r["steps"]))
-        write_metrics(entry, "cdd-eval", {
-            "results": str(src), "task": header["task"], "num_images": header["num_images"],
-            "seed": header.get("seed"), "data_seed": header.get("data_seed"),
-            "rows": [r for _, r, _ in rows],
-            "default_chosen_by": "lowest sliced Wasserstein distance among the measured rows (ties: fewer steps)",
+        record(entry, header, [r for _, r, _ in rows])  # the same metrics["cdd-eval"] as `cdd-eval --record`
+        write_metrics(entry, "default", {
+            "sampler": best["sampler"], "steps": best["steps"], "results": str(src),
+            "chosen_by": "lowest sliced Wasserstein distance among the measured rows (ties: fewer steps)",
         })
         dest = install_entry(entry, args.zoo, name=name, half=True, replace=True,
                              sampler=best["sampler"], steps=best["steps"])

@@ -40,6 +40,12 @@ def step_noise(seeds: Sequence[int], shape: Sequence[int], steps: int, device=No
     ]
 
 
+def fresh_noise(sampler: str, seeds: Sequence[int], shape: Sequence[int], steps: int, device=None,
+                dtype=torch.float32) -> list[torch.Tensor] | None:
+    """`step_noise` for a sampler that draws fresh noise each step (STOCHASTIC), None for the others."""
+    return step_noise(seeds, shape, steps, device, dtype) if sampler in STOCHASTIC else None
+
+
 def _few_step(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, noise_of_step) -> torch.Tensor:
     """The loop the few-step samplers share: z_s = alpha_s x_hat + sigma_s n_i, where only the noise
     direction n_i = noise_of_step(i, eps_hat) differs between them. Step i goes from t to

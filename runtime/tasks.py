@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .samplers import STOCHASTIC, initial_noise, step_noise
+from .samplers import fresh_noise, initial_noise
 
 SUPER_RESOLUTION = "super-resolution"
 EDIT = "edit"
@@ -133,7 +133,7 @@ def prepare(
         up = F.pad(up, (0, cw - ow, 0, ch - oh), mode="replicate") if (cw, ch) != (ow, oh) else up
         shape = (model_channels, ch // scale_factor, cw // scale_factor)
         noise = initial_noise([seed], shape)
-        fresh = step_noise([seed], shape, steps) if sampler in STOCHASTIC else None
+        fresh = fresh_noise(sampler, [seed], shape, steps)
         r, f = resolution, scale_factor
         crop = [(t.y, t.x) for t in layout.tiles]
         cond = torch.stack([up[0, :, y : y + r, x : x + r] for y, x in crop])
@@ -149,7 +149,7 @@ def prepare(
         resized = f"{width}x{height}->{resolution}x{resolution}"
     shape = (model_channels, resolution // scale_factor, resolution // scale_factor)
     z_T = initial_noise([seed], shape)
-    fresh = step_noise([seed], shape, steps) if sampler in STOCHASTIC else None
+    fresh = fresh_noise(sampler, [seed], shape, steps)
     return Work(**common, cond=image[None].contiguous(), z_T=z_T, fresh=fresh, resized=resized)
 
 
@@ -159,7 +159,7 @@ def blank_work(adapter: str, task: str, resolution: int, channels: int, model_ch
     shape = (model_channels, resolution // scale_factor, resolution // scale_factor)
     return Work(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=0, prompt="", resolution=resolution,
                 cond=torch.zeros(1, channels, resolution, resolution), z_T=initial_noise([0], shape),
-                fresh=step_noise([0], shape, steps) if sampler in STOCHASTIC else None)
+                fresh=fresh_noise(sampler, [0], shape, steps))
 
 
 def assemble(work: Work, rows: torch.Tensor) -> np.ndarray:

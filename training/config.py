@@ -132,8 +132,8 @@ class TrainConfig:
             raise ConfigError(f"init_from {self.init_from!r} is not a zoo entry folder")
         if self.method == "gd" and self.adapter != "controlnet-guided":
             raise ConfigError(f"method gd trains a controlnet-guided adapter (the student takes w), not {self.adapter!r}")
-        if self.method in FROM_ENTRY and self.mode != "pe":
-            raise ConfigError(f"method {self.method} trains the adapter only: mode must be pe, not {self.mode!r}")
+        if self.init_from and self.mode != "pe":
+            raise ConfigError(f"init_from continues an adapter-only entry: mode must be pe, not {self.mode!r}")
         _check("ema", self.ema, 0 <= self.ema < 1, "must be in [0, 1)")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")

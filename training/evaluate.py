@@ -199,9 +199,7 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         cond = data["condition"][start : start + batch_size].to(device, backbone.dtype)
         bound = model.bind(cond, text_emb[start : start + batch_size])
         z_T = samplers.initial_noise(seeds, shape, device, backbone.dtype)
-        fresh = None
-        if sampler in samplers.STOCHASTIC:
-            fresh = samplers.step_noise(seeds, shape, steps, device, backbone.dtype)
+        fresh = samplers.fresh_noise(sampler, seeds, shape, steps, device, backbone.dtype)
         _sync(device)
         t0 = time.perf_counter()
         if sampler in samplers.FEW_STEP:

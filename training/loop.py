@@ -42,7 +42,7 @@ from ..adapters.architectures import (
     build_adapter,
 )
 from ..adapters.atomic import atomic_directory, write_text
-from ..adapters.zoo import MANIFEST, Manifest, load_entry, save_entry
+from ..adapters.zoo import Manifest, load_entry, save_entry
 from ..runtime.backbone import Backbone, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
 from .codi import build_objective
@@ -297,11 +297,17 @@ class Roles:
     lora: Any = None  # peft LoraConfig of the backbone LoRA (mode lora)
     lora_name: str | None = None
     set_w: Callable[[torch.Tensor | None], None] | None = None  # GD: the guidance weight of student and teacher
+    source: Manifest | None = None  # the entry the student started from (`init_from`)
+
+
+def _fresh_adapter(config: TrainConfig, backbone: Backbone):
+    options = {"rank": config.adapter_rank} if config.adapter == "controlnet-lora" else {}
+    return build_adapter(config.adapter, backbone.unet, backbone.vae_scale_factor, **options)
 
 
 def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     """cm and gd distil a trained zoo entry (`init_from`): it becomes the frozen teacher, and the student starts
-    as a copy of it (gd stage 1: plus the zero-initialised w branch)."""
+    as a copy of it (gd stage 1: plus the zero-initialised w branch). codi only starts from it."""
     unet, schedule = backbone.unet, backbone.schedule
     entry = load_entry(config.init_from, unet, backbone.fingerprint)  # verifies hashes and the backbone
     m, where = entry.manifest, f"init_from {config.init_from} ({entry.manifest.name})"
@@ -313,8 +319,7 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     if config.method in ("cm", "codi"):
         if m.kind != config.adapter:
             raise ConfigError(f"{where} is a {m.kind} adapter: continue it with --adapter {m.kind}")
-        options = {"rank": config.adapter_rank} if config.adapter == "controlnet-lora" else {}
-        adapter = build_adapter(config.adapter, unet, backbone.vae_scale_factor, **options)
+        adapter = _fresh_adapter(config, backbone)
         adapter.load_weights(entry.adapter.weights())
     elif config.gd_stage == 1:
         if m.kind != "controlnet":
@@ -330,16 +335,17 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     student = ConditionedDenoiser(unet, schedule, adapter)
     adapter.train()
     trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
-    teacher = ConditionedDenoiser(unet, schedule, entry.adapter)
     if config.method == "codi":  # CoDi's teacher is the unconditional backbone, whatever the student starts from
         teacher = ConditionedDenoiser(unet, schedule) if config.prev_predictor == "teacher" else None
+    else:
+        teacher = ConditionedDenoiser(unet, schedule, entry.adapter)
     guided = [a for a in (adapter, entry.adapter) if isinstance(a, GuidedControlNetAdapter)]
 
     def set_w(w):
         for a in guided:
             a.set_guidance(w)
 
-    return Roles(student, trainable, teacher, adapter, set_w=set_w)
+    return Roles(student, trainable, teacher, adapter, set_w=set_w, source=m)
 
 
 def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
@@ -349,8 +355,7 @@ def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
         return roles_from_entry(config, backbone)
     unet, schedule = backbone.unet, backbone.schedule
     torch.manual_seed(config.seed)  # adapter initialisation (gates, LoRA) belongs to the run's seed
-    options = {"rank": config.adapter_rank} if config.adapter == "controlnet-lora" else {}
-    adapter = build_adapter(config.adapter, unet, backbone.vae_scale_factor, **options)
+    adapter = _fresh_adapter(config, backbone)
     needs_teacher = config.method == "codi" and config.prev_predictor == "teacher"
     teacher = lora = lora_name = None
     if config.mode == "full":
@@ -592,16 +597,15 @@ def export_entry(config: TrainConfig, backbone: Backbone, roles: Roles, ema: EMA
         backbone_lora=backbone_lora,
         unet_state=unet_state,
         training={"method": config.method, "config": config.to_dict(), "step": step, "loss": loss,
-                  "weights": "ema", "backbone": str(config.backbone_dir), **_init_from(config)},
+                  "weights": "ema", "backbone": str(config.backbone_dir), **_init_from(config, roles.source)},
     )
     return config.entry_dir
 
 
-def _init_from(config: TrainConfig) -> dict[str, Any]:
-    if config.init_from is None:
+def _init_from(config: TrainConfig, source: Manifest | None) -> dict[str, Any]:
+    if source is None:
         return {}
-    m = Manifest.from_file(Path(config.init_from) / MANIFEST)
-    return {"init_from": {"path": str(config.init_from), "name": m.name, "method": m.training.get("method")}}
+    return {"init_from": {"path": str(config.init_from), "name": source.name, "method": source.training.get("method")}}
 
 
 def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, parts: dict, last_ckpt: Path | None):

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ..adapters.atomic import atomic_file
 from ..runtime.backbone import Backbone
-from ..runtime.samplers import STOCHASTIC, few_step_sampler, initial_noise, step_noise
+from ..runtime.samplers import few_step_sampler, fresh_noise, initial_noise
 
 
 @torch.no_grad()
@@ -34,7 +34,7 @@ def sample_grid(model, backbone: Backbone, batch: dict, sampler: str, steps: Seq
     sample = few_step_sampler(sampler)
     columns = [cond * 2 - 1]
     for k in steps:
-        fresh = step_noise(range(seed, seed + rows), shape, k, device) if sampler in STOCHASTIC else None
+        fresh = fresh_noise(sampler, range(seed, seed + rows), shape, k, device)
         bound = lambda z, t: model(z, t, cond, text_emb)  # noqa: E731
         z_0 = sample(bound, z_T, backbone.schedule.trailing_timesteps(k), backbone.schedule, fresh_noise=fresh)
         columns.append(backbone.from_model_space(z_0).float())

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=METHODS, help="codi (distillation), finetune (plain diffusion loss: the teacher), "
                    "cm (consistency distillation of a fine-tuned entry) or gd (guided distillation) (default codi)")
     g.add_argument("--init-from", metavar="ENTRY", help="cm, gd: the zoo entry to distil (the fine-tuned teacher; "
-                   "gd stage 2: the previous round)")
+                   "gd stage 2: the previous round); codi: optional, the student starts as that entry")
     g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
     g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
 
