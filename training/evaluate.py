@@ -68,6 +68,7 @@ COMPARABLE = ("task", "num_images", "seed", "data_seed", "resolution", "backbone
 LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1
 FID_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's InceptionV3 (TF FID net)
 LPIPS_MIN_SIZE = 64  # AlexNet's strides leave nothing of a 16 px image
+OTHER_SCENE_SETS = 4  # sets of other scenes measured against the ground truth (swd_other_scenes)
 METRIC_BATCH = 64  # images per LPIPS / Inception forward
 
 
@@ -135,10 +136,10 @@ def resolve_adapters(items: str, zoo: Path, task: str, samplers_given: list[str]
 # Data, models, sampling
 
 
-def held_out(task: str, num_images: int, resolution: int) -> dict:
+def held_out(task: str, num_images: int, resolution: int, seed: int = EVAL_SEED) -> dict:
     """The first `num_images` scenes of the evaluation stream (seed EVAL_SEED), collated."""
     try:
-        items = list(itertools.islice(iter(build_dataset(task, "scenes", size=resolution, seed=EVAL_SEED)), num_images))
+        items = list(itertools.islice(iter(build_dataset(task, "scenes", size=resolution, seed=seed)), num_images))
     except DataError as e:
         raise EvalError(str(e)) from e
     return {
@@ -313,6 +314,13 @@ def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics
     }
 
 
+def swd_other_scenes(task: str, num_images: int, resolution: int, truth: torch.Tensor) -> list[float]:
+    """SWD between the ground truth and the targets of `num_images` *other* scenes of the world, for OTHER_SCENE_SETS
+    sets (streams EVAL_SEED + 1, + 2, ...): the scale of the metric at this N, and how much it moves between sets."""
+    return [float(sliced_wasserstein(quantise(held_out(task, num_images, resolution, seed=EVAL_SEED + i)["target"]),
+                                     truth)["swd"]) for i in range(1, OTHER_SCENE_SETS + 1)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs
 
@@ -376,7 +384,12 @@ def results_markdown(results: dict) -> str:
         f"- s/image: wall clock of sampling only (sampler steps and decoding; text embeddings precomputed) divided by "
         f"the number of images, on {devices}"
         + (" (this machine's CPU time: compare rows measured in the same run, never with GPU numbers)." if "cpu" in devices else "."),
-        "- SWD: sliced Wasserstein distance x 1e3 over Laplacian-pyramid patches, generated set vs ground-truth set.",
+        "- SWD: sliced Wasserstein distance x 1e3 over Laplacian-pyramid patches, generated set vs ground-truth set"
+        + (f". For scale: the ground truth against itself gives {results['swd_truth_vs_itself']:.1f} (patches are "
+           f"drawn at random: the estimator's floor), {results['num_images']} other scenes of the world vs the ground truth: "
+           + ", ".join(f"{v:.1f}" for v in results["swd_other_scenes"])
+           + f" ({len(results['swd_other_scenes'])} sets: how far the number moves with which scenes are drawn)."
+           if results.get("swd_other_scenes") else "."),
         f"- grid.png: the first {min(GRID_EXAMPLES, results['num_images'])} examples; columns: condition, "
         + ", ".join(f"{r['method']} {r['sampler']} {r['steps']}" for r in rows) + ", target (the ground truth).",
     ]
@@ -556,6 +569,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     truth = quantise(data["target"])
     text_emb = backbone.encode_text(data["text"])
     optional = OptionalMetrics(truth, device)
+    results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
+    results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth)
     save_grid(out / "images" / "condition.png", to_uint8(data["condition"][:GRID_EXAMPLES]))
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
 

@@ -21,6 +21,7 @@ from cdd.runtime.factory import make_backbone
 from cdd.runtime.samplers import initial_noise, sample_prev
 from cdd.training import evaluate as ev
 from cdd.training.data.datasets import build_dataset
+from cdd.training.metrics import sliced_wasserstein
 
 COND = {"channels": 3, "range": [0, 1], "resolution": 16}
 ROW_KEYS = {"method", "sampler", "steps", "psnr", "ssim", "swd", "lpips", "fid", "seconds_per_image"}
@@ -98,6 +99,9 @@ def test_results_schema_outputs_and_null_lpips_fid(first, empty_hub):
         assert ROW_KEYS <= set(r) and r["training_method"] == "codi"
         assert all(math.isfinite(r[m]) for m in ("psnr", "ssim", "swd")) and r["seconds_per_image"] > 0
         assert r["lpips"] is None and r["fid"] is None  # no weights in the (empty) hub cache
+    assert len(results["swd_other_scenes"]) == ev.OTHER_SCENE_SETS
+    assert 0 < results["swd_truth_vs_itself"] < min(results["swd_other_scenes"])
+    assert all(math.isfinite(v) and v > 0 for v in results["swd_other_scenes"])
     rows = rows_by_key(out)
     assert rows["a", "prev", 2]["psnr"] != rows["b", "prev", 2]["psnr"]  # different adapters, different rows
     assert rows["a", "prev", 2]["swd"] != rows["b", "prev", 2]["swd"]
@@ -232,6 +236,14 @@ def test_optional_metrics_need_their_weights_on_disk(tmp_path, monkeypatch):
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     (tmp_path / "hub" / "checkpoints" / ev.FID_INCEPTION_FILE).touch()
     assert ev.FID_INCEPTION_FILE not in (ev.optional_metric_status()["fid"] or "")
+
+
+def test_swd_other_scenes_measures_other_streams_against_the_truth():
+    first_other = ev.quantise(ev.held_out("depth", 3, 16, seed=ev.EVAL_SEED + 1)["target"])
+    values = ev.swd_other_scenes("depth", 3, 16, first_other)  # the truth IS the first other set
+    # SWD draws its patches at random, so even a set against itself is not 0; the same draw is the same number
+    assert values[0] == sliced_wasserstein(first_other, first_other)["swd"]
+    assert len(set(values)) == len(values) and all(v > 0 for v in values)
 
 
 def test_table_marks_directions_and_missing_values():
