@@ -40,6 +40,11 @@ FROM_ENTRY = ("cm", "gd")
 MAY_INIT_FROM = ("codi", "cm", "gd")
 
 
+def run_dir(task: str, adapter: str, method: str, output: str | None) -> Path:
+    """Where a run writes: --output, or runs/<task>-<adapter>-<method>."""
+    return Path(output) if output is not None else Path("runs") / f"{task}-{adapter}-{method}"
+
+
 class ConfigError(ValueError):
     """A training option that cannot be used as given."""
 
@@ -164,7 +169,7 @@ class TrainConfig:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output) if self.output is not None else Path("runs") / f"{self.task}-{self.adapter}-{self.method}"
+        return run_dir(self.task, self.adapter, self.method, self.output)
 
     @property
     def entry_dir(self) -> Path:

@@ -27,6 +27,7 @@ from .config import (
     TASKS,
     ConfigError,
     TrainConfig,
+    run_dir,
 )
 
 CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "same_t", "steps")
@@ -161,9 +162,12 @@ def _checkpoint_for(given: dict) -> Path | None:
         return found[-1]
     if "task" not in given and "output" not in given:
         raise ConfigError("--resume without a PATH needs --task (and the same --adapter/--method/--output as the run)")
-    probe = TrainConfig.from_dict({"task": given.get("task", "depth"), **{k: v for k, v in given.items()
-                                                                        if k in ("output", "adapter", "method")}})
-    found = checkpoint_dirs(probe.output_dir)
+    # Only the run folder is needed here: a full config would be validated before the checkpoint's settings
+    # (init_from, ...) are merged in, and refuse a resume that gives just --task/--method/--output.
+    method = given.get("method", TrainConfig.method)
+    adapter = given.get("adapter") or ("controlnet-guided" if method == "gd" else TrainConfig.adapter)
+    folder = run_dir(given.get("task", "depth"), adapter, method, given.get("output"))
+    found = checkpoint_dirs(folder)
     return found[-1] if found else None
 
 

@@ -36,6 +36,23 @@ def test_dry_run_prints_the_validated_config(pixel_backbone_dir, capsys):
     assert "runs/depth-controlnet-codi" in out and "prev x 4" in out
 
 
+@pytest.mark.parametrize("method,adapter", [("cm", "controlnet"), ("gd", "controlnet-guided")])
+def test_resume_latest_of_a_distillation_run_finds_its_checkpoint(method, adapter, tmp_path, monkeypatch, capsys):
+    """cm and gd need --init-from; `--resume` must find the run folder before that is checked, with or without it."""
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "runs" / f"depth-{adapter}-{method}" / "checkpoints" / "step-000004"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    (tmp_path / "teacher").mkdir()  # the dry run checks only that it is a folder
+    saved = {"task": "depth", "adapter": adapter, "method": method, "init_from": "teacher", "max_train_steps": 4}
+    (step / "config.json").write_text(json.dumps(saved))
+    for extra in ([], ["--init-from", "teacher"]):
+        assert main(["--task", "depth", "--method", method, "--max-train-steps", "8", "--resume", *extra, "--dry-run"]) == 0
+        config = json.loads((out := capsys.readouterr().out)[: out.rindex("}") + 1])
+        assert config["init_from"] == "teacher" and config["adapter"] == adapter and config["max_train_steps"] == 8
+        assert config["resume"] == "latest"  # init_from came from the checkpoint's config when not given
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
