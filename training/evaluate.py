@@ -454,7 +454,7 @@ def write_plots(out: Path, results: dict) -> list[Path]:
     return written
 
 
-def write_grid(out: Path, results: dict) -> Path:
+def write_grid(out: Path, results: dict, name: str = "grid.png") -> Path:
     """grid.png: condition | one column per row (method, sampler, steps) | ground truth."""
     columns = [np.asarray(Image.open(out / "images" / "condition.png").convert("RGB"))]
     labels = ["condition"]
@@ -465,7 +465,7 @@ def write_grid(out: Path, results: dict) -> Path:
     labels.append("target")
     if len({c.shape for c in columns}) != 1:
         raise EvalError(f"the images under {out / 'images'} differ in size; rerun without --append")
-    return save_grid(out / "grid.png", _with_header(np.concatenate(columns, axis=1), results["resolution"], labels))
+    return save_grid(out / name, _with_header(np.concatenate(columns, axis=1), results["resolution"], labels))
 
 
 def _column_label(row: dict, width: int) -> str:
