@@ -414,10 +414,31 @@ def _colours(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def write_plots(out: Path, results: dict) -> list[Path]:
-    """plot_<metric>.png: the metric against steps (log axis), one line per (method, sampler)."""
+def new_plot():
+    """A figure and its axes for one metric plot (matplotlib's object API: no global state, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 3.5), dpi=100)  # wide: the legend sits right of the axes
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def save_plot(fig, ax, path: Path, metric: str, xlabel: str, title: str) -> None:
+    """Label the axes (the y label says which way is better), put the legend outside, write the PNG atomically."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{LABELS[metric]} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes(path, buf.getvalue())
+
+
+def write_plots(out: Path, results: dict) -> list[Path]:
+    """plot_<metric>.png: the metric against steps (log axis), one line per (method, sampler)."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     rows, written = results["rows"], []
@@ -428,9 +449,7 @@ def write_plots(out: Path, results: dict) -> list[Path]:
         if all(r.get(metric) is None for r in rows):
             path.unlink(missing_ok=True)  # a stale plot from another machine would contradict the table
             continue
-        fig = Figure(figsize=(7.5, 3.5), dpi=100)  # wide: the legend sits right of the axes
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+        fig, ax = new_plot()
         colours = _colours(len(groups))
         for i, (method, sampler) in enumerate(groups):
             pts = sorted((int(r["steps"]), r[metric]) for r in rows
@@ -441,15 +460,7 @@ def write_plots(out: Path, results: dict) -> list[Path]:
         ax.set_xticks(all_steps)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("sampling steps")
-        ax.set_ylabel(f"{LABELS[metric]} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
-        ax.set_title(f"{results['task']}: {LABELS[metric]}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        write_bytes(path, buf.getvalue())
+        save_plot(fig, ax, path, metric, "sampling steps", f"{results['task']}: {LABELS[metric]}")
         written.append(path)
     return written
 
