@@ -20,7 +20,7 @@ from .settings import ServeSettings  # noqa: E402
 FLAGS = {
     # flag: (settings field, type, help)
     "--backbone": ("backbone", str, "diffusers backbone folder [CDD_BACKBONE; default: the embedded backbone]"),
-    "--zoo": ("zoo", str, "zoo folder [CDD_ZOO; default: the embedded zoo]"),
+    "--zoo": ("zoo", str, "zoo folder [CDD_ZOO; default: the user zoo (CDD_USER_ZOO) and the embedded zoo]"),
     "--device": ("device", str, "cpu, cuda, cuda:1 ... [CDD_DEVICE; default cpu]"),
     "--dtype": ("dtype", str, "float32, bfloat16 or float16 [CDD_DTYPE]"),
     "--max-batch": ("max_batch", int, "rows per batch [CDD_MAX_BATCH]"),
