@@ -116,7 +116,7 @@ class Engine:
                 except ZooError as e:
                     raise EngineError(f"zoo {zoo}: {e}") from e
                 served[str(zoo)] += 1
-        log.info("zoo", extra={"fields": {"entries_by_zoo": served, "skipped": skipped}})
+        log.info("serving zoo entries", extra={"fields": {"entries_by_zoo": served, "skipped": skipped}})
         for why in skipped:
             log.warning(f"not serving zoo entry {why}")
         if not self.pool.entries():
