@@ -285,7 +285,7 @@ def tasks_response(tasks: dict[str, list[Registered]], resident: set[str]) -> Ta
 def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable[[], dict | None], *, title: str,
                 summary: str, lifespan=None) -> FastAPI:
     """What every front end of the engine shares: the FastAPI app with its body limit, access log, JSON
-    errors, playground, /healthz and /metrics. `known_tasks()`: the served tasks (None while starting)."""
+    errors, playground, API page (/docs, offline), /healthz and /metrics. `known_tasks()`: the served tasks (None while starting)."""
     # FastAPI's own /docs loads Swagger UI from a CDN, so the page is blank offline; the routes below serve
     # it from the fastapi-offline package instead (as APIRoutes, which also gives them a metrics label).
     app = FastAPI(title=title, summary=summary, version=_version(), lifespan=lifespan, openapi_url=None,
@@ -307,7 +307,7 @@ def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(
             openapi_url=f"{root}/openapi.json", title=f"{title} API", swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
