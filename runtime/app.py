@@ -285,7 +285,8 @@ def tasks_response(tasks: dict[str, list[Registered]], resident: set[str]) -> Ta
 def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable[[], dict | None], *, title: str,
                 summary: str, lifespan=None) -> FastAPI:
     """What every front end of the engine shares: the FastAPI app with its body limit, access log, JSON
-    errors, playground, API page (/docs, offline), /healthz and /metrics. `known_tasks()`: the served tasks (None while starting)."""
+    errors, playground, API page (/docs, offline), /healthz and /metrics. `known_tasks()`: the served
+    tasks (None while starting)."""
     # FastAPI's own /docs loads Swagger UI from a CDN, so the page is blank offline; the routes below serve
     # it from the fastapi-offline package instead (as APIRoutes, which also gives them a metrics label).
     app = FastAPI(title=title, summary=summary, version=_version(), lifespan=lifespan, openapi_url=None,
