@@ -156,7 +156,7 @@ class Engine:
 
     def submit(self, work: Work, deadline: float = float("inf")) -> Job:
         """Queue a request (raises QueueFull, DeadlineExceeded, SchedulerClosed); its future gives a Result."""
-        job = self.scheduler.submit(Job(work.key, work.rows, work, deadline))
+        job = self.scheduler.submit(Job(work.key, work.rows, work, deadline, steps=work.steps))
         self.metrics.queue_depth.set(len(self.scheduler))
         return job
 
@@ -181,7 +181,7 @@ class Engine:
             return True
         seconds = time.perf_counter() - t0
         total = sum(job.rows for job in batch)
-        self.scheduler.record_batch(seconds, total)
+        self.scheduler.record_batch(seconds, total, batch[0].steps)
         m = self.metrics
         m.batch_size.observe(len(batch))
         m.batch_rows.observe(total)

@@ -3,9 +3,17 @@
 Pure Python (no torch, no CUDA), so it is unit-tested on its own. Jobs with the same `key` (task,
 adapter, steps, sampler, resolution) are batched together, oldest first, up to `max_batch` rows;
 a batch waits at most `max_wait` seconds after its oldest job arrived for more to come. A full
-queue refuses new jobs (`QueueFull`, with a Retry-After estimate); a job whose deadline passes
+queue refuses new jobs (`QueueFull`, with a Retry-After estimate), and so does admission when the
+estimated wait before a job could start is past its deadline (`Overloaded`): overload is shed by
+honest refusals at the door, not by timeouts after a minute in the queue. A job whose deadline passes
 before it starts executing fails with `DeadlineExceeded`. Once a job is handed out it is the
-consumer's to finish: the scheduler never fails a running job.
+consumer's to finish: the scheduler never fails a running job, it only marks it `cancelled` (a
+consumer may stop it early).
+
+The wait estimate: a batch costs about the same however full it is (exact batching pads every batch
+to `max_batch` rows), so the time per row-step of a full batch is learnt from executed batches
+(`record_batch`, a moving average), and a new job waits for the rest of the running batch plus the
+queued row-steps ahead of it, `max_batch` rows at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +37,23 @@ class QueueFull(SchedulerError):
         self.retry_after = retry_after
 
 
+class Overloaded(QueueFull):
+    """The estimated wait before the job could start is past its deadline."""
+
+    def __init__(self, wait: float, budget: float, retry_after: int):
+        SchedulerError.__init__(
+            self,
+            f"the server is overloaded: the estimated wait before this request could start is {wait:.1f} s, "
+            f"past its deadline of {budget:.1f} s; retry in {retry_after} s",
+        )
+        self.retry_after, self.wait = retry_after, wait
+
+
+class Cancelled(SchedulerError):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+
+
 class DeadlineExceeded(SchedulerError):
     def __init__(self, waited: float):
         super().__init__(f"the request's deadline passed after {waited:.3f} s in the queue, before it could run")
@@ -42,15 +67,22 @@ class SchedulerClosed(SchedulerError):
 
 @dataclass(eq=False)
 class Job:
-    """One request: `rows` images (or tiles) that must run together with the same `key`."""
+    """One request: `rows` images (or tiles) that must run together with the same `key`; `steps`
+    sampling steps each (its cost is rows x steps row-steps)."""
 
     key: Hashable
     rows: int
     payload: Any
     deadline: float = math.inf  # on the scheduler's clock
+    steps: int = 1
     enqueued: float = 0.0
     started: float | None = None
+    cancelled: bool = False  # its client left: a consumer may drop it between steps
     future: Future = field(default_factory=Future)
+
+    @property
+    def cost(self) -> int:
+        return self.rows * self.steps
 
     @property
     def waited(self) -> float:
@@ -79,6 +111,8 @@ class Scheduler:
         self._closed = False
         self._paused = False
         self._seconds_per_row = 0.0  # exponential moving average of executed batches, for Retry-After
+        self._seconds_per_row_step = 0.0  # the same per row-step of a full batch, for admission
+        self._running_until = 0.0  # when the batch handed out last should end (estimate)
 
     # -- producers -------------------------------------------------------------------------
 
@@ -91,21 +125,26 @@ class Scheduler:
                 raise SchedulerClosed()
             if len(self._queue) >= self.queue_size:
                 raise QueueFull(len(self._queue), self._retry_after())
-            job.enqueued = self.clock()
-            if job.deadline <= job.enqueued:
+            job.enqueued = now = self.clock()
+            if job.deadline <= now:
                 raise DeadlineExceeded(0.0)
+            wait = self._estimated_wait(now)
+            if now + wait > job.deadline:
+                budget = job.deadline - now
+                raise Overloaded(wait, budget, max(1, math.ceil(wait - budget)))
             self._queue.append(job)
             self._cond.notify_all()
         return job
 
-    def cancel(self, job: Job) -> bool:
-        """Withdraw a job that has not started (its future fails with DeadlineExceeded). False when the
-        job already started (or finished): then it will complete normally."""
+    def cancel(self, job: Job, error: Exception | None = None) -> bool:
+        """Withdraw a job that has not started (its future fails with `error`, default DeadlineExceeded).
+        False when the job already started (or finished): then it is only marked `cancelled`."""
         with self._cond:
+            job.cancelled = True
             if job not in self._queue:
                 return False
             self._queue.remove(job)
-            _fail(job, DeadlineExceeded(self.clock() - job.enqueued))
+            _fail(job, error or DeadlineExceeded(self.clock() - job.enqueued))
             self._cond.notify_all()
             return True
 
@@ -133,6 +172,7 @@ class Scheduler:
                                 started.append(job)
                         self._cond.notify_all()
                         if started:
+                            self._running_until = now + self._batch_seconds(started)
                             return started
                         continue
                     wake = ready_at
@@ -171,15 +211,36 @@ class Scheduler:
 
     # -- bookkeeping -----------------------------------------------------------------------
 
-    def record_batch(self, seconds: float, rows: int) -> None:
-        """Feed the Retry-After estimate with an executed batch's time."""
+    def record_batch(self, seconds: float, rows: int, steps: int = 1) -> None:
+        """Feed the Retry-After and admission estimates with an executed batch's time."""
         per_row = seconds / max(rows, 1)
+        per_row_step = seconds / (max(rows, self.max_batch) * max(steps, 1))
         with self._cond:
             self._seconds_per_row = per_row if self._seconds_per_row == 0 else 0.8 * self._seconds_per_row + 0.2 * per_row
+            old = self._seconds_per_row_step
+            self._seconds_per_row_step = per_row_step if old == 0 else 0.8 * old + 0.2 * per_row_step
+            self._running_until = 0.0
 
     def _retry_after(self) -> int:
         rows = sum(j.rows for j in self._queue)
         return max(1, math.ceil(rows * self._seconds_per_row))
+
+    def _batch_seconds(self, jobs: list[Job]) -> float:
+        rows = max(sum(j.rows for j in jobs), self.max_batch)
+        return rows * max(j.steps for j in jobs) * self._seconds_per_row_step
+
+    def _estimated_wait(self, now: float) -> float:
+        """Seconds before a job admitted now could start: the running batch's rest, then the queue ahead
+        (0 until a batch has been timed)."""
+        rows: dict[Hashable, list[int]] = {}
+        for j in self._queue:
+            rows.setdefault(j.key, [0, j.steps])[0] += j.rows
+        batches = sum(math.ceil(n / self.max_batch) * steps for n, steps in rows.values())  # in 1-step batches
+        return max(self._running_until - now, 0.0) + batches * self.max_batch * self._seconds_per_row_step
+
+    def estimated_wait(self) -> float:
+        with self._cond:
+            return self._estimated_wait(self.clock())
 
     def pause(self) -> None:
         """Hand out nothing (admission and deadlines go on) until `resume` or `close`."""
