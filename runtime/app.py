@@ -313,9 +313,13 @@ def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable
     async def index() -> HTMLResponse:
         return HTMLResponse(playground)
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["operations"], summary="the process is alive")
+    @app.get("/healthz", tags=["operations"], summary="the process is alive")
     async def healthz() -> dict:
         return {"status": "ok"}
+
+    @app.head("/healthz", include_in_schema=False)
+    async def healthz_head() -> Response:
+        return Response(headers={"Content-Type": "application/json"})
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:

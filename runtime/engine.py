@@ -88,13 +88,13 @@ class Engine:
                 f"zoo folder {zoo} does not exist; pass --zoo PATH or set CDD_ZOO "
                 "(the embedded default zoo is built by cdd-train-adapter)"
             )
-        for path, manifest in list_entries(zoo):
-            if isinstance(manifest, ZooError):
-                raise EngineError(f"zoo {zoo}: {manifest}")
+        for path, manifest in list_entries(zoo):  # one bad entry is skipped, named in the log; the rest serve
             try:
+                if isinstance(manifest, ZooError):
+                    raise manifest
                 self.pool.register(path)
             except ZooError as e:
-                raise EngineError(f"zoo {zoo}: {e}") from e
+                log.error(f"zoo entry {path.name} is skipped: {e}", extra={"fields": {"entry": path.name}})
         if not self.pool.entries():
             log.warning(f"zoo {zoo} has no entries: no task is served until one is registered")
         self._thread = threading.Thread(target=self._work, name="cdd-engine", daemon=True)

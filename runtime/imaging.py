@@ -17,7 +17,6 @@ import torch
 from PIL import Image, ImageOps
 
 MAX_FRAMES = 64
-TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 # Raster formats only: PIL can also open formats whose decoders run external programs (EPS).
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -36,8 +35,8 @@ def decode_image(data: bytes, max_pixels: int, channels: int = 3,
     """Bytes of an image file -> float32 [channels, H, W] in [0, 1].
 
     415: not an image in an accepted format; 413: more than `max_pixels` pixels (checked on the header,
-    before decoding); 400: a corrupt or truncated file. `check(width, height)` (upright, after the EXIF
-    orientation) runs on the header too and may raise ImageError. 8-bit images are divided by 255,
+    before decoding); 400: a corrupt or truncated file. `check(width, height)` (the stored size) runs on
+    the header too and may raise ImageError. 8-bit images are divided by 255,
     16-bit grayscale (a depth map) by 65535; float images are taken as they are (clamped to [0, 1])."""
     if not data:
         raise ImageError(400, "empty_image", "the uploaded image is empty")
@@ -58,15 +57,14 @@ def decode_image(data: bytes, max_pixels: int, channels: int = 3,
         raise ImageError(
             413, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    if check is not None:
+        check(width, height)
     try:
-        orientation = img.getexif().get(0x0112, 1)
         frames = getattr(img, "n_frames", 1)
     except Exception as e:  # noqa: BLE001
         raise ImageError(400, "corrupt_image", f"the image header cannot be read: {type(e).__name__}: {e}") from e
     if frames > MAX_FRAMES:
         raise ImageError(400, "corrupt_image", f"the image has {frames} frames; at most {MAX_FRAMES} are read")
-    if check is not None:
-        check(*((height, width) if orientation in TRANSPOSED else (width, height)))
     try:
         if frames > 1:  # truncation shows in the last frame; the first is the one used
             img.seek(frames - 1)
