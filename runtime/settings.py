@@ -53,7 +53,7 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     max_header_kb: int = Field(32, ge=1, le=1024, description="largest request head (request line and headers), "
-                               "KiB; more closes the connection with 400")
+                               "KiB; more is refused with 431 and the connection closed")
     read_timeout_s: float = Field(20.0, gt=0, description="a connection that has not sent a whole request (head "
                                   "and body) this many seconds after it opened, or after its last answer, is closed")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
