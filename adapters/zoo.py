@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -87,18 +87,12 @@ class Manifest(BaseModel):
         except ValidationError as e:
             raise ZooError(describe(e)) from None
 
-    @field_validator("kind")
+    @field_validator("kind", "mode")
     @classmethod
-    def _kind(cls, v: str) -> str:
-        if v not in ADAPTER_KINDS:
-            raise ValueError(f"expected one of {', '.join(ADAPTER_KINDS)}")
-        return v
-
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v: str) -> str:
-        if v not in MODES:
-            raise ValueError(f"expected one of {', '.join(MODES)}")
+    def _one_of(cls, v: str, info: ValidationInfo) -> str:
+        choices = {"kind": ADAPTER_KINDS, "mode": MODES}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
         return v
 
     @field_validator("condition")

@@ -4,16 +4,16 @@ Pure Python (no torch, no CUDA), so it is unit-tested on its own. Jobs with the 
 adapter, steps, sampler, resolution) are batched together, oldest first, up to `max_batch` rows;
 a batch waits at most `max_wait` seconds after its oldest job arrived for more to come. A full
 queue refuses new jobs (`QueueFull`, with a Retry-After estimate), and so does admission when the
-estimated wait before a job could start is past its deadline (`Overloaded`): overload is shed by
-honest refusals at the door, not by timeouts after a minute in the queue. A job whose deadline passes
+job's estimated answer time is past its deadline (`Overloaded`): overload is shed by honest refusals
+at the door, not by timeouts after a minute in the queue. A job whose deadline passes
 before it starts executing fails with `DeadlineExceeded`. Once a job is handed out it is the
 consumer's to finish: the scheduler never fails a running job, it only marks it `cancelled` (a
 consumer may stop it early).
 
 The wait estimate: a batch costs about the same however full it is (exact batching pads every batch
 to `max_batch` rows), so the time per row-step of a full batch is learnt from executed batches
-(`record_batch`, a moving average), and a new job waits for the rest of the running batch plus the
-queued row-steps ahead of it, `max_batch` rows at a time.
+(`record_batch`, a moving average plus twice its spread, since a shared machine's batches vary); a new job waits for the rest of the running batch and the batches
+queued ahead of it (a queued batch of its key with room it joins), then runs in its own.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ class QueueFull(SchedulerError):
 
 
 class Overloaded(QueueFull):
-    """The estimated wait before the job could start is past its deadline."""
+    """The job's estimated answer time (queue, then its batch) is past its deadline."""
 
     def __init__(self, wait: float, budget: float, retry_after: int):
         SchedulerError.__init__(
             self,
-            f"the server is overloaded: the estimated wait before this request could start is {wait:.1f} s, "
-            f"past its deadline of {budget:.1f} s; retry in {retry_after} s",
+            f"the server is overloaded: this request would be answered in about {wait:.1f} s, past its "
+            f"deadline of {budget:.1f} s; retry in {retry_after} s",
         )
         self.retry_after, self.wait = retry_after, wait
 
@@ -112,6 +112,7 @@ class Scheduler:
         self._paused = False
         self._seconds_per_row = 0.0  # exponential moving average of executed batches, for Retry-After
         self._seconds_per_row_step = 0.0  # the same per row-step of a full batch, for admission
+        self._row_step_spread = 0.0  # moving average of |batch - average|: a busy machine varies
         self._running_until = 0.0  # when the batch handed out last should end (estimate)
 
     # -- producers -------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class Scheduler:
             job.enqueued = now = self.clock()
             if job.deadline <= now:
                 raise DeadlineExceeded(0.0)
-            wait = self._estimated_wait(now)
+            wait = self._estimated_wait(now, job)
             if now + wait > job.deadline:
                 budget = job.deadline - now
                 raise Overloaded(wait, budget, max(1, math.ceil(wait - budget)))
@@ -218,6 +219,8 @@ class Scheduler:
         with self._cond:
             self._seconds_per_row = per_row if self._seconds_per_row == 0 else 0.8 * self._seconds_per_row + 0.2 * per_row
             old = self._seconds_per_row_step
+            if old:
+                self._row_step_spread = 0.8 * self._row_step_spread + 0.2 * abs(per_row_step - old)
             self._seconds_per_row_step = per_row_step if old == 0 else 0.8 * old + 0.2 * per_row_step
             self._running_until = 0.0
 
@@ -225,22 +228,27 @@ class Scheduler:
         rows = sum(j.rows for j in self._queue)
         return max(1, math.ceil(rows * self._seconds_per_row))
 
+    def _row_step_seconds(self) -> float:
+        """A cautious time per row-step: the average plus twice its spread."""
+        return self._seconds_per_row_step + 2 * self._row_step_spread
+
     def _batch_seconds(self, jobs: list[Job]) -> float:
         rows = max(sum(j.rows for j in jobs), self.max_batch)
-        return rows * max(j.steps for j in jobs) * self._seconds_per_row_step
+        return rows * max(j.steps for j in jobs) * self._row_step_seconds()
 
-    def _estimated_wait(self, now: float) -> float:
-        """Seconds before a job admitted now could start: the running batch's rest, then the queue ahead
-        (0 until a batch has been timed)."""
+    def _estimated_wait(self, now: float, job: Job) -> float:
+        """Seconds until `job`, admitted now, would be answered: the running batch's rest, the batches
+        queued ahead of it (of its own key, those it cannot join), then its own batch (0 until a batch
+        has been timed)."""
         rows: dict[Hashable, list[int]] = {}
         for j in self._queue:
             rows.setdefault(j.key, [0, j.steps])[0] += j.rows
-        batches = sum(math.ceil(n / self.max_batch) * steps for n, steps in rows.values())  # in 1-step batches
-        return max(self._running_until - now, 0.0) + batches * self.max_batch * self._seconds_per_row_step
-
-    def estimated_wait(self) -> float:
-        with self._cond:
-            return self._estimated_wait(self.clock())
+        own = rows.pop(job.key, [0, job.steps])[0]
+        joins = own % self.max_batch and own % self.max_batch + job.rows <= self.max_batch
+        ahead = sum(math.ceil(n / self.max_batch) * steps for n, steps in rows.values())  # in 1-step batches
+        ahead += (own // self.max_batch if joins else math.ceil(own / self.max_batch)) * job.steps
+        mine = math.ceil(job.rows / self.max_batch) * job.steps
+        return max(self._running_until - now, 0.0) + (ahead + mine) * self.max_batch * self._row_step_seconds()
 
     def pause(self) -> None:
         """Hand out nothing (admission and deadlines go on) until `resume` or `close`."""

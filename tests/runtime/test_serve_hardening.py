@@ -117,7 +117,7 @@ def test_overloaded_queue_refuses_with_429_and_an_honest_retry_after(app):
         r = client.post("/v1/tasks/depth", files={"image": ("a.png", png(16, 16), "image/png")},
                         headers={"X-CDD-Deadline-Ms": "500"})
         message = error(r, 429, "overloaded")
-        assert "estimated wait" in message
+        assert "would be answered in about 2.0 s" in message
         assert int(r.headers["retry-after"]) >= 1
     finally:
         engine.resume()
@@ -221,11 +221,14 @@ def test_scheduler_admission_estimate():
     s = Scheduler(max_batch=4, max_wait=0.0, queue_size=100, clock=lambda: 100.0)
     s.submit(Job("a", 1, None, deadline=100.5, steps=2))  # no batch timed yet: admitted
     s.record_batch(seconds=1.0, rows=4, steps=2)  # 0.125 s per row-step of a full batch
-    for _ in range(7):  # 8 rows of 2 steps: 2 batches of 4, 1 s each
+    for _ in range(7):  # 8 rows of 2 steps: 2 full batches of 4 ahead, 1 s each
         s.submit(Job("a", 1, None, deadline=200.0, steps=2))
-    with pytest.raises(Overloaded) as e:
+    with pytest.raises(Overloaded) as e:  # ... then its own batch: answered in 3 s
         s.submit(Job("a", 1, None, deadline=101.5, steps=2))
-    assert e.value.wait == pytest.approx(2.0) and e.value.retry_after == 1
-    s.submit(Job("a", 1, None, deadline=102.5, steps=2))  # 2 s of wait fits a 2.5 s budget
+    assert e.value.wait == pytest.approx(3.0) and e.value.retry_after == 2
+    s.submit(Job("a", 1, None, deadline=103.5, steps=2))  # 3 s fits a 3.5 s budget
+    s.submit(Job("a", 1, None, deadline=103.5, steps=2))  # joins the batch with room: still 3 s
+    with pytest.raises(Overloaded):
+        s.submit(Job("b", 1, None, deadline=103.5, steps=2))  # another key: its own batch after all of a's
     j = s.submit(Job("b", 1, None, deadline=200.0))
     assert s.cancel(j) and j.cancelled and j not in s._queue
