@@ -502,6 +502,8 @@ async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] 
     fut = asyncio.wrap_future(job.future)
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when we stop waiting
     gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+    if gone is not None:
+        gone.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         try:
             waiting = {asyncio.shield(fut)} | ({gone} if gone else set())

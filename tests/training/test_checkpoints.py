@@ -90,3 +90,18 @@ def test_two_identical_runs_write_identical_entries(run, tmp_path, pixel_backbon
     train(config(again, pixel_backbone_dir, max_train_steps=2, checkpoint_every=1, keep_checkpoints=3), dataset=TinySet())
     a, b = json.loads((run / "entry" / "manifest.json").read_text()), json.loads((again / "entry" / "manifest.json").read_text())
     assert a["files"] == b["files"]  # the same weights give the same bytes, so the same hashes
+
+
+def test_pretrain_resume_refuses_a_damaged_checkpoint_naming_the_file(tmp_path, capsys):
+    from cdd.training.pretrain import main
+
+    out = tmp_path / "bb"
+    tiny = ["--output", str(out), "--resolution", "16", "--channels", "8,16", "--self-attention-from", "1",
+            "--text-hidden", "16", "--text-layers", "1", "--batch-size", "2", "--warmup-steps", "1",
+            "--checkpoint-every", "1", "--sample-every", "1000", "--sample-steps", "1"]
+    assert main([*tiny, "--max-train-steps", "1"]) == 0
+    assert set(read_state(out / "checkpoint")["files"]) == {"training_state.pt"}
+    flip_last_byte(out / "checkpoint" / "training_state.pt")
+    assert main([*tiny, "--max-train-steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {out / 'checkpoint'}: training_state.pt is corrupt" in err and "no older checkpoint" in err
