@@ -158,3 +158,21 @@ def test_cdd_serve_process_serves_logs_json_and_drains_on_sigterm(tmp_path):
     access = [x for x in lines if x["logger"] == "cdd.serve.access" and x["path"] == "/v1/tasks/depth"]
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["seed"] == 5
     assert any(x["logger"] == "cdd.serve" and x["msg"] == "serving" for x in lines)
+
+
+def test_warnings_and_uncaught_exceptions_are_json_log_lines():
+    code = (
+        "import threading, warnings\n"
+        "from cdd.runtime.logs import configure\n"
+        "configure('info')\n"
+        "warnings.warn('an odd image')\n"
+        "t = threading.Thread(target=lambda: 1 / 0, name='worker'); t.start(); t.join()\n"
+        "raise RuntimeError('at exit')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert len(records) == 3, proc.stderr
+    assert records[0]["logger"] == "py.warnings" and "an odd image" in records[0]["msg"]
+    assert records[1]["logger"] == "cdd.crash" and "worker" in records[1]["msg"] and "ZeroDivisionError" in records[1]["exc"]
+    assert "RuntimeError: at exit" in records[2]["exc"]
