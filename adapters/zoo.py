@@ -5,21 +5,28 @@
     <entry>/backbone_lora.safetensors   optional: a peft LoRA on the backbone UNet (mode `lora`)
     <entry>/unet.safetensors            optional: a whole fine-tuned UNet (mode `full`)
 
-Loading verifies every file's sha256 and the backbone fingerprint and refuses a mismatch with a
-message that names the file or value at fault. Writes are atomic (temporary folder + rename).
+A manifest is parsed by a pydantic model with constraints: names (entry, task, sampler) match one safe
+pattern, file names are plain `*.safetensors` names with sha256 hex digests; a type error is refused with
+a message naming the field. Loading verifies every file's sha256 (files inside the entry: a symbolic link
+that leaves it is refused) and the backbone fingerprint and refuses a mismatch with a message that names
+the file or value at fault. Writes are atomic (temporary folder + rename) and deterministic: the same
+weights give the same bytes (safetensors metadata in sorted order).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from .architectures import (
     ADAPTER_KINDS,
@@ -37,64 +44,134 @@ ADAPTER_FILE = "adapter.safetensors"
 BACKBONE_LORA_FILE = "backbone_lora.safetensors"
 UNET_FILE = "unet.safetensors"
 MODES = ("pe", "lora", "full")
+# entry, task and sampler names: they become URL path segments, metric labels, headers and file names
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.safetensors$"
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_RESOLUTION = 4096
+PUBLIC_TRAINING = ("method", "step", "weights", "loss")  # what GET /v1/tasks shows of `training`
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class ZooError(ValueError):
     """A zoo entry is missing, malformed, tampered with, or made for another backbone."""
 
 
-@dataclass
-class Manifest:
-    name: str
-    task: str
+class Manifest(BaseModel):
+    """`manifest.json`. Constructing one with a bad field raises ZooError naming the field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: Name
+    task: Name
     kind: str
     architecture: dict[str, Any]
-    backbone_fingerprint: str
+    backbone_fingerprint: str = Field(max_length=128)
     condition: dict[str, Any]  # {"channels": 3, "range": [0, 1], "resolution": 64}
-    sampler: str = "prev"
-    steps: int = 4
+    sampler: Name = "prev"
+    steps: int = Field(4, ge=1, le=1000)
     mode: str = "pe"
     backbone_lora: dict[str, Any] | None = None
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[Annotated[str, Field(pattern=FILE_PATTERN)], Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=dict, description="file name -> sha256"
+    )
     format_version: int = FORMAT_VERSION
-    created: str = ""
+    created: str = Field("", max_length=64)
 
-    def __post_init__(self) -> None:
-        if self.kind not in ADAPTER_KINDS:
-            raise ZooError(f"manifest field 'kind' is {self.kind!r}; expected one of {', '.join(ADAPTER_KINDS)}")
-        if self.mode not in MODES:
-            raise ZooError(f"manifest field 'mode' is {self.mode!r}; expected one of {', '.join(MODES)}")
-        if not 1 <= int(self.steps) <= 1000:
-            raise ZooError(f"manifest field 'steps' is {self.steps!r}; expected an integer >= 1")
-        if not self.name or "/" in self.name:
-            raise ZooError(f"manifest field 'name' is {self.name!r}; expected a non-empty name without '/'")
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ZooError(describe(e)) from None
+
+    @field_validator("kind", "mode")
+    @classmethod
+    def _one_of(cls, v: str, info: ValidationInfo) -> str:
+        choices = {"kind": ADAPTER_KINDS, "mode": MODES}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return v
+
+    @field_validator("condition")
+    @classmethod
+    def _condition(cls, v: dict[str, Any]) -> dict[str, Any]:
+        res, channels = v.get("resolution"), v.get("channels", 3)
+        if type(res) is not int or not 1 <= res <= MAX_RESOLUTION:
+            raise ValueError(f"'resolution' must be an integer in 1..{MAX_RESOLUTION}, got {_short(res)}")
+        if type(channels) is not int or channels not in (1, 3):
+            raise ValueError(f"'channels' must be 1 or 3, got {_short(channels)}")
+        return v
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    def public(self) -> dict[str, Any]:
+        """The manifest as GET /v1/tasks shows it: no server paths (training folders, absolute paths)."""
+        data = self.model_dump(mode="json")
+        data["training"] = {k: data["training"][k] for k in PUBLIC_TRAINING if k in data["training"]}
+        return _without_paths(data)
 
     @classmethod
     def from_file(cls, path: Path) -> Manifest:
         if not path.is_file():
             raise ZooError(f"{path.parent} is not a zoo entry: {MANIFEST} is missing")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ZooError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 10} KiB")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ZooError(f"{path} is not UTF-8 text: {e}") from e
         except json.JSONDecodeError as e:
             raise ZooError(f"{path} is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise ZooError(f"{path} is nested too deeply") from e
         if not isinstance(data, dict):
             raise ZooError(f"{path} must hold a JSON object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ZooError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
-        known = set(cls.__dataclass_fields__)
+            raise ZooError(f"{path}: format_version {_short(version)} is not supported (expected {FORMAT_VERSION})")
         missing = [k for k in ("name", "task", "kind", "architecture", "backbone_fingerprint", "condition") if k not in data]
         if missing:
             raise ZooError(f"{path} lacks required field(s): {', '.join(missing)}")
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(cls.model_fields))
         if unknown:
-            raise ZooError(f"{path} has unknown field(s): {', '.join(unknown)}")
-        return cls(**data)
+            raise ZooError(f"{path} has unknown field(s): {', '.join(_short(k) for k in unknown[:10])}")
+        try:
+            return cls(**data)
+        except ZooError as e:
+            raise ZooError(f"{path}: {e}") from None
+        except RecursionError as e:
+            raise ZooError(f"{path} is nested too deeply") from e
+
+
+def describe(err: ValidationError) -> str:
+    """A pydantic error as one line naming each field at fault, with (a short form of) its value."""
+    parts = []
+    for e in err.errors()[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()))
+        msg = e.get("msg", "").removeprefix("Value error, ")
+        parts.append(f"manifest field '{where}' is {_short(e.get('input'))}: {msg}")
+    return "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _without_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if not _is_path(v)}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value if not _is_path(v)]
+    return value
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith(("/", "~", "\\")) or value[1:3] in (":\\", ":/"))
 
 
 def sha256_file(path: Path) -> str:
@@ -107,6 +184,19 @@ def sha256_file(path: Path) -> str:
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file with deterministic bytes: safetensors writes its metadata in hash-map
+    order, which differs between processes; the header is rewritten with sorted keys (the tensor data and
+    its offsets are unchanged)."""
+    data = safetensors_bytes(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.write(memoryview(data)[8 + n :])
 
 
 def save_entry(
@@ -174,8 +264,11 @@ def verify_entry(path: str | Path, backbone_fingerprint: str | None = None) -> M
     manifest = Manifest.from_file(root / MANIFEST)
     if ADAPTER_FILE not in manifest.files:
         raise ZooError(f"{root / MANIFEST} lists no {ADAPTER_FILE}")
+    inside = root.resolve()
     for fname, expected in manifest.files.items():
         f = root / fname
+        if f.is_symlink() and not f.resolve().is_relative_to(inside):
+            raise ZooError(f"zoo entry {root}: {fname} is a symbolic link that leaves the entry")
         if not f.is_file():
             raise ZooError(f"zoo entry {root}: {fname} is missing")
         actual = sha256_file(f)

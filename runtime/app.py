@@ -36,9 +36,9 @@ from .engine import Engine
 from .imaging import ImageError, decode_image, encode_png
 from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
-from .scheduler import DeadlineExceeded, QueueFull, SchedulerClosed
+from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import assemble, prompt_required
+from .tasks import assemble, blank_work, prompt_required, task_rows
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -106,7 +106,8 @@ class TaskResult(BaseModel):
 
 
 class RegisterRequest(BaseModel):
-    path: str = Field(description="a zoo entry folder (with manifest.json), or a zoo folder of entries")
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$",
+                      description="a zoo entry folder (with manifest.json), or a zoo folder of entries")
 
 
 class RegisterResponse(BaseModel):
@@ -213,9 +214,9 @@ class TaskOutput:
 
 
 async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[str, list[Registered]],
-                     settings: ServeSettings) -> TaskCall:
-    """Pick the adapter, fill in the manifest's defaults, decode the image: every 4xx a client can cause
-    before the engine sees the request."""
+                     settings: ServeSettings, scale_factor: int = 8) -> TaskCall:
+    """Pick the adapter, fill in the manifest's defaults, check the work it asks for on the image header,
+    decode the image: every 4xx a client can cause before the engine sees the request."""
     reg = pick_adapter(tasks, task, form.adapter)
     log_fields = request.scope.setdefault("cdd", {})
     log_fields["task"] = task
@@ -227,9 +228,18 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     seed = form.seed if form.seed is not None else secrets.randbelow(2**32)
     log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler)
 
+    def check_work(width: int, height: int) -> None:  # on the header: before a pixel is decoded
+        rows = task_rows(task, width, height, reg.resolution, scale_factor, settings.sr_tile_overlap)
+        if rows * steps > settings.max_work:
+            raise ImageError(
+                413, "too_much_work",
+                f"a {width}x{height} image is {rows} row(s) for {task} at {reg.resolution} px, x {steps} step(s) = "
+                f"{rows * steps} row-steps; the limit per request (max_work) is {settings.max_work}",
+            )
+
     data = await form.image.read()
     try:
-        cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels)
+        cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels, check_work)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err
     budget = settings.request_deadline_s
@@ -238,13 +248,15 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget)
 
 
-async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict) -> TaskOutput:
+async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
+                  client_gone: Callable[[], Any] | None = None) -> TaskOutput:
     """Prepare the rows, run them on the engine (504 when `deadline`, monotonic, passes before they start),
-    blend and encode the answer."""
+    blend and encode the answer. `client_gone`: an awaitable that returns when the client disconnects;
+    the request is then cancelled."""
     work = await run_in_threadpool(e.prepare, call.reg, call.cond, steps=call.steps, sampler=call.sampler,
                                    seed=call.seed, prompt=call.prompt)
     log_fields["rows"] = work.rows
-    result = await _run(e, work, deadline)
+    result = await _run(e, work, deadline, client_gone)
     png = await run_in_threadpool(lambda: encode_png(assemble(work, result.rows)))
     width, height = work.layout.out if work.layout else (call.reg.resolution, call.reg.resolution)
     return TaskOutput(png, width, height, work.rows, work.layout is not None, work.resized, result.queue_s,
@@ -274,6 +286,12 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
     return Response(out.png, media_type="image/png", headers=headers)
 
 
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone (after the body was read, `receive` only answers that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def tasks_response(tasks: dict[str, list[Registered]], resident: set[str]) -> TasksResponse:
     out = []
     for task, regs in sorted(tasks.items()):
@@ -289,8 +307,9 @@ def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable
     tasks (None while starting)."""
     # FastAPI's own /docs loads Swagger UI from a CDN, so the page is blank offline; the routes below serve
     # it from the fastapi-offline package instead (as APIRoutes, which also gives them a metrics label).
+    # redirect_slashes off: the redirect would be built from the client's Host header
     app = FastAPI(title=title, summary=summary, version=_version(), lifespan=lifespan, openapi_url=None,
-                  docs_url=None, redoc_url=None,
+                  docs_url=None, redoc_url=None, redirect_slashes=False,
                   openapi_tags=[{"name": "tasks"}, {"name": "operations"}, {"name": "admin"}])
     app.state.settings, app.state.metrics = settings, metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
@@ -325,6 +344,10 @@ def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.head("/healthz", include_in_schema=False)
+    async def healthz_head() -> Response:
+        return Response(headers={"Content-Type": "application/json"})
+
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -349,7 +372,10 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
         try:
             yield
         finally:
-            await run_in_threadpool(engine.stop)
+            await run_in_threadpool(engine.stop, True, settings.drain_s)
+            if engine.ready:  # the drain ran out of time: what is still queued fails, the process exits
+                log.warning(f"the shutdown drain ran out after {settings.drain_s:g} s; failing the requests still queued")
+                await run_in_threadpool(engine.stop, False, 0)
 
     def known_tasks() -> dict | None:
         e = getattr(app.state, "engine", None)
@@ -388,8 +414,8 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
     async def run_task(request: Request, task: str, form: TaskForm = Depends(task_form)) -> Response:
         arrival = time.monotonic()
         e = engine()
-        call = await parse_task(request, task, form, e.tasks(), settings)
-        out = await execute(e, call, arrival + call.budget_s, request.scope["cdd"])
+        call = await parse_task(request, task, form, e.tasks(), settings, e.backbone.vae_scale_factor)
+        out = await execute(e, call, arrival + call.budget_s, request.scope["cdd"], lambda: disconnected(request))
         return task_response(request, call, out, arrival)
 
     # -- admin ---------------------------------------------------------------------------
@@ -415,26 +441,37 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
     async def register(body: RegisterRequest) -> RegisterResponse:
         e = engine()
         path = Path(body.path)
-        if (path / MANIFEST).is_file():
-            paths = [path]
-        elif path.is_dir():
-            entries = list_entries(path)
-            bad = [f"{p.name}: {m}" for p, m in entries if isinstance(m, ZooError)]
-            if bad:
-                raise APIError(422, "invalid_zoo_entry", "; ".join(bad))
-            paths = [p for p, _ in entries]
-        else:
-            raise APIError(422, "invalid_zoo_entry", f"{path} is not a zoo entry or zoo folder (no such folder)")
+        try:
+            if (path / MANIFEST).is_file():
+                paths = [path]
+            elif path.is_dir():
+                # only folders with a manifest are entries: an error never lists a folder's other contents
+                entries = [(p, m) for p, m in list_entries(path) if (p / MANIFEST).is_file()]
+                bad = [f"{p.name}: {m}" for p, m in entries if isinstance(m, ZooError)]
+                if bad:
+                    raise APIError(422, "invalid_zoo_entry", "; ".join(bad))
+                paths = [p for p, _ in entries]
+            else:
+                raise APIError(422, "invalid_zoo_entry", "the path is not a zoo entry or zoo folder (no such folder)")
+        except OSError as err:
+            raise APIError(422, "invalid_zoo_entry", f"the path cannot be read: {err.strerror or type(err).__name__}") from err
         if not paths:
-            raise APIError(422, "invalid_zoo_entry", f"{path} holds no zoo entries")
+            raise APIError(422, "invalid_zoo_entry", "the folder holds no zoo entries (folders with a manifest.json)")
         registered = []
         for p in paths:
             try:
-                registered.append(await run_in_threadpool(e.register, p))
+                reg = await run_in_threadpool(e.register, p)
             except AdapterConflict as err:
                 raise APIError(409, "adapter_exists", str(err)) from err
             except ZooError as err:
                 raise APIError(422, "invalid_zoo_entry", str(err)) from err
+            try:  # loaded and run once before it is announced: an entry that cannot serve is refused now
+                await run_in_threadpool(_run_once, e, reg, settings.request_deadline_s)
+            except Exception as err:  # noqa: BLE001 - whatever it is, the entry cannot serve
+                await run_in_threadpool(e.unregister, reg.name)
+                raise APIError(422, "invalid_zoo_entry", f"zoo entry {p.name} ({reg.name}) was verified but does not "
+                               f"run: {type(err).__name__}: {str(err)[:500]}") from err
+            registered.append(reg)
         log.info("registered adapters", extra={"fields": {"adapters": [r.name for r in registered]}})
         return RegisterResponse(registered=[_info(r, False) for r in registered])
 
@@ -452,6 +489,21 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
     return app
 
 
+def _run_once(e: Engine, reg: Registered, timeout: float) -> None:
+    """Sample one blank row with the entry (through the queue, like any request); raise when that fails
+    or gives non-finite values."""
+    work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, e.backbone.model_channels,
+                      e.backbone.vae_scale_factor, reg.manifest.steps, reg.manifest.sampler)
+    job = e.submit(work)  # no deadline: admission does not refuse it under load, the wait below is bounded
+    try:
+        result = job.future.result(timeout)
+    except TimeoutError:
+        e.scheduler.cancel(job)
+        raise
+    if not torch.isfinite(result.rows).all():
+        raise ValueError("its output has non-finite values")
+
+
 def pick_adapter(tasks: dict[str, list[Registered]], task: str, name: str | None) -> Registered:
     regs = tasks.get(task)
     if not regs:
@@ -466,10 +518,13 @@ def pick_adapter(tasks: dict[str, list[Registered]], task: str, name: str | None
                    f"adapter {name!r} does not serve task {task!r}; choose one of {', '.join(r.name for r in regs)}")
 
 
-async def _run(e: Engine, work, deadline: float):
-    """Queue the work and wait for it; 504 when its deadline passes before it starts (once started it finishes)."""
+async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] | None = None):
+    """Queue the work and wait for it; 504 when its deadline passes before it starts (once started it
+    finishes); cancelled when the client goes away (`client_gone` returns) or the handler is cancelled."""
     try:
         job = e.submit(work, deadline)
+    except Overloaded as err:
+        raise APIError(429, "overloaded", str(err), headers={"Retry-After": str(err.retry_after)}) from err
     except QueueFull as err:
         raise APIError(429, "queue_full", str(err), headers={"Retry-After": str(err.retry_after)}) from err
     except DeadlineExceeded as err:
@@ -478,13 +533,28 @@ async def _run(e: Engine, work, deadline: float):
         raise APIError(503, "shutting_down", str(err), headers={"Retry-After": "5"}) from err
     fut = asyncio.wrap_future(job.future)
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when we stop waiting
+    gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+    if gone is not None:
+        gone.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout=max(deadline - time.monotonic(), 0.0))
-        except asyncio.TimeoutError:
-            if e.scheduler.cancel(job):
-                raise DeadlineExceeded(time.monotonic() - job.enqueued) from None
-            return await fut  # it started before the deadline: let it finish
+            waiting = {asyncio.shield(fut)} | ({gone} if gone else set())
+            done, _ = await asyncio.wait(waiting, timeout=max(deadline - time.monotonic(), 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if gone is not None and gone in done and not fut.done():
+                e.scheduler.cancel(job, Cancelled("the client went away"))
+                raise APIError(499, "client_closed", "the client went away before the answer")
+            if not done:
+                if e.scheduler.cancel(job):
+                    raise DeadlineExceeded(time.monotonic() - job.enqueued)
+                job.cancelled = False  # it started before the deadline: let it finish
+            return await fut
+        except asyncio.CancelledError:  # the server stops waiting (shutdown): so does the queue
+            e.scheduler.cancel(job, Cancelled("the server stopped waiting for this request"))
+            raise
+        finally:
+            if gone is not None:
+                gone.cancel()
     except DeadlineExceeded as err:
         raise APIError(504, "deadline_exceeded", str(err)) from err
     except AdapterGone as err:
@@ -495,7 +565,7 @@ def _info(reg: Registered, resident: bool) -> AdapterInfo:
     m = reg.manifest
     return AdapterInfo(name=reg.name, task=reg.task, kind=m.kind, mode=m.mode, steps=m.steps, sampler=m.sampler,
                        resolution=reg.resolution, channels=reg.channels, backbone_lora=m.backbone_lora is not None,
-                       resident=resident, manifest=json.loads(m.to_json()))
+                       resident=resident, manifest=m.public())
 
 
 def _version() -> str:

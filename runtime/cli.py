@@ -27,6 +27,8 @@ FLAGS = {
     "--max-wait-ms": ("max_wait_ms", float, "batching wait [CDD_MAX_WAIT_MS]"),
     "--queue-size": ("queue_size", int, "queued requests before 429 [CDD_QUEUE_SIZE]"),
     "--request-deadline-s": ("request_deadline_s", float, "queue deadline before 504 [CDD_REQUEST_DEADLINE_S]"),
+    "--max-work": ("max_work", int, "most row-steps (rows x steps) per request before 413 [CDD_MAX_WORK]"),
+    "--drain-s": ("drain_s", float, "shutdown drain bound in seconds [CDD_DRAIN_S]"),
     "--max-pixels": ("max_pixels", int, "most input pixels before 413 [CDD_MAX_PIXELS]"),
     "--max-upload-mb": ("max_upload_mb", float, "largest request body [CDD_MAX_UPLOAD_MB]"),
     "--memory-budget-mb": ("memory_budget_mb", float, "resident adapter budget [CDD_MEMORY_BUDGET_MB]"),
@@ -95,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
 
-    import uvicorn
+    from .server import bind, serve
+
+    try:  # before the model loads: a port in use fails now, not after warm-up
+        sock = bind(settings.host, settings.port)
+    except OSError as e:
+        print(f"cdd-serve: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
 
     from .app import create_app
     from .logs import configure
@@ -105,17 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(settings.threads)
-    # uvicorn drains on SIGTERM/SIGINT: stops accepting, lets in-flight requests finish, then runs the
-    # lifespan shutdown, which lets the engine finish every admitted request.
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,  # one JSON line per request comes from the app itself
-        timeout_graceful_shutdown=int(settings.request_deadline_s) + 5,
-    )
-    return 0
+    # On SIGTERM/SIGINT the server stops accepting, lets in-flight requests finish (at most drain_s), then
+    # runs the lifespan shutdown, which lets the engine finish what was admitted (bounded by drain_s too).
+    return serve(create_app(settings), settings, sock)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,9 @@ class Engine:
                 )
             served[str(zoo)] = 0
             for path, manifest in list_entries(zoo):
-                if isinstance(manifest, ZooError):
-                    raise EngineError(f"zoo {zoo}: {manifest}")
+                if isinstance(manifest, ZooError):  # one bad entry is skipped, named in the log; the rest serve
+                    log.error(f"zoo entry {path.name} is skipped: {manifest}", extra={"fields": {"entry": path.name}})
+                    continue
                 if not named and manifest.backbone_fingerprint != self.backbone.fingerprint:
                     skipped.append(f"{path} (made for backbone {manifest.backbone_fingerprint[:12]}, not this one)")
                     continue
@@ -113,8 +114,8 @@ class Engine:
                     continue
                 try:
                     self.pool.register(path)
-                except ZooError as e:
-                    raise EngineError(f"zoo {zoo}: {e}") from e
+                except ZooError as e:  # a readable manifest for something this backbone cannot serve
+                    raise EngineError(f"zoo {zoo}, entry {path.name}: {e}") from e
                 served[str(zoo)] += 1
         log.info("serving zoo entries", extra={"fields": {"entries_by_zoo": served, "skipped": skipped}})
         for why in skipped:
@@ -181,7 +182,7 @@ class Engine:
 
     def submit(self, work: Work, deadline: float = float("inf")) -> Job:
         """Queue a request (raises QueueFull, DeadlineExceeded, SchedulerClosed); its future gives a Result."""
-        job = self.scheduler.submit(Job(work.key, work.rows, work, deadline))
+        job = self.scheduler.submit(Job(work.key, work.rows, work, deadline, steps=work.steps))
         self.metrics.queue_depth.set(len(self.scheduler))
         return job
 
@@ -206,7 +207,7 @@ class Engine:
             return True
         seconds = time.perf_counter() - t0
         total = sum(job.rows for job in batch)
-        self.scheduler.record_batch(seconds, total)
+        self.scheduler.record_batch(seconds, total, batch[0].steps)
         m = self.metrics
         m.batch_size.observe(len(batch))
         m.batch_rows.observe(total)

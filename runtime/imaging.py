@@ -1,16 +1,22 @@
 """Image input and output for the service: decoding uploads safely, and PNG encoding.
 
 An upload's header is read first (PIL's `Image.open` reads only the header) and its size is checked
-against the pixel limit before a single pixel is decoded, so a decompression bomb never allocates.
+against the pixel limit (and the caller's work limit) before a single pixel is decoded, so a
+decompression bomb never allocates. The EXIF orientation is applied (a phone photo comes out upright);
+a float image (TIFF mode F) is read as values in [0, 1]; a file with several frames (animated GIF, WebP,
+multi-page TIFF) gives its first frame, after its last frame has been read (a truncated file is 400).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+MAX_FRAMES = 64
 
 # Raster formats only: PIL can also open formats whose decoders run external programs (EPS).
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -24,12 +30,14 @@ class ImageError(ValueError):
         self.status, self.code = status, code
 
 
-def decode_image(data: bytes, max_pixels: int, channels: int = 3) -> torch.Tensor:
+def decode_image(data: bytes, max_pixels: int, channels: int = 3,
+                 check: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Bytes of an image file -> float32 [channels, H, W] in [0, 1].
 
     415: not an image in an accepted format; 413: more than `max_pixels` pixels (checked on the header,
-    before decoding); 400: a corrupt or truncated file. 8-bit images are divided by 255, 16-bit
-    grayscale (a depth map) by 65535."""
+    before decoding); 400: a corrupt or truncated file. `check(width, height)` (the stored size) runs on
+    the header too and may raise ImageError. 8-bit images are divided by 255,
+    16-bit grayscale (a depth map) by 65535; float images are taken as they are (clamped to [0, 1])."""
     if not data:
         raise ImageError(400, "empty_image", "the uploaded image is empty")
     try:
@@ -49,16 +57,35 @@ def decode_image(data: bytes, max_pixels: int, channels: int = 3) -> torch.Tenso
         raise ImageError(
             413, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    if check is not None:
+        check(width, height)
     try:
+        frames = getattr(img, "n_frames", 1)
+    except Exception as e:  # noqa: BLE001
+        raise ImageError(400, "corrupt_image", f"the image header cannot be read: {type(e).__name__}: {e}") from e
+    if frames > MAX_FRAMES:
+        raise ImageError(400, "corrupt_image", f"the image has {frames} frames; at most {MAX_FRAMES} are read")
+    try:
+        if frames > 1:  # truncation shows in the last frame; the first is the one used
+            img.seek(frames - 1)
+            if img.size[0] * img.size[1] > max_pixels:  # a multi-page TIFF's pages differ in size
+                raise ImageError(413, "too_many_pixels", f"the image's last frame is {img.size[0]}x{img.size[1]} "
+                                 f"pixels; the limit is {max_pixels}")
+            img.load()
+            img.seek(0)
         img.load()
+        img = ImageOps.exif_transpose(img)
         return _to_tensor(img, channels)
+    except ImageError:
+        raise
     except Exception as e:  # noqa: BLE001 - truncated / corrupt data surfaces here
         raise ImageError(400, "corrupt_image", f"the image cannot be decoded: {type(e).__name__}: {e}") from e
 
 
 def _to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
-    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
-        arr = np.asarray(img, dtype=np.float32) / 65535.0
+    if img.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        arr = np.nan_to_num(arr if img.mode == "F" else arr / 65535.0, nan=0.0)
         x = torch.from_numpy(np.clip(arr, 0.0, 1.0))[None]
         return x.expand(channels, -1, -1).contiguous() if channels != 1 else x
     arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0

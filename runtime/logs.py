@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 import time
 
 
@@ -32,6 +34,16 @@ def configure(level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error"):  # uvicorn's own lines, as JSON through the root handler
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # Everything else that would print to stderr becomes a JSON line too: warnings (PIL's on odd images),
+    # and uncaught exceptions of the main thread, other threads, and finalizers (at shutdown).
+    logging.captureWarnings(True)
+    crash = logging.getLogger("cdd.crash")
+    sys.excepthook = lambda kind, err, tb: crash.error("uncaught exception", exc_info=(kind, err, tb))
+    threading.excepthook = lambda a: crash.error(f"uncaught exception in thread {a.thread.name if a.thread else '?'}",
+                                                 exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
+    sys.unraisablehook = lambda u: crash.error(
+        f"unraisable exception: {u.err_msg or 'in'} {u.object!r}",
+        exc_info=(u.exc_type, u.exc_value, u.exc_traceback) if u.exc_value is not None else None)
     # progress bars are not log lines
     import diffusers.utils.logging
     import transformers.utils.logging

@@ -3,9 +3,17 @@
 Pure Python (no torch, no CUDA), so it is unit-tested on its own. Jobs with the same `key` (task,
 adapter, steps, sampler, resolution) are batched together, oldest first, up to `max_batch` rows;
 a batch waits at most `max_wait` seconds after its oldest job arrived for more to come. A full
-queue refuses new jobs (`QueueFull`, with a Retry-After estimate); a job whose deadline passes
+queue refuses new jobs (`QueueFull`, with a Retry-After estimate), and so does admission when the
+job's estimated answer time is past its deadline (`Overloaded`): overload is shed by honest refusals
+at the door, not by timeouts after a minute in the queue. A job whose deadline passes
 before it starts executing fails with `DeadlineExceeded`. Once a job is handed out it is the
-consumer's to finish: the scheduler never fails a running job.
+consumer's to finish: the scheduler never fails a running job, it only marks it `cancelled` (a
+consumer may stop it early).
+
+The wait estimate: a batch costs about the same however full it is (exact batching pads every batch
+to `max_batch` rows), so the time per row-step of a full batch is learnt from executed batches
+(`record_batch`, a moving average plus twice its spread, since a shared machine's batches vary); a new job waits for the rest of the running batch and the batches
+queued ahead of it (a queued batch of its key with room it joins), then runs in its own.
 """
 
 from __future__ import annotations
@@ -29,6 +37,23 @@ class QueueFull(SchedulerError):
         self.retry_after = retry_after
 
 
+class Overloaded(QueueFull):
+    """The job's estimated answer time (queue, then its batch) is past its deadline."""
+
+    def __init__(self, wait: float, budget: float, retry_after: int):
+        SchedulerError.__init__(
+            self,
+            f"the server is overloaded: this request would be answered in about {wait:.1f} s, past its "
+            f"deadline of {budget:.1f} s; retry in {retry_after} s",
+        )
+        self.retry_after, self.wait = retry_after, wait
+
+
+class Cancelled(SchedulerError):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+
+
 class DeadlineExceeded(SchedulerError):
     def __init__(self, waited: float):
         super().__init__(f"the request's deadline passed after {waited:.3f} s in the queue, before it could run")
@@ -42,15 +67,22 @@ class SchedulerClosed(SchedulerError):
 
 @dataclass(eq=False)
 class Job:
-    """One request: `rows` images (or tiles) that must run together with the same `key`."""
+    """One request: `rows` images (or tiles) that must run together with the same `key`; `steps`
+    sampling steps each (its cost is rows x steps row-steps)."""
 
     key: Hashable
     rows: int
     payload: Any
     deadline: float = math.inf  # on the scheduler's clock
+    steps: int = 1
     enqueued: float = 0.0
     started: float | None = None
+    cancelled: bool = False  # its client left: a consumer may drop it between steps
     future: Future = field(default_factory=Future)
+
+    @property
+    def cost(self) -> int:
+        return self.rows * self.steps
 
     @property
     def waited(self) -> float:
@@ -79,6 +111,9 @@ class Scheduler:
         self._closed = False
         self._paused = False
         self._seconds_per_row = 0.0  # exponential moving average of executed batches, for Retry-After
+        self._seconds_per_row_step = 0.0  # the same per row-step of a full batch, for admission
+        self._row_step_spread = 0.0  # moving average of |batch - average|: a busy machine varies
+        self._running_until = 0.0  # when the batch handed out last should end (estimate)
 
     # -- producers -------------------------------------------------------------------------
 
@@ -91,21 +126,26 @@ class Scheduler:
                 raise SchedulerClosed()
             if len(self._queue) >= self.queue_size:
                 raise QueueFull(len(self._queue), self._retry_after())
-            job.enqueued = self.clock()
-            if job.deadline <= job.enqueued:
+            job.enqueued = now = self.clock()
+            if job.deadline <= now:
                 raise DeadlineExceeded(0.0)
+            wait = self._estimated_wait(now, job)
+            if now + wait > job.deadline:
+                budget = job.deadline - now
+                raise Overloaded(wait, budget, max(1, math.ceil(wait - budget)))
             self._queue.append(job)
             self._cond.notify_all()
         return job
 
-    def cancel(self, job: Job) -> bool:
-        """Withdraw a job that has not started (its future fails with DeadlineExceeded). False when the
-        job already started (or finished): then it will complete normally."""
+    def cancel(self, job: Job, error: Exception | None = None) -> bool:
+        """Withdraw a job that has not started (its future fails with `error`, default DeadlineExceeded).
+        False when the job already started (or finished): then it is only marked `cancelled`."""
         with self._cond:
+            job.cancelled = True
             if job not in self._queue:
                 return False
             self._queue.remove(job)
-            _fail(job, DeadlineExceeded(self.clock() - job.enqueued))
+            _fail(job, error or DeadlineExceeded(self.clock() - job.enqueued))
             self._cond.notify_all()
             return True
 
@@ -133,6 +173,7 @@ class Scheduler:
                                 started.append(job)
                         self._cond.notify_all()
                         if started:
+                            self._running_until = now + self._batch_seconds(started)
                             return started
                         continue
                     wake = ready_at
@@ -171,15 +212,43 @@ class Scheduler:
 
     # -- bookkeeping -----------------------------------------------------------------------
 
-    def record_batch(self, seconds: float, rows: int) -> None:
-        """Feed the Retry-After estimate with an executed batch's time."""
+    def record_batch(self, seconds: float, rows: int, steps: int = 1) -> None:
+        """Feed the Retry-After and admission estimates with an executed batch's time."""
         per_row = seconds / max(rows, 1)
+        per_row_step = seconds / (max(rows, self.max_batch) * max(steps, 1))
         with self._cond:
             self._seconds_per_row = per_row if self._seconds_per_row == 0 else 0.8 * self._seconds_per_row + 0.2 * per_row
+            old = self._seconds_per_row_step
+            if old:
+                self._row_step_spread = 0.8 * self._row_step_spread + 0.2 * abs(per_row_step - old)
+            self._seconds_per_row_step = per_row_step if old == 0 else 0.8 * old + 0.2 * per_row_step
+            self._running_until = 0.0
 
     def _retry_after(self) -> int:
         rows = sum(j.rows for j in self._queue)
         return max(1, math.ceil(rows * self._seconds_per_row))
+
+    def _row_step_seconds(self) -> float:
+        """A cautious time per row-step: the average plus twice its spread."""
+        return self._seconds_per_row_step + 2 * self._row_step_spread
+
+    def _batch_seconds(self, jobs: list[Job]) -> float:
+        rows = max(sum(j.rows for j in jobs), self.max_batch)
+        return rows * max(j.steps for j in jobs) * self._row_step_seconds()
+
+    def _estimated_wait(self, now: float, job: Job) -> float:
+        """Seconds until `job`, admitted now, would be answered: the running batch's rest, the batches
+        queued ahead of it (of its own key, those it cannot join), then its own batch (0 until a batch
+        has been timed)."""
+        rows: dict[Hashable, list[int]] = {}
+        for j in self._queue:
+            rows.setdefault(j.key, [0, j.steps])[0] += j.rows
+        own = rows.pop(job.key, [0, job.steps])[0]
+        joins = own % self.max_batch and own % self.max_batch + job.rows <= self.max_batch
+        ahead = sum(math.ceil(n / self.max_batch) * steps for n, steps in rows.values())  # in 1-step batches
+        ahead += (own // self.max_batch if joins else math.ceil(own / self.max_batch)) * job.steps
+        mine = math.ceil(job.rows / self.max_batch) * job.steps
+        return max(self._running_until - now, 0.0) + (ahead + mine) * self.max_batch * self._row_step_seconds()
 
     def pause(self) -> None:
         """Hand out nothing (admission and deadlines go on) until `resume` or `close`."""

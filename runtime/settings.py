@@ -72,8 +72,14 @@ class ServeSettings(ZooSettings):
     )
     queue_size: int = Field(64, ge=1, le=100_000, description="requests admitted and waiting; more get 429")
     request_deadline_s: float = Field(60.0, gt=0, description="a request not started by then gets 504")
+    drain_s: float = Field(30.0, ge=0, description="on shutdown, how long admitted requests may take to finish; "
+                           "then those still queued fail with 503 and the process exits")
 
     max_pixels: int = Field(256 * 256, ge=1, description="most input pixels (width * height) accepted; more get 413")
+    max_work: int = Field(
+        64, ge=1, description="most work one request may ask for, in row-steps (images or super-resolution tiles x "
+        "steps), checked on the image header before anything is decoded; more get 413"
+    )
     max_upload_mb: float = Field(16.0, gt=0, description="largest request body in MiB; more gets 413")
     sr_tile_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="super-resolution tile overlap, fraction of a tile")
 
@@ -86,6 +92,10 @@ class ServeSettings(ZooSettings):
     api_key: SecretStr | None = Field(None, description="enables the admin endpoints (Authorization: Bearer KEY)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    max_header_kb: int = Field(32, ge=1, le=1024, description="largest request head (request line and headers), "
+                               "KiB; more is refused with 431 and the connection closed")
+    read_timeout_s: float = Field(20.0, gt=0, description="a connection that has not sent a whole request (head "
+                                  "and body) this many seconds after it opened, or after its last answer, is closed")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("device")

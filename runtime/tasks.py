@@ -81,6 +81,14 @@ def sr_layout(width: int, height: int, tile: int, align: int, overlap_fraction: 
     return TileLayout(tile, overlap, canvas, out, tuple(Tile(x, y) for y in ys for x in xs))
 
 
+def task_rows(task: str, width: int, height: int, resolution: int, align: int, overlap_fraction: float) -> int:
+    """How many rows (tiles, or one image) `prepare` makes of a `width` x `height` input: known from the
+    image header, before anything is decoded or prepared."""
+    if task == SUPER_RESOLUTION:
+        return len(sr_layout(width, height, resolution, align, overlap_fraction).tiles)
+    return 1
+
+
 @dataclass
 class Work:
     """One request, ready for the engine: `rows` conditions and their starting noise."""

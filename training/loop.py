@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -42,9 +42,10 @@ from ..adapters.architectures import (
     build_adapter,
 )
 from ..adapters.atomic import atomic_directory, write_text
-from ..adapters.zoo import Manifest, load_entry, save_entry
+from ..adapters.zoo import Manifest, load_entry, save_entry, save_file
 from ..runtime.backbone import Backbone, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
+from .checkpoints import CheckpointError, loading, read_state, with_fallback, write_state
 from .codi import build_objective
 from .config import ConfigError, TrainConfig
 
@@ -210,7 +211,7 @@ def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, 
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
             torch.save(rng, tmp / "rng.pt")
             (tmp / "config.json").write_text(config.to_json())
-            state = {
+            state = {  # with the sha256 of every file, verified on resume
                 "step": step,
                 "micro_batches": step * config.grad_accum,
                 "num_processes": accelerator.num_processes,
@@ -218,7 +219,7 @@ def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, 
                 "backbone_fingerprint": fingerprint,
                 "loss": loss,
             }
-            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+            write_state(tmp, state)
         for old in checkpoint_dirs(path.parent.parent)[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -226,17 +227,30 @@ def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, 
 
 def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
                     fingerprint: str) -> int:
-    """Restore weights, EMA, optimizer and this process's RNG states; returns the step."""
-    state = json.loads((path / "state.json").read_text())
-    if state["num_processes"] != accelerator.num_processes:
+    """Restore weights, EMA, optimizer and this process's RNG states; returns the step. Every file is
+    checked against its sha256 first; a bad one raises CheckpointError naming it and the newest intact
+    older checkpoint."""
+    try:
+        return _load_checkpoint(accelerator, path, trainable=trainable, ema=ema, optimizer=optimizer,
+                                generator=generator, fingerprint=fingerprint)
+    except CheckpointError as e:
+        older = [p for p in reversed(checkpoint_dirs(path.parent.parent)) if p.name < path.name]
+        raise with_fallback(e, older) from e.__cause__
+
+
+def _load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
+                     fingerprint: str) -> int:
+    state = read_state(path)
+    if state.get("num_processes") != accelerator.num_processes:
         raise ConfigError(
-            f"checkpoint {path} was written by {state['num_processes']} process(es); this run has "
+            f"checkpoint {path} was written by {state.get('num_processes')} process(es); this run has "
             f"{accelerator.num_processes}: the data stream and RNG states are per process, resume with the same count"
         )
-    if state["backbone_fingerprint"] != fingerprint:
-        raise ConfigError(f"checkpoint {path} was trained on backbone {state['backbone_fingerprint'][:16]}..., "
+    if state.get("backbone_fingerprint") != fingerprint:
+        raise ConfigError(f"checkpoint {path} was trained on backbone {str(state.get('backbone_fingerprint'))[:16]}..., "
                           f"not on the loaded one ({fingerprint[:16]}...)")
-    weights, shadow = load_file(path / "trainable.safetensors"), load_file(path / "ema.safetensors")
+    weights = loading(path, "trainable.safetensors", lambda: load_file(path / "trainable.safetensors"))
+    shadow = loading(path, "ema.safetensors", lambda: load_file(path / "ema.safetensors"))
     if set(weights) != set(trainable) or set(shadow) != set(ema.shadow):
         raise ConfigError(f"checkpoint {path} holds other trainable parameters than this run builds")
     with torch.no_grad():
@@ -244,10 +258,11 @@ def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, 
             p.copy_(weights[name])
         for name, v in ema.shadow.items():
             v.copy_(shadow[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(loading(path, "optimizer.pt",
+                                      lambda: torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)[accelerator.process_index]
+        accelerator.scaler.load_state_dict(loading(path, "scaler.pt", lambda: torch.load(path / "scaler.pt", weights_only=True)))
+    rng = loading(path, "rng.pt", lambda: torch.load(path / "rng.pt", weights_only=True)[accelerator.process_index])
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -31,6 +31,7 @@ from ..runtime.denoiser import ConditionedDenoiser
 from ..runtime.factory import make_text_encoder, make_unet, save_backbone, scheduler_config
 from ..runtime.samplers import initial_noise, sample_with_scheduler
 from ..runtime.text import build_word_tokenizer
+from .checkpoints import CheckpointError, loading, read_state, with_fallback, write_state
 from .data.scenes import caption, render, sample_scene, scene_vocabulary
 
 GRID_CAPTIONS = [
@@ -149,14 +150,18 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
 
     step, ckpt = 0, out / "checkpoint"
     if resume and (ckpt / "state.json").is_file():
-        state = torch.load(ckpt / "training_state.pt", weights_only=False)
-        accelerator.unwrap_model(unet).load_state_dict(state["unet"])
-        accelerator.unwrap_model(text_encoder).load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
-        step = json.loads((ckpt / "state.json").read_text())["step"]
+        try:  # sha256 of every file first (state.json records them), then each part names itself on failure
+            step = read_state(ckpt)["step"]
+            state = loading(ckpt, "training_state.pt", lambda: torch.load(ckpt / "training_state.pt", weights_only=False))
+            loading(ckpt, "training_state.pt (unet)", lambda: accelerator.unwrap_model(unet).load_state_dict(state["unet"]))
+            loading(ckpt, "training_state.pt (text_encoder)",
+                    lambda: accelerator.unwrap_model(text_encoder).load_state_dict(state["text_encoder"]))
+            loading(ckpt, "training_state.pt (optimizer)", lambda: optimizer.load_state_dict(state["optimizer"]))
+            loading(ckpt, "training_state.pt (scheduler)", lambda: scheduler.load_state_dict(state["scheduler"]))
+            loading(ckpt, "training_state.pt (ema)", lambda: ema.load_state_dict(state["ema"]))
+            loading(ckpt, "training_state.pt (torch_rng)", lambda: torch.set_rng_state(state["torch_rng"]))
+        except CheckpointError as e:
+            raise with_fallback(e, []) from e.__cause__  # one checkpoint is kept: there is no older one
         accelerator.print(f"resumed from {ckpt} at step {step}")
     elif resume:
         accelerator.print(f"--resume: no checkpoint in {ckpt}, starting from scratch")
@@ -207,7 +212,7 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
                     },
                     tmp / "training_state.pt",
                 )
-                (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+                write_state(tmp, {"step": step, "loss": loss.item()})
         if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_train_steps):
             with _ema_weights(ema, params):
                 grid = sample_grid(_eval_view(backbone), GRID_CAPTIONS, cfg.sample_steps)
@@ -283,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     if dry:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    final = train(cfg, resume=resume)
+    try:
+        final = train(cfg, resume=resume)
+    except CheckpointError as e:
+        print(f"cdd-pretrain-backbone: {e}", file=sys.stderr)
+        return 2
     print(f"backbone written to {final}")
     return 0
 

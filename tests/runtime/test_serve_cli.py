@@ -82,6 +82,17 @@ def test_invalid_settings_fail_with_the_field(monkeypatch, capsys):
     assert "dtype" in capsys.readouterr().err
 
 
+def test_a_port_in_use_fails_in_seconds_before_the_model_loads(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        code = main(["--port", str(port), "--zoo", str(tmp_path), "--backbone", str(tmp_path)])
+    assert code == 2 and time.monotonic() - t0 < 5
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,7 +111,8 @@ def test_cdd_serve_process_serves_logs_json_and_drains_on_sigterm(tmp_path):
     save_entry(tmp_path / "zoo" / "depth", adapter, name="depth", task="depth", backbone_fingerprint=bb.fingerprint,
                condition={"channels": 3, "range": [0, 1], "resolution": 16}, steps=1)
     port = _free_port()
-    env = {**os.environ, "CDD_ZOO": str(tmp_path / "zoo"), "CDD_MAX_BATCH": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "CDD_ZOO": str(tmp_path / "zoo"), "CDD_MAX_BATCH": "2", "PYTHONUNBUFFERED": "1",
+           "CDD_READ_TIMEOUT_S": "1", "CDD_MAX_HEADER_KB": "8", "CDD_DRAIN_S": "5"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cdd.runtime.cli", "--backbone", str(tmp_path / "backbone"), "--port", str(port),
          "--threads", "1"],
@@ -129,13 +141,49 @@ def test_cdd_serve_process_serves_logs_json_and_drains_on_sigterm(tmp_path):
         with urllib.request.urlopen(req, timeout=60) as r:
             assert r.status == 200 and r.headers["X-CDD-Seed"] == "5"
             assert Image.open(io.BytesIO(r.read())).size == (16, 16)
+        # limits that hold whatever HTTP parser is installed: a head over max_header_kb is refused, a client
+        # that does not finish its request within read_timeout_s is closed, /healthz stays fast meanwhile
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 16384 + b"\r\n\r\n")
+            assert c.recv(100).startswith(b"HTTP/1.1 431")
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+        for c in slow:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # ... and never the rest
+        t0 = time.monotonic()
+        assert _get(f"{base}/healthz")[0] == 200
+        assert time.monotonic() - t0 < 1
+        time.sleep(1.5)
+        for c in slow:
+            assert c.recv(100) == b""  # closed by the server
+            c.close()
+        head = urllib.request.Request(f"{base}/healthz", method="HEAD")
+        with urllib.request.urlopen(head, timeout=5) as r:
+            assert r.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
-    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal once it has drained
+    assert proc.returncode == 0, out  # a clean drain after SIGTERM is a clean exit
     assert "Application shutdown complete." in out
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(lines) == len(out.splitlines()), out  # every log line is JSON
     access = [x for x in lines if x["logger"] == "cdd.serve.access" and x["path"] == "/v1/tasks/depth"]
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["seed"] == 5
     assert any(x["logger"] == "cdd.serve" and x["msg"] == "serving" for x in lines)
+
+
+def test_warnings_and_uncaught_exceptions_are_json_log_lines():
+    code = (
+        "import threading, warnings\n"
+        "from cdd.runtime.logs import configure\n"
+        "configure('info')\n"
+        "warnings.warn('an odd image')\n"
+        "t = threading.Thread(target=lambda: 1 / 0, name='worker'); t.start(); t.join()\n"
+        "raise RuntimeError('at exit')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert len(records) == 3, proc.stderr
+    assert records[0]["logger"] == "py.warnings" and "an odd image" in records[0]["msg"]
+    assert records[1]["logger"] == "cdd.crash" and "worker" in records[1]["msg"] and "ZeroDivisionError" in records[1]["exc"]
+    assert "RuntimeError: at exit" in records[2]["exc"]

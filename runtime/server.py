@@ -1,0 +1,133 @@
+"""The HTTP server under `cdd-serve`: uvicorn with limits that hold whatever HTTP parser is installed.
+
+- The socket is bound before the model loads, so a port in use fails in a second, not after warm-up.
+- The h11 parser always (httptools, when installed, has no header size limit), and a request head
+  (request line and headers) over `max_header_kb` is refused with 431 and the connection closed,
+  counted here as the bytes arrive (h11's own limit only applies to a head that arrives in pieces).
+- A read deadline per request: a connection that has not sent a whole request (head and body)
+  `read_timeout_s` after it opened, or after its last answer, is closed (slowloris).
+- A clean drain after SIGTERM or SIGINT exits with status 0 (uvicorn re-raises the signal: 143).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .settings import ServeSettings
+
+log = logging.getLogger("cdd.serve")
+STARTUP_FAILURE = 3
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for reading each request and a bound on its head."""
+
+    read_timeout: float = 20.0
+    max_head_bytes: int = 32 * 1024
+    _read_deadline = None
+    _head: bytearray | None = None  # the request head so far, until its blank line
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head = bytearray()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is not None:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if (len(self._head) if end < 0 else end + 4) > self.max_head_bytes:
+                self._refuse_head()
+                return
+            if end >= 0:
+                self._head = None
+        super().data_received(data)
+
+    def _refuse_head(self) -> None:
+        self._head = None
+        body = json.dumps({"error": {"code": "headers_too_large", "message":
+                                     f"the request head is larger than {self.max_head_bytes // 1024} KiB"}}).encode()
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            self._disarm()  # the whole request is in: the app has it
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._head = bytearray()
+            self._arm()  # the next request on this connection gets its own deadline
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._read_deadline = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_timed_out(self) -> None:
+        self._read_deadline = None
+        if not self.transport.is_closing():
+            client = self.client[0] if self.client else None
+            log.info("closed a connection that did not send its request in time",
+                     extra={"fields": {"client": client, "read_timeout_s": self.read_timeout}})
+            self.transport.close()
+
+
+class Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()  # drained cleanly: exit 0, not the signal's 143
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening; OSError when the address is in use."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def config(app, settings: ServeSettings) -> uvicorn.Config:
+    protocol = type("GuardedH11Protocol", (GuardedH11Protocol,),
+                    {"read_timeout": settings.read_timeout_s, "max_head_bytes": settings.max_header_kb * 1024})
+    return uvicorn.Config(
+        app,
+        http=protocol,
+        h11_max_incomplete_event_size=settings.max_header_kb * 1024,
+        log_config=None,
+        access_log=False,  # one JSON line per request comes from the app itself
+        timeout_graceful_shutdown=max(1, round(settings.drain_s)),
+    )
+
+
+def serve(app, settings: ServeSettings, sock: socket.socket) -> int:
+    """Run until SIGTERM/SIGINT (then drain); the exit status."""
+    server = Server(config(app, settings))
+    server.run(sockets=[sock])
+    return 0 if server.started else STARTUP_FAILURE

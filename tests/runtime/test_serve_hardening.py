@@ -1,0 +1,234 @@
+"""The service against hostile or careless input (FastAPI TestClient, lifespan included, a tiny latent
+backbone): work limits checked on the header, admission by estimated wait, cancelled requests, entries
+that cannot serve refused at registration, no server paths or directory listings, no Host reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cdd.adapters.architectures import build_adapter
+from cdd.adapters.zoo import ADAPTER_FILE, MANIFEST, save_entry, sha256_file
+from cdd.runtime.app import APIError, _run, create_app
+from cdd.runtime.factory import make_backbone, save_backbone
+from cdd.runtime.settings import ServeSettings
+from cdd.runtime.tasks import blank_work
+
+RES = 16
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def save(bb, zoo, name, task, kind="controlnet", steps=1, **kw):
+    adapter = build_adapter(kind, bb.unet, bb.vae_scale_factor)
+    save_entry(zoo / name, adapter, name=name, task=task, backbone_fingerprint=bb.fingerprint,
+               condition={"channels": 3, "range": [0, 1], "resolution": RES}, steps=steps, **kw)
+    return zoo / name
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hardening")
+    bb = make_backbone("latent", resolution=RES, seed=5)
+    save_backbone(bb, root / "backbone")
+    zoo = root / "zoo"
+    save(bb, zoo, "sr", "super-resolution", steps=2, training={"backbone": "/secret/server/path", "method": "codi"})
+    save(bb, zoo, "depth", "depth")
+    (zoo / "broken").mkdir()
+    manifest = json.loads((zoo / "depth" / MANIFEST).read_text())
+    (zoo / "broken" / MANIFEST).write_text(json.dumps({**manifest, "name": ["x"]}))
+    return {"root": root, "backbone": bb, "zoo": zoo}
+
+
+@pytest.fixture(scope="module")
+def app(world):
+    s = ServeSettings(backbone=world["root"] / "backbone", zoo=world["zoo"], max_batch=2, max_wait_ms=0,
+                      max_pixels=64 * 64, max_work=8, api_key=KEY, warmup=False)
+    app = create_app(s)
+    with TestClient(app) as client:
+        assert app.state.engine.wait_ready(60)
+        yield app, client
+
+
+@pytest.fixture
+def client(app):
+    return app[1]
+
+
+def png(w, h, seed=0):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def post(client, task, image, **form):
+    return client.post(f"/v1/tasks/{task}", files={"image": ("in.png", image, "image/png")},
+                       data={k: str(v) for k, v in form.items()})
+
+
+def error(r, status, code):
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    return r.json()["error"]["message"]
+
+
+def header_only_png(w, h):
+    """A PNG header and the start of an IDAT chunk of junk: anything that decodes it fails."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+            + struct.pack(">I", 1000) + b"IDAT" + b"junk")
+
+
+def test_work_over_the_budget_is_413_from_the_header(client):
+    # a 1 x 4096 strip is few pixels but, x4 and tiled at 16 px, hundreds of tiles: refused before decoding
+    t0 = time.monotonic()
+    message = error(post(client, "super-resolution", header_only_png(4096, 1)), 413, "too_much_work")
+    assert time.monotonic() - t0 < 5
+    assert "max_work" in message and "is 8" in message and "row-steps" in message
+    # a 4x4 input is one 16-px tile: 1 row x 2 steps fits; 8 steps would not, but steps are at most 4
+    assert post(client, "super-resolution", png(4, 4), seed=1).status_code == 200
+    assert post(client, "super-resolution", png(8, 8), seed=1, steps=2).status_code == 413  # 9 tiles x 2
+
+
+def test_overloaded_queue_refuses_with_429_and_an_honest_retry_after(app):
+    _, client = app
+    engine = app[0].state.engine
+    engine.scheduler.record_batch(seconds=2.0, rows=2, steps=1)  # as if a 1-step batch took 2 s
+    engine.pause()
+    try:
+        done = []
+        first = threading.Thread(target=lambda: done.append(post(client, "depth", png(16, 16), seed=1)))
+        first.start()
+        while len(engine.scheduler) < 1:
+            time.sleep(0.01)
+        engine.scheduler.record_batch(seconds=2.0, rows=2, steps=1)
+        r = client.post("/v1/tasks/depth", files={"image": ("a.png", png(16, 16), "image/png")},
+                        headers={"X-CDD-Deadline-Ms": "500"})
+        message = error(r, 429, "overloaded")
+        assert "would be answered in about 2.0 s" in message
+        assert int(r.headers["retry-after"]) >= 1
+    finally:
+        engine.resume()
+    first.join(60)
+    assert done[0].status_code == 200
+
+
+def test_a_request_whose_client_left_is_withdrawn_from_the_queue(app):
+    engine = app[0].state.engine
+    reg = engine.pool.get("depth")
+    work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, engine.backbone.model_channels,
+                      engine.backbone.vae_scale_factor, 1, "prev")
+    engine.pause()
+    try:
+        with pytest.raises(APIError) as e:
+            asyncio.run(_run(engine, work, time.monotonic() + 30, lambda: asyncio.sleep(0.05)))
+        assert e.value.status == 499 and e.value.code == "client_closed"
+        assert len(engine.scheduler) == 0
+    finally:
+        engine.resume()
+
+
+def test_registration_runs_the_entry_once_and_refuses_one_that_cannot_serve(client, world, tmp_path):
+    bb = world["backbone"]
+    good = save(bb, tmp_path, "colorize", "colorize")
+    other = save(bb, tmp_path, "other", "depth", kind="t2i")
+    # another adapter's weights under a manifest that lists their (correct) sha256: verification passes
+    (good / ADAPTER_FILE).write_bytes((other / ADAPTER_FILE).read_bytes())
+    m = json.loads((good / MANIFEST).read_text())
+    m["files"][ADAPTER_FILE] = sha256_file(good / ADAPTER_FILE)
+    (good / MANIFEST).write_text(json.dumps(m))
+    message = error(client.post("/v1/adapters", json={"path": str(good)}, headers=AUTH), 422, "invalid_zoo_entry")
+    assert "colorize" in message and "does not" in message
+    assert "colorize" not in {t["task"] for t in client.get("/v1/tasks").json()["tasks"]}  # not left registered
+
+
+def test_registration_errors_never_list_a_folder(client, tmp_path):
+    (tmp_path / "private-folder-name").mkdir()
+    (tmp_path / "secret.txt").write_text("x")
+    message = error(client.post("/v1/adapters", json={"path": str(tmp_path)}, headers=AUTH), 422, "invalid_zoo_entry")
+    assert "private-folder-name" not in message and "secret" not in message
+    error(client.post("/v1/adapters", json={"path": "a" * 5000}, headers=AUTH), 422, "invalid_parameter")
+    error(client.post("/v1/adapters", json={"path": "x" * 300}, headers=AUTH), 422, "invalid_zoo_entry")
+
+
+def test_bad_manifest_is_422_naming_the_field(client, world, tmp_path):
+    entry = save(world["backbone"], tmp_path, "typed", "depth")
+    m = json.loads((entry / MANIFEST).read_text())
+    for field, value in (("steps", "abc"), ("name", ["x"]), ("files", ["adapter.safetensors"]), ("name", "depth-✓"),
+                         ("name", ".."), ("name", "<img src=x onerror=alert(1)>")):
+        (entry / MANIFEST).write_text(json.dumps({**m, field: value}))
+        message = error(client.post("/v1/adapters", json={"path": str(entry)}, headers=AUTH), 422, "invalid_zoo_entry")
+        assert f"'{field}" in message, message
+
+
+def test_a_bad_entry_in_the_zoo_is_skipped_and_named(world, caplog):
+    s = ServeSettings(backbone=world["root"] / "backbone", zoo=world["zoo"], warmup=False)
+    with caplog.at_level(logging.ERROR, logger="cdd.serve"), TestClient(create_app(s)) as c:
+        names = {a["name"] for t in c.get("/v1/tasks").json()["tasks"] for a in t["adapters"]}
+    assert names == {"sr", "depth"}
+    assert any("broken" in r.getMessage() and "'name'" in r.getMessage() for r in caplog.records)
+
+
+def test_tasks_list_shows_no_server_paths(client, world):
+    text = client.get("/v1/tasks").text
+    assert "/secret/server/path" not in text and str(world["root"]) not in text
+    sr = next(t for t in client.get("/v1/tasks").json()["tasks"] if t["task"] == "super-resolution")
+    assert sr["adapters"][0]["manifest"]["training"] == {"method": "codi"}
+
+
+def test_head_healthz_and_no_host_reflecting_redirect(client):
+    r = client.head("/healthz")
+    assert r.status_code == 200 and r.content == b""
+    r = client.get("/v1/tasks/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers
+    assert "evil.example" not in r.text
+
+
+def test_playground_never_parses_server_data_as_html(client):
+    page = client.get("/").text
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "outerHTML" not in page
+    assert "textContent" in page
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_truncated_images_are_400(client, frames):
+    a = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    imgs = [Image.fromarray(a), Image.fromarray(a[::-1].copy())][:frames]
+    for fmt in ("GIF", "TIFF"):
+        buf = io.BytesIO()
+        imgs[0].save(buf, format=fmt, save_all=True, append_images=imgs[1:])
+        data = buf.getvalue()
+        cut = data[: len(data) - 40] if fmt == "GIF" else data[: len(data) // 2]
+        error(client.post("/v1/tasks/depth", files={"image": ("a", cut, "application/octet-stream")}), 400,
+              "corrupt_image")
+
+
+def test_scheduler_admission_estimate():
+    from cdd.runtime.scheduler import Job, Overloaded, Scheduler
+
+    s = Scheduler(max_batch=4, max_wait=0.0, queue_size=100, clock=lambda: 100.0)
+    s.submit(Job("a", 1, None, deadline=100.5, steps=2))  # no batch timed yet: admitted
+    s.record_batch(seconds=1.0, rows=4, steps=2)  # 0.125 s per row-step of a full batch
+    for _ in range(7):  # 8 rows of 2 steps: 2 full batches of 4 ahead, 1 s each
+        s.submit(Job("a", 1, None, deadline=200.0, steps=2))
+    with pytest.raises(Overloaded) as e:  # ... then its own batch: answered in 3 s
+        s.submit(Job("a", 1, None, deadline=101.5, steps=2))
+    assert e.value.wait == pytest.approx(3.0) and e.value.retry_after == 2
+    s.submit(Job("a", 1, None, deadline=103.5, steps=2))  # 3 s fits a 3.5 s budget
+    s.submit(Job("a", 1, None, deadline=103.5, steps=2))  # joins the batch with room: still 3 s
+    with pytest.raises(Overloaded):
+        s.submit(Job("b", 1, None, deadline=103.5, steps=2))  # another key: its own batch after all of a's
+    j = s.submit(Job("b", 1, None, deadline=200.0))
+    assert s.cancel(j) and j.cancelled and j not in s._queue
