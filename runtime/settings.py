@@ -23,17 +23,27 @@ class ServeSettings(BaseSettings):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations dtype")
 
-    max_batch: int = Field(4, ge=1, le=256, description="rows (images or tiles) per executed batch")
+    batching: Literal["step", "request"] = Field(
+        "step",
+        description="step: step-level continuous batching, one backbone call per denoising step serves every row in "
+        "flight whatever its task, adapter, steps or sampler, and new requests join at the next step; request: the "
+        "older per-adapter batching, a batch of one adapter, steps and sampler runs its whole loop before the next",
+    )
+    max_batch: int = Field(4, ge=1, le=256, description="rows (images or tiles) per executed batch (rows in flight)")
     max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits for more requests")
     exact_batching: bool = Field(
-        True,
+        False,
         description="execute every batch at exactly max_batch rows (zero-padded), so a request's bytes do not "
-        "depend on what it was batched with; false: power-of-two buckets, less padding, last-bit differences",
+        "depend on what it was batched with; false: buckets that fit the device (every size on a CPU, powers of "
+        "two on CUDA, where each bucket is a captured graph), less padding, last-bit differences",
     )
     queue_size: int = Field(64, ge=1, le=100_000, description="requests admitted and waiting; more get 429")
     request_deadline_s: float = Field(60.0, gt=0, description="a request not started by then gets 504")
 
-    max_pixels: int = Field(256 * 256, ge=1, description="most input pixels (width * height) accepted; more get 413")
+    max_pixels: int = Field(256 * 256, ge=1, description="most input pixels (width * height) a task computes on; "
+                            "super-resolution refuses more with 413, tasks that resize (depth, edit) downscale to it")
+    max_decode_pixels: int = Field(4096 * 4096, ge=1, description="decode-safety limit: most pixels an upload may "
+                                   "have at all (checked on its header, before decoding); more get 413")
     max_upload_mb: float = Field(16.0, gt=0, description="largest request body in MiB; more gets 413")
     sr_tile_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="super-resolution tile overlap, fraction of a tile")
 
@@ -95,9 +105,13 @@ class ServeSettings(BaseSettings):
         return int(self.memory_budget_mb * 1024 * 1024)
 
     def batch_buckets(self) -> tuple[int, ...]:
-        """The batch sizes a batch is executed at (padded up to the smallest that fits)."""
+        """The batch sizes a batch is executed at (padded up to the smallest that fits). On a CPU every size
+        is its own bucket (nothing to capture, so padding would only cost); on CUDA powers of two, each a
+        captured graph."""
         if self.exact_batching:
             return (self.max_batch,)
+        if self.torch_device.type != "cuda":
+            return tuple(range(1, self.max_batch + 1))
         sizes, b = [], 1
         while b < self.max_batch:
             sizes.append(b)
