@@ -2,14 +2,17 @@
 
 An upload's header is read first (PIL's `Image.open` reads only the header) and its size is checked
 against the pixel limit before a single pixel is decoded, so a decompression bomb never allocates.
+Tasks that resize their input anyway take images up to a larger decode-safety limit and downscale them.
 """
 
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # Raster formats only: PIL can also open formats whose decoders run external programs (EPS).
@@ -24,12 +27,15 @@ class ImageError(ValueError):
         self.status, self.code = status, code
 
 
-def decode_image(data: bytes, max_pixels: int, channels: int = 3) -> torch.Tensor:
+def decode_image(data: bytes, max_pixels: int, channels: int = 3, max_decode_pixels: int | None = None) -> torch.Tensor:
     """Bytes of an image file -> float32 [channels, H, W] in [0, 1].
 
     415: not an image in an accepted format; 413: more than `max_pixels` pixels (checked on the header,
     before decoding); 400: a corrupt or truncated file. 8-bit images are divided by 255, 16-bit
-    grayscale (a depth map) by 65535."""
+    grayscale (a depth map) by 65535. With `max_decode_pixels` (for tasks that resize their input
+    anyway) the limit is that instead, and a larger image than `max_pixels` is downscaled to fit in it
+    (bicubic, antialiased, aspect ratio kept)."""
+    limit = max(max_pixels, max_decode_pixels or 0)
     if not data:
         raise ImageError(400, "empty_image", "the uploaded image is empty")
     try:
@@ -45,15 +51,20 @@ def decode_image(data: bytes, max_pixels: int, channels: int = 3) -> torch.Tenso
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError(400, "corrupt_image", f"the image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
+    if width * height > limit:
         raise ImageError(
-            413, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            413, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; the limit is {limit}"
         )
     try:
         img.load()
-        return _to_tensor(img, channels)
+        x = _to_tensor(img, channels)
     except Exception as e:  # noqa: BLE001 - truncated / corrupt data surfaces here
         raise ImageError(400, "corrupt_image", f"the image cannot be decoded: {type(e).__name__}: {e}") from e
+    if width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        size = (max(1, int(height * scale)), max(1, int(width * scale)))
+        x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
+    return x
 
 
 def _to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
