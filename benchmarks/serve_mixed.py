@@ -1,0 +1,158 @@
+"""Mixed traffic: step-level batching across tasks vs per-adapter batching, side by side in one run.
+
+Three tasks (super-resolution, depth, edit) of the embedded zoo (or --zoo), each request with 1, 2 or 4
+steps drawn at random, arrive as a Poisson process. Both batching modes of the engine serve the same
+request sequence (same images, seeds, steps and arrival times):
+
+  request  per-adapter batching: a batch holds requests of one adapter with the same steps and sampler,
+           and runs its whole sampling loop before the next batch starts
+  step     step-level batching: one backbone call per denoising step for every row in flight, whatever
+           its task, steps or sampler; a request joins at the next step and leaves after its last
+
+Two measurements per mode:
+  capacity  all requests queued at once (a closed burst): completed requests per second
+  open      arrivals at --load (default 0.8) of the per-adapter mode's capacity, bounded to --requests:
+            throughput, and latency (arrival to answer) p50 / p99
+
+Measured at the engine (queue, text, sampling, decode), without HTTP. Absolute times mean little on a
+shared CPU; compare the two rows of one run. Examples:
+
+  nice -n 10 python benchmarks/serve_mixed.py                       # embedded zoo, CPU, 1 thread
+  python benchmarks/serve_mixed.py --device cuda --requests 400
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cdd-serve sets it (see runtime/cli.py)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import wait  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cdd.runtime.engine import Engine  # noqa: E402
+from cdd.runtime.settings import ServeSettings  # noqa: E402
+
+TASKS = {  # task -> (adapter, input side in pixels, prompt)
+    "super-resolution": ("super-resolution", 16, ""),
+    "depth": ("depth", 64, "a red sphere on a checkered floor"),
+    "edit": ("edit", 64, "make the sphere blue"),
+}
+STEPS = (1, 2, 4)
+
+
+def requests(engine: Engine, n: int, seed: int) -> list:
+    """n prepared requests (Work), tasks and steps drawn uniformly."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        task = rng.choice(sorted(TASKS))
+        adapter, side, prompt = TASKS[task]
+        reg = engine.pool.get(adapter)
+        image = torch.rand(3, side, side, generator=g)
+        out.append(engine.prepare(reg, image, steps=rng.choice(STEPS), sampler=reg.manifest.sampler, seed=1000 + i,
+                                  prompt=prompt))
+    return out
+
+
+def serve(engine: Engine, works: list, arrivals: list[float]) -> dict:
+    """Submit works[i] at arrivals[i] seconds from now; wait for all. Throughput and latency figures."""
+    done: list[float | None] = [None] * len(works)
+    submitted: list[float] = [0.0] * len(works)
+    jobs = []
+    t0 = time.perf_counter()
+    for i, (work, at) in enumerate(zip(works, arrivals)):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        submitted[i] = time.perf_counter()
+        job = engine.submit(work)
+
+        def finished(_, i=i):
+            done[i] = time.perf_counter()
+
+        job.future.add_done_callback(finished)
+        jobs.append(job)
+    wait([j.future for j in jobs], timeout=3600)
+    for j in jobs:
+        j.future.result(timeout=0)  # raise what failed
+    latency = np.array([d - s for d, s in zip(done, submitted)])
+    span = max(done) - t0
+    return {
+        "requests": len(works),
+        "seconds": span,
+        "throughput_rps": len(works) / span,
+        "p50_s": float(np.percentile(latency, 50)),
+        "p99_s": float(np.percentile(latency, 99)),
+        "mean_s": float(latency.mean()),
+    }
+
+
+def engine_for(args, batching: str) -> Engine:
+    s = ServeSettings(backbone=args.backbone, zoo=args.zoo, device=args.device, dtype=args.dtype, batching=batching,
+                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=max(64, 2 * args.requests),
+                      request_deadline_s=3600)
+    engine = Engine(s).start()
+    if not engine.wait_ready(600) or engine.warmup_error:
+        raise SystemExit(f"{batching}: warm-up failed: {engine.warmup_error}")
+    return engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", help="backbone folder (default: the embedded backbone)")
+    p.add_argument("--zoo", help="zoo folder with super-resolution, depth and edit entries (default: the embedded zoo)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-batch", type=int, default=4, help="rows per batch (request) / rows in flight (step)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--requests", type=int, default=48, help="requests per measurement (bounded)")
+    p.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of the per-adapter capacity")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: immune to a busy shared CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    engines = {mode: engine_for(args, mode) for mode in ("request", "step")}
+    try:
+        works = requests(engines["step"], args.requests, args.seed)
+        rows = {}
+        for mode, engine in engines.items():  # capacity: everything queued at once
+            rows[mode] = {"capacity": serve(engine, works, [0.0] * len(works))}
+        rate = args.load * rows["request"]["capacity"]["throughput_rps"]
+        rng = random.Random(args.seed + 1)
+        arrivals, at = [], 0.0
+        for _ in works:
+            arrivals.append(at)
+            at += rng.expovariate(rate)
+        for mode, engine in engines.items():
+            rows[mode]["open"] = serve(engine, works, arrivals)
+    finally:
+        for engine in engines.values():
+            engine.stop()
+
+    print(f"{len(works)} requests, tasks {', '.join(sorted(TASKS))}, steps {STEPS}, max_batch {args.max_batch}, "
+          f"{args.device} {args.dtype}, {args.threads} thread(s); open loop at {rate:.2f} req/s "
+          f"({args.load:.0%} of the per-adapter capacity)")
+    print(f"{'batching':10} {'capacity req/s':>15} {'open req/s':>11} {'p50 s':>7} {'p99 s':>7}")
+    for mode, r in rows.items():
+        c, o = r["capacity"], r["open"]
+        print(f"{mode:10} {c['throughput_rps']:15.2f} {o['throughput_rps']:11.2f} {o['p50_s']:7.2f} {o['p99_s']:7.2f}")
+    s, q = rows["step"], rows["request"]
+    print(f"step / request: capacity x{s['capacity']['throughput_rps'] / q['capacity']['throughput_rps']:.2f}, "
+          f"open-loop p50 x{s['open']['p50_s'] / q['open']['p50_s']:.2f}, p99 x{s['open']['p99_s'] / q['open']['p99_s']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rate_rps": rate, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
