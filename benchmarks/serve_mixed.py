@@ -63,7 +63,20 @@ def requests(engine: Engine, n: int, seed: int) -> list:
 
 
 def serve(engine: Engine, works: list, arrivals: list[float]) -> dict:
-    """Submit works[i] at arrivals[i] seconds from now; wait for all. Throughput and latency figures."""
+    """Submit works[i] at arrivals[i] seconds from now; wait for all. Throughput and latency figures, and
+    how many backbone (UNet) calls served how many rows."""
+    calls = []
+    hook = engine.backbone.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[0].shape[0])))
+    try:
+        out = _serve(engine, works, arrivals)
+    finally:
+        hook.remove()
+    out["unet_calls"] = len(calls)
+    out["rows_per_unet_call"] = sum(calls) / max(len(calls), 1)
+    return out
+
+
+def _serve(engine: Engine, works: list, arrivals: list[float]) -> dict:
     done: list[float | None] = [None] * len(works)
     submitted: list[float] = [0.0] * len(works)
     jobs = []
@@ -116,42 +129,54 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=48, help="requests per measurement (bounded)")
     p.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of the per-adapter capacity")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: immune to a busy shared CPU)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat both modes' measurements, alternating")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     engines = {mode: engine_for(args, mode) for mode in ("request", "step")}
+    rounds = []
     try:
         works = requests(engines["step"], args.requests, args.seed)
-        rows = {}
-        for mode, engine in engines.items():  # capacity: everything queued at once
-            rows[mode] = {"capacity": serve(engine, works, [0.0] * len(works))}
-        rate = args.load * rows["request"]["capacity"]["throughput_rps"]
-        rng = random.Random(args.seed + 1)
-        arrivals, at = [], 0.0
-        for _ in works:
-            arrivals.append(at)
-            at += rng.expovariate(rate)
-        for mode, engine in engines.items():
-            rows[mode]["open"] = serve(engine, works, arrivals)
+        # the modes alternate, measurement by measurement: a shared CPU's load drifts over minutes
+        for r in range(args.rounds):
+            rows = {}
+            for mode, engine in engines.items():  # capacity: everything queued at once
+                rows[mode] = {"capacity": serve(engine, works, [0.0] * len(works))}
+            rate = args.load * rows["request"]["capacity"]["throughput_rps"]
+            rng = random.Random(args.seed + 1 + r)
+            arrivals, at = [], 0.0
+            for _ in works:
+                arrivals.append(at)
+                at += rng.expovariate(rate)
+            for mode, engine in engines.items():
+                rows[mode]["open"] = serve(engine, works, arrivals)
+            rounds.append({"rate_rps": rate, "rows": rows})
+            report(args, len(works), r, rate, rows)
     finally:
         for engine in engines.values():
             engine.stop()
-
-    print(f"{len(works)} requests, tasks {', '.join(sorted(TASKS))}, steps {STEPS}, max_batch {args.max_batch}, "
-          f"{args.device} {args.dtype}, {args.threads} thread(s); open loop at {rate:.2f} req/s "
-          f"({args.load:.0%} of the per-adapter capacity)")
-    print(f"{'batching':10} {'capacity req/s':>15} {'open req/s':>11} {'p50 s':>7} {'p99 s':>7}")
-    for mode, r in rows.items():
-        c, o = r["capacity"], r["open"]
-        print(f"{mode:10} {c['throughput_rps']:15.2f} {o['throughput_rps']:11.2f} {o['p50_s']:7.2f} {o['p99_s']:7.2f}")
-    s, q = rows["step"], rows["request"]
-    print(f"step / request: capacity x{s['capacity']['throughput_rps'] / q['capacity']['throughput_rps']:.2f}, "
-          f"open-loop p50 x{s['open']['p50_s'] / q['open']['p50_s']:.2f}, p99 x{s['open']['p99_s'] / q['open']['p99_s']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rate_rps": rate, "rows": rows}, f, indent=2)
+            json.dump({"args": vars(args), "rounds": rounds}, f, indent=2)
+
+
+def report(args, n: int, r: int, rate: float, rows: dict) -> None:
+    print(f"round {r + 1}: {n} requests, tasks {', '.join(sorted(TASKS))}, steps {STEPS}, max_batch {args.max_batch}, "
+          f"{args.device} {args.dtype}, {args.threads} thread(s); open loop at {rate:.3f} req/s "
+          f"({args.load:.0%} of the per-adapter capacity)")
+    print(f"{'batching':10} {'capacity req/s':>15} {'rows/UNet call':>15} {'open req/s':>11} {'p50 s':>7} {'p99 s':>7}"
+          f" {'UNet calls':>11}")
+    for mode, row in rows.items():
+        c, o = row["capacity"], row["open"]
+        print(f"{mode:10} {c['throughput_rps']:15.3f} {c['rows_per_unet_call']:15.2f} {o['throughput_rps']:11.3f} "
+              f"{o['p50_s']:7.2f} {o['p99_s']:7.2f} {o['unet_calls']:11d}")
+    s, q = rows["step"], rows["request"]
+    print(f"step / request: capacity x{s['capacity']['throughput_rps'] / q['capacity']['throughput_rps']:.2f}, "
+          f"open-loop throughput x{s['open']['throughput_rps'] / q['open']['throughput_rps']:.2f}, "
+          f"p50 x{s['open']['p50_s'] / q['open']['p50_s']:.2f}, p99 x{s['open']['p99_s'] / q['open']['p99_s']:.2f}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -199,13 +199,20 @@ class Engine:
                 if not isinstance(e, AdapterGone):
                     log.exception("request failed to start")
                 job.future.set_exception(e)
+        failed: set[int] = set()
+        for f in self._flights:  # unregistered while in flight: only its own requests fail
+            try:
+                self.pool.get(f.reg.name)
+            except AdapterGone as e:
+                f.payload.future.set_exception(e)
+                failed.add(id(f))
+        self._flights = [f for f in self._flights if id(f) not in failed]
         if not self._flights:
-            return bool(jobs)
+            return bool(jobs) or bool(failed)
         t0 = time.perf_counter()
         groups: dict[tuple, list[Flight]] = {}
         for f in self._flights:
             groups.setdefault(f.group, []).append(f)
-        failed: set[int] = set()
         with self._lock:
             for group in groups.values():
                 try:

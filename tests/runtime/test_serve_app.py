@@ -229,8 +229,17 @@ def test_swapping_a_b_a_leaves_a_unchanged(app):
     assert len(slots) == 1  # sr, sr-b and depth share one live slot
 
 
-def test_mixed_tasks_concurrently_give_the_bytes_of_requests_sent_one_by_one(app):
-    service, client = app
+@pytest.fixture(scope="module")
+def exact_app(world):
+    """Exact batching: every adapter and backbone call at max_batch rows, so bytes cannot depend on company."""
+    app = create_app(settings(world, exact_batching=True, warmup=False))
+    with TestClient(app) as client:
+        assert app.state.engine.wait_ready(120)
+        yield app, client
+
+
+def test_mixed_tasks_concurrently_give_the_bytes_of_requests_sent_one_by_one(exact_app):
+    service, client = exact_app
     engine = service.state.engine
     requests = [
         ("super-resolution", png(4, 4, 1), {"seed": 1}),
