@@ -9,9 +9,13 @@ request sequence (same images, seeds, steps and arrival times):
   step     step-level batching: one backbone call per denoising step for every row in flight, whatever
            its task, steps or sampler; a request joins at the next step and leaves after its last
 
+`--modes request-exact,request,step` adds the per-adapter batching as it shipped before (every batch
+zero-padded to max_batch rows, `exact_batching=true`), so that the gain of buckets that fit the device
+(no padding on a CPU) and the gain of step-level batching show apart.
+
 Two measurements per mode:
   capacity  all requests queued at once (a closed burst): completed requests per second
-  open      arrivals at --load (default 0.8) of the per-adapter mode's capacity, bounded to --requests:
+  open      arrivals at --load (default 0.8) of the first mode's capacity, bounded to --requests:
             throughput, and latency (arrival to answer) p50 / p99
 
 Measured at the engine (queue, text, sampling, decode), without HTTP. Absolute times mean little on a
@@ -108,13 +112,20 @@ def _serve(engine: Engine, works: list, arrivals: list[float]) -> dict:
     }
 
 
-def engine_for(args, batching: str) -> Engine:
-    s = ServeSettings(backbone=args.backbone, zoo=args.zoo, device=args.device, dtype=args.dtype, batching=batching,
+MODES = {  # name -> settings
+    "request-exact": {"batching": "request", "exact_batching": True},  # per-adapter batching as it shipped
+    "request": {"batching": "request"},  # per-adapter batching, buckets that fit the device
+    "step": {"batching": "step"},
+}
+
+
+def engine_for(args, mode: str) -> Engine:
+    s = ServeSettings(backbone=args.backbone, zoo=args.zoo, device=args.device, dtype=args.dtype, **MODES[mode],
                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=max(64, 2 * args.requests),
                       request_deadline_s=3600)
     engine = Engine(s).start()
     if not engine.wait_ready(600) or engine.warmup_error:
-        raise SystemExit(f"{batching}: warm-up failed: {engine.warmup_error}")
+        raise SystemExit(f"{mode}: warm-up failed: {engine.warmup_error}")
     return engine
 
 
@@ -127,15 +138,21 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=4, help="rows per batch (request) / rows in flight (step)")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--requests", type=int, default=48, help="requests per measurement (bounded)")
-    p.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of the per-adapter capacity")
+    p.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of the first mode's capacity")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: immune to a busy shared CPU)")
+    p.add_argument("--modes", default="request,step",
+                   help="request-exact (per-adapter, every batch padded to max_batch: the shipped default before "
+                   "step-level batching), request (per-adapter, buckets that fit the device), step")
     p.add_argument("--rounds", type=int, default=1, help="repeat both modes' measurements, alternating")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    engines = {mode: engine_for(args, mode) for mode in ("request", "step")}
+    modes = args.modes.split(",")
+    if "request" not in modes or "step" not in modes or set(modes) - set(MODES):
+        raise SystemExit(f"--modes: a comma-separated list of {', '.join(MODES)}, with request and step")
+    engines = {mode: engine_for(args, mode) for mode in modes}
     rounds = []
     try:
         works = requests(engines["step"], args.requests, args.seed)
@@ -144,7 +161,7 @@ def main() -> None:
             rows = {}
             for mode, engine in engines.items():  # capacity: everything queued at once
                 rows[mode] = {"capacity": serve(engine, works, [0.0] * len(works))}
-            rate = args.load * rows["request"]["capacity"]["throughput_rps"]
+            rate = args.load * rows[modes[0]]["capacity"]["throughput_rps"]
             rng = random.Random(args.seed + 1 + r)
             arrivals, at = [], 0.0
             for _ in works:
@@ -165,18 +182,20 @@ def main() -> None:
 def report(args, n: int, r: int, rate: float, rows: dict) -> None:
     print(f"round {r + 1}: {n} requests, tasks {', '.join(sorted(TASKS))}, steps {STEPS}, max_batch {args.max_batch}, "
           f"{args.device} {args.dtype}, {args.threads} thread(s); open loop at {rate:.3f} req/s "
-          f"({args.load:.0%} of the per-adapter capacity)")
-    print(f"{'batching':10} {'capacity req/s':>15} {'rows/UNet call':>15} {'open req/s':>11} {'p50 s':>7} {'p99 s':>7}"
+          f"({args.load:.0%} of the capacity of {next(iter(rows))})")
+    print(f"{'batching':13} {'capacity req/s':>15} {'rows/UNet call':>15} {'open req/s':>11} {'p50 s':>7} {'p99 s':>7}"
           f" {'UNet calls':>11}")
     for mode, row in rows.items():
         c, o = row["capacity"], row["open"]
-        print(f"{mode:10} {c['throughput_rps']:15.3f} {c['rows_per_unet_call']:15.2f} {o['throughput_rps']:11.3f} "
+        print(f"{mode:13} {c['throughput_rps']:15.3f} {c['rows_per_unet_call']:15.2f} {o['throughput_rps']:11.3f} "
               f"{o['p50_s']:7.2f} {o['p99_s']:7.2f} {o['unet_calls']:11d}")
-    s, q = rows["step"], rows["request"]
-    print(f"step / request: capacity x{s['capacity']['throughput_rps'] / q['capacity']['throughput_rps']:.2f}, "
-          f"open-loop throughput x{s['open']['throughput_rps'] / q['open']['throughput_rps']:.2f}, "
-          f"p50 x{s['open']['p50_s'] / q['open']['p50_s']:.2f}, p99 x{s['open']['p99_s'] / q['open']['p99_s']:.2f}",
-          flush=True)
+    s = rows["step"]
+    for base in [m for m in rows if m != "step"]:
+        q = rows[base]
+        print(f"step / {base}: capacity x{s['capacity']['throughput_rps'] / q['capacity']['throughput_rps']:.2f}, "
+              f"open-loop throughput x{s['open']['throughput_rps'] / q['open']['throughput_rps']:.2f}, "
+              f"p50 x{s['open']['p50_s'] / q['open']['p50_s']:.2f}, p99 x{s['open']['p99_s'] / q['open']['p99_s']:.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":
