@@ -238,11 +238,12 @@ class Executor:
         n = z.shape[0]
         size = self.bucket(n)
         values = {"z": _pad(z, size), "t": _pad(t, size), "text_emb": _pad(text, size),
-                  **{k: ([_pad(r, size) for r in v] if isinstance(v, list) else _pad(v, size)) for k, v in residuals.items()}}
+                  **{k: ([_pad(r, size) for r in v] if isinstance(v, (list, tuple)) else _pad(v, size))
+                     for k, v in residuals.items()}}
         unet = self.backbone.unet
 
         def fn(z, t, text_emb, **res):
-            res = {k: list(v) if isinstance(v, list) else v for k, v in res.items()}  # the UNet pops from lists
+            res = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in res.items()}  # the UNet pops from lists
             return unet(z, t, encoder_hidden_states=text_emb, return_dict=False, **res)[0]
 
         if self.graphs is None:

@@ -371,3 +371,27 @@ def test_step_level_batching_keeps_the_sampler_state_in_float32(zoo):
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
     finally:
         engine.stop()
+
+
+def test_adapters_in_flight_together_over_a_tight_memory_budget(zoo):
+    """Several adapters in flight share evaluations even when the budget holds one of them at a time: each
+    evaluation makes each resident again (LRU) before it computes its rows, and the images do not change."""
+    root, _ = zoo
+    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False,
+                                  memory_budget_mb=0)).start()
+    try:
+        g = torch.Generator().manual_seed(9)
+        works = [engine.prepare(engine.pool.get(name), torch.rand(3, RES, RES, generator=g), steps=2, sampler="ddim",
+                                seed=i, prompt="") for i, name in enumerate(("a", "t"))]
+        alone = [engine.run(w, timeout=300).rows for w in works]
+        evictions = engine.metrics.adapter_evictions._value.get()
+        engine.pause()
+        jobs = [engine.submit(w) for w in works]
+        engine.resume()
+        for job, ref in zip(jobs, alone):
+            result = job.future.result(timeout=300)
+            assert result.batch_rows == 2 and (result.rows - ref).abs().max() < 1e-4
+        assert engine.metrics.adapter_evictions._value.get() >= evictions + 4  # two evaluations, two adapters
+        assert len(engine.pool.resident_names()) == 1
+    finally:
+        engine.stop()
