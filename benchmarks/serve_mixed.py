@@ -171,12 +171,12 @@ def main() -> None:
                 rows[mode]["open"] = serve(engine, works, arrivals)
             rounds.append({"rate_rps": rate, "rows": rows})
             report(args, len(works), r, rate, rows)
+            if args.json:  # after every round: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"args": vars(args), "rounds": rounds}, f, indent=2)
     finally:
         for engine in engines.values():
             engine.stop()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rounds": rounds}, f, indent=2)
 
 
 def report(args, n: int, r: int, rate: float, rows: dict) -> None:
