@@ -185,6 +185,15 @@ class GuidedControlNetAdapter(ControlNetAdapter):
         controlnet.time_embedding = emb.to(old.linear_1.weight.device, old.linear_1.weight.dtype)
         self.guidance, self.embedding_dim = float(guidance), int(embedding_dim)
         self.w: torch.Tensor | None = None  # per-sample w for the next forwards (training); None: `guidance`
+        # `guidance` as a device tensor that moves with the module: built once here, never inside a forward
+        # (a host tensor made there is a blocking copy, which a CUDA graph capture refuses). Not stored.
+        self.register_buffer("w_default", torch.tensor(self.guidance, device=old.linear_1.weight.device),
+                             persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.w_default = torch.tensor(self.guidance, device=self.w_default.device)  # float32 whatever `.to` did
+        return self
 
     @classmethod
     def from_controlnet(cls, adapter: ControlNetAdapter, guidance: float = 1.0) -> GuidedControlNetAdapter:
@@ -209,8 +218,8 @@ class GuidedControlNetAdapter(ControlNetAdapter):
         self.w = None if w is None else torch.as_tensor(w, dtype=torch.float32)
 
     def unet_kwargs(self, unet, z_t, t, text_emb, cond):
-        w = self.w if self.w is not None else torch.tensor(self.guidance)
-        w = w.reshape(-1).expand(z_t.shape[0]).to(z_t.device)
+        w = self.w if self.w is not None else self.w_default
+        w = w.reshape(-1).expand(z_t.shape[0]).to(z_t.device, torch.float32)
         w_emb = get_timestep_embedding(w * 1000, self.embedding_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         down, mid = self.controlnet(
             z_t, t, encoder_hidden_states=text_emb, controlnet_cond=cond.to(z_t.dtype),

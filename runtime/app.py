@@ -38,7 +38,7 @@ from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import assemble, blank_work, prompt_required, task_rows
+from .tasks import SUPER_RESOLUTION, assemble, blank_work, prompt_required, task_rows
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -155,6 +155,8 @@ class TaskForm:
     sampler: str | None
     adapter: str | None
     deadline_ms: float | None
+    width: int | None = None
+    height: int | None = None
 
 
 def task_form(
@@ -165,8 +167,11 @@ def task_form(
     sampler: Literal["prev", "ddim", "cm", "gd"] | None = Form(None, description="few-step sampler (default: the manifest's)"),
     adapter: str | None = Form(None, description="zoo name, when the task has several adapters"),
     x_cdd_deadline_ms: float | None = Header(None, gt=0, description="a deadline shorter than the server's"),
+    width: int | None = Form(None, ge=1, description="output width (depth, edit; a multiple of the backbone's size "
+                             "factor; default: the input's aspect ratio at the adapter's pixel count)"),
+    height: int | None = Form(None, ge=1, description="output height (as width)"),
 ) -> TaskForm:
-    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms)
+    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms, width, height)
 
 
 TASK_ROUTE = dict(
@@ -195,6 +200,8 @@ class TaskCall:
     sampler: str
     seed: int
     budget_s: float  # from arrival: not started by then is 504
+    width: int | None = None
+    height: int | None = None
 
 
 @dataclass
@@ -237,15 +244,28 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
                 f"{rows * steps} row-steps; the limit per request (max_work) is {settings.max_work}",
             )
 
+    check_output_size(task, form.width, form.height, settings.max_pixels)
     data = await form.image.read()
+    # tasks that resize their input accept any image up to the decode-safety limit, downscaled on decoding
+    downscale = task != SUPER_RESOLUTION
     try:
-        cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels, check_work)
+        cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels,
+                                       settings.max_decode_pixels if downscale else None, check_work)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err
     budget = settings.request_deadline_s
     if form.deadline_ms is not None:
         budget = min(budget, form.deadline_ms / 1000)
-    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget)
+    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height)
+
+
+def check_output_size(task: str, width: int | None, height: int | None, max_pixels: int) -> None:
+    if width is None and height is None:
+        return
+    if task == SUPER_RESOLUTION:
+        raise APIError(422, "invalid_parameter", "super-resolution's output is 4x its input: it takes no width or height")
+    if (width or 1) * (height or 1) > max_pixels:
+        raise APIError(422, "invalid_parameter", f"width x height is over the limit of {max_pixels} pixels")
 
 
 async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
@@ -253,12 +273,18 @@ async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
     """Prepare the rows, run them on the engine (504 when `deadline`, monotonic, passes before they start),
     blend and encode the answer. `client_gone`: an awaitable that returns when the client disconnects;
     the request is then cancelled."""
-    work = await run_in_threadpool(e.prepare, call.reg, call.cond, steps=call.steps, sampler=call.sampler,
-                                   seed=call.seed, prompt=call.prompt)
+    try:
+        work = await run_in_threadpool(e.prepare, call.reg, call.cond, steps=call.steps, sampler=call.sampler,
+                                       seed=call.seed, prompt=call.prompt, width=call.width, height=call.height)
+    except ValueError as err:  # a width or height the backbone cannot take
+        raise APIError(422, "invalid_parameter", str(err)) from err
+    if work.layout is None and work.size[0] * work.size[1] > e.settings.max_pixels:
+        raise APIError(422, "invalid_parameter", f"the output {work.size[1]}x{work.size[0]} is over the limit of "
+                       f"{e.settings.max_pixels} pixels")
     log_fields["rows"] = work.rows
     result = await _run(e, work, deadline, client_gone)
     png = await run_in_threadpool(lambda: encode_png(assemble(work, result.rows)))
-    width, height = work.layout.out if work.layout else (call.reg.resolution, call.reg.resolution)
+    width, height = work.layout.out if work.layout else work.size[::-1]
     return TaskOutput(png, width, height, work.rows, work.layout is not None, work.resized, result.queue_s,
                       result.execute_s, result.batch_size, result.batch_rows)
 

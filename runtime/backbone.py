@@ -66,6 +66,11 @@ class Backbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
     @property
+    def size_factor(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def resolution(self) -> int:
         """Native image resolution in pixels."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor

@@ -35,6 +35,16 @@ class GraphKey:
     sampler: str
 
 
+@dataclass(frozen=True)
+class StepGraphKey:
+    """A graph of step-level batching: one part of one denoiser evaluation for a bucket of rows."""
+
+    part: str  # an adapter's live-slot key (its residuals), or "unet:<residual kinds>" (the backbone step)
+    backbone_lora: str | None
+    batch: int  # the row bucket
+    shape: tuple[int, ...]  # a row's latent shape (channels, h, w)
+
+
 class StaticInputs:
     """The input buffers of one captured graph. Lists (the per-step `cm` noise) are kept as lists."""
 
@@ -114,7 +124,7 @@ class GraphCache:
 
     def run(
         self,
-        key: GraphKey,
+        key: GraphKey | StepGraphKey,
         fn: Callable[..., torch.Tensor],
         values: Inputs,
         watched: Mapping[str, torch.Tensor],

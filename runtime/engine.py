@@ -1,5 +1,15 @@
 """The engine: one resident backbone, the adapter pool, the scheduler and the executor, and the worker
-thread that runs `step()` — take a batch from the scheduler, execute it, resolve its requests.
+thread that runs `step()`.
+
+Two ways to batch (setting `batching`):
+- step (the default), step-level continuous batching: the engine keeps the rows in flight, each request
+  with its own adapter, condition, text, timesteps, sampler and noise. Each `step()` admits queued
+  requests into the free rows, runs ONE denoiser evaluation for every row in flight (each adapter on its
+  own rows, the backbone once on all of them with per-row timesteps), lets each request's sampler take
+  its step, and decodes and answers the requests that took their last. The backbone, about three
+  quarters of a step's work, runs once per step for every task in flight instead of once per group.
+- request, per-adapter batching: take a batch of one (task, adapter, steps, sampler, size) from the
+  scheduler, run its whole sampling loop, answer it.
 
 All device work (adapter loads and swaps, text encoding, sampling) happens on the worker thread or
 under `self._lock`; the HTTP layer only prepares CPU tensors and waits on futures.
@@ -19,7 +29,7 @@ import torch
 
 from ..adapters.zoo import ZooError, list_entries
 from .backbone import Backbone, load_backbone
-from .executor import Batch, Executor
+from .executor import Batch, Executor, Flight
 from .metrics import Metrics
 from .pool import AdapterGone, AdapterPool, Registered
 from .samplers import STOCHASTIC
@@ -39,11 +49,11 @@ class EngineError(RuntimeError):
 class Result:
     """A request's sampled rows and where its time went."""
 
-    rows: torch.Tensor  # [rows, 3, R, R] in [0, 1], CPU float32
+    rows: torch.Tensor  # [rows, 3, H, W] in [0, 1], CPU float32
     queue_s: float
     execute_s: float
-    batch_size: int  # requests in the batch
-    batch_rows: int
+    batch_size: int  # requests in the batch (step-level: requests in flight when it was admitted)
+    batch_rows: int  # rows in the batch (step-level: most rows of an evaluation it took part in)
 
 
 class Engine:
@@ -59,6 +69,7 @@ class Engine:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._text: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._flights: list[Flight] = []  # step-level batching: the requests in flight (worker thread only)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -165,7 +176,9 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------
 
-    def prepare(self, reg: Registered, image: torch.Tensor, *, steps: int, sampler: str, seed: int, prompt: str) -> Work:
+    def prepare(self, reg: Registered, image: torch.Tensor, *, steps: int, sampler: str, seed: int, prompt: str,
+                width: int | None = None, height: int | None = None) -> Work:
+        """The request's rows and noise (ValueError for a width or height the backbone cannot take)."""
         return prepare(
             reg.task,
             image,
@@ -178,6 +191,9 @@ class Engine:
             seed=seed,
             prompt=prompt,
             overlap_fraction=self.settings.sr_tile_overlap,
+            width=width,
+            height=height,
+            size_factor=self.backbone.size_factor,
         )
 
     def submit(self, work: Work, deadline: float = float("inf")) -> Job:
@@ -191,7 +207,87 @@ class Engine:
         return self.submit(work).future.result(timeout)
 
     def step(self, timeout: float | None = None) -> bool:
-        """One scheduling step: take a batch, execute it, resolve its futures. False when none came."""
+        """One scheduling step. False when there was nothing to do (nothing in flight, none came)."""
+        if self.settings.batching_mode == "step":
+            return self._step_rows(timeout)
+        return self._step_batch(timeout)
+
+    def _step_rows(self, timeout: float | None) -> bool:
+        """Step-level batching: admit requests into the free rows, one denoiser evaluation for every row in
+        flight, answer the requests that took their last step."""
+        free = self.settings.max_batch - sum(f.rows for f in self._flights)
+        jobs = self.scheduler.take(free, timeout=0 if self._flights else timeout) if free > 0 else []
+        self.metrics.queue_depth.set(len(self.scheduler))
+        for job in jobs:
+            try:
+                self._flights.append(self._board(job))
+            except Exception as e:  # noqa: BLE001 - the request learns why; the others go on
+                if not isinstance(e, AdapterGone):
+                    log.exception("request failed to start")
+                job.future.set_exception(e)
+        failed: set[int] = set()
+        for f in self._flights:  # unregistered while in flight: only its own requests fail
+            try:
+                self.pool.get(f.reg.name)
+            except AdapterGone as e:
+                f.payload.future.set_exception(e)
+                failed.add(id(f))
+        self._flights = [f for f in self._flights if id(f) not in failed]
+        if not self._flights:
+            return bool(jobs) or bool(failed)
+        t0 = time.perf_counter()
+        groups: dict[tuple, list[Flight]] = {}
+        for f in self._flights:
+            groups.setdefault(f.group, []).append(f)
+        with self._lock:
+            for group in groups.values():
+                try:
+                    self.executor.evaluate(self.pool, group)
+                except Exception as e:  # noqa: BLE001 - every request of the group learns why
+                    if not isinstance(e, AdapterGone):
+                        log.exception("evaluation failed")
+                    for f in group:
+                        f.payload.future.set_exception(e)
+                        failed.add(id(f))
+            done = [f for f in self._flights if f.done and id(f) not in failed]
+            try:
+                images = self.executor.decode(done) if done else []
+            except Exception as e:  # noqa: BLE001
+                log.exception("decode failed")
+                images = [e] * len(done)
+        seconds = time.perf_counter() - t0
+        rows = sum(f.rows for f in self._flights)
+        m = self.metrics
+        m.batch_size.observe(len(self._flights))
+        m.batch_rows.observe(rows)
+        m.batch_seconds.observe(seconds)
+        # Retry-After: a request's rows take about (its steps) evaluations
+        mean_steps = sum(len(f.timesteps) for f in self._flights) / len(self._flights)
+        self.scheduler.record_batch(seconds * mean_steps, rows, mean_steps)  # one evaluation = one step of every row
+        now = time.perf_counter()
+        for f, out in zip(done, images):
+            job = f.payload
+            if isinstance(out, Exception):
+                job.future.set_exception(out)
+                continue
+            m.queue_wait.labels(job.payload.task).observe(job.waited)
+            job.future.set_result(Result(out, job.waited, now - f.boarded, f.requests, f.company))
+        self._flights = [f for f in self._flights if not f.done and id(f) not in failed]
+        return True
+
+    def _board(self, job: Job) -> Flight:
+        w: Work = job.payload
+        with self._lock:
+            reg = self.pool.get(w.adapter)
+            text = self._encode(w.prompt).expand(w.rows, -1, -1)
+            flight = self.executor.board(job, reg, z_T=w.z_T, cond=w.cond, text_emb=text, fresh=w.fresh,
+                                         steps=w.steps, sampler=w.sampler)
+        flight.boarded = time.perf_counter()
+        flight.requests = len(self._flights) + 1
+        return flight
+
+    def _step_batch(self, timeout: float | None) -> bool:
+        """Per-adapter batching: take a batch, execute it, resolve its futures. False when none came."""
         batch = self.scheduler.next_batch(timeout)
         self.metrics.queue_depth.set(len(self.scheduler))
         if not batch:
@@ -251,19 +347,33 @@ class Engine:
         `names`: only these entries (default: all)."""
         seen = set()
         wanted = None if names is None else set(names)
+        rows = self.settings.batching_mode == "step"
         for reg in self.pool.entries():
             if wanted is not None and reg.name not in wanted:
                 continue
             m = reg.manifest
-            key = (reg.architecture, reg.lora_name, reg.resolution, m.steps, m.sampler)
+            # step-level: graphs are per (architecture, bucket, size), whatever the steps and sampler
+            key = (reg.architecture, reg.lora_name, reg.resolution) + (() if rows else (m.steps, m.sampler))
             if key in seen:
                 continue
             seen.add(key)
             for size in self.executor.buckets:
                 work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, self.backbone.model_channels,
                                   self.backbone.vae_scale_factor, m.steps, m.sampler)
-                self._execute([work] * size)
+                if rows:
+                    self._warm_rows(reg, work, size)
+                else:
+                    self._execute([work] * size)
             log.info(f"warmed up {reg.architecture} at {reg.resolution}px, {m.steps} steps {m.sampler}")
+
+    def _warm_rows(self, reg: Registered, work: Work, size: int) -> None:
+        """One evaluation and one decode of `size` blank rows of `reg` (step-level batching)."""
+        with self._lock:
+            text = self._encode("").expand(size, -1, -1)
+            flight = self.executor.board(None, reg, z_T=work.z_T.expand(size, -1, -1, -1), cond=work.cond.expand(size, -1, -1, -1),
+                                         text_emb=text, fresh=None, steps=1, sampler="ddim")
+            self.executor.evaluate(self.pool, [flight])
+            self.executor.decode([flight])
 
     # -- adapters ------------------------------------------------------------------------
 

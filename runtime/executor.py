@@ -1,5 +1,14 @@
-"""The executor: device work for one batch — pad to a bucket, run the few-step sampler through the live
-slot's ConditionedDenoiser, decode, copy back — eagerly, or through a captured CUDA graph.
+"""The executor: the device work, eagerly or through captured CUDA graphs, in two shapes.
+
+- Step-level batching (`board`, `evaluate`, `decode`): rows of any adapter, steps and sampler are in
+  flight together (`Flight`); one evaluation runs each resident adapter on its own rows, the backbone
+  UNet once on all of them with per-row timesteps, and each request's sampler takes its step.
+- Per-adapter batching (`run`): one batch of one adapter, steps and sampler — pad to a bucket, run the
+  few-step sampler through the live slot's ConditionedDenoiser, decode, copy back.
+
+The schedule maths (alpha, sigma, x_hat, the sampler steps) run in float32 whatever the model dtype:
+the sample z stays float32 on the device and only the network inputs are cast (in bf16 the step from
+t = 999, where alpha = 0.068, would otherwise magnify rounding about 15x).
 
 The sampling loop is the library's own (`few_step_sampler`), driven by the slot's `ConditionedDenoiser`;
 two things make it capturable without changing its numbers: timesteps are handed to the UNet as
@@ -14,10 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .backbone import Backbone
-from .cuda_graphs import GraphCache, GraphKey
-from .pool import LiveSlot, Registered
-from .samplers import few_step_sampler
+from .cuda_graphs import GraphCache, GraphKey, StepGraphKey
+from .pool import AdapterPool, LiveSlot, Registered
+from .samplers import few_step_sampler, sampler_step
 from .schedule import NoiseSchedule
+
+RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,38 @@ class Batch:
     @property
     def rows(self) -> int:
         return int(self.z_T.shape[0])
+
+
+@dataclass(eq=False)
+class Flight:
+    """A request in flight under step-level batching: its rows' device state between evaluations."""
+
+    payload: object  # the engine's (the job it answers)
+    reg: Registered
+    sampler: str
+    timesteps: list[int]
+    z: torch.Tensor  # [rows, C, h, w] the current sample, float32
+    z_T: torch.Tensor  # float32
+    cond: torch.Tensor  # model dtype
+    text_emb: torch.Tensor  # model dtype
+    fresh: list[torch.Tensor] | None  # float32, one per step (cm, gd)
+    i: int = 0  # steps taken
+    company: int = 0  # most rows it shared an evaluation with (itself included)
+    requests: int = 1  # requests in flight when it boarded (itself included)
+    boarded: float = 0.0  # time.perf_counter() when it boarded
+
+    @property
+    def rows(self) -> int:
+        return int(self.z.shape[0])
+
+    @property
+    def done(self) -> bool:
+        return self.i == len(self.timesteps)
+
+    @property
+    def group(self) -> tuple:
+        """What rows must share to run in one backbone call: their latent size and the backbone LoRA."""
+        return (tuple(self.z.shape[1:]), self.reg.lora_name)
 
 
 class Executor:
@@ -96,8 +139,14 @@ class Executor:
                 t = torch.cat([t, t.new_zeros((size - t.shape[0], *t.shape[1:]))])
             return t.to(device=device, dtype=dtype)
 
-        values = {"z_T": put(batch.z_T), "cond": put(batch.cond), "text_emb": put(batch.text_emb)}
-        values["fresh"] = [put(xi) for xi in batch.fresh] if batch.fresh is not None else []
+        def put32(t: torch.Tensor) -> torch.Tensor:  # sampler state: float32 (only network inputs are cast)
+            t = t[rows]
+            if t.shape[0] < size:
+                t = torch.cat([t, t.new_zeros((size - t.shape[0], *t.shape[1:]))])
+            return t.to(device=device, dtype=torch.float32)
+
+        values = {"z_T": put32(batch.z_T), "cond": put(batch.cond), "text_emb": put(batch.text_emb)}
+        values["fresh"] = [put32(xi) for xi in batch.fresh] if batch.fresh is not None else []
         return values
 
     def _timestep(self, t: int, size: int, device) -> torch.Tensor:
@@ -120,18 +169,163 @@ class Executor:
         timesteps = schedule.trailing_timesteps(steps)
         sample = few_step_sampler(sampler)
 
+        dtype = self.backbone.dtype
+
         def fn(z_T, cond, text_emb, fresh):
-            def model(z_t, t):  # ConditionedDenoiser.forward, with the timestep kept on the device
+            def model(z_t, t):  # ConditionedDenoiser.forward, the timestep kept on the device, maths in float32
                 t = int(t[0])
-                out = denoiser.predict(z_t, self._timestep(t, z_t.shape[0], z_t.device), cond, text_emb)
-                return schedule.to_x_eps(out, z_t, t)
+                out = denoiser.predict(z_t.to(dtype), self._timestep(t, z_t.shape[0], z_t.device), cond, text_emb)
+                return schedule.to_x_eps(out.float(), z_t, t)
 
             z_0 = sample(model, z_T, timesteps, schedule, fresh_noise=fresh or None)
-            return (self.backbone.from_model_space(z_0) * 0.5 + 0.5).clamp(0, 1)
+            return self._to_images(z_0)
 
         return fn
+
+    def _to_images(self, z_0: torch.Tensor) -> torch.Tensor:
+        return (self.backbone.from_model_space(z_0.to(self.backbone.dtype)) * 0.5 + 0.5).clamp(0, 1)
+
+    # -- step-level batching -----------------------------------------------------------------
+
+    def board(self, payload, reg: Registered, *, z_T, cond, text_emb, fresh, steps: int, sampler: str) -> Flight:
+        """A request's rows on the device, ready for its first evaluation (CPU tensors in, as `Batch` holds)."""
+        device, dtype = self.backbone.device, self.backbone.dtype
+        z_T = z_T.to(device, torch.float32)
+        return Flight(
+            payload, reg, sampler, self.schedule.trailing_timesteps(steps), z_T, z_T,
+            cond.to(device, dtype), text_emb.to(device, dtype),
+            [xi.to(device, torch.float32) for xi in fresh] if fresh is not None else None,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, pool: AdapterPool, flights: list[Flight]) -> None:
+        """One denoiser evaluation for flights of one `group`, then each takes its sampler's step.
+
+        Each adapter computes its residuals on its own rows; the backbone UNet runs once on all rows
+        (in chunks of the largest bucket) with per-row timesteps; rows of adapters without some kind of
+        residual (ControlNet vs T2I) get zeros there, which adds nothing."""
+        flights = sorted(flights, key=lambda f: f.reg.name)  # each adapter's rows contiguous
+        owners = [f.reg.name for f in flights for _ in range(f.rows)]
+        z = torch.cat([f.z for f in flights])
+        t = torch.tensor([f.timesteps[f.i] for f in flights for _ in range(f.rows)], dtype=torch.long)
+        text = torch.cat([f.text_emb for f in flights])
+        cond = torch.cat([f.cond for f in flights])
+        n, step = z.shape[0], self.buckets[-1]
+        out = torch.cat([self._unet_rows(pool, owners[a : a + step], z[a : a + step], t[a : a + step].to(z.device),
+                                         text[a : a + step], cond[a : a + step]) for a in range(0, n, step)])
+        a = 0
+        for f in flights:
+            x_hat, eps_hat = self.schedule.to_x_eps(out[a : a + f.rows].float(), f.z, f.timesteps[f.i])
+            f.z = sampler_step(f.sampler, f.i, f.timesteps, f.z, x_hat, eps_hat, self.schedule, f.z_T, f.fresh)
+            f.i += 1
+            f.company = max(f.company, n)
+            a += f.rows
+
+    def _unet_rows(self, pool: AdapterPool, owners: list[str], z, t, text, cond) -> torch.Tensor:
+        """The backbone's raw output for up to one bucket of rows; `owners[i]` is row i's adapter."""
+        dtype = self.backbone.dtype
+        z = z.to(dtype)
+        parts = []  # (rows, residual kwargs) per adapter, in row order
+        a = 0
+        while a < len(owners):
+            b = a
+            while b < len(owners) and owners[b] == owners[a]:
+                b += 1
+            slot, reg = pool.activate(owners[a])  # copies its weights into the slot when another held it
+            parts.append((b - a, self._adapter_rows(slot, reg, z[a:b], t[a:b], text[a:b], cond[a:b])))
+            a = b
+        residuals = _merge_residuals(parts)
+        n = z.shape[0]
+        size = self.bucket(n)
+        values = {"z": _pad(z, size), "t": _pad(t, size), "text_emb": _pad(text, size),
+                  **{k: ([_pad(r, size) for r in v] if isinstance(v, (list, tuple)) else _pad(v, size))
+                     for k, v in residuals.items()}}
+        unet = self.backbone.unet
+
+        def fn(z, t, text_emb, **res):
+            res = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in res.items()}  # the UNet pops from lists
+            return unet(z, t, encoder_hidden_states=text_emb, return_dict=False, **res)[0]
+
+        if self.graphs is None:
+            return fn(**values)[:n]
+        lora = pool.active_lora
+        key = StepGraphKey("unet:" + ",".join(sorted(residuals)), lora, size, tuple(z.shape[1:]))
+        return self.graphs.run(key, fn, values, {})[:n]
+
+    def _adapter_rows(self, slot: LiveSlot, reg: Registered, z, t, text, cond) -> dict:
+        """One adapter's residuals for its rows (padded to their bucket for a captured graph, then cut)."""
+        unet, adapter = self.backbone.unet, slot.adapter
+        n = z.shape[0]
+        size = self.bucket(n)
+        values = {"z": _pad(z, size), "t": _pad(t, size), "text_emb": _pad(text, size), "cond": _pad(cond, size)}
+
+        def fn(z, t, text_emb, cond):
+            return adapter.unet_kwargs(unet, z, t, text_emb, cond)
+
+        if self.graphs is None:
+            out = fn(**values)
+            if size == n:
+                return out
+            return {k: ([r[:n] for r in v] if isinstance(v, (list, tuple)) else v[:n]) for k, v in out.items()}
+
+        key = StepGraphKey(slot.key, reg.lora_name, size, tuple(z.shape[1:]))
+        watched = slot.live_tensors() if self.graphs.debug else slot.tensors
+        out = self.graphs.run(key, fn, values, watched)
+        # the graph's outputs are overwritten by its next replay (another adapter of this architecture)
+        return {k: ([r[:n].clone() for r in v] if isinstance(v, (list, tuple)) else v[:n].clone()) for k, v in out.items()}
+
+    @torch.no_grad()
+    def decode(self, flights: list[Flight]) -> list[torch.Tensor]:
+        """Finished flights' images ([rows, 3, H, W] in [0, 1], float32 on the CPU), decoded together by size."""
+        out: dict[int, torch.Tensor] = {}
+        by_size: dict[tuple, list[int]] = {}
+        for i, f in enumerate(flights):
+            by_size.setdefault(tuple(f.z.shape[1:]), []).append(i)
+        step = self.buckets[-1]
+        for idx in by_size.values():
+            z = torch.cat([flights[i].z for i in idx])
+            images = torch.cat([self._to_images(z[a : a + step]) for a in range(0, z.shape[0], step)]).to("cpu", torch.float32)
+            a = 0
+            for i in idx:
+                out[i] = images[a : a + flights[i].rows]
+                a += flights[i].rows
+        return [out[i] for i in range(len(flights))]
 
     def drop_lora(self, lora: str) -> None:
         """A backbone LoRA left the UNet: graphs that read its tensors are invalid."""
         if self.graphs is not None:
             self.graphs.drop(lambda key: key.backbone_lora == lora)
+
+
+def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x with zero rows appended up to `size` rows (rows never see each other: every op works per sample)."""
+    if x.shape[0] >= size:
+        return x
+    return torch.cat([x, x.new_zeros((size - x.shape[0], *x.shape[1:]))])
+
+
+def _merge_residuals(parts: list[tuple[int, dict]]) -> dict:
+    """Per-adapter residual kwargs -> one set for all their rows: each adapter's own, zeros where an
+    adapter gives no residual of a kind (a T2I row in a ControlNet residual, and the other way round)."""
+    if len(parts) == 1:
+        return dict(parts[0][1])
+    merged = {}
+    for name in RESIDUALS:
+        have = [kw[name] for _, kw in parts if name in kw]
+        if not have:
+            continue
+        like = have[0]
+        if isinstance(like, (list, tuple)):
+            merged[name] = [
+                torch.cat([kw[name][level] if name in kw else like[level].new_zeros((rows, *like[level].shape[1:]))
+                           for rows, kw in parts])
+                for level in range(len(like))
+            ]
+        else:
+            merged[name] = torch.cat([kw[name] if name in kw else like.new_zeros((rows, *like.shape[1:]))
+                                      for rows, kw in parts])
+    for _, kw in parts:
+        unknown = set(kw) - set(RESIDUALS)
+        if unknown:
+            raise ValueError(f"adapter residuals {sorted(unknown)} cannot be batched across adapters")
+    return merged

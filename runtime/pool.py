@@ -41,7 +41,8 @@ from .denoiser import ConditionedDenoiser
 from .metrics import Metrics
 from .samplers import FEW_STEP_SAMPLERS
 
-MAX_STEPS = 4
+MAX_STEPS = 4  # what a request may ask for
+MAX_MANIFEST_STEPS = 64  # an entry's own default may be more (a Guided Distillation stage-1 student: 16)
 
 
 class AdapterConflict(ZooError):
@@ -108,8 +109,19 @@ class LiveSlot:
 
 
 def architecture_key(manifest: Manifest) -> str:
-    blob = json.dumps(manifest.architecture, sort_keys=True, separators=(",", ":"))
+    """kind + a hash of the architecture config without diffusers' bookkeeping (`_use_default_values`,
+    `_diffusers_version`, ...: keys starting with `_`, whose content and order vary between entries of one
+    architecture). What is left builds the module, so entries with equal keys share a live slot."""
+    blob = json.dumps(_without_bookkeeping(manifest.architecture), sort_keys=True, separators=(",", ":"))
     return f"{manifest.kind}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _without_bookkeeping(config):
+    if isinstance(config, dict):
+        return {k: _without_bookkeeping(v) for k, v in config.items() if not str(k).startswith("_")}
+    if isinstance(config, list):
+        return [_without_bookkeeping(v) for v in config]
+    return config
 
 
 def _nbytes(state: dict[str, torch.Tensor]) -> int:
@@ -157,13 +169,12 @@ class AdapterPool:
                 f"{where} was trained in mode 'full' and replaces the whole backbone UNet; cdd-serve shares one "
                 "backbone between adapters and serves modes 'pe' and 'lora' only"
             )
-        if not 1 <= m.steps <= MAX_STEPS:
-            raise ZooError(f"{where}: manifest steps is {m.steps}; the runtime serves 1-{MAX_STEPS} steps")
+        if not 1 <= m.steps <= MAX_MANIFEST_STEPS:
+            raise ZooError(f"{where}: manifest steps is {m.steps}; the runtime serves 1-{MAX_MANIFEST_STEPS} steps")
         if m.sampler not in FEW_STEP_SAMPLERS:
             raise ZooError(f"{where}: manifest sampler {m.sampler!r} is not one of {', '.join(FEW_STEP_SAMPLERS)}")
         res = m.condition.get("resolution")
-        unet = self.backbone.unet
-        factor = self.backbone.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        factor = self.backbone.size_factor
         if not isinstance(res, int) or res < factor or res % factor:
             raise ZooError(f"{where}: condition resolution {res!r} must be a positive multiple of {factor} for this backbone")
         if m.condition.get("channels", 3) not in (1, 3):
@@ -308,6 +319,11 @@ class AdapterPool:
         if self.metrics:
             self.metrics.resident_adapters.set(len(self._resident))
             self.metrics.resident_bytes.set(self.resident_bytes())
+
+    @property
+    def active_lora(self) -> str | None:
+        """The backbone LoRA the shared UNet runs with now (None: the plain backbone)."""
+        return self._active_lora
 
     def resident_bytes(self) -> int:
         with self._lock:

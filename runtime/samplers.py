@@ -121,6 +121,32 @@ def few_step_sampler(name: str):
 
 
 @torch.no_grad()
+def sampler_step(name: str, i: int, timesteps: Sequence[int], z_t: torch.Tensor, x_hat: torch.Tensor,
+                 eps_hat: torch.Tensor, schedule: NoiseSchedule, z_T: torch.Tensor, fresh_noise=None) -> torch.Tensor:
+    """Step i of the few-step sampler `name` on its own: from t = timesteps[i] to the next sample, given the
+    model's (x_hat, eps_hat) at z_t. Iterating it over i gives what `few_step_sampler(name)` gives (a test
+    checks it); step-level batching calls it once per row group per denoiser evaluation."""
+    k, t = len(timesteps), timesteps[i]
+    s = schedule.previous_timestep(t, k)
+    alpha_s, sigma_s = schedule.alpha_sigma(s, z_t)
+    if name in ("cm", "gd") and (fresh_noise is None or len(fresh_noise) < k):
+        raise ValueError(f"{name} sampling with {k} steps needs {k} fresh noise tensors")
+    if name == "ddim" or (name == "gd" and s == FINAL):
+        return alpha_s * x_hat + sigma_s * eps_hat
+    if name == "prev":
+        return alpha_s * x_hat + sigma_s * z_T
+    if name == "cm":
+        return alpha_s * x_hat + sigma_s * fresh_noise[i]
+    if name == "gd":  # as sample_gd: a DDIM step twice as long to u, then noise forward to s
+        u = s - schedule.num_train_timesteps // k
+        alpha_u, sigma_u = schedule.alpha_sigma(u if u >= 0 else FINAL, z_t)
+        z_u = alpha_u * x_hat + sigma_u * eps_hat
+        ratio = alpha_s / alpha_u
+        return ratio * z_u + (sigma_s**2 - ratio**2 * sigma_u**2).clamp_min(0).sqrt() * fresh_noise[i]
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(FEW_STEP_SAMPLERS)}")
+
+
+@torch.no_grad()
 def sample_with_scheduler(
     model: Model,
     z_T: torch.Tensor,

@@ -189,6 +189,45 @@ class Scheduler:
                     wake = min(wake, give_up)
                 self._cond.wait(None if wake == math.inf else max(wake - now, 0.0))
 
+    def take(self, max_rows: int, timeout: float | None = None) -> list[Job]:
+        """Step-level batching's consumer: the oldest jobs of any key whose rows fit in `max_rows`, marked
+        started, without waiting for max_wait (a job arriving later joins at the next step). First come,
+        first served: nothing overtakes a job that does not fit yet; a job larger than max_batch goes
+        alone when all max_batch rows are free. Blocks up to `timeout` while nothing is queued (or paused);
+        [] after the timeout or when the oldest job does not fit."""
+        give_up = None if timeout is None else self.clock() + timeout
+        with self._cond:
+            while True:
+                self._expire()
+                now = self.clock()
+                if self._queue and not (self._paused and not self._closed):
+                    taken, rows, gone = [], 0, False
+                    for job in list(self._queue):
+                        oversized_alone = not taken and max_rows >= self.max_batch
+                        if rows + job.rows > max_rows and not oversized_alone:
+                            break
+                        self._queue.remove(job)
+                        if not job.future.set_running_or_notify_cancel():  # its waiter is gone
+                            gone = True
+                            continue
+                        job.started = now
+                        taken.append(job)
+                        rows += job.rows
+                        if rows >= max_rows:
+                            break
+                    self._cond.notify_all()
+                    if taken or not gone:
+                        return taken
+                    continue
+                if self._closed and not self._queue:
+                    return []
+                wake = min([math.inf] + [j.deadline for j in self._queue])
+                if give_up is not None:
+                    if now >= give_up:
+                        return []
+                    wake = min(wake, give_up)
+                self._cond.wait(None if wake == math.inf else max(wake - now, 0.0))
+
     def _gather(self, key: Hashable) -> list[Job]:
         """The oldest jobs of `key` that fit in one batch; a job larger than max_batch goes alone."""
         batch, rows = [], 0
@@ -212,7 +251,7 @@ class Scheduler:
 
     # -- bookkeeping -----------------------------------------------------------------------
 
-    def record_batch(self, seconds: float, rows: int, steps: int = 1) -> None:
+    def record_batch(self, seconds: float, rows: int, steps: float = 1) -> None:
         """Feed the Retry-After and admission estimates with an executed batch's time."""
         per_row = seconds / max(rows, 1)
         per_row_step = seconds / (max(rows, self.max_batch) * max(steps, 1))

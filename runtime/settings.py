@@ -63,19 +63,31 @@ class ServeSettings(ZooSettings):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations dtype")
 
-    max_batch: int = Field(4, ge=1, le=256, description="rows (images or tiles) per executed batch")
+    batching: Literal["auto", "step", "request"] = Field(
+        "auto",
+        description="step: step-level continuous batching, one backbone call per denoising step serves every row in "
+        "flight whatever its task, adapter, steps or sampler, and new requests join at the next step; request: the "
+        "older per-adapter batching, a batch of one adapter, steps and sampler runs its whole loop before the next; "
+        "auto: step on CUDA, request on a CPU (where a call's cost grows with its rows, so sharing a call gains "
+        "nothing and stretches every request: measured in docs/serving.md)",
+    )
+    max_batch: int = Field(4, ge=1, le=256, description="rows (images or tiles) per executed batch (rows in flight)")
     max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits for more requests")
     exact_batching: bool = Field(
-        True,
+        False,
         description="execute every batch at exactly max_batch rows (zero-padded), so a request's bytes do not "
-        "depend on what it was batched with; false: power-of-two buckets, less padding, last-bit differences",
+        "depend on what it was batched with; false: buckets that fit the device (every size on a CPU, powers of "
+        "two on CUDA, where each bucket is a captured graph), less padding, last-bit differences",
     )
     queue_size: int = Field(64, ge=1, le=100_000, description="requests admitted and waiting; more get 429")
     request_deadline_s: float = Field(60.0, gt=0, description="a request not started by then gets 504")
     drain_s: float = Field(30.0, ge=0, description="on shutdown, how long admitted requests may take to finish; "
                            "then those still queued fail with 503 and the process exits")
 
-    max_pixels: int = Field(256 * 256, ge=1, description="most input pixels (width * height) accepted; more get 413")
+    max_pixels: int = Field(256 * 256, ge=1, description="most input pixels (width * height) a task computes on; "
+                            "super-resolution refuses more with 413, tasks that resize (depth, edit) downscale to it")
+    max_decode_pixels: int = Field(4096 * 4096, ge=1, description="decode-safety limit: most pixels an upload may "
+                                   "have at all (checked on its header, before decoding); more get 413")
     max_work: int = Field(
         64, ge=1, description="most work one request may ask for, in row-steps (images or super-resolution tiles x "
         "steps), checked on the image header before anything is decoded; more get 413"
@@ -128,6 +140,13 @@ class ServeSettings(ZooSettings):
         return torch.device(self.device)
 
     @property
+    def batching_mode(self) -> str:
+        """`batching` with auto resolved for the device: "step" or "request"."""
+        if self.batching != "auto":
+            return self.batching
+        return "step" if self.torch_device.type == "cuda" else "request"
+
+    @property
     def use_cuda_graphs(self) -> bool:
         return self.cuda_graphs and self.torch_device.type == "cuda"
 
@@ -140,9 +159,13 @@ class ServeSettings(ZooSettings):
         return int(self.memory_budget_mb * 1024 * 1024)
 
     def batch_buckets(self) -> tuple[int, ...]:
-        """The batch sizes a batch is executed at (padded up to the smallest that fits)."""
+        """The batch sizes a batch is executed at (padded up to the smallest that fits). On a CPU every size
+        is its own bucket (nothing to capture, so padding would only cost); on CUDA powers of two, each a
+        captured graph."""
         if self.exact_batching:
             return (self.max_batch,)
+        if self.torch_device.type != "cuda":
+            return tuple(range(1, self.max_batch + 1))
         sizes, b = [], 1
         while b < self.max_batch:
             sizes.append(b)

@@ -6,8 +6,10 @@
   blended with smooth weights. The noise of every tile is a crop of one noise image drawn from the
   seed over the whole (padded) canvas, so overlapping tiles start from the same noise, and an input
   that is exactly one tile gets exactly the noise of a plain sample.
-- depth, edit and any other task: the condition is resized (bicubic, antialiased) to the adapter's
-  resolution when it is not already that size, and the response says so (X-CDD-Resized).
+- depth, edit and any other task: the output is `width` x `height` (multiples of the backbone's size
+  factor, as diffusers pipelines take them); by default the input's aspect ratio at the adapter's pixel
+  count (a square input: the adapter's resolution). The condition is resized (bicubic, antialiased) to
+  the output size when it is not already that size, and the response says so (X-CDD-Resized).
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ class Work:
     seed: int
     prompt: str
     resolution: int
-    cond: torch.Tensor  # [rows, c, R, R] in [0, 1], CPU float32
-    z_T: torch.Tensor  # [rows, C, R/f, R/f], CPU float32
+    cond: torch.Tensor  # [rows, c, H, W] in [0, 1], CPU float32 (H = W = R for super-resolution tiles)
+    z_T: torch.Tensor  # [rows, C, H/f, W/f], CPU float32
     fresh: list[torch.Tensor] | None = None  # cm: per step [rows, C, R/f, R/f]
     layout: TileLayout | None = None  # super-resolution
     resized: str | None = None  # "WxH->wxh" when the condition was resized
@@ -112,9 +114,23 @@ class Work:
         return int(self.cond.shape[0])
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of a row in pixels."""
+        return int(self.cond.shape[-2]), int(self.cond.shape[-1])
+
+    @property
     def key(self) -> tuple:
-        """What must be equal for requests to share a batch."""
-        return (self.task, self.adapter, self.steps, self.sampler, self.resolution)
+        """What must be equal for requests to share a batch (per-adapter batching)."""
+        return (self.task, self.adapter, self.steps, self.sampler, self.size)
+
+
+def output_size(width: int, height: int, resolution: int, factor: int) -> tuple[int, int]:
+    """The default (width, height) for an input of width x height: its aspect ratio at resolution^2 pixels,
+    each side rounded to a multiple of `factor` (at least one factor)."""
+    aspect = width / height
+    h = resolution / math.sqrt(aspect)
+    w = resolution * math.sqrt(aspect)
+    return max(factor, round(w / factor) * factor), max(factor, round(h / factor) * factor)
 
 
 def prepare(
@@ -130,12 +146,18 @@ def prepare(
     seed: int,
     prompt: str,
     overlap_fraction: float = 0.25,
+    width: int | None = None,
+    height: int | None = None,
+    size_factor: int | None = None,
 ) -> Work:
-    """The condition rows and noise for `image` ([c, H, W] in [0, 1]) under `task`'s semantics."""
+    """The condition rows and noise for `image` ([c, H, W] in [0, 1]) under `task`'s semantics. `width` and
+    `height` (tasks other than super-resolution) must be multiples of `size_factor` (default: scale_factor)."""
     common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution)
-    c, height, width = image.shape
+    c, in_height, in_width = image.shape
     if task == SUPER_RESOLUTION:
-        layout = sr_layout(width, height, resolution, scale_factor, overlap_fraction)
+        if width is not None or height is not None:
+            raise ValueError("super-resolution's output is 4x its input: it takes no width or height")
+        layout = sr_layout(in_width, in_height, resolution, scale_factor, overlap_fraction)
         (ow, oh), (cw, ch) = layout.out, layout.canvas
         up = F.interpolate(image[None], size=(oh, ow), mode="bicubic", align_corners=False).clamp(0, 1)
         up = F.pad(up, (0, cw - ow, 0, ch - oh), mode="replicate") if (cw, ch) != (ow, oh) else up
@@ -149,13 +171,23 @@ def prepare(
         if fresh is not None:
             fresh = [torch.stack([xi[0, :, y // f : (y + r) // f, x // f : (x + r) // f] for y, x in crop]) for xi in fresh]
         return Work(**common, cond=cond.contiguous(), z_T=z_T.contiguous(), fresh=fresh, layout=layout)
+    factor = size_factor or scale_factor
+    out_w, out_h = output_size(in_width, in_height, resolution, factor)
+    if width is not None and height is None:  # one side given: the other keeps the input's aspect ratio
+        height = max(factor, round(width * in_height / in_width / factor) * factor)
+    elif height is not None and width is None:
+        width = max(factor, round(height * in_width / in_height / factor) * factor)
+    out_w, out_h = (out_w if width is None else width), (out_h if height is None else height)
+    for name, v in (("width", out_w), ("height", out_h)):
+        if v < factor or v % factor:
+            raise ValueError(f"{name} {v} must be a positive multiple of {factor} for this backbone")
     resized = None
-    if (height, width) != (resolution, resolution):
+    if (in_height, in_width) != (out_h, out_w):
         image = F.interpolate(
-            image[None], size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True
+            image[None], size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=True
         )[0].clamp(0, 1)
-        resized = f"{width}x{height}->{resolution}x{resolution}"
-    shape = (model_channels, resolution // scale_factor, resolution // scale_factor)
+        resized = f"{in_width}x{in_height}->{out_w}x{out_h}"
+    shape = (model_channels, out_h // scale_factor, out_w // scale_factor)
     z_T = initial_noise([seed], shape)
     fresh = fresh_noise(sampler, [seed], shape, steps)
     return Work(**common, cond=image[None].contiguous(), z_T=z_T, fresh=fresh, resized=resized)

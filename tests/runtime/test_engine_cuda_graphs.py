@@ -11,7 +11,7 @@ import torch
 
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.zoo import save_entry
-from cdd.runtime.cuda_graphs import GraphCache, GraphKey, GraphPointerError, StaticInputs, check_pointers
+from cdd.runtime.cuda_graphs import GraphCache, GraphKey, GraphPointerError, StaticInputs, StepGraphKey, check_pointers
 from cdd.runtime.engine import Engine
 from cdd.runtime.factory import make_backbone, save_backbone
 from cdd.runtime.imaging import to_uint8
@@ -84,8 +84,9 @@ def _run(engine, name, seed, steps=2, sampler="prev"):
 @gpu
 @needs_cuda
 def test_replays_equal_eager_and_swaps_never_recapture(gpu_world):
-    graphs = _engine(gpu_world, cuda_graphs=True, graph_debug=True)
-    eager = _engine(gpu_world, cuda_graphs=False)
+    """Per-adapter batching: one graph per (architecture, bucket, resolution, steps, sampler) for the loop."""
+    graphs = _engine(gpu_world, cuda_graphs=True, graph_debug=True, batching="request", exact_batching=True)
+    eager = _engine(gpu_world, cuda_graphs=False, batching="request", exact_batching=True)
     try:
         cache = graphs.executor.graphs
         captured = cache.captures
@@ -117,3 +118,53 @@ def test_bfloat16_graphs_serve(gpu_world):
         assert out.shape == (16, 16, 3) and np.array_equal(out, _run(engine, "a", 1))
     finally:
         engine.stop()
+
+
+def test_step_graph_key_is_frozen_and_hashable():
+    key = StepGraphKey("unet:down_block_additional_residuals", None, 4, (4, 8, 8))
+    assert {key: 1}[StepGraphKey("unet:down_block_additional_residuals", None, 4, (4, 8, 8))] == 1
+    assert key != dataclasses.replace(key, shape=(4, 8, 12))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        key.batch = 8
+
+
+@gpu
+@needs_cuda
+def test_step_level_graphs_per_bucket_whatever_the_steps_sampler_or_adapter(gpu_world, tmp_path):
+    """Step-level batching: the backbone step is captured per row bucket (per-row timesteps a static input)
+    and each adapter architecture per bucket; steps, samplers and swaps never recapture; a guided (gd)
+    adapter captures (its guidance is a device buffer); replays equal eager."""
+    graphs = _engine(gpu_world, cuda_graphs=True, graph_debug=True, batching="step")
+    eager = _engine(gpu_world, cuda_graphs=False, batching="step")
+    try:
+        cache = graphs.executor.graphs
+        buckets = graphs.executor.buckets
+        assert buckets == (1, 2, 4) and cache.captures == 2 * len(buckets)  # warm-up: ControlNet and UNet per bucket
+        captured = cache.captures
+        outs = {}
+        for name, steps, sampler in (("a", 2, "prev"), ("b", 4, "cm"), ("a", 1, "ddim"), ("b", 2, "gd")):
+            outs[name, steps, sampler] = _run(graphs, name, 7, steps, sampler)
+            ref = _run(eager, name, 7, steps, sampler)
+            assert np.abs(outs[name, steps, sampler].astype(int) - ref.astype(int)).max() <= 1
+        assert cache.captures == captured
+        graphs.pause()  # a and b in flight together: rows of two adapters share the backbone's replays
+        works = [graphs.prepare(graphs.pool.get(n), torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(7)),
+                                steps=s, sampler=m, seed=7, prompt="a red sphere") for n, s, m in (("a", 2, "prev"), ("b", 4, "cm"))]
+        jobs = [graphs.submit(w) for w in works]
+        graphs.resume()
+        for job, key in zip(jobs, (("a", 2, "prev"), ("b", 4, "cm"))):
+            np.testing.assert_array_equal(to_uint8(job.future.result(timeout=120).rows)[0], outs[key])
+        assert cache.captures == captured
+
+        bb = make_backbone("latent", resolution=16, seed=3)  # gpu_world's backbone, on the CPU
+        guided = build_adapter("controlnet-guided", bb.unet, bb.vae_scale_factor, guidance=2.0)
+        save_entry(tmp_path / "g", guided, name="g", task="depth", backbone_fingerprint=bb.fingerprint,
+                   condition={"channels": 3, "range": [0, 1], "resolution": 16}, steps=16, sampler="gd")
+        for engine in (graphs, eager):
+            engine.register(tmp_path / "g")
+        out = _run(graphs, "g", 3, 2, "gd")
+        assert np.abs(out.astype(int) - _run(eager, "g", 3, 2, "gd").astype(int)).max() <= 1
+        assert cache.captures == captured + 1  # the guided architecture at bucket 1
+    finally:
+        graphs.stop()
+        eager.stop()

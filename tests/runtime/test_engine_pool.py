@@ -19,6 +19,7 @@ from cdd.runtime.metrics import Metrics
 from cdd.runtime.pool import AdapterConflict, AdapterGone, AdapterPool
 from cdd.runtime.samplers import initial_noise
 from cdd.runtime.settings import ServeSettings
+from cdd.runtime.tasks import prepare
 
 RES = 16
 
@@ -67,6 +68,7 @@ def zoo(tmp_path_factory):
         "t": entry("t", "t2i", 4),
         "lora": entry("lora", "controlnet", 5, mode="lora", backbone_lora=lora_of(bb, 6)),
         "cl": entry("cl", "controlnet-lora", 7),
+        "g": entry("g", "controlnet-guided", 8, steps=16, sampler="gd"),
     }
     return root, paths
 
@@ -158,11 +160,88 @@ def test_register_refuses_what_cannot_be_served(zoo, tmp_path):
     common = dict(task="depth", backbone_fingerprint=bb.fingerprint)
     cond = {"channels": 3, "range": [0, 1], "resolution": RES}
     save_entry(tmp_path / "full", adapter, name="full", condition=cond, mode="full", unet_state=bb.unet.state_dict(), **common)
-    save_entry(tmp_path / "eight", adapter, name="eight", condition=cond, steps=8, **common)
+    save_entry(tmp_path / "many", adapter, name="many", condition=cond, steps=65, **common)
     save_entry(tmp_path / "odd", adapter, name="odd", condition={**cond, "resolution": 18}, **common)
-    for name, match in (("full", "mode 'full'"), ("eight", "1-4 steps"), ("odd", "multiple of 4")):
+    for name, match in (("full", "mode 'full'"), ("many", "1-64 steps"), ("odd", "multiple of 4")):
         with pytest.raises(ZooError, match=match):
             pool.register(tmp_path / name)
+
+
+def test_a_guided_distillation_stage_one_entry_with_16_steps_registers_and_serves(zoo):
+    """A gd stage-1 student is sampled with 16 steps: its entry must not make registration (and so
+    Engine.start, which registers the whole zoo) refuse."""
+    root, paths = zoo
+    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=2, warmup=False)).start()
+    try:
+        reg = engine.pool.get("g")
+        assert (reg.manifest.steps, reg.manifest.sampler) == (16, "gd")
+        work = engine.prepare(reg, torch.rand(3, RES, RES), steps=reg.manifest.steps, sampler="gd", seed=1, prompt="")
+        rows = engine.run(work, timeout=300).rows
+        assert rows.shape == (1, 3, RES, RES) and torch.isfinite(rows).all()
+    finally:
+        engine.stop()
+
+
+def test_guided_adapter_keeps_its_guidance_on_the_device_in_float32(zoo):
+    """The gd adapter's default w is a buffer that moves with the module (no host tensor is built inside a
+    forward, which a CUDA graph capture refuses), stays float32 under `.to(bfloat16)`, and is not stored."""
+    root, _ = zoo
+    bb = fresh_backbone(root)
+    adapter = build_adapter("controlnet-guided", bb.unet, bb.vae_scale_factor, guidance=2.7)
+    assert "w_default" not in adapter.state_dict() and "w_default" in dict(adapter.named_buffers())
+    adapter.to(torch.bfloat16)
+    assert adapter.w_default.dtype == torch.float32 and adapter.w_default.item() == pytest.approx(2.7)
+    adapter.float()
+    z = torch.randn(2, 4, RES // 2, RES // 2)
+    t = torch.full((2,), 999)
+    text = bb.encode_text(["", ""])
+    cond = torch.rand(2, 3, RES, RES)
+    with torch.no_grad():
+        default = adapter.unet_kwargs(bb.unet, z, t, text, cond)
+        adapter.set_guidance(2.7)
+        given = adapter.unet_kwargs(bb.unet, z, t, text, cond)
+    for a, b in zip(default["down_block_additional_residuals"], given["down_block_additional_residuals"]):
+        assert torch.equal(a, b)
+
+
+def test_architecture_key_ignores_diffusers_bookkeeping(zoo):
+    """Entries of one architecture share a live slot even when diffusers' `_use_default_values` (or another
+    `_` key) differs; a real difference in the config still separates them."""
+    from types import SimpleNamespace
+
+    from cdd.runtime.pool import architecture_key
+
+    root, paths = zoo
+    bb = fresh_backbone(root)
+    config = build_adapter("controlnet", bb.unet, bb.vae_scale_factor).config()
+    one = copy.deepcopy(config)
+    one["controlnet"]["_use_default_values"] = ["global_pool_conditions", "addition_embed_type_num_heads"]
+    two = copy.deepcopy(config)
+    two["controlnet"]["_use_default_values"] = ["addition_embed_type_num_heads", "global_pool_conditions"]
+    two["controlnet"]["_diffusers_version"] = "0.0.1"
+    other = copy.deepcopy(config)
+    other["controlnet"]["conditioning_channels"] = 1
+    key = lambda c: architecture_key(SimpleNamespace(kind="controlnet", architecture=c))  # noqa: E731
+    assert key(one) == key(two) != key(other)
+
+
+def test_shipped_controlnets_share_one_slot():
+    """depth, edit and super-resolution of the embedded zoo are one ControlNet architecture: one slot."""
+    from cdd.adapters.zoo import Manifest, default_zoo_dir
+    from cdd.runtime.pool import architecture_key
+
+    keys = {name: architecture_key(Manifest.from_file(default_zoo_dir() / name / "manifest.json"))
+            for name in ("depth", "edit", "super-resolution")}
+    assert len(set(keys.values())) == 1, keys
+
+
+@pytest.mark.parametrize("device, exact, expected", [
+    ("cpu", False, (1, 2, 3, 4, 5, 6)), ("cuda", False, (1, 2, 4, 6)), ("cpu", True, (6,)), ("cuda", True, (6,)),
+])
+def test_batch_buckets_fit_the_device(device, exact, expected):
+    """On a CPU every size is its own bucket (a lone request is not padded); on CUDA powers of two (each a
+    captured graph); exact batching: max_batch only."""
+    assert ServeSettings(device=device, max_batch=6, exact_batching=exact).batch_buckets() == expected
 
 
 def test_engine_start_names_missing_folders(tmp_path, zoo):
@@ -186,7 +265,8 @@ def test_cached_schedule_gives_the_schedule_numbers():
 def test_a_row_gives_the_same_bytes_alone_or_in_any_batch(zoo):
     """Exact batching: every batch runs at max_batch rows, so a row's result cannot depend on its company."""
     root, paths = zoo
-    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False)).start()
+    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False,
+                                  exact_batching=True)).start()
     try:
         bb = engine.backbone
         slot, reg = engine.pool.activate("t")
@@ -219,3 +299,99 @@ def test_engine_drains_admitted_work_on_stop(zoo):
     engine.stop()
     assert all(j.future.result(timeout=0).rows.shape == (1, 3, RES, RES) for j in jobs)
     assert not engine._thread.is_alive()
+
+
+def _mixed_works(engine):
+    """Requests of every kind in the zoo: adapters of four architectures (one with a backbone LoRA), steps
+    1/2/4/16, every sampler, a non-square output, and a super-resolution request of four tiles."""
+    g = torch.Generator().manual_seed(5)
+    works = []
+    for name, steps, sampler, seed, prompt, size in (
+        ("a", 1, "ddim", 11, "a red sphere", None), ("b", 4, "cm", 12, "", None), ("t", 2, "prev", 13, "night", None),
+        ("cl", 4, "ddim", 14, "a cube", None), ("lora", 2, "prev", 15, "blue", None), ("g", 2, "gd", 16, "", None),
+        ("a", 2, "ddim", 18, "wide", (24, 16)),
+    ):
+        width, height = size or (None, None)
+        works.append(engine.prepare(engine.pool.get(name), torch.rand(3, RES, RES, generator=g), steps=steps,
+                                    sampler=sampler, seed=seed, prompt=prompt, width=width, height=height))
+    works.append(prepare("super-resolution", torch.rand(3, 6, 6, generator=g), adapter="c", resolution=RES,
+                         model_channels=4, scale_factor=2, steps=2, sampler="ddim", seed=17, prompt=""))
+    assert works[-2].size == (16, 24) and works[-1].rows == 4
+    return works
+
+
+def test_a_request_gives_the_same_image_alone_and_inside_mixed_traffic(zoo):
+    """Step-level batching: a request's image does not depend on what else is in flight, and equals what the
+    per-adapter batching (the whole loop of one adapter's batch) gives; the backbone runs once per step for
+    every row in flight, so mixed traffic takes far fewer backbone calls than the same requests one by one."""
+    root, _ = zoo
+    common = dict(backbone=root / "backbone", zoo=root / "zoo", max_batch=8, warmup=False)
+    engine = Engine(ServeSettings(batching="step", **common)).start()
+    old = Engine(ServeSettings(batching="request", **common)).start()
+    calls = []
+    hook = engine.backbone.unet.register_forward_pre_hook(lambda m, args: calls.append(1))
+    try:
+        works = _mixed_works(engine)
+        alone = [engine.run(w, timeout=300) for w in works]
+        alone_calls = len(calls)
+        assert [r.batch_rows for r in alone] == [w.rows for w in works]  # each ran alone
+        engine.pause()
+        jobs = [engine.submit(w) for w in works]
+        engine.resume()
+        mixed = [j.future.result(timeout=600) for j in jobs]
+        # a, b, t, cl and g (four architectures, four samplers) shared their first backbone call; the
+        # super-resolution tiles joined b's and cl's later steps once enough rows were free
+        assert mixed[0].batch_rows == 5 and mixed[-1].batch_rows == 6
+        assert len(calls) - alone_calls < alone_calls / 2
+        for w, a, m in zip(works, alone, mixed):
+            assert m.rows.shape == a.rows.shape == (w.rows, 3, *w.size)
+            assert (m.rows - a.rows).abs().max() < 1e-4, w.adapter
+            ref = old.run(w, timeout=300).rows
+            assert (ref - a.rows).abs().max() < 1e-4, w.adapter
+    finally:
+        hook.remove()
+        engine.stop()
+        old.stop()
+
+
+def test_step_level_batching_keeps_the_sampler_state_in_float32(zoo):
+    """bf16 weights: the sample and the schedule maths stay float32 and only the network inputs are cast."""
+    root, _ = zoo
+    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=2, warmup=False,
+                                  dtype="bfloat16")).start()
+    try:
+        reg = engine.pool.get("a")
+        work = engine.prepare(reg, torch.rand(3, RES, RES), steps=2, sampler="ddim", seed=3, prompt="")
+        flight = engine.executor.board(None, reg, z_T=work.z_T, cond=work.cond, text_emb=engine.backbone.encode_text([""]),
+                                       fresh=None, steps=2, sampler="ddim")
+        assert flight.z.dtype == torch.float32 and flight.cond.dtype == torch.bfloat16
+        engine.executor.evaluate(engine.pool, [flight])
+        assert flight.z.dtype == torch.float32 and flight.i == 1
+        out = engine.run(work, timeout=300).rows
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    finally:
+        engine.stop()
+
+
+def test_adapters_in_flight_together_over_a_tight_memory_budget(zoo):
+    """Several adapters in flight share evaluations even when the budget holds one of them at a time: each
+    evaluation makes each resident again (LRU) before it computes its rows, and the images do not change."""
+    root, _ = zoo
+    engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False,
+                                  memory_budget_mb=0)).start()
+    try:
+        g = torch.Generator().manual_seed(9)
+        works = [engine.prepare(engine.pool.get(name), torch.rand(3, RES, RES, generator=g), steps=2, sampler="ddim",
+                                seed=i, prompt="") for i, name in enumerate(("a", "t"))]
+        alone = [engine.run(w, timeout=300).rows for w in works]
+        evictions = engine.metrics.adapter_evictions._value.get()
+        engine.pause()
+        jobs = [engine.submit(w) for w in works]
+        engine.resume()
+        for job, ref in zip(jobs, alone):
+            result = job.future.result(timeout=300)
+            assert result.batch_rows == 2 and (result.rows - ref).abs().max() < 1e-4
+        assert engine.metrics.adapter_evictions._value.get() >= evictions + 4  # two evaluations, two adapters
+        assert len(engine.pool.resident_names()) == 1
+    finally:
+        engine.stop()

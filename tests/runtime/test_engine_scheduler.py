@@ -117,3 +117,33 @@ def test_consumer_blocks_until_work_arrives():
     s.submit(job(payload="x"))
     t.join(2)
     assert [j.payload for j in got[0]] == ["x"]
+
+
+def test_take_admits_the_oldest_jobs_of_any_key_that_fit():
+    """Step-level batching's consumer: first come first served across keys, up to the free rows, nothing
+    overtakes a job that does not fit yet, and a job larger than max_batch goes alone when all rows are free."""
+    s = Scheduler(max_batch=4, max_wait=10.0, queue_size=10)
+    for key, rows in (("a", 1), ("b", 2), ("c", 2), ("a", 1)):
+        s.submit(job(key, rows, payload=key + str(rows)))
+    assert [j.payload for j in s.take(4, timeout=0)] == ["a1", "b2"]  # c2 does not fit in the last row
+    assert s.take(1, timeout=0) == [] and len(s) == 2  # ... and a1 behind it waits its turn
+    taken = s.take(4, timeout=0)
+    assert [j.payload for j in taken] == ["c2", "a1"] and all(j.future.running() for j in taken)
+    s.submit(job("big", 9, payload="big"))
+    s.submit(job("a", 1, payload="after"))
+    assert s.take(3, timeout=0) == []
+    assert [j.payload for j in s.take(4, timeout=0)] == ["big"]
+    assert [j.payload for j in s.take(4, timeout=0)] == ["after"]
+
+
+def test_take_waits_for_a_job_or_the_timeout_and_respects_pause():
+    s = Scheduler(max_batch=4, max_wait=10.0, queue_size=10)
+    t0 = time.monotonic()
+    assert s.take(4, timeout=0.05) == [] and time.monotonic() - t0 >= 0.05
+    threading.Timer(0.05, lambda: s.submit(job(payload="late"))).start()
+    assert [j.payload for j in s.take(4, timeout=5)] == ["late"]  # no max_wait once one is there
+    s.pause()
+    s.submit(job(payload="held"))
+    assert s.take(4, timeout=0.02) == []
+    s.resume()
+    assert [j.payload for j in s.take(4, timeout=0)] == ["held"]

@@ -66,12 +66,37 @@ def test_a_single_tile_gets_the_noise_of_a_plain_sample():
 
 
 def test_resize_tasks_resize_and_report_it():
+    """By default the output keeps the input's aspect ratio at the adapter's pixel count (16 x 16 = 256 here:
+    30x10 -> 28x10, sides multiples of the size factor); a square input gets the adapter's resolution."""
     work = prepare("depth", torch.rand(3, 10, 30), adapter="x", resolution=16, model_channels=4, scale_factor=2,
                    steps=2, sampler="prev", seed=0, prompt="")
-    assert work.cond.shape == (1, 3, 16, 16) and work.resized == "30x10->16x16" and work.layout is None
+    assert work.cond.shape == (1, 3, 10, 28) and work.resized == "30x10->28x10" and work.layout is None
+    assert work.z_T.shape == (1, 4, 5, 14) and torch.equal(work.z_T, initial_noise([0], (4, 5, 14)))
     same = prepare("edit", torch.rand(3, 16, 16), adapter="x", resolution=16, model_channels=4, scale_factor=2,
                    steps=2, sampler="prev", seed=0, prompt="make it red")
-    assert same.resized is None and same.key == ("edit", "x", 2, "prev", 16)
+    assert same.resized is None and same.key == ("edit", "x", 2, "prev", (16, 16))
+
+
+@pytest.mark.parametrize("width, height, expected", [
+    (32, 8, (8, 32)), (24, None, (8, 24)), (None, 8, (8, 24)), (None, None, (8, 24)),
+])
+def test_width_and_height_for_resize_tasks(width, height, expected):
+    """width/height as diffusers pipelines take them; one side alone keeps the input's aspect ratio."""
+    image = torch.rand(3, 20, 60)  # aspect 3: at 16 x 16 pixels the default is 27.7 x 9.2 -> 24 x 8 (factor 8)
+    work = prepare("depth", image, adapter="x", resolution=16, model_channels=4, scale_factor=2, steps=1,
+                   sampler="cm", seed=0, prompt="", width=width, height=height, size_factor=8)
+    h, w = expected
+    assert work.size == expected and work.z_T.shape == (1, 4, h // 2, w // 2) and work.fresh[0].shape == work.z_T.shape
+    assert work.resized == f"60x20->{w}x{h}"
+
+
+def test_width_and_height_must_fit_the_backbone():
+    common = dict(adapter="x", resolution=16, model_channels=4, scale_factor=2, steps=1, sampler="prev", seed=0,
+                  prompt="", size_factor=8)
+    with pytest.raises(ValueError, match="width 20 must be a positive multiple of 8"):
+        prepare("depth", torch.rand(3, 16, 16), width=20, height=16, **common)
+    with pytest.raises(ValueError, match="no width or height"):
+        prepare("super-resolution", torch.rand(3, 4, 4), width=16, **common)
 
 
 def _encode(array, mode=None, fmt="PNG"):
@@ -93,6 +118,23 @@ def test_decode_image_modes_and_limits():
         decode_image(_encode(rgb), max_pixels=34)
     assert e.value.status == 413
     assert decode_image(_encode(rgb, fmt="JPEG"), max_pixels=35).shape == (3, 5, 7)
+
+
+def test_tasks_that_resize_take_large_images_downscaled_up_to_the_decode_limit():
+    """An ordinary photo over max_pixels is accepted (and downscaled, aspect kept) by a task that resizes
+    anyway; the decode-safety limit still refuses with 413 before decoding."""
+    rgb = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    with pytest.raises(ImageError) as e:
+        decode_image(_encode(rgb), max_pixels=64 * 64)
+    assert e.value.status == 413
+    x = decode_image(_encode(rgb), max_pixels=64 * 64, max_decode_pixels=400 * 300)
+    assert x.shape == (3, 55, 73) and x.shape[1] * x.shape[2] <= 64 * 64 and 0 <= x.min() and x.max() <= 1
+    ref = F.interpolate(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255, size=(55, 73), mode="bicubic",
+                        antialias=True)[0]
+    assert (x - ref.clamp(0, 1)).abs().max() < 1e-5
+    with pytest.raises(ImageError) as e:
+        decode_image(_encode(rgb), max_pixels=64 * 64, max_decode_pixels=400 * 300 - 1)
+    assert e.value.status == 413
 
 
 def test_png_encoding_is_deterministic():

@@ -4,7 +4,16 @@ from diffusers import DDIMScheduler
 
 from cdd.runtime.denoiser import ConditionedDenoiser
 from cdd.runtime.factory import make_backbone
-from cdd.runtime.samplers import initial_noise, sample_cm, sample_ddim, sample_prev, sample_with_scheduler, step_noise
+from cdd.runtime.samplers import (
+    few_step_sampler,
+    initial_noise,
+    sample_cm,
+    sample_ddim,
+    sample_prev,
+    sample_with_scheduler,
+    sampler_step,
+    step_noise,
+)
 
 
 class Recorder:
@@ -108,3 +117,23 @@ def test_teacher_samplers_converge_on_analytic_model(pixel_backbone, name):
     torch.testing.assert_close(out, expected.expand_as(out), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="unknown teacher sampler"):
         sample_with_scheduler(_analytic_model(schedule, x_fixed), z_T, 2, schedule, pixel_backbone.scheduler_config, "euler")
+
+
+@pytest.mark.parametrize("name", ["ddim", "prev", "cm", "gd"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_sampler_step_one_at_a_time_equals_the_sampler(latent_backbone, name, k):
+    """Step-level batching takes each request's steps one at a time (`sampler_step`), interleaved with other
+    requests; the steps in a row give the sampler's own result exactly."""
+    bb = latent_backbone
+    schedule = bb.schedule
+    denoiser = ConditionedDenoiser(bb.unet, schedule)
+    model = denoiser.bind(None, bb.encode_text(["a red sphere", "night"]))
+    z_T = initial_noise([7, 8], (4, 8, 8))
+    fresh = step_noise([7, 8], (4, 8, 8), k)
+    timesteps = schedule.trailing_timesteps(k)
+    whole = few_step_sampler(name)(model, z_T, timesteps, schedule, fresh_noise=fresh)
+    z = z_T
+    for i, t in enumerate(timesteps):
+        x_hat, eps_hat = model(z, torch.full((2,), t))
+        z = sampler_step(name, i, timesteps, z, x_hat, eps_hat, schedule, z_T, fresh)
+    assert torch.equal(z, whole)

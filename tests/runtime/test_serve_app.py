@@ -80,7 +80,7 @@ def world(tmp_path_factory):
 
 def settings(world, **kw):
     base = dict(backbone=world["backbone_dir"], zoo=world["zoo"], max_batch=4, max_wait_ms=20, max_pixels=64 * 64,
-                max_upload_mb=1, api_key=KEY)
+                max_decode_pixels=512 * 512, max_upload_mb=1, api_key=KEY)
     return ServeSettings(**{**base, **kw})
 
 
@@ -213,12 +213,12 @@ def test_json_answer_carries_the_same_png(client):
     assert set(body["timings"]) == {"queue_ms", "execute_ms", "total_ms", "batch_size", "batch_rows"}
 
 
-def test_depth_resizes_to_the_adapter_resolution_and_says_so(client):
+def test_depth_resizes_to_the_adapter_pixel_count_and_says_so(client):
     r = post(client, "depth", png(40, 20), seed=1, adapter="depth-t2i", steps=1, sampler="ddim")
     assert r.status_code == 200, r.text
-    assert r.headers["x-cdd-resized"] == f"40x20->{RES}x{RES}"
+    assert r.headers["x-cdd-resized"] == "40x20->24x12"  # aspect 2 at RES x RES pixels, sides multiples of 4
     assert (r.headers["x-cdd-adapter"], r.headers["x-cdd-steps"], r.headers["x-cdd-sampler"]) == ("depth-t2i", "1", "ddim")
-    assert decode(r.content).shape == (RES, RES, 3)
+    assert decode(r.content).shape == (12, 24, 3)
 
 
 def test_every_sampler_and_step_count(client):
@@ -252,8 +252,17 @@ def test_swapping_a_b_a_leaves_a_unchanged(app):
     assert len(slots) == 1  # sr, sr-b and depth share one live slot
 
 
-def test_mixed_tasks_concurrently_give_the_bytes_of_requests_sent_one_by_one(app):
-    service, client = app
+@pytest.fixture(scope="module")
+def exact_app(world):
+    """Exact batching: every adapter and backbone call at max_batch rows, so bytes cannot depend on company."""
+    app = create_app(settings(world, exact_batching=True, warmup=False))
+    with TestClient(app) as client:
+        assert app.state.engine.wait_ready(120)
+        yield app, client
+
+
+def test_mixed_tasks_concurrently_give_the_bytes_of_requests_sent_one_by_one(exact_app):
+    service, client = exact_app
     engine = service.state.engine
     requests = [
         ("super-resolution", png(4, 4, 1), {"seed": 1}),
@@ -314,13 +323,31 @@ def bomb(width: int, height: int, rows: int | None = None) -> bytes:
 
 
 def test_too_many_pixels_is_413_before_decoding(client):
-    assert "65x64" in error(post(client, "depth", png(65, 64)), 413, "too_many_pixels")
+    assert "65x64" in error(post(client, "super-resolution", png(65, 64)), 413, "too_many_pixels")
+    assert "513x512" in error(post(client, "depth", png(513, 512)), 413, "too_many_pixels")  # the decode limit
     # decompression bombs: the header is checked before a pixel is decoded, so nothing big is allocated
     full = bomb(3000, 3000)  # 27 MB of pixels in a 26 KB file
     assert len(full) < 100_000
     error(post(client, "depth", full), 413, "too_many_pixels")
     error(post(client, "depth", bomb(100_000, 100_000, rows=1)), 413, "too_many_pixels")  # 30 GB claimed
     error(post(client, "super-resolution", bomb(5000, 1, rows=1)), 413, "too_many_pixels")
+
+
+def test_depth_and_edit_take_an_ordinary_photo_and_a_width_and_height(client):
+    """Tasks that resize accept any image up to the decode-safety limit (a 300x200 photo is over max_pixels),
+    by default at the input's aspect ratio; width and height (multiples of the size factor) as diffusers
+    pipelines take them; super-resolution, whose output is 4x its input, takes neither."""
+    r = post(client, "depth", png(300, 200), seed=1, steps=1)
+    assert r.status_code == 200, r.text
+    assert decode(r.content).shape == (12, 20, 3)  # aspect 1.5 at 16 x 16 pixels, sides multiples of 4
+    r = post(client, "depth", png(16, 16), seed=1, steps=1, width=24, height=16, headers={"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == (24, 16) and body["resized"] == "16x16->24x16"
+    assert decode(base64.b64decode(body["image"])).shape == (16, 24, 3)
+    assert "multiple of 4" in error(post(client, "depth", png(16, 16), width=18), 422, "invalid_parameter")
+    error(post(client, "super-resolution", png(4, 4), width=16), 422, "invalid_parameter")
+    error(post(client, "depth", png(16, 16), width=128, height=128), 422, "invalid_parameter")  # over max_pixels
 
 
 def test_body_larger_than_the_upload_limit_is_413(client):
