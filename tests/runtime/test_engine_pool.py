@@ -378,7 +378,7 @@ def test_adapters_in_flight_together_over_a_tight_memory_budget(zoo):
     evaluation makes each resident again (LRU) before it computes its rows, and the images do not change."""
     root, _ = zoo
     engine = Engine(ServeSettings(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False,
-                                  memory_budget_mb=0)).start()
+                                  memory_budget_mb=0, batching="step")).start()
     try:
         g = torch.Generator().manual_seed(9)
         works = [engine.prepare(engine.pool.get(name), torch.rand(3, RES, RES, generator=g), steps=2, sampler="ddim",
