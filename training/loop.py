@@ -45,10 +45,11 @@ from ..adapters.atomic import atomic_directory, write_text
 from ..adapters.zoo import Manifest, load_entry, save_entry
 from ..runtime.backbone import Backbone, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
-from .codi import build_objective
+from .codi import build_objective, noise_removed
 from .config import ConfigError, TrainConfig
 
 CHECKPOINTS = "checkpoints"
+NOISE_REMOVED_AT = (19, 99, 249)  # timesteps at which the EMA weights' noise-removed fraction is logged
 ETA_STEPS = 3  # steps timed (after the first, which pays one-off costs) before the ETA is printed
 GRID_ROWS = 4
 
@@ -479,6 +480,21 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
                         optimizer=optimizer, generator=generator, fingerprint=backbone.fingerprint, loss=loss)
         return path
 
+    probe = None
+    if main and backbone.schedule.num_train_timesteps > max(NOISE_REMOVED_AT):
+        x_val, c_val, text_val = encode(val)
+        probe_eps = torch.randn(x_val.shape, generator=torch.Generator().manual_seed(config.seed)).to(device)
+        probe = (x_val, c_val, text_val, probe_eps)
+
+    def removed() -> dict[str, float]:
+        """codi.noise_removed of the EMA weights at NOISE_REMOVED_AT, on the validation rows with fixed noise."""
+        if probe is None:
+            return {}
+        x, c, text_emb, eps = probe
+        with accelerator.autocast():
+            return {f"noise_removed/t{t}": noise_removed(ema_target, x, c, text_emb, t, eps, backbone.schedule)
+                    for t in NOISE_REMOVED_AT}
+
     def grid():
         if main:
             sampler, steps = config.sampling
@@ -531,6 +547,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
             if main:
                 scalars = {f"loss/{k}": v for k, v in last_loss.items()}
                 scalars.update({"train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm)})
+                scalars.update(removed())
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, step)
                 with open(out / "metrics.jsonl", "a") as f:
