@@ -99,8 +99,9 @@ def render_set(n: int, seed: int, size: int = SIZE) -> tuple[torch.Tensor, dict[
 
 
 class AttributeNet(nn.Module):
-    """Four stride-2 conv blocks (32-64-128-128 channels, GroupNorm, SiLU), global average pooling, a
-    FEATURES-wide layer (the features FID and KID use) and three heads."""
+    """Four stride-2 conv blocks (32-64-128-128 channels, GroupNorm, SiLU), global average and max pooling
+    (the max keeps small objects that the average washes out), a FEATURES-wide layer (the features FID and KID
+    use) and three heads."""
 
     def __init__(self, width: int = 32, features: int = FEATURES):
         super().__init__()
@@ -110,7 +111,7 @@ class AttributeNet(nn.Module):
             blocks += [nn.Conv2d(a, b, 3, padding=1), nn.GroupNorm(8, b), nn.SiLU(),
                        nn.Conv2d(b, b, 3, stride=2, padding=1), nn.GroupNorm(8, b), nn.SiLU()]
         self.body = nn.Sequential(*blocks)
-        self.embed = nn.Linear(chans[-1], features)
+        self.embed = nn.Linear(2 * chans[-1], features)
         self.floor = nn.Linear(features, len(scenes.FLOORS))
         self.time = nn.Linear(features, len(scenes.TIMES))
         self.objects = nn.Linear(features, len(OBJECTS))
@@ -121,7 +122,8 @@ class AttributeNet(nn.Module):
         x = images.float()
         if x.shape[-2:] != (SIZE, SIZE):
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
-        h = self.body(x * 2 - 1).mean(dim=(2, 3))
+        h = self.body(x * 2 - 1)
+        h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
         return F.silu(self.embed(h))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -129,9 +131,13 @@ class AttributeNet(nn.Module):
         return {"floor": self.floor(f), "time": self.time(f), "objects": self.objects(f)}
 
 
+OBJECT_POS_WEIGHT = 5.0  # a scene holds 2.5 of the 30 objects on average: weigh the present ones up
+
+
 def loss_of(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    pos_weight = torch.full((len(OBJECTS),), OBJECT_POS_WEIGHT)
     return (F.cross_entropy(logits["floor"], labels["floor"]) + F.cross_entropy(logits["time"], labels["time"])
-            + F.binary_cross_entropy_with_logits(logits["objects"], labels["objects"]))
+            + F.binary_cross_entropy_with_logits(logits["objects"], labels["objects"], pos_weight=pos_weight))
 
 
 @torch.no_grad()
@@ -215,13 +221,26 @@ def load(folder: str | Path | None = None) -> AttributeNet:
     return net.eval().requires_grad_(False)
 
 
+def cached_render_set(n: int, seed: int, cache: Path | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """render_set, kept in `cache` (a folder) when given: renders are most of a training run's time on a CPU."""
+    path = cache / f"scenes-{seed}-{n}-{SIZE}.pt" if cache is not None else None
+    if path is not None and path.is_file():
+        saved = torch.load(path)
+        return saved["images"], saved["labels"]
+    images, labels = render_set(n, seed)
+    if path is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "labels": labels}, path)
+    return images, labels
+
+
 def train(out: Path, n_train: int, n_held_out: int, epochs: int, batch: int = 64, lr: float = 2e-3,
-          seed: int = 0, log=print) -> dict[str, float]:
-    """Render the sets, train with AdamW (cosine lr), save the net and its held-out agreement to `out`."""
+          seed: int = 0, log=print, cache: Path | None = None) -> dict[str, float]:
+    """Render the sets, train with AdamW (one-cycle lr), save the net and its held-out agreement to `out`."""
     torch.manual_seed(seed)
     t0 = time.time()
-    x_train, y_train = render_set(n_train, TRAIN_SEED)
-    x_val, y_val = render_set(n_held_out, HELD_OUT_SEED)
+    x_train, y_train = cached_render_set(n_train, TRAIN_SEED, cache)
+    x_val, y_val = cached_render_set(n_held_out, HELD_OUT_SEED, cache)
     log(f"rendered {n_train} + {n_held_out} scenes in {time.time() - t0:.0f} s")
     net = AttributeNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -262,12 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--cache", type=Path, default=None, help="a folder to keep the rendered sets in, for reruns")
     e = sub.add_parser("eval", help="the classifier's agreement on N held-out renders")
     e.add_argument("--model", type=Path, default=default_dir())
     e.add_argument("--num-images", type=int, default=1000)
     args = p.parse_args(argv)
     if args.command == "train":
-        scores = train(args.out, args.train, args.held_out, args.epochs, args.batch_size, args.lr)
+        scores = train(args.out, args.train, args.held_out, args.epochs, args.batch_size, args.lr, cache=args.cache)
         print(f"written to {args.out}: held-out {scores}")
         return 0
     net = load(args.model)

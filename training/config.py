@@ -80,7 +80,10 @@ class TrainConfig:
     gd_steps: int = 4
     guidance_min: float = 0.0  # w ~ U[guidance_min, guidance_max] during training
     guidance_max: float = 2.0
-    guidance: float = 1.0  # the w the entry is served with
+    guidance: float = 0.0  # the w the entry is served with: 0 is the conditional teacher's own distribution
+
+    caption_dropout: float = 0.0  # the probability of training on the empty caption instead of the sample's: a
+    # teacher meant for Guided Distillation needs it (0.1), since GD's unconditional branch runs it on "" (seed 001)
 
     # architecture sizes
     adapter_rank: int = 8  # LoRA rank inside a controlnet-lora adapter
@@ -140,6 +143,7 @@ class TrainConfig:
         if self.init_from and self.mode != "pe":
             raise ConfigError(f"init_from continues an adapter-only entry: mode must be pe, not {self.mode!r}")
         _check("ema", self.ema, 0 <= self.ema < 1, "must be in [0, 1)")
+        _check("caption_dropout", self.caption_dropout, 0 <= self.caption_dropout < 1, "must be in [0, 1)")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
         _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")
@@ -183,7 +187,9 @@ class TrainConfig:
     def sampling(self) -> tuple[str, int]:
         """The default sampler and steps recorded in the zoo manifest."""
         if self.method == "gd":
-            return ("ddim", 2 * self.gd_steps) if self.gd_stage == 1 else ("gd", self.gd_steps)
+            # stage 2's student is trained to take deterministic DDIM steps of T/k (two teacher steps of T/2k each):
+            # it is served with exactly those; the stochastic `gd` sampler takes steps it was not trained for
+            return ("ddim", 2 * self.gd_steps) if self.gd_stage == 1 else ("ddim", self.gd_steps)
         return DEFAULT_SAMPLING[self.method]
 
     def check_backbone(self) -> Path:

@@ -603,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", action="store_true", help="write each entry's rows into its manifest's metrics")
     p.add_argument("--attributes", default="default", help="the scenes-attribute classifier folder for KID-attr, FID-attr "
                    "and caption agreement (default: the shipped one; 'none': skip them)")
+    p.add_argument("--guidance", type=float, default=None, help="serve controlnet-guided (GD) entries at this w instead "
+                   "of their manifest's; their rows are labelled 'METHOD w=W'")
     p.add_argument("--probes", action="store_true", help="also measure the probe sets (truth, noisy, blurred, other "
                    "scenes) as rows with sampler 'probe'")
     return p
@@ -683,6 +685,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
             print(f"probe {name}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
     for index, c in enumerate(candidates):
         with entry_model(c, backbone, index) as model:
+            if args.guidance is not None and c.manifest.kind == "controlnet-guided":
+                model.adapter.guidance = float(args.guidance)
+                c.method = f"{c.method} w={args.guidance:g}"
             warm_up(model, backbone, data, text_emb, args.batch_size)
             for sampler, k in itertools.product(c.samplers, steps):
                 images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size)

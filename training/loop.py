@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,6 +326,9 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     elif config.gd_stage == 1:
         if m.kind != "controlnet":
             raise ConfigError(f"{where} is a {m.kind} adapter; GD stage 1 starts from a fine-tuned controlnet entry")
+        if not m.training.get("config", {}).get("caption_dropout"):
+            warnings.warn(f"{where} was trained without caption dropout: GD's unconditional branch runs it on the empty "
+                          "caption, which it never saw (train the teacher with --caption-dropout 0.1)", stacklevel=2)
         adapter = GuidedControlNetAdapter.from_controlnet(entry.adapter, config.guidance).requires_grad_(True)
     else:
         if m.kind != "controlnet-guided":
@@ -467,11 +471,16 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         f"  steps {step} -> {config.max_train_steps}; output {out}; timing the first steps for an ETA ..."
     )
 
-    def encode(batch):
-        """Model-space targets, conditions and text embeddings; the frozen encoders run without grad."""
+    def encode(batch, caption_dropout: float = 0.0):
+        """Model-space targets, conditions and text embeddings (each caption replaced by "" with probability
+        `caption_dropout`, drawn from the run's generator); the frozen encoders run without grad."""
+        texts = list(batch["text"])
+        if caption_dropout > 0:
+            drop = torch.rand(len(texts), generator=generator) < caption_dropout
+            texts = ["" if d else text for d, text in zip(drop.tolist(), texts)]
         with torch.no_grad():
             x = backbone.to_model_space(batch["target"].to(device)).float()
-            text_emb = backbone.encode_text(batch["text"])
+            text_emb = backbone.encode_text(texts)
         return x, batch["condition"].to(device), text_emb
 
     def checkpoint(loss):
@@ -517,7 +526,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     data = iter(loader)
     while step < config.max_train_steps:
         batch = next(data)
-        x, c, text_emb = encode(batch)
+        x, c, text_emb = encode(batch, config.caption_dropout)
         with accelerator.accumulate(student):
             with accelerator.autocast():
                 terms = objective(student, ema_target, teacher, x, c, text_emb, generator)
