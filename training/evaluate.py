@@ -360,27 +360,33 @@ def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics
     }
 
 
-def probe_sets(task: str, truth: torch.Tensor, resolution: int) -> dict[str, torch.Tensor]:
+def probe_sets(truth: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tensor]:
     """Reference sets every distance should rank (docs/evaluation.md): the truth itself, the truth with Gaussian
     noise of sigma PROBE_NOISE, the truth blurred (PROBE_BLUR x down, bilinear up), and other scenes of the world."""
     import torch.nn.functional as F
 
     noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(EVAL_SEED))
     small = F.interpolate(truth, scale_factor=1 / PROBE_BLUR, mode="area")
-    other = held_out(task, truth.shape[0], resolution, seed=EVAL_SEED + 1)["target"]
     return {
         "truth": truth,
         f"truth + noise {PROBE_NOISE}": quantise((truth + PROBE_NOISE * noise) * 2 - 1),
         f"truth blurred x{PROBE_BLUR}": quantise(F.interpolate(small, size=truth.shape[-2:], mode="bilinear") * 2 - 1),
-        "other scenes": quantise(other),
+        "other scenes": other,
     }
 
 
-def swd_other_scenes(task: str, num_images: int, resolution: int, truth: torch.Tensor) -> list[float]:
-    """SWD between the ground truth and the targets of `num_images` *other* scenes of the world, for OTHER_SCENE_SETS
-    sets (streams EVAL_SEED + 1, + 2, ...): the scale of the metric at this N, and how much it moves between sets."""
-    return [float(sliced_wasserstein(quantise(held_out(task, num_images, resolution, seed=EVAL_SEED + i)["target"]),
-                                     truth)["swd"]) for i in range(1, OTHER_SCENE_SETS + 1)]
+def other_scene_sets(task: str, num_images: int, resolution: int) -> list[torch.Tensor]:
+    """The targets of `num_images` *other* scenes of the world, OTHER_SCENE_SETS sets (streams EVAL_SEED + 1, + 2, ...)."""
+    return [quantise(held_out(task, num_images, resolution, seed=EVAL_SEED + i)["target"])
+            for i in range(1, OTHER_SCENE_SETS + 1)]
+
+
+def swd_other_scenes(task: str, num_images: int, resolution: int, truth: torch.Tensor,
+                     sets: list[torch.Tensor] | None = None) -> list[float]:
+    """SWD between the ground truth and each of `other_scene_sets` (rendered unless given): the scale of the metric
+    at this N, and how much it moves between sets."""
+    sets = sets if sets is not None else other_scene_sets(task, num_images, resolution)
+    return [float(sliced_wasserstein(other, truth)["swd"]) for other in sets]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,7 +671,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     folder = None if args.attributes == "none" else default_dir() if args.attributes == "default" else Path(args.attributes)
     attribute = AttributeMetrics(truth, data["text"], folder)
     results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
-    results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth)
+    others = other_scene_sets(args.task, args.num_images, resolution)
+    results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth, others)
     save_grid(out / "images" / "condition.png", to_uint8(data["condition"][:GRID_EXAMPLES]))
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
 
@@ -675,7 +682,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
           f"{args.num_images} held-out images at {resolution} px on {device}", flush=True)
     rows: list[dict] = []
     if args.probes:
-        for name, images in probe_sets(args.task, truth, resolution).items():
+        for name, images in probe_sets(truth, others[0]).items():
             row = {"method": f"probe: {name}", "sampler": PROBE, "steps": 0, **measure(images, truth, optional, attribute),
                    "seconds_per_image": None, "adapter": None, "name": name, "training_method": None, "kind": None,
                    "mode": None, "device": str(device)}
