@@ -188,14 +188,16 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def kernel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """KID (Binkowski et al., "Demystifying MMD GANs"): the unbiased MMD^2 estimate with the polynomial kernel
-    k(x, y) = (x.y / D + 1)^3, on all of both sets (x 1e3 in cdd-eval's tables)."""
+    """KID (Binkowski et al., "Demystifying MMD GANs"): an unbiased MMD^2 estimate with the polynomial kernel
+    k(x, y) = (x.y / D + 1)^3. For sets of equal size it is Gretton et al.'s U-statistic, which leaves out the
+    pairs (x_i, y_i) from the cross term as well: cdd-eval's sets are paired (image i of both from the same
+    condition), and a set against itself gives exactly 0. Unequal sizes: all cross pairs."""
     a, b = a.double(), b.double()
     d = a.shape[1]
     k_aa, k_bb, k_ab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
     m, n = a.shape[0], b.shape[0]
-    return float((k_aa.sum() - k_aa.trace()) / (m * (m - 1)) + (k_bb.sum() - k_bb.trace()) / (n * (n - 1))
-                 - 2 * k_ab.mean())
+    cross = (k_ab.sum() - k_ab.trace()) / (m * (m - 1)) if m == n else k_ab.mean()
+    return float((k_aa.sum() - k_aa.trace()) / (m * (m - 1)) + (k_bb.sum() - k_bb.trace()) / (n * (n - 1)) - 2 * cross)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ class OptionalMetrics:
 
 
 class AttributeMetrics:
-    """KID (x 1e3) and FID on the scenes-attribute classifier's features (training/attributes.py) between a set
+    """KID and FID on the scenes-attribute classifier's features (training/attributes.py) between a set
     and the ground truth, and `attr_all`: the fraction of images whose floor, time of day and object set all
     match their captions. Null, with `status` saying why, when no classifier is given or found."""
 
@@ -341,7 +341,7 @@ class AttributeMetrics:
             return {"kid_attr": None, "fid_attr": None, "attr_all": None}
         f = attributes.features(self.net, images)
         agree = attributes.agreement(attributes.predict(self.net, images), self.labels) if self.labels else None
-        return {"kid_attr": 1e3 * attributes.kernel_distance(f, self.truth_features),
+        return {"kid_attr": attributes.kernel_distance(f, self.truth_features),
                 "fid_attr": attributes.frechet_distance(f, self.truth_features),
                 "attr_all": agree["all"] if agree else None}
 
@@ -462,7 +462,7 @@ def results_markdown(results: dict) -> str:
         + ", ".join(f"{r['method']} {r['sampler']} {r['steps']}" for r in rows) + ", target (the ground truth).",
     ]
     if any(r.get("kid_attr") is not None for r in rows):
-        lines.append("- KID-attr (x 1e3, the headline distance) and FID-attr: KID and FID between the generated and the "
+        lines.append("- KID-attr (the headline distance) and FID-attr: KID and FID between the generated and the "
                      "ground-truth set on the 64 features of the scenes-attribute classifier (training/attributes.py); "
                      "caption: the fraction of images whose floor, time of day and object set, as that classifier reads "
                      "them, all match the caption. SWD per pyramid level is in results.json (`swd_levels`).")

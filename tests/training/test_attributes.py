@@ -45,6 +45,12 @@ def test_kernel_distance_is_the_unbiased_mmd():
     bb = sum(k(b[i], b[j]) for i, j in itertools.permutations(range(5), 2)) / 20
     ab = sum(k(x, y) for x in a for y in b) / 20
     assert at.kernel_distance(a, b) == pytest.approx(aa + bb - 2 * ab, rel=1e-10)
+    # equal sizes (paired sets): Gretton et al.'s U-statistic, the pairs (a_i, b_i) left out of the cross term too
+    b4 = b[:4]
+    bb4 = sum(k(b4[i], b4[j]) for i, j in itertools.permutations(range(4), 2)) / 12
+    ab4 = sum(k(a[i], b4[j]) for i, j in itertools.permutations(range(4), 2)) / 12
+    assert at.kernel_distance(a, b4) == pytest.approx(aa + bb4 - 2 * ab4, rel=1e-10)
+    assert at.kernel_distance(a, a) == 0
 
 
 def test_agreement_counts():
