@@ -64,7 +64,7 @@ LOWER_IS_BETTER = {"kid_attr", "fid_attr", "swd", "lpips", "fid", "seconds_per_i
 LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid": "FID", "seconds_per_image": "s/image",
           "kid_attr": "KID-attr", "fid_attr": "FID-attr", "attr_all": "caption"}
 FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g",
-           "kid_attr": ".2f", "fid_attr": ".3f", "attr_all": ".3f"}
+           "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f"}
 PROBE = "probe"  # the sampler of the probe rows (--probes): reference image sets, not generated
 PROBE_NOISE = 0.02  # sigma of the noisy probe, in [0, 1] image units
 PROBE_BLUR = 4  # the blurred probe: the truth downsampled this much (area) and upsampled bilinearly
@@ -563,7 +563,9 @@ def _column_label(row: dict, width: int) -> str:
     """`method sampler steps`, the method shortened until the label fits its column (results.md has them whole)."""
     sampler = {"dpm-solver++": "dpm++"}.get(row["sampler"], row["sampler"])
     draw, method, rest = ImageDraw.Draw(Image.new("RGB", (1, 1))), row["method"], f"{sampler} {row['steps']}"
-    label = f"{method} {rest}"
+    if row["sampler"] == PROBE:  # "probe: truth + noise 0.02" -> "truth + noise 0.02"
+        method, rest = row["method"].removeprefix(f"{PROBE}: "), ""
+    label = f"{method} {rest}".strip()
     while draw.textlength(label) > width - 4 and len(method) > 1:
         method = method[:-1]
         label = f"{method}. {rest}"

@@ -267,9 +267,9 @@ def test_table_marks_directions_and_missing_values():
              "fid": None, "seconds_per_image": 0.01, "kid_attr": 1.5, "fid_attr": 0.25, "attr_all": 0.75}]
     text = ev.table(rows)
     assert "| KID-attr ↓ | FID-attr ↓ | SWD ↓ | PSNR ↑ | SSIM ↑ | caption ↑ | LPIPS ↓ | FID ↓ | s/image ↓ |" in text
-    assert "| m | prev | 1 | 1.50 | 0.250 | 3.00 | 20.00 | 0.5000 | 0.750 | 0.2500 | – | 0.01 |" in text
+    assert "| m | prev | 1 | 1.5 | 0.25 | 3.00 | 20.00 | 0.5000 | 0.750 | 0.2500 | – | 0.01 |" in text
     del rows[0]["kid_attr"]  # a row measured before the attribute distances existed (--append)
-    assert "| m | prev | 1 | – | 0.250 |" in ev.table(rows)
+    assert "| m | prev | 1 | – | 0.25 |" in ev.table(rows)
 
 
 def test_lpips_and_fid_get_what_torchmetrics_expects(monkeypatch):
