@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-from .schedule import FINAL, NoiseSchedule
+from .schedule import FINAL, NoiseSchedule, boundary_scalings
 
 Model = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 FEW_STEP_SAMPLERS = ("prev", "ddim", "cm", "gd")
@@ -30,14 +31,23 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int], device=None, dtype
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
+STEP_NOISE_STREAM = 0x5EED_F5E5  # the second word of each image's step-noise seed: a stream no initial noise uses
+
+
 def step_noise(seeds: Sequence[int], shape: Sequence[int], steps: int, device=None, dtype=torch.float32) -> list[torch.Tensor]:
-    """The fresh noise xi for each of the k `cm` steps, drawn per row from a generator seeded with
-    seed + 1 (so it never repeats the initial noise); precomputed so a CUDA graph can replay it."""
-    gens = [torch.Generator("cpu").manual_seed(int(s) + 1) for s in seeds]
+    """The fresh noise xi for each of the k steps of a stochastic sampler, drawn per row from its own generator
+    seeded with SeedSequence([seed, STEP_NOISE_STREAM]) (64 bits), so it is independent of every row's initial
+    noise (seeded with the plain seed: image i's fresh noise is not image i + 1's z_T) and of the other rows'
+    streams; step j takes the j-th draw of that stream. Precomputed so a CUDA graph can replay it."""
+    gens = [torch.Generator("cpu").manual_seed(_stream_seed(s)) for s in seeds]
     return [
         torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device=device, dtype=dtype)
         for _ in range(steps)
     ]
+
+
+def _stream_seed(seed: int) -> int:
+    return int(np.random.SeedSequence([int(seed), STEP_NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0])
 
 
 def fresh_noise(sampler: str, seeds: Sequence[int], shape: Sequence[int], steps: int, device=None,
@@ -75,11 +85,19 @@ def sample_prev(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], sched
 
 @torch.no_grad()
 def sample_cm(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
-    """Consistency-model multistep sampling: z_s = alpha_s x_hat + sigma_s xi with a fresh xi each step
+    """Consistency-model multistep sampling (Song et al., "Consistency Models", Algorithm 1, as LCM serves it): each
+    step's estimate is the boundary-scaled f(z_t, t) = c_skip(t) z_t + c_out(t) x_hat (`boundary_scalings`, the
+    output cm training is consistent on), then z_s = alpha_s f(z_t, t) + sigma_s xi with a fresh xi each step
     (`fresh_noise[i]` for step i, from `step_noise`)."""
     if fresh_noise is None or len(fresh_noise) < len(timesteps):
         raise ValueError(f"cm sampling with {len(timesteps)} steps needs {len(timesteps)} fresh noise tensors")
-    return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: fresh_noise[i])
+
+    def consistency_function(z_t, t):
+        x_hat, eps_hat = model(z_t, t)
+        c_skip, c_out = boundary_scalings(t, z_t)
+        return c_skip * z_t + c_out * x_hat, eps_hat
+
+    return _few_step(consistency_function, z_T, timesteps, schedule, lambda i, eps_hat: fresh_noise[i])
 
 
 @torch.no_grad()

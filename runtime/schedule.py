@@ -100,3 +100,15 @@ class NoiseSchedule:
         Negative means the final alpha."""
         s = t - self.num_train_timesteps // k
         return s if s >= 0 else FINAL
+
+
+def boundary_scalings(t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consistency-model boundary scalings with sigma_data = 0.5 on the integer timestep t scaled by 10, as the
+    public CoDi and LCM code compute them: c_skip = 0.25 / ((10 t)^2 + 0.25), c_out = 10 t / sqrt((10 t)^2 + 0.25).
+    t = 0 gives c_skip = 1, c_out = 0 (the boundary condition f(z, 0) = z); for t >= 1, c_skip < 3e-3 and
+    c_out > 0.998, so away from the boundary the output is the network's own x_hat, as there."""
+    t = torch.as_tensor(t, dtype=torch.float64).clamp_min(0)  # FINAL (past t = 0) is the boundary too
+    u = 10 * t.reshape((-1,) + (1,) * (like.ndim - 1))
+    c_skip = 0.25 / (u**2 + 0.25)
+    c_out = u / (u**2 + 0.25).sqrt()
+    return c_skip.to(like.device, like.dtype), c_out.to(like.device, like.dtype)

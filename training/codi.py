@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..runtime.schedule import FINAL, NoiseSchedule
+from ..runtime.schedule import FINAL, NoiseSchedule, boundary_scalings
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,22 +41,26 @@ def distance(kind: str, c: float = 1e-3) -> Callable[[torch.Tensor, torch.Tensor
     raise ValueError(f"unknown distance {kind!r}; choose l2 or huber")
 
 
-def boundary_scalings(t: torch.Tensor, num_train_timesteps: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Consistency-model boundary scalings with sigma_data = 0.5 and time scaled by 10, as the public CoDi
-    code does: c_skip = 0.25 / ((10 t')^2 + 0.25), c_out = 10 t' / sqrt((10 t')^2 + 0.25), on continuous
-    time t' = t / T in [0, 1) (timestep 0 -> c_skip = 1, c_out = 0: the boundary condition f(z, 0) = z)."""
-    u = 10 * torch.as_tensor(t, dtype=torch.float64).reshape((-1,) + (1,) * (like.ndim - 1)) / num_train_timesteps
-    c_skip = 0.25 / (u**2 + 0.25)
-    c_out = u / (u**2 + 0.25).sqrt()
-    return c_skip.to(like.device, like.dtype), c_out.to(like.device, like.dtype)
+def training_grid(N: int, num_train_timesteps: int) -> torch.Tensor:
+    """The N timesteps CoDi trains on, ascending: t_n = round(n T / N) - 1, n = 1..N, diffusers' "trailing"
+    spacing for N steps (t_n = n T/N - 1 when N divides T). It holds the served k-step timesteps whenever
+    k divides N: N = 48 holds 999 (k = 1), 999, 499 (k = 2) and 999, 749, 499, 249 (k = 4)."""
+    n = torch.arange(1, N + 1, dtype=torch.float64)
+    return (n * num_train_timesteps / N).round().long() - 1
 
 
 @dataclass
 class CoDiLoss:
-    """Conditional Diffusion Distillation, Algorithm 1 and eq. 11-12 of the CoDi paper."""
+    """Conditional Diffusion Distillation, Algorithm 1 and eq. 11-12 of the CoDi paper, on the grid `training_grid`.
+
+    At the boundary pair (n = 1, s = 0) the eps-space target is the noise the step to s put into z_hat_s (with
+    PREv the true noise eps): the EMA network's eps_hat there is that noise + (alpha_s / sigma_s)(x_step - x_tgt_s),
+    and alpha_0 / sigma_0 is about 155, so it is the networks' mismatch amplified, not a target; a target
+    consistent with the step (x_tgt_s = x_step) gives exactly that noise. In x space the boundary is
+    c_skip(0) = 1, c_out(0) = 0."""
 
     schedule: NoiseSchedule
-    N: int = 50  # intervals of [0, T)
+    N: int = 48  # intervals of [0, T)
     r: float = 1.0  # weight of the conditional guidance term
     prev_predictor: str = "prev"  # prev (eq. 12) | ddim (eq. 6 with eps_hat) | teacher (eq. 6 with the frozen backbone)
     consistency_space: str = "eps"  # eps | x (boundary-scaled signal predictions)
@@ -70,6 +74,8 @@ class CoDiLoss:
         if self.consistency_space not in ("eps", "x"):
             raise ValueError(f"consistency_space {self.consistency_space!r} is not eps or x")
         self.d = distance(self.distance, self.huber_c)
+        grid = training_grid(self.N, self.schedule.num_train_timesteps)
+        self.grid = torch.cat([torch.zeros(1, dtype=torch.long), grid])  # grid[n] = t_n, grid[0] = 0: the boundary
 
     def sample_n(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """n ~ U{1..N}: one value repeated over the batch, or one per sample."""
@@ -78,34 +84,52 @@ class CoDiLoss:
 
     def __call__(self, student: Denoiser, ema_target: Denoiser, teacher: Denoiser | None,
                  x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> Terms:
-        T, N = self.schedule.num_train_timesteps, self.N
         n = self.sample_n(x.shape[0], generator)                                 # n ~ U{1..N}
-        t = n * T // N - 1                                                       # t = n T/N - 1
-        s = ((n - 1) * T // N - 1).clamp(min=0)                                  # s = max(t - T/N, 0)
+        t, s = self.grid[n], self.grid[n - 1]                                    # t = t_n, s = t_(n-1) (0 for n = 1)
         eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)   # eps ~ N(0, I)
         alpha_t, sigma_t = self.schedule.alpha_sigma(t, x)
         alpha_s, sigma_s = self.schedule.alpha_sigma(s, x)
         z_t = alpha_t * x + sigma_t * eps                                        # eq. 1
         x_hat_t, eps_hat_t = student(z_t, t, c, text)                            # with grad
         if self.prev_predictor == "prev":
-            z_hat_s = alpha_s * x_hat_t.detach() + sigma_s * eps                 # eq. 12: PREv, the real noise
+            x_step, eps_step = x_hat_t.detach(), eps                            # eq. 12: PREv, the real noise
         elif self.prev_predictor == "ddim":
-            z_hat_s = alpha_s * x_hat_t.detach() + sigma_s * eps_hat_t.detach()  # eq. 6: DDIM step
+            x_step, eps_step = x_hat_t.detach(), eps_hat_t.detach()              # eq. 6: DDIM step
         else:
             with torch.no_grad():
-                x_tea_t, eps_tea_t = teacher(z_t, t, c, text)
-            z_hat_s = alpha_s * x_tea_t + sigma_s * eps_tea_t                    # eq. 6: the teacher's DDIM step
+                x_step, eps_step = teacher(z_t, t, c, text)                      # eq. 6: the teacher's DDIM step
+        z_hat_s = alpha_s * x_step + sigma_s * eps_step
         with torch.no_grad():
             x_tgt_s, eps_tgt_s = ema_target(z_hat_s, s, c, text)                 # theta^-, sg
         if self.consistency_space == "eps":
+            boundary = (s == 0).to(x.device).reshape((-1,) + (1,) * (x.ndim - 1))
+            eps_tgt_s = torch.where(boundary, eps_step, eps_tgt_s)               # s = 0: the step's own noise
             distillation = self.d(eps_hat_t, eps_tgt_s)                          # d_eps(eps_hat_t, eps_tgt_s)
         else:
-            c_skip_t, c_out_t = boundary_scalings(t, T, x)
-            c_skip_s, c_out_s = boundary_scalings(s, T, x)
+            c_skip_t, c_out_t = boundary_scalings(t, x)
+            c_skip_s, c_out_s = boundary_scalings(s, x)
             distillation = self.d(c_skip_t * z_t + c_out_t * x_hat_t, c_skip_s * z_hat_s + c_out_s * x_tgt_s)
         guidance = self.d(x_hat_t, x)                                            # d_x(x_hat_t, x)
         loss = distillation + self.r * guidance                                  # eq. 11
         return Terms(loss, {"distillation": distillation.detach(), "guidance": guidance.detach()}, t)
+
+
+def noise_removed(model: Denoiser, x: torch.Tensor, c: torch.Tensor | None, text: torch.Tensor, t: int,
+                  eps: torch.Tensor, schedule: NoiseSchedule) -> float:
+    """The fraction of the noise in z_t that `model`'s x_hat removes, at integer timestep t:
+
+        f(t) = 1 - <x_hat - x, m> / <m, m>,   m = z_t / alpha_t - x = (sigma_t / alpha_t) eps,
+
+    over the whole batch, with z_t = alpha_t x + sigma_t eps. m is the noise left by the trivial estimate
+    x_hat = z_t / alpha_t (f = 0); a perfect denoiser gives f = 1; a model that keeps a part p of the noise
+    (x_hat = x + p m + anything uncorrelated with eps) gives f = 1 - p. Blur and other errors that do not
+    correlate with eps do not count: this measures the grain a model leaves, not its fidelity."""
+    alpha_t, sigma_t = schedule.alpha_sigma(t, x)
+    z_t = alpha_t * x + sigma_t * eps
+    with torch.no_grad():
+        x_hat, _ = model(z_t, torch.full((x.shape[0],), t, dtype=torch.long), c, text)
+    m = (sigma_t / alpha_t * eps).double()
+    return float(1 - ((x_hat.double() - x.double()) * m).sum() / (m * m).sum())
 
 
 @dataclass

@@ -72,7 +72,7 @@ class TrainConfig:
     cond_weight: float = 1.0  # r in eq. 11
     same_t: bool = True  # one n per batch (Algorithm 1); False: one per sample (ablation)
     ema: float = 0.999  # mu, the EMA rate of the target theta^-
-    steps: int = 50  # N, intervals of [0, T)
+    steps: int = 48  # N, intervals of [0, T): the grid round(n T/N) - 1 holds the served 1, 2 and 4-step timesteps
 
     # Guided Distillation: stage 1 distils the guided teacher into a w-conditioned student,
     # stage 2 halves the sampling steps, one round per run (`gd_steps` student steps = 2 x gd_steps teacher steps)
@@ -80,7 +80,10 @@ class TrainConfig:
     gd_steps: int = 4
     guidance_min: float = 0.0  # w ~ U[guidance_min, guidance_max] during training
     guidance_max: float = 2.0
-    guidance: float = 1.0  # the w the entry is served with
+    guidance: float = 0.0  # the w the entry is served with: 0 is the conditional teacher's own distribution
+
+    caption_dropout: float = 0.0  # the probability of training on the empty caption instead of the sample's: a
+    # teacher meant for Guided Distillation needs it (0.1), since GD's unconditional branch runs it on "" (On Distillation of Guided Diffusion Models)
 
     # architecture sizes
     adapter_rank: int = 8  # LoRA rank inside a controlnet-lora adapter
@@ -140,6 +143,7 @@ class TrainConfig:
         if self.init_from and self.mode != "pe":
             raise ConfigError(f"init_from continues an adapter-only entry: mode must be pe, not {self.mode!r}")
         _check("ema", self.ema, 0 <= self.ema < 1, "must be in [0, 1)")
+        _check("caption_dropout", self.caption_dropout, 0 <= self.caption_dropout < 1, "must be in [0, 1)")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
         _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")
@@ -183,7 +187,9 @@ class TrainConfig:
     def sampling(self) -> tuple[str, int]:
         """The default sampler and steps recorded in the zoo manifest."""
         if self.method == "gd":
-            return ("ddim", 2 * self.gd_steps) if self.gd_stage == 1 else ("gd", self.gd_steps)
+            # stage 2's student is trained to take deterministic DDIM steps of T/k (two teacher steps of T/2k each):
+            # it is served with exactly those; the stochastic `gd` sampler takes steps it was not trained for
+            return ("ddim", 2 * self.gd_steps) if self.gd_stage == 1 else ("ddim", self.gd_steps)
         return DEFAULT_SAMPLING[self.method]
 
     def check_backbone(self) -> Path:

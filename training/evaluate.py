@@ -57,10 +57,17 @@ from .sample_grid import _with_header, save_grid
 
 EVAL_SEED = 20261125
 GRID_EXAMPLES = 4
-METRICS = ("psnr", "ssim", "swd", "lpips", "fid", "seconds_per_image")
-LOWER_IS_BETTER = {"swd", "lpips", "fid", "seconds_per_image"}
-LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid": "FID", "seconds_per_image": "s/image"}
-FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g"}
+# The headline distance comes first: KID on the scenes-attribute classifier's features (docs/evaluation.md
+# shows it ranks the probes right, where SWD prefers blur to grain).
+METRICS = ("kid_attr", "fid_attr", "swd", "psnr", "ssim", "attr_all", "lpips", "fid", "seconds_per_image")
+LOWER_IS_BETTER = {"kid_attr", "fid_attr", "swd", "lpips", "fid", "seconds_per_image"}
+LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid": "FID", "seconds_per_image": "s/image",
+          "kid_attr": "KID-attr", "fid_attr": "FID-attr", "attr_all": "caption"}
+FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g",
+           "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f"}
+PROBE = "probe"  # the sampler of the probe rows (--probes): reference image sets, not generated
+PROBE_NOISE = 0.02  # sigma of the noisy probe, in [0, 1] image units
+PROBE_BLUR = 4  # the blurred probe: the truth downsampled this much (area) and upsampled bilinearly
 # Must match between runs merged by --append: otherwise their rows were measured on different things.
 COMPARABLE = ("task", "num_images", "seed", "data_seed", "resolution", "backbone_fingerprint")
 
@@ -304,21 +311,82 @@ class OptionalMetrics:
         return float(self.fid_metric.compute())
 
 
-def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics) -> dict[str, float | None]:
+class AttributeMetrics:
+    """KID and FID on the scenes-attribute classifier's features (training/attributes.py) between a set
+    and the ground truth, and `attr_all`: the fraction of images whose floor, time of day and object set all
+    match their captions. Null, with `status` saying why, when no classifier is given or found."""
+
+    def __init__(self, truth: torch.Tensor, captions: list[str], folder: Path | None):
+        from . import attributes
+
+        self.net, self.status, self.labels = None, None, None
+        if folder is None:
+            self.status = "no attribute classifier was given (--attributes none)"
+            return
+        try:
+            self.net = attributes.load(folder)
+        except FileNotFoundError as e:
+            self.status = str(e)
+            return
+        self.truth_features = attributes.features(self.net, truth)
+        try:
+            self.labels = attributes.stack_labels([attributes.parse_caption(c) for c in captions])
+        except ValueError:
+            self.labels = None  # captions that are not the world's (e.g. instructions): no caption agreement
+
+    def __call__(self, images: torch.Tensor) -> dict[str, float | None]:
+        from . import attributes
+
+        if self.net is None:
+            return {"kid_attr": None, "fid_attr": None, "attr_all": None}
+        f = attributes.features(self.net, images)
+        agree = attributes.agreement(attributes.predict(self.net, images), self.labels) if self.labels else None
+        return {"kid_attr": attributes.kernel_distance(f, self.truth_features),
+                "fid_attr": attributes.frechet_distance(f, self.truth_features),
+                "attr_all": agree["all"] if agree else None}
+
+
+def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics,
+            attribute: AttributeMetrics) -> dict:
+    swd = sliced_wasserstein(images, truth)
     return {
         "psnr": float(psnr(images, truth).mean()),
         "ssim": float(ssim(images, truth).mean()),
-        "swd": float(sliced_wasserstein(images, truth)["swd"]),
+        "swd": float(swd["swd"]),
+        "swd_levels": {k: float(v) for k, v in swd.items() if k != "swd"},  # per pyramid level (resolution in px)
+        **attribute(images),
         "lpips": optional.lpips(images),
         "fid": optional.fid(images),
     }
 
 
-def swd_other_scenes(task: str, num_images: int, resolution: int, truth: torch.Tensor) -> list[float]:
-    """SWD between the ground truth and the targets of `num_images` *other* scenes of the world, for OTHER_SCENE_SETS
-    sets (streams EVAL_SEED + 1, + 2, ...): the scale of the metric at this N, and how much it moves between sets."""
-    return [float(sliced_wasserstein(quantise(held_out(task, num_images, resolution, seed=EVAL_SEED + i)["target"]),
-                                     truth)["swd"]) for i in range(1, OTHER_SCENE_SETS + 1)]
+def probe_sets(truth: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reference sets every distance should rank (docs/evaluation.md): the truth itself, the truth with Gaussian
+    noise of sigma PROBE_NOISE, the truth blurred (PROBE_BLUR x down, bilinear up), and other scenes of the world."""
+    import torch.nn.functional as F
+
+    noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(EVAL_SEED))
+    small = F.interpolate(truth, scale_factor=1 / PROBE_BLUR, mode="area")
+    return {
+        "truth": truth,
+        f"truth + noise {PROBE_NOISE}": quantise((truth + PROBE_NOISE * noise) * 2 - 1),
+        f"truth blurred x{PROBE_BLUR}": quantise(F.interpolate(small, size=truth.shape[-2:], mode="bilinear") * 2 - 1),
+        "other scenes": other,
+    }
+
+
+def other_scene_sets(task: str, num_images: int, resolution: int) -> list[torch.Tensor]:
+    """The targets of `num_images` *other* scenes of the world, OTHER_SCENE_SETS sets (streams EVAL_SEED + 1, + 2, ...)."""
+    return [quantise(held_out(task, num_images, resolution, seed=EVAL_SEED + i)["target"])
+            for i in range(1, OTHER_SCENE_SETS + 1)]
+
+
+def swd_other_scenes(task: str, num_images: int, resolution: int, truth: torch.Tensor,
+                     sets: list[torch.Tensor] | None = None) -> list[float]:
+    """SWD between the ground truth and each of `other_scene_sets` (rendered unless given): the scale of the metric
+    at this N, and how much it moves between sets."""
+    sets = sets if sets is not None else other_scene_sets(task, num_images, resolution)
+    return [float(sliced_wasserstein(other, truth)["swd"]) for other in sets]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +461,18 @@ def results_markdown(results: dict) -> str:
         f"- grid.png: the first {min(GRID_EXAMPLES, results['num_images'])} examples; columns: condition, "
         + ", ".join(f"{r['method']} {r['sampler']} {r['steps']}" for r in rows) + ", target (the ground truth).",
     ]
+    if any(r.get("kid_attr") is not None for r in rows):
+        lines.append("- KID-attr (the headline distance) and FID-attr: KID and FID between the generated and the "
+                     "ground-truth set on the 64 features of the scenes-attribute classifier (training/attributes.py); "
+                     "caption: the fraction of images whose floor, time of day and object set, as that classifier reads "
+                     "them, all match the caption. SWD per pyramid level is in results.json (`swd_levels`).")
+    if any(r.get("kid_attr") is None for r in rows):
+        why = results.get("notes", {}).get("attributes", "unavailable when those rows were measured")
+        lines.append(f"- KID-attr, FID-attr and caption are empty in some rows: {why}.")
+    if any(r["sampler"] == PROBE for r in rows):
+        lines.append(f"- probe rows: reference sets, not generated: the ground truth itself, with Gaussian noise of sigma "
+                     f"{PROBE_NOISE} (in [0, 1] units), blurred ({PROBE_BLUR}x area downsampling, bilinear upsampling), and "
+                     f"{results['num_images']} other scenes of the world (data seed {EVAL_SEED + 1}).")
     for metric in ("lpips", "fid"):
         if any(r.get(metric) is None for r in rows):
             why = results.get("notes", {}).get(metric, "unavailable when those rows were measured")
@@ -441,7 +521,7 @@ def write_plots(out: Path, results: dict) -> list[Path]:
     """plot_<metric>.png: the metric against steps (log axis), one line per (method, sampler)."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    rows, written = results["rows"], []
+    rows, written = [r for r in results["rows"] if r["sampler"] != PROBE], []
     groups = list(dict.fromkeys((r["method"], r["sampler"]) for r in rows))
     all_steps = sorted({int(r["steps"]) for r in rows})
     for metric in METRICS:
@@ -483,7 +563,9 @@ def _column_label(row: dict, width: int) -> str:
     """`method sampler steps`, the method shortened until the label fits its column (results.md has them whole)."""
     sampler = {"dpm-solver++": "dpm++"}.get(row["sampler"], row["sampler"])
     draw, method, rest = ImageDraw.Draw(Image.new("RGB", (1, 1))), row["method"], f"{sampler} {row['steps']}"
-    label = f"{method} {rest}"
+    if row["sampler"] == PROBE:  # "probe: truth + noise 0.02" -> "truth + noise 0.02"
+        method, rest = row["method"].removeprefix(f"{PROBE}: "), ""
+    label = f"{method} {rest}".strip()
     while draw.textlength(label) > width - 4 and len(method) > 1:
         method = method[:-1]
         label = f"{method}. {rest}"
@@ -502,7 +584,7 @@ def record(entry: Path, results: dict, rows: list[dict]) -> None:
     the hashes the entry is verified by, are untouched)."""
     write_metrics(entry, "cdd-eval", {
         **{k: results[k] for k in ("task", "num_images", "seed", "data_seed", "resolution")},
-        "rows": [{k: r[k] for k in ("method", "sampler", "steps", *METRICS, "device")} for r in rows],
+        "rows": [{k: r[k] for k in ("method", "sampler", "steps", *METRICS, "swd_levels", "device")} for r in rows],
     })
 
 
@@ -527,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--append", action="store_true", help="merge into the results.json already in --out")
     p.add_argument("--record", action="store_true", help="write each entry's rows into its manifest's metrics")
+    p.add_argument("--attributes", default="default", help="the scenes-attribute classifier folder for KID-attr, FID-attr "
+                   "and caption agreement (default: the shipped one; 'none': skip them)")
+    p.add_argument("--guidance", type=float, default=None, help="serve controlnet-guided (GD) entries at this w instead "
+                   "of their manifest's; their rows are labelled 'METHOD w=W'")
+    p.add_argument("--probes", action="store_true", help="also measure the probe sets (truth, noisy, blurred, other "
+                   "scenes) as rows with sampler 'probe'")
     return p
 
 
@@ -580,8 +668,13 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     truth = quantise(data["target"])
     text_emb = backbone.encode_text(data["text"])
     optional = OptionalMetrics(truth, device)
+    from .attributes import default_dir
+
+    folder = None if args.attributes == "none" else default_dir() if args.attributes == "default" else Path(args.attributes)
+    attribute = AttributeMetrics(truth, data["text"], folder)
     results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
-    results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth)
+    others = other_scene_sets(args.task, args.num_images, resolution)
+    results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth, others)
     save_grid(out / "images" / "condition.png", to_uint8(data["condition"][:GRID_EXAMPLES]))
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
 
@@ -590,12 +683,24 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
           f"{args.num_images} held-out images at {resolution} px on {device}", flush=True)
     rows: list[dict] = []
+    if args.probes:
+        for name, images in probe_sets(truth, others[0]).items():
+            row = {"method": f"probe: {name}", "sampler": PROBE, "steps": 0, **measure(images, truth, optional, attribute),
+                   "seconds_per_image": None, "adapter": None, "name": name, "training_method": None, "kind": None,
+                   "mode": None, "device": str(device)}
+            row["image"] = image_name(row)
+            save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
+            rows.append(row)
+            print(f"probe {name}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
     for index, c in enumerate(candidates):
         with entry_model(c, backbone, index) as model:
+            if args.guidance is not None and c.manifest.kind == "controlnet-guided":
+                model.adapter.guidance = float(args.guidance)
+                c.method = f"{c.method} w={args.guidance:g}"
             warm_up(model, backbone, data, text_emb, args.batch_size)
             for sampler, k in itertools.product(c.samplers, steps):
                 images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size)
-                row = {"method": c.method, "sampler": sampler, "steps": k, **measure(images, truth, optional),
+                row = {"method": c.method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute),
                        "seconds_per_image": seconds / args.num_images, "adapter": str(c.path), "name": c.manifest.name,
                        "training_method": c.manifest.training.get("method"), "kind": c.manifest.kind,
                        "mode": c.manifest.mode, "device": str(device)}
@@ -609,6 +714,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
 
     # 5. Merge (--append), write, record.
     results["notes"] = {m: why for m, why in optional.status.items() if why}
+    if attribute.status:
+        results["notes"]["attributes"] = attribute.status
     measured = rows
     if previous is not None:
         rows = merge_rows(previous["rows"], rows)

@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +47,11 @@ from ..adapters.zoo import Manifest, load_entry, save_entry, save_file
 from ..runtime.backbone import Backbone, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
 from .checkpoints import CheckpointError, loading, read_state, with_fallback, write_state
-from .codi import build_objective
+from .codi import build_objective, noise_removed
 from .config import ConfigError, TrainConfig
 
 CHECKPOINTS = "checkpoints"
+NOISE_REMOVED_AT = (19, 99, 249)  # timesteps at which the EMA weights' noise-removed fraction is logged
 ETA_STEPS = 3  # steps timed (after the first, which pays one-off costs) before the ETA is printed
 GRID_ROWS = 4
 
@@ -339,6 +341,9 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     elif config.gd_stage == 1:
         if m.kind != "controlnet":
             raise ConfigError(f"{where} is a {m.kind} adapter; GD stage 1 starts from a fine-tuned controlnet entry")
+        if not m.training.get("config", {}).get("caption_dropout"):
+            warnings.warn(f"{where} was trained without caption dropout: GD's unconditional branch runs it on the empty "
+                          "caption, which it never saw (train the teacher with --caption-dropout 0.1)", stacklevel=2)
         adapter = GuidedControlNetAdapter.from_controlnet(entry.adapter, config.guidance).requires_grad_(True)
     else:
         if m.kind != "controlnet-guided":
@@ -481,11 +486,16 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         f"  steps {step} -> {config.max_train_steps}; output {out}; timing the first steps for an ETA ..."
     )
 
-    def encode(batch):
-        """Model-space targets, conditions and text embeddings; the frozen encoders run without grad."""
+    def encode(batch, caption_dropout: float = 0.0):
+        """Model-space targets, conditions and text embeddings (each caption replaced by "" with probability
+        `caption_dropout`, drawn from the run's generator); the frozen encoders run without grad."""
+        texts = list(batch["text"])
+        if caption_dropout > 0:
+            drop = torch.rand(len(texts), generator=generator) < caption_dropout
+            texts = ["" if d else text for d, text in zip(drop.tolist(), texts)]
         with torch.no_grad():
             x = backbone.to_model_space(batch["target"].to(device)).float()
-            text_emb = backbone.encode_text(batch["text"])
+            text_emb = backbone.encode_text(texts)
         return x, batch["condition"].to(device), text_emb
 
     def checkpoint(loss):
@@ -493,6 +503,21 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         save_checkpoint(accelerator, path, step=step, config=config, trainable=trainable, ema=ema,
                         optimizer=optimizer, generator=generator, fingerprint=backbone.fingerprint, loss=loss)
         return path
+
+    probe = None
+    if main and backbone.schedule.num_train_timesteps > max(NOISE_REMOVED_AT):
+        x_val, c_val, text_val = encode(val)
+        probe_eps = torch.randn(x_val.shape, generator=torch.Generator().manual_seed(config.seed)).to(device)
+        probe = (x_val, c_val, text_val, probe_eps)
+
+    def removed() -> dict[str, float]:
+        """codi.noise_removed of the EMA weights at NOISE_REMOVED_AT, on the validation rows with fixed noise."""
+        if probe is None:
+            return {}
+        x, c, text_emb, eps = probe
+        with accelerator.autocast():
+            return {f"noise_removed/t{t}": noise_removed(ema_target, x, c, text_emb, t, eps, backbone.schedule)
+                    for t in NOISE_REMOVED_AT}
 
     def grid():
         if main:
@@ -516,7 +541,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     data = iter(loader)
     while step < config.max_train_steps:
         batch = next(data)
-        x, c, text_emb = encode(batch)
+        x, c, text_emb = encode(batch, config.caption_dropout)
         with accelerator.accumulate(student):
             with accelerator.autocast():
                 terms = objective(student, ema_target, teacher, x, c, text_emb, generator)
@@ -546,6 +571,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
             if main:
                 scalars = {f"loss/{k}": v for k, v in last_loss.items()}
                 scalars.update({"train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm)})
+                scalars.update(removed())
                 for k, v in scalars.items():
                     writer.add_scalar(k, v, step)
                 with open(out / "metrics.jsonl", "a") as f:

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "gd stage 2: the previous round); codi: optional, the student starts as that entry")
     g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
     g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
+    g.add_argument("--caption-dropout", type=float, help="probability of training on the empty caption; a teacher meant "
+                   f"for Guided Distillation needs it, e.g. 0.1 (default {d.caption_dropout})")
 
     g = p.add_argument_group("CoDi (Algorithm 1)")
     g.add_argument("--prev-predictor", choices=PREV_PREDICTORS, help="how z_hat_s is predicted: prev (eq. 12, the real noise), "

@@ -77,20 +77,36 @@ def test_prev_reuses_initial_noise(pixel_backbone):
     torch.testing.assert_close(out, alpha_0 * x_fixed + sigma_0 * z_T)
 
 
-def test_cm_uses_fresh_noise_each_step(pixel_backbone):
+def test_cm_applies_the_boundary_scalings_and_fresh_noise_each_step(pixel_backbone):
     schedule = pixel_backbone.schedule
     x_fixed = torch.rand(1, 3, 4, 4)
     z_T = initial_noise([5], (3, 4, 4))
     xi = step_noise([5], (3, 4, 4), 2)
-    assert not torch.equal(xi[0], z_T) and not torch.equal(xi[0], xi[1])
     rec = Recorder(_analytic_model(schedule, x_fixed))
-    out = sample_cm(rec, z_T, [999, 499], schedule, fresh_noise=xi)
+    out = sample_cm(rec, z_T, [999, 1], schedule, fresh_noise=xi)  # steps go t -> t - T // k: 999 -> 499, 1 -> final
+
+    def f(z, t):  # c_skip z + c_out x_hat, on the integer timestep scaled by 10 (public CoDi / LCM code)
+        u = 10.0 * t
+        return 0.25 / (u**2 + 0.25) * z + u / (u**2 + 0.25) ** 0.5 * x_fixed
+
     alpha_s, sigma_s = schedule.alpha_sigma(499, z_T)
-    torch.testing.assert_close(rec.calls[1][0], alpha_s * x_fixed + sigma_s * xi[0])
+    z_1 = alpha_s * f(z_T, 999) + sigma_s * xi[0]
+    torch.testing.assert_close(rec.calls[1][0], z_1)
     alpha_0, sigma_0 = schedule.alpha_sigma(-1, z_T)
-    torch.testing.assert_close(out, alpha_0 * x_fixed + sigma_0 * xi[1])
+    torch.testing.assert_close(out, alpha_0 * f(z_1, 1) + sigma_0 * xi[1])
+    assert not torch.allclose(f(z_1, 1), x_fixed, atol=1e-4)  # at t = 1 c_skip (2.5e-3) still shows
     with pytest.raises(ValueError, match="fresh noise"):
         sample_cm(rec, z_T, [999, 499], schedule)
+
+
+def test_step_noise_is_independent_of_every_initial_noise():
+    seeds = list(range(8))
+    z_T = initial_noise(seeds, (3, 4, 4))
+    xi = step_noise(seeds, (3, 4, 4), 3)
+    draws = torch.cat([z_T, *xi]).flatten(1)  # 32 rows that must all be different draws
+    corr = torch.corrcoef(draws)
+    assert (corr - torch.eye(len(draws))).abs().max() < 0.9  # no row repeats another (the old seed + 1 did)
+    assert torch.equal(step_noise([3], (3, 4, 4), 3)[1][0], xi[1][3])  # a row's stream depends on its seed only
 
 
 def test_seed_convention_matches_diffusers_randn():

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 
 from cdd.runtime.factory import scheduler_config
 from cdd.runtime.schedule import NoiseSchedule
-from cdd.training.codi import CoDiLoss, DiffusionLoss, boundary_scalings, distance
+from cdd.training.codi import CoDiLoss, DiffusionLoss, boundary_scalings, distance, noise_removed, training_grid
 
 T, N, B = 1000, 50, 3
 SHAPE = (B, 3, 4, 4)
@@ -127,13 +127,66 @@ def test_one_t_per_batch_by_default_and_per_sample_with_the_flag(schedule, batch
             assert not rows_constant.all()
 
 
-def test_s_is_clamped_at_zero(schedule, batch):
+def test_boundary_pair_targets_the_true_noise(schedule, batch):
+    """n = 1: s = 0 and the eps-space target is the real eps of eq. 12, not the EMA network's eps_hat at s = 0."""
     x, c, text = batch
     loss = CoDiLoss(schedule, N=N)
     loss.sample_n = lambda batch, generator: torch.ones(batch, dtype=torch.long)  # n = 1
     student, target = Recorder(1), Recorder(2)
-    loss(student, target, None, x, c, text, torch.Generator())
+    terms = loss(student, target, None, x, c, text, torch.Generator().manual_seed(11))
     assert student.calls[0][1].tolist() == [T // N - 1] * B and target.calls[0][1].tolist() == [0] * B
+    g = torch.Generator().manual_seed(11)
+    eps = torch.randn(SHAPE, generator=g)
+    torch.testing.assert_close(terms.parts["distillation"], ((student.eps_hat - eps) ** 2).mean())
+
+    # per-sample n: only the samples at the boundary take the true noise, the others the EMA network's eps_hat
+    loss = CoDiLoss(schedule, N=N, same_t=False)
+    loss.sample_n = lambda batch, generator: torch.tensor([1, 2, 1])
+    student, target = Recorder(1), Recorder(2)
+    terms = loss(student, target, None, x, c, text, torch.Generator().manual_seed(11))
+    expected = torch.stack([eps[0], target.eps_hat[1], eps[2]])
+    torch.testing.assert_close(terms.parts["distillation"], ((student.eps_hat - expected) ** 2).mean())
+
+    # the DDIM predictor's step uses eps_hat_t: at the boundary that is the target (no gradient from it)
+    loss = CoDiLoss(schedule, N=N, prev_predictor="ddim")
+    loss.sample_n = lambda batch, generator: torch.ones(batch, dtype=torch.long)
+    terms = loss(Recorder(1), Recorder(2), None, x, c, text, torch.Generator().manual_seed(11))
+    assert terms.parts["distillation"].item() == 0
+
+
+def test_training_grid_holds_the_served_timesteps(schedule):
+    grid = training_grid(48, T).tolist()
+    assert len(grid) == 48 and grid == sorted(grid) and grid[-1] == 999 and grid[0] == 20
+    for k in (1, 2, 3, 4):
+        assert set(schedule.trailing_timesteps(k)) <= set(grid), k
+    assert training_grid(50, T).tolist() == [20 * n - 1 for n in range(1, 51)]  # t = n T/N - 1 when N divides T
+    assert not set(schedule.trailing_timesteps(4)) <= set(training_grid(50, T).tolist())  # 749, 249: never trained
+    # the loss steps from t_n to t_(n-1) on that grid
+    seen = []
+    loss = CoDiLoss(schedule)  # the default N = 48
+    for n in (1, 12, 36, 48):
+        loss.sample_n = lambda batch, generator, n=n: torch.full((batch,), n)
+        student, target = Recorder(1), Recorder(2)
+        x = torch.zeros(SHAPE)
+        loss(student, target, None, x, x, torch.zeros(B, 5, 8), torch.Generator())
+        seen.append((student.calls[0][1][0].item(), target.calls[0][1][0].item()))
+    assert seen == [(20, 0), (249, 228), (749, 728), (999, 978)]
+
+
+def test_noise_removed_is_the_regression_on_the_added_noise(schedule, batch):
+    x, c, text = batch
+    eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    t = 99
+    alpha, sigma = reference_alpha_sigma(torch.tensor([t]))
+    other = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    other = other - (other * eps).sum() / (eps * eps).sum() * eps  # orthogonal to eps: does not count
+
+    def keeps(p):  # x_hat = x + p (sigma/alpha) eps + (something uncorrelated with eps)
+        return lambda z, t_, c_, text_: (x + p * (z - alpha * x) / alpha + 0.3 * other, None)
+
+    for p in (0.0, 0.25, 1.0):
+        assert noise_removed(keeps(p), x, c, text, t, eps, schedule) == pytest.approx(1 - p, abs=1e-5)
+    assert noise_removed(keeps(1.0), x, c, text, t, eps, schedule) == pytest.approx(0.0, abs=1e-5)  # z_t / alpha_t
 
 
 def test_consistency_in_x_space_uses_boundary_scalings(schedule, batch):
@@ -144,15 +197,18 @@ def test_consistency_in_x_space_uses_boundary_scalings(schedule, batch):
     z_hat_s, s, _, _ = target.calls[0]
 
     def scalings(step):
-        u = 10 * step.double() / T  # continuous time t' = t / T, scaled by 10
+        u = 10 * step.double()  # the integer timestep scaled by 10, as the public CoDi / LCM code
         return (0.25 / (u**2 + 0.25)).float().view(-1, 1, 1, 1), (u / (u**2 + 0.25).sqrt()).float().view(-1, 1, 1, 1)
 
     (cs_t, co_t), (cs_s, co_s) = scalings(t), scalings(s)
     expected = ((cs_t * z_t + co_t * student.x_hat - (cs_s * z_hat_s + co_s * target.x_hat)) ** 2).mean()
     torch.testing.assert_close(terms.parts["distillation"], expected)
-    c_skip, c_out = boundary_scalings(torch.tensor([0, 999]), T, x)
+    c_skip, c_out = boundary_scalings(torch.tensor([0, 1, 19, 999, -1]), x)
     assert c_skip[0].item() == 1 and c_out[0].item() == 0  # the boundary condition at t = 0
-    assert c_skip[1].item() == pytest.approx(0.25 / (9.99**2 + 0.25)) and c_out[1].item() == pytest.approx(9.99 / (9.99**2 + 0.25) ** 0.5)
+    assert c_skip[1].item() == pytest.approx(0.25 / 100.25) and c_out[1].item() == pytest.approx(10 / 100.25**0.5)
+    assert c_skip[2].item() == pytest.approx(0.25 / (190**2 + 0.25)) and c_skip[2].item() < 1e-5
+    assert c_skip[3].item() == pytest.approx(0.25 / (9990**2 + 0.25)) and c_out[3].item() == pytest.approx(1, abs=1e-8)
+    assert c_skip[4].item() == 1 and c_out[4].item() == 0  # FINAL, past t = 0, is the boundary too
 
 
 def test_distances():

@@ -24,7 +24,8 @@ from cdd.training.data.datasets import build_dataset
 from cdd.training.metrics import sliced_wasserstein
 
 COND = {"channels": 3, "range": [0, 1], "resolution": 16}
-ROW_KEYS = {"method", "sampler", "steps", "psnr", "ssim", "swd", "lpips", "fid", "seconds_per_image"}
+ROW_KEYS = {"method", "sampler", "steps", "psnr", "ssim", "swd", "swd_levels", "kid_attr", "fid_attr", "attr_all", "lpips",
+            "fid", "seconds_per_image"}
 
 
 def perturbed(module, seed, std=0.05):
@@ -68,10 +69,22 @@ def zoo(tmp_path_factory, pixel_backbone):
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, zoo, pixel_backbone_dir, empty_hub):
+def classifier(tmp_path_factory):
+    """An untrained scenes-attribute classifier (a fixed initialisation): its features are real, if not meaningful."""
+    from cdd.training import attributes
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("attributes")
+    attributes.save(attributes.AttributeNet(), folder, {"note": "untrained, for tests"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, zoo, pixel_backbone_dir, empty_hub, classifier):
     out = tmp_path_factory.mktemp("eval") / "out"
     rc, stdout, stderr = run("--task", "depth", "--adapters", "a,b", "--zoo", zoo, "--backbone", pixel_backbone_dir,
-                             "--steps", "2,1", "--num-images", 3, "--batch-size", 2, "--out", out)
+                             "--steps", "2,1", "--num-images", 3, "--batch-size", 2, "--out", out,
+                             "--attributes", classifier)
     assert rc == 0, stderr
     return out, stdout
 
@@ -97,7 +110,8 @@ def test_results_schema_outputs_and_null_lpips_fid(first, empty_hub):
         ("a", "prev", 1), ("a", "prev", 2), ("b", "prev", 1), ("b", "prev", 2)]
     for r in results["rows"]:
         assert ROW_KEYS <= set(r) and r["training_method"] == "codi"
-        assert all(math.isfinite(r[m]) for m in ("psnr", "ssim", "swd")) and r["seconds_per_image"] > 0
+        assert all(math.isfinite(r[m]) for m in ("psnr", "ssim", "swd", "kid_attr", "fid_attr")) and r["seconds_per_image"] > 0
+        assert 0 <= r["attr_all"] <= 1 and set(r["swd_levels"]) == {"swd_16"}  # 16 px: one pyramid level
         assert r["lpips"] is None and r["fid"] is None  # no weights in the (empty) hub cache
     assert len(results["swd_other_scenes"]) == ev.OTHER_SCENE_SETS
     assert 0 < results["swd_truth_vs_itself"] < min(results["swd_other_scenes"])
@@ -107,11 +121,13 @@ def test_results_schema_outputs_and_null_lpips_fid(first, empty_hub):
     assert rows["a", "prev", 2]["swd"] != rows["b", "prev", 2]["swd"]
 
     md = (out / "results.md").read_text()
-    assert "| method | sampler | steps | PSNR ↑ | SSIM ↑ | SWD ↓ | LPIPS ↓ | FID ↓ | s/image ↓ |" in md
+    assert ("| method | sampler | steps | KID-attr ↓ | FID-attr ↓ | SWD ↓ | PSNR ↑ | SSIM ↑ | caption ↑ | LPIPS ↓ | FID ↓ "
+            "| s/image ↓ |") in md
     assert str(empty_hub / "hub" / "checkpoints" / ev.FID_INCEPTION_FILE) in md and "LPIPS is empty" in md
-    assert "[1/4] a prev x1: PSNR" in stdout and "[4/4] b prev x2" in stdout and "| b | prev | 2 |" in stdout
+    assert "[1/4] a prev x1: KID-attr" in stdout and "[4/4] b prev x2" in stdout and "| b | prev | 2 |" in stdout
 
-    assert sorted(p.name for p in out.glob("plot_*.png")) == ["plot_psnr.png", "plot_seconds_per_image.png",
+    assert sorted(p.name for p in out.glob("plot_*.png")) == ["plot_attr_all.png", "plot_fid_attr.png", "plot_kid_attr.png",
+                                                              "plot_psnr.png", "plot_seconds_per_image.png",
                                                               "plot_ssim.png", "plot_swd.png"]
     assert Image.open(out / "plot_psnr.png").format == "PNG"
     grid = Image.open(out / "grid.png")
@@ -248,10 +264,12 @@ def test_swd_other_scenes_measures_other_streams_against_the_truth():
 
 def test_table_marks_directions_and_missing_values():
     rows = [{"method": "m", "sampler": "prev", "steps": 1, "psnr": 20.0, "ssim": 0.5, "swd": 3.0, "lpips": 0.25,
-             "fid": None, "seconds_per_image": 0.01}]
+             "fid": None, "seconds_per_image": 0.01, "kid_attr": 1.5, "fid_attr": 0.25, "attr_all": 0.75}]
     text = ev.table(rows)
-    assert "| PSNR ↑ | SSIM ↑ | SWD ↓ | LPIPS ↓ | FID ↓ | s/image ↓ |" in text
-    assert "| m | prev | 1 | 20.00 | 0.5000 | 3.00 | 0.2500 | – | 0.01 |" in text
+    assert "| KID-attr ↓ | FID-attr ↓ | SWD ↓ | PSNR ↑ | SSIM ↑ | caption ↑ | LPIPS ↓ | FID ↓ | s/image ↓ |" in text
+    assert "| m | prev | 1 | 1.5 | 0.25 | 3.00 | 20.00 | 0.5000 | 0.750 | 0.2500 | – | 0.01 |" in text
+    del rows[0]["kid_attr"]  # a row measured before the attribute distances existed (--append)
+    assert "| m | prev | 1 | – | 0.25 |" in ev.table(rows)
 
 
 def test_lpips_and_fid_get_what_torchmetrics_expects(monkeypatch):
@@ -302,3 +320,29 @@ def test_lpips_and_fid_get_what_torchmetrics_expects(monkeypatch):
     assert fid_kwargs["feature_extractor_weights_path"].endswith(ev.FID_INCEPTION_FILE)  # never a download
     assert metrics.lpips(truth) == 0.0 and metrics.lpips(1 - truth) > 0
     assert metrics.fid(torch.rand(3, 3, 16, 16)) == metrics.fid(torch.rand(3, 3, 16, 16)) == 3003.0  # truth kept
+
+
+def test_probe_rows_and_a_missing_classifier(tmp_path, zoo, pixel_backbone_dir, empty_hub, classifier):
+    out = tmp_path / "probes"
+    rc, stdout, stderr = run(*common(zoo, pixel_backbone_dir), "--adapters", "a", "--steps", "1", "--out", out,
+                             "--probes", "--attributes", classifier)
+    assert rc == 0, stderr
+    rows = rows_by_key(out)
+    probes = {k[0]: r for k, r in rows.items() if k[1] == ev.PROBE}
+    assert set(probes) == {"probe: truth", f"probe: truth + noise {ev.PROBE_NOISE}", f"probe: truth blurred x{ev.PROBE_BLUR}",
+                           "probe: other scenes"}
+    truth = probes["probe: truth"]
+    assert truth["psnr"] > 90 and truth["ssim"] == pytest.approx(1) and truth["fid_attr"] == pytest.approx(0, abs=1e-6)
+    assert truth["kid_attr"] == 0  # the paired U-statistic of a set against itself
+    for name, r in probes.items():
+        if name != "probe: truth":
+            assert r["fid_attr"] > truth["fid_attr"] and r["swd"] > truth["swd"], name
+    assert ("a", "prev", 1) in rows and sorted(p.name for p in out.glob("plot_*.png"))  # probes are not plotted
+    assert "probe rows" in (out / "results.md").read_text()
+
+    rc, _, stderr = run(*common(zoo, pixel_backbone_dir), "--adapters", "a", "--steps", "1", "--out", tmp_path / "none",
+                        "--attributes", tmp_path / "nowhere")
+    assert rc == 0, stderr
+    results = json.loads((tmp_path / "none" / "results.json").read_text())
+    assert all(r["kid_attr"] is None and r["attr_all"] is None for r in results["rows"])
+    assert "no attribute classifier in" in results["notes"]["attributes"]

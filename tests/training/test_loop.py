@@ -289,3 +289,19 @@ def test_ablation_options_train_end_to_end(options, tmp_path, pixel_backbone_dir
     assert result.step == 2 and all(torch.isfinite(torch.tensor(v)) for v in result.last_loss.values())
     state = json.loads((result.checkpoint / "state.json").read_text())
     assert state["micro_batches"] == 2 * options.get("grad_accum", 1)
+
+
+def test_caption_dropout_and_the_noise_removed_log(tmp_path, pixel_backbone_dir):
+    seen = {}
+    for p in (0.0, 0.5):
+        backbone = load_backbone(pixel_backbone_dir)
+        encode, prompts = backbone.encode_text, []
+        backbone.encode_text = lambda texts, encode=encode, prompts=prompts: prompts.append(list(texts)) or encode(texts)
+        cfg = config(tmp_path / str(p), pixel_backbone_dir, method="finetune", caption_dropout=p, max_train_steps=6,
+                     batch_size=3)
+        train(cfg, dataset=TinySet(), backbone=backbone)
+        seen[p] = [t for batch in prompts if len(batch) == 3 for t in batch]  # the training batches (grids take 4)
+    assert len(seen[0.0]) == len(seen[0.5]) == 18 and "" not in seen[0.0]
+    assert 0 < seen[0.5].count("") < 18  # some captions dropped, not all
+    logged = [json.loads(line) for line in (tmp_path / "0.5" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(-1 < row[f"noise_removed/t{t}"] < 2 for row in logged for t in (19, 99, 249))

@@ -32,7 +32,7 @@ def test_dry_run_prints_the_validated_config(pixel_backbone_dir, capsys):
     config = json.loads(out[: out.rindex("}") + 1])
     assert config["task"] == "depth" and config["method"] == "codi" and config["adapter"] == "controlnet"
     assert config["same_t"] is False and config["adam_betas"] == [0.9, 0.99] and config["ema"] == 0.999
-    assert config["steps"] == 50 and config["prev_predictor"] == "prev" and config["data_options"] == {"caption_column": "prompt"}
+    assert config["steps"] == 48 and config["prev_predictor"] == "prev" and config["data_options"] == {"caption_column": "prompt"}
     assert "runs/depth-controlnet-codi" in out and "prev x 4" in out
 
 
