@@ -153,8 +153,9 @@ def sampler_step(name: str, i: int, timesteps: Sequence[int], z_t: torch.Tensor,
         return alpha_s * x_hat + sigma_s * eps_hat
     if name == "prev":
         return alpha_s * x_hat + sigma_s * z_T
-    if name == "cm":
-        return alpha_s * x_hat + sigma_s * fresh_noise[i]
+    if name == "cm":  # as sample_cm: the boundary-scaled estimate c_skip z_t + c_out x_hat, then fresh noise
+        c_skip, c_out = boundary_scalings(t, z_t)
+        return alpha_s * (c_skip * z_t + c_out * x_hat) + sigma_s * fresh_noise[i]
     if name == "gd":  # as sample_gd: a DDIM step twice as long to u, then noise forward to s
         u = s - schedule.num_train_timesteps // k
         alpha_u, sigma_u = schedule.alpha_sigma(u if u >= 0 else FINAL, z_t)
