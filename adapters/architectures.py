@@ -1,4 +1,4 @@
-"""Adapter architectures (design.md section 4).
+"""Adapter architectures: how a task condition enters the frozen backbone.
 
 Every adapter turns (z_t, t, text embeddings, condition image) into the extra keyword arguments
 of the frozen backbone UNet's forward; `cdd.runtime.denoiser.ConditionedDenoiser` is the one
@@ -7,10 +7,13 @@ diffusers ControlNet convention).
 
 Kinds:
   controlnet        diffusers ControlNetModel copied from the UNet; zero convs start it at identity.
-  controlnet-gated  eq. 10: h'_i = (1 - mu) h_theta,i(z_t) + mu h_eta,i(z_t, c), one scalar mu = 0 at start.
+  controlnet-gated  CoDi's eq. 10: h'_i = (1 - mu) h_theta,i(z_t) + mu h_eta,i(z_t, c), one scalar mu = 0 at start.
   t2i               diffusers T2IAdapter with a per-level gate, 0 at start (T2I-Adapter is not zero-initialised).
   controlnet-lora   the ControlNet copy frozen, peft LoRA on it; trainable = LoRA + zero convs + condition embedding.
-  controlnet-guided a ControlNet that also takes the guidance weight w (the Guided Distillation baseline, seed 001).
+  controlnet-guided a ControlNet that also takes the guidance weight w (the Guided Distillation baseline).
+
+Papers: CoDi is "Conditional Diffusion Distillation" (Mei et al.); Guided Distillation is
+"On Distillation of Guided Diffusion Models" (Meng et al.).
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ class GatedControlNetAdapter(ControlNetAdapter):
 
 class GuidedControlNetAdapter(ControlNetAdapter):
     """A ControlNet that takes the classifier-free guidance weight w as an extra input: the student of
-    Guided Distillation (seed 001 section 3.1, "a branch of conditional information intake that allows
+    Guided Distillation (its stage one, "a branch of conditional information intake that allows
     guidance strength to be given to the model"). w gets a sinusoidal (Fourier) embedding, projected by a
     zero-initialised `cond_proj` into the ControlNet's time embedding (diffusers' `time_cond_proj_dim`
     mechanism), so a student built from a plain ControlNet starts as exactly that ControlNet.

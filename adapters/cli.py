@@ -7,12 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..runtime.settings import ZooSettings
 from .fingerprint import unet_fingerprint
 from .zoo import (
     Manifest,
     ZooError,
     default_backbone_dir,
-    default_zoo_dir,
     install_entry,
     list_entries,
     load_entry,
@@ -20,14 +20,24 @@ from .zoo import (
 )
 
 
-def _resolve(ref: str, zoo: Path) -> Path:
-    """A path to an entry folder, or the name of an entry in `zoo`."""
+def _resolve(ref: str, zoos: list[Path]) -> Path:
+    """A path to an entry folder, or the name of an entry in the first of `zoos` that has it."""
     p = Path(ref)
     if p.is_dir():
         return p
-    if (zoo / ref).is_dir():
-        return zoo / ref
-    raise ZooError(f"no zoo entry {ref!r}: not a folder and not an entry of {zoo}")
+    for zoo in zoos:
+        if (zoo / ref).is_dir():
+            return zoo / ref
+    raise ZooError(f"no zoo entry {ref!r}: not a folder and not an entry of {' or '.join(map(str, zoos))}")
+
+
+def _table(rows: list[list[str]]) -> str:
+    """Rows as columns, each padded to its longest cell (a row's last cell is not padded)."""
+    widths: dict[int, int] = {}
+    for row in rows:
+        for i, cell in enumerate(row[:-1]):
+            widths[i] = max(widths.get(i, 0), len(cell))
+    return "\n".join("  ".join([c.ljust(widths[i]) for i, c in enumerate(row[:-1])] + row[-1:]) for row in rows)
 
 
 def _load_unet(backbone: Path):
@@ -40,7 +50,9 @@ def _load_unet(backbone: Path):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cdd-zoo", description=__doc__)
-    parser.add_argument("--zoo", type=Path, default=default_zoo_dir(), help="zoo folder (default: the embedded zoo)")
+    parser.add_argument("--zoo", type=Path, default=None,
+                        help="zoo folder [CDD_ZOO]; default: read the user zoo [CDD_USER_ZOO, ~/.local/share/cdd/zoo] "
+                        "and the embedded zoo, as cdd-serve does, and install into the user zoo")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="one line per entry")
     show = sub.add_parser("show", help="print an entry's manifest")
@@ -52,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("entry")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--backbone", type=Path, default=default_backbone_dir())
-    install = sub.add_parser("install", help="copy a verified entry (e.g. a training run's) into --zoo")
+    install = sub.add_parser("install", help="copy a verified entry (e.g. a training run's) into --zoo (default: "
+                             "the user zoo, which cdd-serve serves when run without --zoo)")
     install.add_argument("entry", type=Path, help="entry folder")
     install.add_argument("--name", help="name in the zoo (default: the manifest's)")
     install.add_argument("--half", action="store_true", help="store the weights as float16")
@@ -60,18 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("--sampler", help="default sampler to serve it with (default: the manifest's)")
     install.add_argument("--steps", type=int, help="default steps to serve it with (default: the manifest's)")
     args = parser.parse_args(argv)
+    settings = ZooSettings(**({"zoo": args.zoo} if args.zoo is not None else {}))
+    zoos = settings.zoo_dirs()
 
     try:
         if args.command == "list":
-            for path, m in list_entries(args.zoo):
-                if isinstance(m, Manifest):
-                    print(f"{m.name:28s} {m.task:18s} {m.kind:17s} {m.mode:4s} {m.sampler}x{m.steps}  {path}")
-                else:
-                    print(f"{path.name:28s} INVALID: {m}")
+            rows = [["NAME", "TASK", "KIND", "MODE", "DEFAULT", "FOLDER"]]
+            for zoo in zoos:
+                for path, m in list_entries(zoo):
+                    if isinstance(m, Manifest):
+                        rows.append([m.name, m.task, m.kind, m.mode, f"{m.sampler}x{m.steps}", str(path)])
+                    else:
+                        rows.append([path.name, "INVALID", str(m)])
+            print(_table(rows))
         elif args.command == "show":
-            print(verify_entry(_resolve(args.entry, args.zoo)).to_json(), end="")
+            print(verify_entry(_resolve(args.entry, zoos)).to_json(), end="")
         elif args.command == "verify":
-            path = _resolve(args.entry, args.zoo)
+            path = _resolve(args.entry, zoos)
             if args.backbone is None:
                 m = verify_entry(path)
             else:
@@ -82,13 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             from .export import export_entry
 
             unet = _load_unet(args.backbone)
-            entry = load_entry(_resolve(args.entry, args.zoo), unet, unet_fingerprint(unet))
+            entry = load_entry(_resolve(args.entry, zoos), unet, unet_fingerprint(unet))
             out = export_entry(entry, args.out)
             print(json.dumps({"exported": str(out), "kind": entry.manifest.kind}))
         elif args.command == "install":
-            dest = install_entry(args.entry, args.zoo, name=args.name, half=args.half, replace=args.replace,
-                                 sampler=args.sampler, steps=args.steps)
-            print(f"installed {args.entry} as {dest}")
+            dest = install_entry(args.entry, settings.install_dir(), name=args.name, half=args.half,
+                                 replace=args.replace, sampler=args.sampler, steps=args.steps)
+            where = "" if settings.zoo is not None else (
+                " (the user zoo, CDD_USER_ZOO: cdd-serve without --zoo serves it beside the embedded zoo)")
+            print(f"installed {args.entry} as {dest}{where}")
     except ZooError as e:
         print(f"cdd-zoo: error: {e}", file=sys.stderr)
         return 2

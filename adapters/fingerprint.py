@@ -8,7 +8,7 @@ import torch
 
 
 def unet_fingerprint(unet: torch.nn.Module) -> str:
-    """sha256 over the UNet weights' names, shapes and float32 content (design.md section 8).
+    """sha256 over the UNet weights' names, shapes and float32 content.
 
     Float32 content makes the fingerprint independent of the dtype a backbone is served in
     as long as the weights are exactly representable (a float16-stored backbone is)."""

@@ -1,4 +1,4 @@
-"""The zoo format (design.md section 8): one folder per adapter, `manifest.json` + safetensors.
+"""The zoo format: one folder per adapter, `manifest.json` + safetensors.
 
     <entry>/manifest.json               what the adapter is, for which backbone, how to sample it
     <entry>/adapter.safetensors         the adapter's own weights

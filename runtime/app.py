@@ -23,7 +23,8 @@ from typing import Any, Literal
 import torch
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -131,6 +132,9 @@ class APIError(Exception):
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
+
+DOCS_ASSETS = "/docs/assets"
+DOCS_ASSET_TYPES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
               413: "payload_too_large", 415: "unsupported_media_type"}
@@ -281,8 +285,12 @@ def tasks_response(tasks: dict[str, list[Registered]], resident: set[str]) -> Ta
 def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable[[], dict | None], *, title: str,
                 summary: str, lifespan=None) -> FastAPI:
     """What every front end of the engine shares: the FastAPI app with its body limit, access log, JSON
-    errors, playground, /healthz and /metrics. `known_tasks()`: the served tasks (None while starting)."""
-    app = FastAPI(title=title, summary=summary, version=_version(), lifespan=lifespan,
+    errors, playground, API page (/docs, offline), /healthz and /metrics. `known_tasks()`: the served
+    tasks (None while starting)."""
+    # FastAPI's own /docs loads Swagger UI from a CDN, so the page is blank offline; the routes below serve
+    # it from the fastapi-offline package instead (as APIRoutes, which also gives them a metrics label).
+    app = FastAPI(title=title, summary=summary, version=_version(), lifespan=lifespan, openapi_url=None,
+                  docs_url=None, redoc_url=None,
                   openapi_tags=[{"name": "tasks"}, {"name": "operations"}, {"name": "admin"}])
     app.state.settings, app.state.metrics = settings, metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
@@ -293,6 +301,25 @@ def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(playground)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}/openapi.json", title=f"{title} API", swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
+        )
+
+    @app.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        if name not in DOCS_ASSET_TYPES:
+            raise APIError(404, "not_found", f"no docs asset {name!r}")
+        return FileResponse(Path(str(files("fastapi_offline") / "static" / name)), media_type=DOCS_ASSET_TYPES[name])
 
     @app.get("/healthz", tags=["operations"], summary="the process is alive")
     async def healthz() -> dict:

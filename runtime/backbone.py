@@ -2,7 +2,7 @@
 
 A backbone is a `UNet2DConditionModel` with its DDPM-family scheduler config, a text encoder and
 tokenizer, and optionally a VAE (latent backbone, Stable-Diffusion layout); without a VAE it is a
-pixel backbone whose model space is the image scaled to [-1, 1] (design.md section 3).
+pixel backbone whose model space is the image scaled to [-1, 1].
 """
 
 from __future__ import annotations

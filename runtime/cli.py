@@ -20,7 +20,7 @@ from .settings import ServeSettings  # noqa: E402
 FLAGS = {
     # flag: (settings field, type, help)
     "--backbone": ("backbone", str, "diffusers backbone folder [CDD_BACKBONE; default: the embedded backbone]"),
-    "--zoo": ("zoo", str, "zoo folder [CDD_ZOO; default: the embedded zoo]"),
+    "--zoo": ("zoo", str, "zoo folder [CDD_ZOO; default: the user zoo (CDD_USER_ZOO) and the embedded zoo]"),
     "--device": ("device", str, "cpu, cuda, cuda:1 ... [CDD_DEVICE; default cpu]"),
     "--dtype": ("dtype", str, "float32, bfloat16 or float16 [CDD_DTYPE]"),
     "--max-batch": ("max_batch", int, "rows per batch [CDD_MAX_BATCH]"),
@@ -62,11 +62,30 @@ def parse(argv: list[str] | None = None) -> tuple[ServeSettings, argparse.Namesp
     return settings, args
 
 
+def device_problem(device) -> str | None:
+    """Why torch cannot use `device` on this machine, or None (checked before the server starts, so the
+    answer is one line rather than a traceback from the startup)."""
+    import torch
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available (no NVIDIA GPU or driver found, or this torch build is CPU-only); use --device cpu"
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:  # an unknown index, a backend this build lacks
+        first = str(e).strip().splitlines()[0]
+        return first if len(first) <= 160 else first.split(". ")[0] + "."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     settings, args = parse(argv)
     if args.print_settings:
         print(json.dumps(settings.public(), indent=2))
         return 0
+    problem = device_problem(settings.torch_device)
+    if problem:
+        print(f"cdd-serve: device {settings.device!r}: {problem}", file=sys.stderr)
+        return 2
     for what, folder, flag in (("backbone", settings.backbone_dir(), "--backbone"), ("zoo", settings.zoo_dir(), "--zoo")):
         if not folder.is_dir():
             print(

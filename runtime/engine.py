@@ -82,24 +82,49 @@ class Engine:
             graphs = GraphCache(s.torch_device, debug=s.graph_debug, metrics=self.metrics)
         self.executor = Executor(self.backbone, s.batch_buckets(), graphs)
         self.pool = AdapterPool(self.backbone, s.memory_budget_bytes, self.metrics, on_lora_dropped=self.executor.drop_lora)
-        zoo = s.zoo_dir()
-        if not zoo.is_dir():
-            raise EngineError(
-                f"zoo folder {zoo} does not exist; pass --zoo PATH or set CDD_ZOO "
-                "(the embedded default zoo is built by cdd-train-adapter)"
-            )
-        for path, manifest in list_entries(zoo):
-            if isinstance(manifest, ZooError):
-                raise EngineError(f"zoo {zoo}: {manifest}")
-            try:
-                self.pool.register(path)
-            except ZooError as e:
-                raise EngineError(f"zoo {zoo}: {e}") from e
-        if not self.pool.entries():
-            log.warning(f"zoo {zoo} has no entries: no task is served until one is registered")
+        self._register_zoos()
         self._thread = threading.Thread(target=self._work, name="cdd-engine", daemon=True)
         self._thread.start()
         return self
+
+    def _register_zoos(self) -> None:
+        """Register every entry of a named zoo (any that cannot be served is an error), or of the default zoos:
+        the user zoo, then the embedded one, skipping (and saying so) entries made for another backbone and
+        embedded entries a user entry of the same name shadows."""
+        s = self.settings
+        named = s.zoo is not None
+        served: dict[str, int] = {}
+        skipped: list[str] = []
+        for zoo in s.zoo_dirs():
+            if not zoo.is_dir():
+                raise EngineError(
+                    f"zoo folder {zoo} does not exist; pass --zoo PATH or set CDD_ZOO "
+                    "(the embedded default zoo is built by cdd-train-adapter)"
+                )
+            served[str(zoo)] = 0
+            for path, manifest in list_entries(zoo):
+                if isinstance(manifest, ZooError):
+                    raise EngineError(f"zoo {zoo}: {manifest}")
+                if not named and manifest.backbone_fingerprint != self.backbone.fingerprint:
+                    skipped.append(f"{path} (made for backbone {manifest.backbone_fingerprint[:12]}, not this one)")
+                    continue
+                if not named and manifest.name in {r.name for r in self.pool.entries()}:
+                    skipped.append(f"{path} (a user zoo entry is named {manifest.name!r} too)")
+                    continue
+                try:
+                    self.pool.register(path)
+                except ZooError as e:
+                    raise EngineError(f"zoo {zoo}: {e}") from e
+                served[str(zoo)] += 1
+        log.info("serving zoo entries", extra={"fields": {"entries_by_zoo": served, "skipped": skipped}})
+        for why in skipped:
+            log.warning(f"not serving zoo entry {why}")
+        if not self.pool.entries():
+            if skipped:
+                raise EngineError(f"no entry of {', '.join(served)} was made for the served backbone "
+                                  f"({self.backbone.fingerprint[:12]}); "
+                                  "pass --zoo PATH with entries trained on it")
+            log.warning(f"zoo {', '.join(served)} has no entries: no task is served until one is registered")
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Admit nothing more, finish what was admitted (or, drain=False, fail it), stop the worker."""

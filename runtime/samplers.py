@@ -1,4 +1,4 @@
-"""Few-step samplers (design.md section 6) and the many-step teacher samplers.
+"""Few-step samplers and the many-step teacher samplers.
 
 Each few-step sampler is a plain function with one signature:
 
@@ -84,7 +84,7 @@ def sample_cm(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedul
 
 @torch.no_grad()
 def sample_gd(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
-    """The stochastic sampler of Guided Distillation (seed 001 section 3.2, after Karras et al.): from t to
+    """The stochastic sampler of "On Distillation of Guided Diffusion Models" (after Karras et al.): from t to
     s = t - T/k, first a deterministic DDIM step twice as long, to u = s - T/k,
         z_u = alpha_u x_hat + sigma_u (z_t - alpha_t x_hat) / sigma_t,
     then one stochastic step forward to s with the original length,

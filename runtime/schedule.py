@@ -1,6 +1,6 @@
 """The backbone's noise schedule and the one place that converts parametrisations.
 
-design.md section 3: for integer t in [0, T), abar_t = alphas_cumprod[t],
+For integer t in [0, T), abar_t = alphas_cumprod[t],
 alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), and z_t = alpha_t x + sigma_t eps (eq. 1).
 The alphas come from diffusers' own scheduler built from the backbone's scheduler config, so
 our numbers are diffusers' numbers bit for bit.

@@ -3,6 +3,7 @@ variables, which override the defaults below (pydantic-settings)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,13 +14,52 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ServeSettings(BaseSettings):
+def default_user_zoo() -> Path:
+    """$XDG_DATA_HOME/cdd/zoo, by default ~/.local/share/cdd/zoo."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data) / "cdd" / "zoo"
+
+
+class ZooSettings(BaseSettings):
+    """Which zoo folders `cdd-serve` serves and `cdd-zoo` reads and installs into. Environment: `CDD_ZOO`,
+    `CDD_USER_ZOO`."""
+
+    model_config = SettingsConfigDict(env_prefix="CDD_", extra="ignore", validate_default=True)
+
+    zoo: Path | None = Field(
+        None, description="the zoo folder of adapter entries to serve (default: the user zoo, then the embedded zoo)"
+    )
+    user_zoo: Path = Field(
+        default_factory=default_user_zoo,
+        description="where `cdd-zoo install` puts entries when no zoo is named; served beside the embedded zoo "
+        "when no zoo is named (default: $XDG_DATA_HOME/cdd/zoo, i.e. ~/.local/share/cdd/zoo)",
+    )
+
+    def zoo_dir(self) -> Path:
+        """The named zoo, else the embedded one (which must exist; the user zoo is optional)."""
+        from ..adapters.zoo import default_zoo_dir
+
+        return Path(self.zoo) if self.zoo is not None else default_zoo_dir()
+
+    def zoo_dirs(self) -> list[Path]:
+        """The zoo folders served, in order: the named zoo alone, else the user zoo (when it exists) and the
+        embedded zoo. An entry of the user zoo shadows an embedded entry of the same name."""
+        if self.zoo is not None:
+            return [Path(self.zoo)]
+        user = Path(self.user_zoo).expanduser()
+        return ([user] if user.is_dir() else []) + [self.zoo_dir()]
+
+    def install_dir(self) -> Path:
+        """Where an entry is installed when no zoo is named: the zoo cdd-serve serves (CDD_ZOO), else the user zoo."""
+        return Path(self.zoo) if self.zoo is not None else Path(self.user_zoo).expanduser()
+
+
+class ServeSettings(ZooSettings):
     """Settings of the serving runtime. Environment: `CDD_<FIELD>` (e.g. `CDD_MAX_BATCH=8`)."""
 
     model_config = SettingsConfigDict(env_prefix="CDD_", extra="forbid", validate_default=True)
 
     backbone: Path | None = Field(None, description="diffusers backbone folder (default: the embedded backbone)")
-    zoo: Path | None = Field(None, description="zoo folder of adapter entries (default: the embedded zoo)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations dtype")
 
@@ -69,11 +109,6 @@ class ServeSettings(BaseSettings):
 
         return Path(self.backbone) if self.backbone is not None else default_backbone_dir()
 
-    def zoo_dir(self) -> Path:
-        from ..adapters.zoo import default_zoo_dir
-
-        return Path(self.zoo) if self.zoo is not None else default_zoo_dir()
-
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -109,6 +144,7 @@ class ServeSettings(BaseSettings):
         data = self.model_dump(mode="json")
         data["api_key"] = "***" if self.api_key is not None else None
         data["backbone"], data["zoo"] = str(self.backbone_dir()), str(self.zoo_dir())
+        data["user_zoo"], data["zoos"] = str(self.user_zoo), [str(z) for z in self.zoo_dirs()]
         return data
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# cdd-serve without --zoo also serves the user zoo (~/.local/share/cdd/zoo): not this machine's in tests.
+os.environ.setdefault("CDD_USER_ZOO", os.path.join(tempfile.gettempdir(), f"cdd-tests-no-user-zoo-{os.getpid()}"))
 # One thread: tests are dominated by small ops, and several pytest processes (or a training run
 # beside them) on 2 cores with 2 OpenMP threads each slow each other down many times over.
 torch.set_num_threads(1)

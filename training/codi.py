@@ -1,11 +1,11 @@
-"""Training objectives: Conditional Diffusion Distillation, and the baselines of design.md section 7.
+"""Training objectives: Conditional Diffusion Distillation, and the baselines it is compared with.
 
 CoDiLoss is Algorithm 1 of Mei et al., "CoDi: Conditional Diffusion Distillation for Higher-Fidelity
-and Faster Image Generation" (seed 000, section 4.2; design.md section 5). DiffusionLoss is the
+and Faster Image Generation" (section 4.2). DiffusionLoss is the
 conditional fine-tuning baseline (the slow teacher). Consistency distillation of that teacher is
 CoDiLoss with the teacher's DDIM step, boundary-scaled outputs and no guidance term (`build_objective`).
 GuidanceDistillationLoss and ProgressiveDistillationLoss are the two stages of Guided Distillation
-(Meng et al., seeds 001 and 002).
+(Meng et al., "On Distillation of Guided Diffusion Models").
 
 Both take the same roles, each a callable `(z_t, t, c, text_emb) -> (x_hat, eps_hat)`:
 `student` (the trained ConditionedDenoiser, with grad), `ema_target` (the same forward with the EMA
@@ -53,7 +53,7 @@ def boundary_scalings(t: torch.Tensor, num_train_timesteps: int, like: torch.Ten
 
 @dataclass
 class CoDiLoss:
-    """Conditional Diffusion Distillation, Algorithm 1 and eq. 11-12 of seed 000."""
+    """Conditional Diffusion Distillation, Algorithm 1 and eq. 11-12 of the CoDi paper."""
 
     schedule: NoiseSchedule
     N: int = 50  # intervals of [0, T)
@@ -141,7 +141,7 @@ def _draw_w(batch: int, w_min: float, w_max: float, generator: torch.Generator) 
 
 @dataclass
 class GuidanceDistillationLoss:
-    """Guided Distillation stage 1 (seed 001 section 3.1, PHASE-ONE-DISTILLATION): the student, which takes w,
+    """Guided Distillation stage 1: the student, which takes w,
     matches the classifier-free-guided teacher x~ = (1 + w) x_hat(z_t, c) - w x_hat(z_t, empty), w ~ U[w_min, w_max].
     The guidance is over the text prompt (the backbone was pretrained with caption dropout, so the empty
     prompt is its unconditional model); the condition image c is given to both branches.
@@ -176,7 +176,7 @@ class GuidanceDistillationLoss:
 
 @dataclass
 class ProgressiveDistillationLoss:
-    """Guided Distillation stage 2, one round (seed 001 section 3.2, STAGE-TWO-DISTILLATION; Salimans & Ho):
+    """Guided Distillation stage 2, one round (progressive distillation, after Salimans & Ho):
     the student with k steps matches two DDIM steps of the teacher with 2k steps, t -> t' -> t'', through
     x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t). Steps follow the
     samplers' grid: t on the k-step trailing timesteps, t' = t - T//2k, t'' = t' - T//2k."""
@@ -222,7 +222,7 @@ def build_objective(config, schedule: NoiseSchedule, *, empty_text: torch.Tensor
     if config.method == "finetune":
         return DiffusionLoss(schedule)
     if config.method == "cm":
-        # Consistency distillation of the fine-tuned teacher (design.md section 7): the teacher's DDIM step,
+        # Consistency distillation of the fine-tuned teacher: the teacher's DDIM step,
         # boundary-scaled x outputs against the EMA target, no conditional guidance term.
         return CoDiLoss(schedule, N=config.steps, r=0.0, prev_predictor="teacher", consistency_space="x",
                         distance=config.distance, huber_c=config.huber_c, same_t=config.same_t)

@@ -2,8 +2,8 @@
 
 Validated on construction (errors name the field and the value at fault), saved as
 `<output>/config.json` beside the run and inside every checkpoint, printed by `--dry-run`.
-Defaults are tuned for the embedded 64x64 scenes world on a CPU; design.md section 5 lists the
-published Stable-Diffusion-class settings (constant lr 1e-5, batch 2 per device).
+Defaults are tuned for the embedded 64x64 scenes world on a CPU; the published Stable-Diffusion-class
+settings are AdamW (0.9, 0.999), weight decay 1e-2, gradient clip 1.0, constant lr 1e-5, batch 2 per device.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class TrainConfig:
     init_from: str | None = None  # cm, gd: the zoo entry distilled from (the fine-tuned teacher, or GD's previous
     # round); codi: optional, the student starts as that entry (its teacher stays the frozen backbone)
 
-    # CoDi, Algorithm 1 (design.md section 5)
+    # CoDi, Algorithm 1
     prev_predictor: str = "prev"
     consistency_space: str = "eps"
     distance: str = "l2"
@@ -74,7 +74,7 @@ class TrainConfig:
     ema: float = 0.999  # mu, the EMA rate of the target theta^-
     steps: int = 50  # N, intervals of [0, T)
 
-    # Guided Distillation (seeds 001, 002): stage 1 distils the guided teacher into a w-conditioned student,
+    # Guided Distillation: stage 1 distils the guided teacher into a w-conditioned student,
     # stage 2 halves the sampling steps, one round per run (`gd_steps` student steps = 2 x gd_steps teacher steps)
     gd_stage: int = 1
     gd_steps: int = 4

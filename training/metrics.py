@@ -1,4 +1,4 @@
-"""Quality metrics that need no downloaded weights (design.md section 11).
+"""Quality metrics that need no downloaded weights.
 
 - PSNR and SSIM (fidelity to the ground truth), on images in [0, 1].
 - Sliced Wasserstein distance over Laplacian-pyramid patches (distribution distance), as in

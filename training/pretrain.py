@@ -1,6 +1,6 @@
 """`cdd-pretrain-backbone`: train the embedded default text-to-image backbone on the scenes world.
 
-The "unconditional pretraining" every adapter is distilled from (design.md sections 1 and 10): a
+The "unconditional pretraining" every adapter is distilled from (the CoDi paper's starting point): a
 pixel-space diffusers `UNet2DConditionModel` with cross-attention to a small `CLIPTextModel`, both
 trained jointly with the plain diffusion loss, a word-level tokenizer over the scenes vocabulary,
 and caption dropout so that the empty prompt is a real unconditional model. The output folder is

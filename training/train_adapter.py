@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(task="depth")  # for the defaults shown in --help
     p = argparse.ArgumentParser(
         prog="cdd-train-adapter",
-        description="Distil a task adapter with CoDi (Algorithm 1 of seed 000) or fine-tune it, and write a zoo entry.",
+        description="Distil a task adapter with CoDi (Algorithm 1 of 'Conditional Diffusion Distillation') or "
+        "fine-tune it, and write a zoo entry.",
         argument_default=argparse.SUPPRESS,  # only options given on the command line reach the config
     )
     g = p.add_argument_group("what to train")
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
     g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
 
-    g = p.add_argument_group("CoDi (design.md section 5)")
+    g = p.add_argument_group("CoDi (Algorithm 1)")
     g.add_argument("--prev-predictor", choices=PREV_PREDICTORS, help="how z_hat_s is predicted: prev (eq. 12, the real noise), "
                    "ddim (eps_hat_t), teacher (the frozen backbone's DDIM step) (default prev)")
     g.add_argument("--consistency-space", choices=CONSISTENCY_SPACES, help="eps, or x: boundary-scaled signal predictions (default eps)")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", type=float, help=f"EMA rate mu of the target theta^- and of the exported weights (default {d.ema})")
     g.add_argument("--steps", type=int, help=f"N, the number of intervals of [0, T) (default {d.steps})")
 
-    g = p.add_argument_group("Guided Distillation (--method gd; seeds 001, 002)")
+    g = p.add_argument_group("Guided Distillation (--method gd)")
     g.add_argument("--gd-stage", type=int, choices=(1, 2), help="1: distil the guided teacher into a student taking w; "
                    "2: one round of progressive distillation, halving the steps (default 1)")
     g.add_argument("--gd-steps", type=int, help=f"the student's sampling steps; its teacher takes twice as many (default {d.gd_steps})")

@@ -1,5 +1,5 @@
 """Every adapter kind runs forward and backward; its gate / zero-initialised parts get gradient
-at initialisation where design.md section 4 says they should, and start at the identity."""
+at initialisation where the CoDi paper's section 4.1 says they should, and start at the identity."""
 
 import pytest
 import torch

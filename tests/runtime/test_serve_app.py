@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import logging
+import re
 import struct
 import threading
 import time
@@ -136,6 +137,28 @@ def test_health_ready_docs_and_playground(client):
     assert {"image", "prompt", "steps", "seed", "sampler", "adapter"} <= set(form["properties"])
     page = client.get("/")
     assert page.status_code == 200 and "cdd playground" in page.text and page.headers["content-type"].startswith("text/html")
+
+
+def test_docs_page_loads_only_assets_the_server_serves(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert len(refs) == 4, refs  # stylesheet, icon, script, schema
+    types = {".css": "text/css", ".png": "image/png", ".js": "text/javascript", ".json": "application/json"}
+    for ref in refs:
+        assert ref.startswith("/") and not ref.startswith("//"), f"{ref} is not served by cdd-serve"
+        r = client.get(ref)
+        assert r.status_code == 200 and len(r.content) > 100, ref
+        assert r.headers["content-type"].startswith(types[ref[ref.rindex("."):]]), (ref, r.headers["content-type"])
+    # FastAPI writes OpenAPI 3.1, which Swagger UI renders from version 5 on (4.x shows an error page).
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.1")
+    bundle = client.get(next(r for r in refs if r.endswith(".js"))).text
+    assert int(re.search(r'PACKAGE_VERSION:"(\d+)\.', bundle).group(1)) >= 5
+    assert error(client.get("/docs/assets/../../settings.py"), 404, "not_found")
+    assert error(client.get("/docs/assets/index.html"), 404, "not_found")
+    text = client.get("/metrics").text
+    for route in ("/docs", "/openapi.json", "/docs/assets/{name}"):
+        assert f'cdd_http_requests_total{{code="200",route="{route}"}}' in text, route
 
 
 def test_tasks_list_adapters_and_manifests(client):

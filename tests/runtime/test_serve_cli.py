@@ -48,6 +48,17 @@ def test_a_missing_backbone_flag_folder_is_named(tmp_path, capsys):
     assert str(tmp_path / "nope") in err and "--backbone" in err
 
 
+def test_a_device_torch_cannot_use_ends_in_one_clear_line(capsys):
+    import torch
+
+    # Without CUDA, plain `cuda`; with it, an index past the last device.
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    assert main(["--device", device]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith(f"cdd-serve: device '{device}': ") and "Traceback" not in captured.err
+
+
 def test_flags_override_environment_over_defaults(monkeypatch, capsys):
     monkeypatch.setenv("CDD_MAX_BATCH", "8")
     monkeypatch.setenv("CDD_MAX_WAIT_MS", "50")

@@ -1,4 +1,4 @@
-"""The baselines of design.md section 7: consistency distillation of a fine-tuned entry (cm) and Guided
+"""The baselines of the CoDi paper's comparison: consistency distillation of a fine-tuned entry (cm) and Guided
 Distillation (gd: the w-conditioned student, stage 1, progressive stage 2, the stochastic sampler)."""
 
 import json
@@ -67,7 +67,7 @@ def test_guided_adapter_starts_as_its_controlnet_and_then_depends_on_w(pixel_bac
 
 
 # ---------------------------------------------------------------------------------------------
-# the stochastic sampler of seed 001 section 3.2
+# Guided Distillation's stochastic sampler
 
 
 def test_gd_sampler_keeps_the_marginal_of_a_perfect_denoiser_and_ends_on_its_x():

@@ -1,0 +1,63 @@
+"""Atomic writes give what a plain open()/mkdir() would: the umask's modes (or a rewritten file's own), so
+entries, checkpoints and exports are readable by other users under the usual umask 022 and private
+under 077."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from cdd.adapters.architectures import build_adapter
+from cdd.adapters.atomic import atomic_directory, current_umask, write_bytes, write_text
+from cdd.adapters.zoo import install_entry, save_entry
+
+
+@pytest.fixture
+def umask(request):
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], indirect=True)
+def test_files_and_folders_follow_the_umask(umask, tmp_path):
+    assert current_umask() == umask
+    write_text(tmp_path / "a.txt", "x")
+    with atomic_directory(tmp_path / "entry") as tmp:
+        (tmp / "plain.bin").write_bytes(b"1")
+        write_bytes(tmp / "atomic.bin", b"2")
+        (tmp / "sub").mkdir()
+    assert mode(tmp_path / "a.txt") == 0o666 & ~umask
+    assert mode(tmp_path / "entry") == 0o777 & ~umask
+    assert mode(tmp_path / "entry" / "sub") == 0o777 & ~umask
+    for name in ("plain.bin", "atomic.bin"):
+        assert mode(tmp_path / "entry" / name) == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "entry"]  # no temporaries left
+
+
+@pytest.mark.parametrize("umask", [0o022], indirect=True)
+def test_rewriting_a_file_keeps_its_mode(umask, tmp_path):
+    f = tmp_path / "secret.json"
+    write_text(f, "{}")
+    os.chmod(f, 0o600)
+    write_text(f, '{"a": 1}')
+    assert mode(f) == 0o600 and f.read_text() == '{"a": 1}'
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], indirect=True)
+def test_saved_and_installed_entries_are_readable_per_the_umask(umask, pixel_backbone, tmp_path):
+    adapter = build_adapter("controlnet", pixel_backbone.unet, pixel_backbone.vae_scale_factor)
+    save_entry(tmp_path / "run" / "depth", adapter, name="depth", task="depth",
+               backbone_fingerprint=pixel_backbone.fingerprint, condition={"channels": 3, "range": [0, 1], "resolution": 16})
+    install_entry(tmp_path / "run" / "depth", tmp_path / "zoo", half=True)
+    for entry in (tmp_path / "run" / "depth", tmp_path / "zoo" / "depth"):
+        assert mode(entry) == 0o777 & ~umask
+        files = list(entry.iterdir())
+        assert {f.name for f in files} == {"manifest.json", "adapter.safetensors"}
+        assert all(mode(f) == 0o666 & ~umask for f in files), [(f.name, oct(mode(f))) for f in files]
