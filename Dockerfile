@@ -21,7 +21,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     CDD_HOST=0.0.0.0 \
     CDD_PORT=8000 \
     CDD_DEVICE=cuda \
-    CDD_DTYPE=bfloat16
+    CDD_DTYPE=bfloat16 \
+    CDD_USER_ZOO=/models/zoo
 
 WORKDIR /opt/cdd
 
@@ -60,8 +61,9 @@ RUN useradd --create-home --uid 1000 cdd \
  && chown -R cdd:cdd /models
 USER cdd
 
-# Mount a diffusers backbone folder at /models/backbone and a zoo at /models/zoo; with nothing
-# mounted the embedded default backbone and zoo are served (deploy/entrypoint.sh decides and says which).
+# Mount a diffusers backbone folder at /models/backbone and zoo entries at /models/zoo (the user zoo, which
+# `cdd-zoo install` writes to); with nothing mounted the embedded default backbone and zoo are served
+# (deploy/entrypoint.sh decides and says which).
 VOLUME ["/models/backbone", "/models/zoo"]
 EXPOSE 8000
 # Healthy once /readyz answers 200: the backbone is loaded and every adapter architecture warmed up.

@@ -19,6 +19,7 @@
 #   PIP_CERT=PATH       a CA bundle the build's pip trusts too (a proxy that re-signs TLS)
 #   DOCKERD_ARGS        flags for the engine started when none answers (default: vfs, no iptables, no bridge)
 #   SMOKE_TIMEOUT_S     the health-check wait, per start (default 600)
+#   SMOKE_OUT=DIR       keep the answers (PNG) there
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -159,27 +160,34 @@ export CDD_BACKBONE_DIR="$WORK/models/backbone" CDD_ZOO_DIR="$WORK/models/zoo"
 BASE="http://127.0.0.1:$CDD_PORT"
 PROM="http://127.0.0.1:$PROMETHEUS_PORT"
 
-# wait_healthy: until cdd-cpu's health check (GET /readyz) passes; prints the time it took.
+# wait_healthy: until cdd-cpu's health check (GET /readyz) has passed since the container last started; prints
+# the time since UP_AT (when compose was asked to start it) and since the container was running.
 wait_healthy() {
-  local s cid status
-  s=$(date +%s)
+  local cid state
   cid=$(compose ps -q cdd-cpu)
   while :; do
-    status=$(docker inspect -f '{{.State.Status}} {{.State.Health.Status}}' "$cid")
-    case $status in
-      "running healthy") break ;;
+    state=$(docker inspect "$cid" | python3 -c 'import json, sys
+s = json.load(sys.stdin)[0]["State"]
+started = s["StartedAt"][:19]
+passed = [p for p in (s.get("Health") or {}).get("Log") or [] if p["ExitCode"] == 0 and p["Start"][:19] > started]
+print(s["Status"], "healthy" if s["Running"] and passed else (s.get("Health") or {}).get("Status", "-"), started)')
+    case $state in
+      "running healthy "*) break ;;
       running\ *) ;;
-      *) die "cdd-cpu is $status" ;;
+      *) die "cdd-cpu is $state" ;;
     esac
-    [ $(($(date +%s) - s)) -lt "$SMOKE_TIMEOUT_S" ] || die "cdd-cpu not healthy in $SMOKE_TIMEOUT_S s ($status)"
+    [ $(($(date +%s) - UP_AT)) -lt "$SMOKE_TIMEOUT_S" ] || die "cdd-cpu not healthy in $SMOKE_TIMEOUT_S s ($state)"
     sleep 1
   done
-  say "healthy in $(($(date +%s) - s)) s; the entrypoint said:"
-  docker logs "$cid" 2>&1 | grep '^cdd-entrypoint' | sed 's/^/     /'
+  local started
+  started=$(date -d "${state##* }Z" +%s)
+  say "healthy $(($(date +%s) - UP_AT)) s after compose was asked, $(($(date +%s) - started)) s after the container started; the entrypoint said:"
+  docker logs "$cid" 2>&1 | grep '^cdd-entrypoint' | tail -n 2 | sed 's/^/     /'
 }
 
 stage "up: cdd-cpu and prometheus (127.0.0.1:$CDD_PORT, 127.0.0.1:$PROMETHEUS_PORT), embedded zoo"
 STACK_UP=1
+UP_AT=$(date +%s)
 compose up -d --no-build cdd-cpu prometheus 2>&1 | sed 's/^/   /'
 wait_healthy
 say "torch in the image: $(docker exec "$(compose ps -q cdd-cpu)" python -c 'import torch; print(torch.__version__)')"
@@ -218,11 +226,15 @@ task_request() {
   local form=(-F "image=@$WORK/in.png;type=image/png" -F seed=7) s code
   [ -z "$1" ] || form+=(-F "adapter=$1")
   s=$(date +%s%N)
-  code=$(curl -sS --max-time 120 -o "$WORK/out.png" -D "$WORK/headers" -w '%{http_code}' "${form[@]}" "$BASE/v1/tasks/super-resolution")
+  code=$(curl -sS --max-time 120 -o "$WORK/out.png" -D "$WORK/headers" -w '%{http_code}' "${form[@]}" "$BASE/v1/tasks/super-resolution") \
+    || die "POST /v1/tasks/super-resolution: no answer (curl: $code)"
   [ "$code" = 200 ] || die "POST /v1/tasks/super-resolution: HTTP $code $(head -c 400 "$WORK/out.png")"
   say "POST /v1/tasks/super-resolution: HTTP $code in $((($(date +%s%N) - s) / 1000000)) ms," \
     "$(tr -d '\r' < "$WORK/headers" | grep -i -E '^x-cdd-(adapter|steps|sampler)' | tr '\n' ' ')"
-  say "$(check_png "$WORK/out.png" 64 64)" || die "the answer is not the expected PNG"
+  local png
+  png=$(check_png "$WORK/out.png" 64 64) || die "the answer is not the expected PNG"
+  say "$png"
+  [ -z "${SMOKE_OUT:-}" ] || { mkdir -p "$SMOKE_OUT"; cp "$WORK/in.png" "$SMOKE_OUT/in.png"; cp "$WORK/out.png" "$SMOKE_OUT/out-${1:-default}.png"; }
   [ -z "$1" ] || grep -qi "^x-cdd-adapter: $1" "$WORK/headers" || die "not answered by $1"
 }
 stage "request through 127.0.0.1:$CDD_PORT"
@@ -242,23 +254,29 @@ prom_wait() {
   done
   echo "$out"
 }
-say "target: $(prom_wait "$PROM/api/v1/targets" "[f\"{t['labels']['job']} {t['scrapeUrl']} health={t['health']}\" for t in d['activeTargets'] if t['health'] == 'up']")"
+target=$(prom_wait "$PROM/api/v1/targets" "[f\"{t['labels']['job']} {t['scrapeUrl']} health={t['health']}\" for t in d['activeTargets'] if t['health'] == 'up']")
+say "target: $target"
 q='cdd_http_requests_total{route="/v1/tasks/{task}",code="200"}'
-say "query $q: $(prom_wait "$PROM/api/v1/query?query=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$q")" \
-  "[f\"{r['metric']['instance']} value={r['value'][1]}\" for r in d['result'] if float(r['value'][1]) >= 1]")"
+url="$PROM/api/v1/query?query=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$q")"
+sample=$(prom_wait "$url" "[f\"{r['metric']['instance']} value={r['value'][1]}\" for r in d['result'] if float(r['value'][1]) >= 1]")
+say "query $q: $sample"
 
 # -- a mounted zoo -----------------------------------------------------------------------------------------
-# What a user does: `cdd-zoo install` an entry into the folder mounted at /models/zoo (here as this host
-# user, with the image's cdd-zoo), restart the service; its entrypoint serves that zoo (or says why not).
+# What a user does: `cdd-zoo install` an entry into the zoo folder mounted at /models/zoo (the container's user
+# zoo; here as this host user, with the image's cdd-zoo), restart the service; its entrypoint serves that zoo
+# (or says why it cannot).
 stage "a mounted zoo: cdd-zoo install as this host user (uid $(id -u)), restart, served by the container's user"
 CID=$(compose ps -q cdd-cpu)
 docker exec --user "$(id -u):$(id -g)" "$CID" sh -c \
-  'python -m cdd.adapters.cli --zoo /models/zoo install --name sr-mine "$(python -c "from cdd.adapters.zoo import default_zoo_dir; print(default_zoo_dir())")/super-resolution"' \
+  'cdd-zoo install --name sr-mine "$(python -c "from cdd.adapters.zoo import default_zoo_dir; print(default_zoo_dir())")/super-resolution"' \
   2>&1 | sed 's/^/   /'
 say "on the host: $(cd "$CDD_ZOO_DIR" && find . -printf '%M %u:%g %p\n' | sort -k3 | tr '\n' ';')"
+UP_AT=$(date +%s)
 compose restart cdd-cpu 2>&1 | sed 's/^/   /'
 wait_healthy
-tasks=$(curl -sS --max-time 10 "$BASE/v1/tasks")
-python3 -c 'import json, sys; t = json.loads(sys.argv[1])["tasks"]; names = [a["name"] for x in t for a in x["adapters"]]; print("   served adapters:", names); sys.exit(names != ["sr-mine"])' "$tasks" \
-  || die "the mounted zoo is not what is served"
+tasks=$(curl -sS --max-time 10 "$BASE/v1/tasks") || die "GET /v1/tasks: no answer"
+python3 -c 'import json, sys
+t = {x["task"]: [a["name"] for a in x["adapters"]] for x in json.loads(sys.argv[1])["tasks"]}
+print("   served:", t)
+sys.exit("sr-mine" not in t.get("super-resolution", []))' "$tasks" || die "the mounted zoo's entry is not served"
 task_request sr-mine
