@@ -52,7 +52,7 @@ cleanup() {
     stage "down"
     compose down --volumes --remove-orphans 2>&1 | sed 's/^/   /'
     left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")
-    [ -z "$left" ] || docker rm -f $left >/dev/null  # one that was still being created
+    [ -z "$left" ] || docker rm -f -v $left >/dev/null  # one that was still being created
     say "left of project $PROJECT: $(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" | wc -l) containers," \
       "$(docker network ls -q --filter "label=com.docker.compose.project=$PROJECT" | wc -l) networks," \
       "$(docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT" | wc -l) volumes;" \
@@ -239,10 +239,11 @@ task_request() {
 }
 stage "request through 127.0.0.1:$CDD_PORT"
 task_request ""
+cp "$WORK/out.png" "$WORK/embedded.png"
 
 # -- Prometheus --------------------------------------------------------------------------------------------
 stage "Prometheus scrapes cdd-cpu"
-# prom_query URL JSON-PATH-SCRIPT: poll a Prometheus API URL until the python expression (over `d`, the
+# prom_wait URL EXPR: poll a Prometheus API URL until the python expression EXPR (over `d`, the
 # response's data) is true; prints its value.
 prom_wait() {
   local url=$1 expr=$2 s out
@@ -280,3 +281,5 @@ t = {x["task"]: [a["name"] for a in x["adapters"]] for x in json.loads(sys.argv[
 print("   served:", t)
 sys.exit("sr-mine" not in t.get("super-resolution", []))' "$tasks" || die "the mounted zoo's entry is not served"
 task_request sr-mine
+cmp -s "$WORK/out.png" "$WORK/embedded.png" || die "sr-mine (a copy of super-resolution) answered other bytes for the same seed"
+say "the same bytes as the embedded super-resolution entry for the same seed"
