@@ -39,12 +39,12 @@ RUN --mount=type=bind,source=deploy/pip,target=/tmp/pip \
 
 # 2. The project's dependencies (cached until pyproject.toml changes): installed from an empty package
 #    skeleton, which is then dropped.
-COPY pyproject.toml README.md /tmp/deps/
+COPY pyproject.toml /tmp/deps/
 RUN --mount=type=bind,source=deploy/pip,target=/tmp/pip \
     if [ -f /tmp/pip/cert.pem ]; then export PIP_CERT=/tmp/pip/cert.pem; fi \
  && cd /tmp/deps \
  && mkdir -p adapters runtime training/data \
- && touch __init__.py adapters/__init__.py runtime/__init__.py training/__init__.py training/data/__init__.py \
+ && touch README.md __init__.py adapters/__init__.py runtime/__init__.py training/__init__.py training/data/__init__.py \
  && pip install --find-links /tmp/pip . \
  && pip uninstall -y cdd-zoo \
  && rm -rf /tmp/deps
