@@ -1,9 +1,18 @@
-# syntax=docker/dockerfile:1
-# cdd-serve on a GPU host. Build from the repository root:
-#   docker build -t cdd-serve .            (or: docker compose -f deploy/docker-compose.yml up)
-# The base image brings CUDA and PyTorch; pip keeps its torch (the project asks torch>=2.3).
+# cdd-serve in a container. Build from the repository root with BuildKit (Docker 23+ and `docker compose`
+# use it by default; Docker 20.10-22: DOCKER_BUILDKIT=1):
+#   docker build -t cdd-serve .                                  GPU host: CUDA + PyTorch base
+#   docker build -t cdd-serve:cpu --build-arg BASE_IMAGE=python:3.11-slim-bookworm .     CPU only
+# or through deploy/docker-compose.yml, which does both (the `cdd` service and the `cpu` profile).
+#
+# BASE_IMAGE: any image with `python` (3.11+) and `pip` on PATH. One that brings torch keeps it (pip keeps a
+# torch that satisfies torch>=2.3); one without gets torch from a wheel in deploy/pip/ when there is one,
+# else from TORCH_INDEX_URL (PyTorch's CPU index: PyPI's torch for Linux is the multi-GB CUDA build).
+# deploy/pip/ (kept out of git and out of the image) may also hold cert.pem, a CA bundle for pip, for a
+# network whose proxy re-signs TLS. Without a registry, deploy/base-images.sh makes a Python base from
+# Debian packages.
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -12,32 +21,52 @@ ENV PIP_NO_CACHE_DIR=1 \
     CDD_HOST=0.0.0.0 \
     CDD_PORT=8000 \
     CDD_DEVICE=cuda \
-    CDD_DTYPE=bfloat16
+    CDD_DTYPE=bfloat16 \
+    CDD_USER_ZOO=/models/zoo
 
 WORKDIR /opt/cdd
 
-# 1. Dependencies only (cached until pyproject.toml changes): install the project's requirements
-#    from an empty package skeleton, then drop the skeleton itself.
-COPY pyproject.toml README.md ./
-RUN mkdir -p adapters runtime training/data \
- && touch __init__.py adapters/__init__.py runtime/__init__.py training/__init__.py training/data/__init__.py \
- && pip install . \
- && pip uninstall -y cdd-zoo \
- && rm -rf adapters runtime training __init__.py build *.egg-info
+# 1. torch, unless the base image has it.
+RUN --mount=type=bind,source=deploy/pip,target=/tmp/pip \
+    if [ -f /tmp/pip/cert.pem ]; then export PIP_CERT=/tmp/pip/cert.pem; fi \
+ && if python -c "import torch" 2>/dev/null; then \
+      echo "torch $(python -c 'import torch; print(torch.__version__)') from the base image"; \
+    elif ls /tmp/pip/torch-*.whl >/dev/null 2>&1; then \
+      pip install /tmp/pip/torch-*.whl; \
+    else \
+      pip install --index-url "${TORCH_INDEX_URL}" torch; \
+    fi
 
-# 2. The source, the embedded backbone and zoo (package data).
-COPY . .
-RUN pip install --no-deps . && rm -rf build *.egg-info
+# 2. The project's dependencies (cached until pyproject.toml changes): installed from an empty package
+#    skeleton, which is then dropped.
+COPY pyproject.toml /tmp/deps/
+RUN --mount=type=bind,source=deploy/pip,target=/tmp/pip \
+    if [ -f /tmp/pip/cert.pem ]; then export PIP_CERT=/tmp/pip/cert.pem; fi \
+ && cd /tmp/deps \
+ && mkdir -p adapters runtime training/data \
+ && touch README.md __init__.py adapters/__init__.py runtime/__init__.py training/__init__.py training/data/__init__.py \
+ && pip install --find-links /tmp/pip . \
+ && pip uninstall -y cdd-zoo \
+ && rm -rf /tmp/deps
+
+# 3. The package with its embedded backbone and zoo, installed from the build context (mounted, so no copy
+#    of the source stays in the image).
+RUN --mount=type=bind,target=/tmp/src,rw --mount=type=bind,source=deploy/pip,target=/tmp/pip \
+    if [ -f /tmp/pip/cert.pem ]; then export PIP_CERT=/tmp/pip/cert.pem; fi \
+ && pip install --no-deps /tmp/src
+COPY deploy/entrypoint.sh /opt/cdd/entrypoint.sh
 
 RUN useradd --create-home --uid 1000 cdd \
  && mkdir -p /models/backbone /models/zoo \
  && chown -R cdd:cdd /models
 USER cdd
 
-# Mount a diffusers backbone folder at /models/backbone and a zoo at /models/zoo; with nothing
-# mounted the embedded default backbone and zoo are served (deploy/entrypoint.sh decides).
+# Mount a diffusers backbone folder at /models/backbone and zoo entries at /models/zoo (the user zoo, which
+# `cdd-zoo install` writes to); with nothing mounted the embedded default backbone and zoo are served
+# (deploy/entrypoint.sh decides and says which).
 VOLUME ["/models/backbone", "/models/zoo"]
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
-ENTRYPOINT ["/opt/cdd/deploy/entrypoint.sh"]
+# Healthy once /readyz answers 200: the backbone is loaded and every adapter architecture warmed up.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"
+ENTRYPOINT ["/opt/cdd/entrypoint.sh"]

@@ -73,23 +73,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# On two busy cores a Serve proxy can take longer to start than Ray allows by default: the controller kills a
+# proxy that is not ready within RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (5 s) and starts another, which
+# serve.start() sees as ActorDiedError, and serve.start() itself waits a fixed 60 s (HTTP_PROXY_TIMEOUT).
+# The first is an environment variable of Ray's processes (they inherit the driver's at ray.init); past the
+# second, the fixture waits for the proxy itself. What the tests check is unchanged.
+PROXY_START_S = 300
+
+
+def start_serve(port: int) -> None:
+    """serve.start(), waiting up to PROXY_START_S for a proxy that a busy CPU starts slowly."""
+    deadline = time.monotonic() + PROXY_START_S
+    while True:
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return
+        except (TimeoutError, ray.exceptions.RayActorError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)  # the controller lives on and keeps starting the proxy; a later start() connects to it
+
+
+def wait_proxy(client, prefixes) -> None:
+    """Until Ray's proxy answers and routes every application's prefix (/-/routes: {prefix: app}, 503 until
+    the proxy has a route table)."""
+    deadline = time.monotonic() + PROXY_START_S
+    while True:
+        try:
+            routes = client.get("/-/routes")
+            if routes.status_code == 200 and set(prefixes) <= set(routes.json()):
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, f"Ray's proxy did not route {prefixes} in {PROXY_START_S} s"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def ray_serve(world):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # The layout under test: two replicas, each keeping up to two adapters. The second application has
-        # replicas that take one request at a time and keep one adapter: busy ones, and evictions.
-        serve.run(build_app({**world, "num_replicas": 2, "max_adapters_per_replica": 2, "replica_cpus": 0.5}),
-                  name="cdd", route_prefix="/")
-        serve.run(build_app({**world, "num_replicas": 2, "max_adapters_per_replica": 1, "replica_cpus": 0.5,
-                             "max_ongoing_requests": 1}), name="busy", route_prefix="/busy")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield client
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_START_S))
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            port = free_port()
+            start_serve(port)
+            # The layout under test: two replicas, each keeping up to two adapters. The second application has
+            # replicas that take one request at a time and keep one adapter: busy ones, and evictions.
+            serve.run(build_app({**world, "num_replicas": 2, "max_adapters_per_replica": 2, "replica_cpus": 0.5}),
+                      name="cdd", route_prefix="/")
+            serve.run(build_app({**world, "num_replicas": 2, "max_adapters_per_replica": 1, "replica_cpus": 0.5,
+                                 "max_ongoing_requests": 1}), name="busy", route_prefix="/busy")
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+                wait_proxy(client, ["/", "/busy"])
+                yield client
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def png(size, seed):
