@@ -31,6 +31,7 @@ from ..runtime.denoiser import ConditionedDenoiser
 from ..runtime.factory import make_text_encoder, make_unet, save_backbone, scheduler_config
 from ..runtime.samplers import initial_noise, sample_with_scheduler
 from ..runtime.text import build_word_tokenizer
+from .data.photos import PhotoPatches
 from .data.scenes import caption, render, sample_scene, scene_vocabulary
 
 GRID_CAPTIONS = [
@@ -82,15 +83,23 @@ class PretrainConfig:
             raise ValueError(f"prediction_type {self.prediction_type!r} is not epsilon, v_prediction or sample")
 
 
-def scene_batch(cfg: PretrainConfig, step: int, rank: int = 0) -> tuple[torch.Tensor, list[str]]:
+def scene_batch(cfg, step: int, rank: int = 0, photos: PhotoPatches | None = None) -> tuple[torch.Tensor, list[str]]:
     """Batch `step` of the stream: a pure function of (seed, step, rank), so a resumed run sees the
-    same data an uninterrupted one would. Images in [-1, 1]; captions dropped to "" with p = dropout."""
+    same data an uninterrupted one would. Each item is a photo patch with p = `cfg.photo_fraction`
+    (when `photos` is given), else a rendered scene with its caption. Images in [-1, 1]; captions
+    dropped to "" with p = `cfg.caption_dropout`."""
     rng = np.random.default_rng([cfg.seed, step, rank])
+    photo_fraction = getattr(cfg, "photo_fraction", 0.0) if photos is not None else 0.0
     images, texts = [], []
     for _ in range(cfg.batch_size):
-        spec = sample_scene(rng)
-        images.append(render(spec, cfg.resolution).image)
-        texts.append("" if rng.random() < cfg.caption_dropout else caption(spec))
+        if photo_fraction and rng.random() < photo_fraction:
+            images.append(photos.patch(rng))
+            text = photos.caption
+        else:
+            spec = sample_scene(rng)
+            images.append(render(spec, cfg.resolution).image)
+            text = caption(spec)
+        texts.append("" if rng.random() < cfg.caption_dropout else text)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2 - 1
     return x, texts
 
