@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .datasets import IMAGE_EXTENSIONS, DataError, _open_image, _pil_to_array
+from .datasets import IMAGE_EXTENSIONS, DataError, _open_image
 
 # "library:name"; stereo_motorcycle is a stereo pair, both views are used.
 TRAIN = (
@@ -96,7 +96,7 @@ class PhotoPatches(Dataset):
         files = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        return cls([_pil_to_array(_open_image(p, str(p))) for p in files], names=[str(p) for p in files], **kwargs)
+        return cls([np.asarray(_open_image(p, str(p))) for p in files], names=[str(p) for p in files], **kwargs)
 
     def __len__(self) -> int:
         return self.length
