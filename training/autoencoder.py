@@ -64,6 +64,8 @@ class AutoencoderConfig:
     eval_images: int = 64
     seed: int = 0
     photos: str = ""  # a folder of your own photographs instead of the bundled ones
+    init_from: str = ""  # an AutoencoderKL folder to start from (a fresh optimiser)
+    decoder_only: bool = False  # freeze the encoder (and the latent space a backbone was trained on)
     caption_dropout: float = 0.0  # unused by the autoencoder; scene_batch reads it
 
     def __post_init__(self) -> None:
@@ -72,6 +74,8 @@ class AutoencoderConfig:
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^{len(self.channels) - 1}")
         if not 0 <= self.photo_fraction <= 1:
             raise ValueError(f"photo_fraction must be in [0, 1], got {self.photo_fraction}")
+        if self.decoder_only and not self.init_from:
+            raise ValueError("decoder_only needs init_from: an autoencoder whose encoder to keep")
 
 
 def make_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
@@ -93,10 +97,14 @@ def _gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
-def autoencoder_loss(vae: AutoencoderKL, x: torch.Tensor, grad_weight: float, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    """The loss of the module docstring on a batch x in [-1, 1]; a sampled latent, as in training a VAE."""
-    posterior = vae.encode(x).latent_dist
-    x_rec = vae.decode(posterior.sample()).sample
+def autoencoder_loss(vae: AutoencoderKL, x: torch.Tensor, grad_weight: float, kl_weight: float,
+                     decoder_only: bool = False) -> tuple[torch.Tensor, dict]:
+    """The loss of the module docstring on a batch x in [-1, 1]; a sampled latent, as in training a VAE.
+    decoder_only: the encoder is frozen and the decoder sees the latent mean, as a backbone's latents
+    are decoded (Stable Diffusion's decoder fine-tuning)."""
+    with torch.set_grad_enabled(not decoder_only):
+        posterior = vae.encode(x).latent_dist
+    x_rec = vae.decode(posterior.mean if decoder_only else posterior.sample()).sample
     rec = F.l1_loss(x_rec, x)
     grad = sum(F.l1_loss(a, b) for a, b in zip(_gradients(x_rec), _gradients(x)))
     kl = posterior.kl().mean() / x[0].numel()
@@ -146,7 +154,18 @@ def train(cfg: AutoencoderConfig, resume: bool = False) -> Path:
                                   PhotoPatches.bundled("held-out", size=cfg.resolution, seed=HELD_OUT_SEED)),
     }
     vae = make_autoencoder(cfg).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.init_from:
+        source = AutoencoderKL.from_pretrained(cfg.init_from, torch_dtype=torch.float32, local_files_only=True)
+        try:
+            vae.load_state_dict(source.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"--init-from {cfg.init_from}: not this config's architecture: {e}") from e
+        vae.register_to_config(scaling_factor=source.config.scaling_factor)
+    if cfg.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
 
     step, ckpt = 0, out / "checkpoint"
@@ -168,11 +187,11 @@ def train(cfg: AutoencoderConfig, resume: bool = False) -> Path:
     t_start, losses = time.time(), []
     while step < cfg.max_train_steps:
         x, _ = scene_batch(cfg, step, photos=photos)
-        loss, parts = autoencoder_loss(vae, x, cfg.grad_weight, cfg.kl_weight)
+        loss, parts = autoencoder_loss(vae, x, cfg.grad_weight, cfg.kl_weight, cfg.decoder_only)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {ckpt}")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -191,7 +210,8 @@ def train(cfg: AutoencoderConfig, resume: bool = False) -> Path:
                             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
                            tmp / "training_state.pt")
                 (tmp / "state.json").write_text(json.dumps(record) + "\n")
-            export_autoencoder(vae, out / "vae", record["latent_std"])
+            # a frozen encoder keeps its latent space, and so the scaling factor a backbone was trained with
+            export_autoencoder(vae, out / "vae", 1 / vae.config.scaling_factor if cfg.decoder_only else record["latent_std"])
             with open(out / "eval.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
@@ -216,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in dataclasses.fields(AutoencoderConfig):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        if isinstance(value, tuple):
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"default {value}")
+        elif isinstance(value, tuple):
             parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=value,
                                 help=f"comma-separated (default {','.join(map(str, value))})")
         else:

@@ -113,3 +113,17 @@ def test_latent_pretraining_resumes_exports_and_runs_in_plain_diffusers(tiny_vae
                output_type="pt").images
     assert torch.isfinite(ours).all() and ref.shape == ours.shape == (1, 3, 16, 16)
     torch.testing.assert_close(ref, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_only_keeps_the_latent_space(tiny_vae, tmp_path):
+    from diffusers import AutoencoderKL
+
+    args = ["--output", str(tmp_path / "ft"), "--resolution", "16", "--channels", "8,16", "--batch-size", "2",
+            "--max-train-steps", "2", "--checkpoint-every", "2", "--eval-images", "2", "--lr", "1e-2",
+            "--init-from", str(tiny_vae / "vae"), "--decoder-only"]
+    assert autoencoder.main(args) == 0
+    before, after = AutoencoderKL.from_pretrained(tiny_vae / "vae"), AutoencoderKL.from_pretrained(tmp_path / "ft" / "vae")
+    assert after.config.scaling_factor == before.config.scaling_factor
+    enc_a, enc_b = before.encoder.state_dict(), after.encoder.state_dict()
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
+    assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
