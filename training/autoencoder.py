@@ -23,7 +23,6 @@ Checkpoints are atomic and `--resume` continues from the last one; every checkpo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -40,7 +39,7 @@ from ..adapters.atomic import atomic_directory, write_text
 from .data.photos import PhotoPatches
 from .data.scenes import render, sample_scene
 from .metrics import psnr
-from .pretrain import scene_batch
+from .pretrain import build_config, config_parser, scene_batch
 
 HELD_OUT_SEED = 10_000  # scenes for evaluation come from a stream no training step draws from
 
@@ -231,26 +230,10 @@ def export_autoencoder(vae: AutoencoderKL, path: Path, std: float, fp16: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = AutoencoderConfig()
-    parser = argparse.ArgumentParser(prog="cdd-train-autoencoder", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(AutoencoderConfig):
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"default {value}")
-        elif isinstance(value, tuple):
-            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=value,
-                                help=f"comma-separated (default {','.join(map(str, value))})")
-        else:
-            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
-    parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint")
-    parser.add_argument("--dry-run", action="store_true", help="print the validated config and exit")
+    parser = config_parser(AutoencoderConfig, "cdd-train-autoencoder", __doc__.split("\n\n")[0])
     args = vars(parser.parse_args(argv))
     resume, dry = args.pop("resume"), args.pop("dry_run")
-    try:
-        cfg = AutoencoderConfig(**args)
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = build_config(parser, AutoencoderConfig, args)
     if dry:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0

@@ -379,7 +379,10 @@ def export(output: str | Path, dest: str | Path) -> Path:
     ema = EMAModel(params, decay=cfg.ema, use_ema_warmup=True, power=2 / 3)
     ema.load_state_dict(state["ema"])
     ema.copy_to(params)
+    notes = (dest / "TRAINING.md").read_text() if (dest / "TRAINING.md").is_file() else None
     save_backbone(backbone, dest, fp16=True)
+    if notes is not None:  # the hand-written record of how it was made survives a new snapshot
+        write_text(dest / "TRAINING.md", notes)
     record = {"step": info["step"], "images_seen": info["step"] * cfg.batch_size, "seconds": info.get("seconds"),
               "last_loss": info.get("loss")}
     write_text(dest / "training.json", json.dumps(record, indent=2) + "\n")
@@ -424,10 +427,12 @@ class _ema_weights:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = PretrainConfig()
-    parser = argparse.ArgumentParser(prog="cdd-pretrain-backbone", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(PretrainConfig):
+def config_parser(config_class, prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per field of a config dataclass (tuples comma-separated, booleans --x/--no-x), plus
+    --resume and --dry-run."""
+    defaults = config_class()
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
@@ -439,6 +444,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
     parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint")
     parser.add_argument("--dry-run", action="store_true", help="print the validated config and exit")
+    return parser
+
+
+def build_config(parser: argparse.ArgumentParser, config_class, args: dict):
+    """The validated config, or the parser's usage error naming what is wrong."""
+    try:
+        return config_class(**args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(PretrainConfig, "cdd-pretrain-backbone", __doc__.split("\n\n")[0])
     parser.add_argument("--export", metavar="FOLDER", default="",
                         help="write <output>'s last checkpoint (EMA weights, float16) as a backbone folder and exit")
     args = vars(parser.parse_args(argv))
@@ -446,10 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     if export_to:
         print(f"exported to {export(args['output'], export_to)}")
         return 0
-    try:
-        cfg = PretrainConfig(**args)
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = build_config(parser, PretrainConfig, args)
     if dry:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
