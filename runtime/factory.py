@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..adapters.atomic import atomic_directory
 from .backbone import Backbone
-from .text import build_word_tokenizer
+from .text import build_word_tokenizer, save_tokenizer
 
 TINY_VOCABULARY = (
     "a an and on the at of red green blue yellow white black orange purple sphere cube cylinder "
@@ -26,8 +26,9 @@ TINY_VOCABULARY = (
 
 
 def scheduler_config(prediction_type: str = "epsilon") -> dict:
-    """Stable Diffusion's DDPM schedule (scaled_linear 0.00085..0.012, T = 1000)."""
-    return dict(
+    """Stable Diffusion's DDPM schedule (scaled_linear 0.00085..0.012, T = 1000). Without diffusers'
+    `_use_default_values` bookkeeping, which would make `from_config` ignore later edits of those keys."""
+    config = dict(
         DDIMScheduler(
             num_train_timesteps=1000,
             beta_start=0.00085,
@@ -39,9 +40,12 @@ def scheduler_config(prediction_type: str = "epsilon") -> dict:
             prediction_type=prediction_type,
         ).config
     )
+    config.pop("_use_default_values", None)
+    return config
 
 
-def make_text_encoder(vocab_size: int, max_length: int, hidden: int, layers: int, eos_token_id: int) -> CLIPTextModel:
+def make_text_encoder(vocab_size: int, max_length: int, hidden: int, layers: int, eos_token_id: int,
+                      bos_token_id: int = 2, pad_token_id: int = 0) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -49,9 +53,9 @@ def make_text_encoder(vocab_size: int, max_length: int, hidden: int, layers: int
         num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 32),
         max_position_embeddings=max_length,
-        bos_token_id=2,
+        bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        pad_token_id=0,
+        pad_token_id=pad_token_id,
     )
     return CLIPTextModel(config)
 
@@ -143,14 +147,14 @@ def save_backbone(backbone: Backbone, path: str | Path, fp16: bool = False) -> P
                 module.save_pretrained(tmp / name, safe_serialization=True)
                 if saved_dtype != dtype:
                     module.to(saved_dtype)
-        backbone.tokenizer.save_pretrained(tmp / "tokenizer")
+        save_tokenizer(backbone.tokenizer, tmp / "tokenizer")
         DDIMScheduler.from_config(backbone.scheduler_config).save_pretrained(tmp / "scheduler")
         index = {
             "_diffusers_version": __import__("diffusers").__version__,
             "unet": ["diffusers", "UNet2DConditionModel"],
             "scheduler": ["diffusers", "DDIMScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "tokenizer": ["transformers", type(backbone.tokenizer).__name__],
         }
         if backbone.vae is not None:
             index.update(

@@ -29,6 +29,10 @@ class NoiseSchedule:
             raise ValueError(
                 f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
             )
+        if self.prediction_type == "epsilon" and float(self.alphas_cumprod[-1]) == 0.0:
+            # zero terminal SNR (rescale_betas_zero_snr): z_T is pure noise, so eps_hat says nothing of x
+            raise ValueError("a zero-terminal-SNR schedule (alpha_T = 0) needs prediction_type v_prediction or sample, "
+                             "not epsilon")
 
     @classmethod
     def from_scheduler_config(cls, config: dict, prediction_type: str | None = None) -> NoiseSchedule:

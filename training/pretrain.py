@@ -1,13 +1,23 @@
 """`cdd-pretrain-backbone`: train the embedded default text-to-image backbone on the scenes world.
 
 The "unconditional pretraining" every adapter is distilled from (the CoDi paper's starting point): a
-pixel-space diffusers `UNet2DConditionModel` with cross-attention to a small `CLIPTextModel`, both
-trained jointly with the plain diffusion loss, a word-level tokenizer over the scenes vocabulary,
-and caption dropout so that the empty prompt is a real unconditional model. The output folder is
-diffusers format (`UNet2DConditionModel.from_pretrained(path, subfolder="unet")` and friends).
+diffusers `UNet2DConditionModel` with cross-attention to a small `CLIPTextModel`, both trained
+jointly with the plain diffusion loss, and caption dropout so that the empty prompt is a real
+unconditional model. Two kinds:
+
+- pixel (no `--vae`): the UNet works on 64x64 images, a word-level tokenizer;
+- latent (`--vae FOLDER`, an AutoencoderKL from `cdd-train-autoencoder`): a miniature Stable
+  Diffusion on the frozen autoencoder's latents, a standard `CLIPTokenizer`, and with `--zero-snr`
+  a schedule rescaled to zero terminal SNR with trailing timesteps (Lin et al., "Common Diffusion
+  Noise Schedules and Sample Steps are Flawed"; needs v-prediction). Its folder loads with plain
+  `StableDiffusionPipeline.from_pretrained`. Scenes and photo patches are encoded once into a
+  latent pool on disk that grows while training (`--pool-*`), since rendering and encoding a batch
+  costs more than the latent UNet's step.
 
 Checkpoints are atomic and `--resume` continues a killed run from the last one: the data stream is
-a pure function of (seed, step), so nothing else needs restoring but weights, optimiser, EMA and RNG.
+a pure function of (seed, step) (and the pool's chunks of (seed, chunk)), so nothing else needs
+restoring but weights, optimiser, EMA and RNG. `--export FOLDER` writes the last checkpoint's EMA
+weights as a backbone folder from another process while the run goes on.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,14 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
-from ..adapters.atomic import atomic_directory, write_text
+from ..adapters.atomic import atomic_directory, atomic_file, write_text
 from ..runtime.backbone import Backbone
 from ..runtime.denoiser import ConditionedDenoiser
 from ..runtime.factory import make_text_encoder, make_unet, save_backbone, scheduler_config
 from ..runtime.samplers import initial_noise, sample_with_scheduler
-from ..runtime.text import build_word_tokenizer
+from ..runtime.text import build_clip_tokenizer, build_word_tokenizer
 from .checkpoints import CheckpointError, loading, read_state, with_fallback, write_state
+from .data.photos import PHOTO_CAPTION, PhotoPatches
 from .data.scenes import caption, render, sample_scene, scene_vocabulary
 
 GRID_CAPTIONS = [
@@ -72,6 +85,15 @@ class PretrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     init_from: str = ""  # a backbone folder to start from (continue pretraining with a fresh optimiser)
+    vae: str = ""  # an AutoencoderKL folder: train a latent backbone on its latents (copied into the run)
+    tokenizer: str = "word"  # word (tokenizer.json) or clip (standard CLIPTokenizer vocab.json + merges.txt)
+    zero_snr: bool = False  # rescale the betas to zero terminal SNR, trailing timesteps
+    photo_fraction: float = 0.0  # share of photo patches (captioned "a photo") among the scenes
+    photos: str = ""  # a folder of your own photographs instead of the bundled ones
+    pool_size: int = 65536  # latent backbones: distinct items in the latent pool at most
+    pool_start: int = 2048  # items encoded before the first step
+    pool_growth: float = 4.0  # items added per training step until pool_size
+    pool_chunk: int = 256
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -81,31 +103,115 @@ class PretrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type {self.prediction_type!r} is not epsilon, v_prediction or sample")
+        if self.zero_snr and self.prediction_type == "epsilon":
+            raise ValueError("zero_snr needs prediction_type v_prediction or sample: at alpha_T = 0 epsilon says nothing of x")
+        if self.tokenizer not in ("word", "clip"):
+            raise ValueError(f"tokenizer must be 'word' or 'clip', got {self.tokenizer!r}")
+        if not 0 <= self.photo_fraction <= 1:
+            raise ValueError(f"photo_fraction must be in [0, 1], got {self.photo_fraction}")
+        if self.vae and not (Path(self.vae) / "config.json").is_file():
+            raise ValueError(f"vae {self.vae!r} is not an AutoencoderKL folder (no config.json)")
 
 
-def scene_batch(cfg: PretrainConfig, step: int, rank: int = 0) -> tuple[torch.Tensor, list[str]]:
+def mixed_images(rng: np.random.Generator, n: int, resolution: int, photos: PhotoPatches | None = None,
+                 photo_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """n items, each a photo patch with p = photo_fraction (when `photos` is given), else a rendered scene
+    with its caption; images float32 [n, H, W, 3] in [0, 1]."""
+    photo_fraction = photo_fraction if photos is not None else 0.0
+    images, texts = [], []
+    for _ in range(n):
+        if photo_fraction and rng.random() < photo_fraction:
+            images.append(photos.patch(rng))
+            texts.append(photos.caption)
+        else:
+            spec = sample_scene(rng)
+            images.append(render(spec, resolution).image)
+            texts.append(caption(spec))
+    return np.stack(images), texts
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def scene_batch(cfg, step: int, rank: int = 0, photos: PhotoPatches | None = None) -> tuple[torch.Tensor, list[str]]:
     """Batch `step` of the stream: a pure function of (seed, step, rank), so a resumed run sees the
-    same data an uninterrupted one would. Images in [-1, 1]; captions dropped to "" with p = dropout."""
+    same data an uninterrupted one would. Images in [-1, 1]; captions dropped to "" with
+    p = `cfg.caption_dropout`."""
     rng = np.random.default_rng([cfg.seed, step, rank])
+    photo_fraction = getattr(cfg, "photo_fraction", 0.0) if photos is not None else 0.0
     images, texts = [], []
     for _ in range(cfg.batch_size):
-        spec = sample_scene(rng)
-        images.append(render(spec, cfg.resolution).image)
-        texts.append("" if rng.random() < cfg.caption_dropout else caption(spec))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2 - 1
-    return x, texts
+        image, (text,) = mixed_images(rng, 1, cfg.resolution, photos, photo_fraction)
+        images.append(image[0])
+        texts.append("" if rng.random() < cfg.caption_dropout else text)
+    return _to_tensor(np.stack(images)), texts
 
 
-def build_backbone(cfg: PretrainConfig) -> Backbone:
+class LatentPool:
+    """Scenes and photo patches encoded once by the frozen autoencoder (latent mean x scaling factor),
+    in chunks of `cfg.pool_chunk` items saved under `folder`; chunk c is a pure function of (seed, c).
+    The pool grows with the step (`available`), so training starts at once and sees ever more items."""
+
+    def __init__(self, folder: Path, backbone: Backbone, cfg: PretrainConfig, photos: PhotoPatches | None):
+        self.folder, self.backbone, self.cfg, self.photos = folder, backbone, cfg, photos
+        self.latents: list[torch.Tensor] = []
+        self.texts: list[str] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def available(self, step: int) -> int:
+        cfg = self.cfg
+        n = min(cfg.pool_size, cfg.pool_start + int(step * cfg.pool_growth))
+        return max(cfg.pool_chunk, n // cfg.pool_chunk * cfg.pool_chunk)
+
+    def _chunk(self, c: int) -> dict:
+        path = self.folder / f"chunk_{c:05d}.pt"
+        if path.is_file():
+            return torch.load(path)
+        rng = np.random.default_rng([self.cfg.seed, 1_000_003, c])
+        images, texts = mixed_images(rng, self.cfg.pool_chunk, self.cfg.resolution, self.photos, self.cfg.photo_fraction)
+        with torch.no_grad():
+            latents = torch.cat([self.backbone.to_model_space(x).float() for x in _to_tensor(images).split(64)])
+        chunk = {"latents": latents.half(), "texts": texts}
+        with atomic_file(path) as f:
+            torch.save(chunk, f)
+        return chunk
+
+    def batch(self, step: int, batch_size: int, caption_dropout: float) -> tuple[torch.Tensor, list[str]]:
+        n = self.available(step)
+        while len(self.texts) < n:
+            chunk = self._chunk(len(self.texts) // self.cfg.pool_chunk)
+            self.latents.append(chunk["latents"])
+            self.texts.extend(chunk["texts"])
+        if len(self.latents) > 1:
+            self.latents = [torch.cat(self.latents)]
+        rng = np.random.default_rng([self.cfg.seed, step])
+        idx = rng.integers(0, n, batch_size)
+        texts = ["" if rng.random() < caption_dropout else self.texts[i] for i in idx]
+        return self.latents[0][torch.from_numpy(idx)].float(), texts
+
+
+def build_backbone(cfg: PretrainConfig, vae: AutoencoderKL | None = None) -> Backbone:
     torch.manual_seed(cfg.seed)
-    tokenizer = build_word_tokenizer(scene_vocabulary(), max_length=cfg.max_length)
+    vocabulary = scene_vocabulary() + (PHOTO_CAPTION.split() if cfg.photo_fraction else [])
+    if cfg.tokenizer == "clip":
+        tokenizer = build_clip_tokenizer(vocabulary, max_length=cfg.max_length)
+    else:
+        tokenizer = build_word_tokenizer(vocabulary, max_length=cfg.max_length)
     sched = scheduler_config(cfg.prediction_type)
     sched["beta_schedule"] = cfg.beta_schedule
+    if cfg.zero_snr:
+        sched.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    size, channels = cfg.resolution, 3
+    if vae is not None:
+        size, channels = cfg.resolution // 2 ** (len(vae.config.block_out_channels) - 1), vae.config.latent_channels
     return Backbone(
-        unet=make_unet(cfg.resolution, 3, cfg.channels, cfg.text_hidden, cfg.layers_per_block, 8, cfg.self_attention_from),
+        unet=make_unet(size, channels, cfg.channels, cfg.text_hidden, cfg.layers_per_block, 8, cfg.self_attention_from),
         scheduler_config=sched,
-        text_encoder=make_text_encoder(len(tokenizer), cfg.max_length, cfg.text_hidden, cfg.text_layers, tokenizer.eos_token_id),
+        text_encoder=make_text_encoder(len(tokenizer), cfg.max_length, cfg.text_hidden, cfg.text_layers,
+                                       tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id),
         tokenizer=tokenizer,
+        vae=vae,
     )
 
 
@@ -114,9 +220,10 @@ def sample_grid(backbone: Backbone, captions: list[str], steps: int, seed: int =
     """50-step DDIM samples for fixed captions, one row of images, uint8 HxWx3."""
     denoiser = ConditionedDenoiser(backbone.unet, backbone.schedule)
     text = backbone.encode_text(captions)
-    size = backbone.unet.config.sample_size
-    z = initial_noise(range(seed, seed + len(captions)), (3, size, size), backbone.device, backbone.dtype)
-    x = sample_with_scheduler(denoiser.bind(None, text), z, steps, backbone.schedule, backbone.scheduler_config, "ddim")
+    size, channels = backbone.unet.config.sample_size, backbone.model_channels
+    z = initial_noise(range(seed, seed + len(captions)), (channels, size, size), backbone.device, backbone.dtype)
+    z = sample_with_scheduler(denoiser.bind(None, text), z, steps, backbone.schedule, backbone.scheduler_config, "ddim")
+    x = backbone.from_model_space(z)
     x = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return np.concatenate(list(x), axis=1)
 
@@ -136,7 +243,15 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(out / "logs"))
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, _run_vae(cfg, out))
+    photos = None
+    if cfg.photo_fraction:
+        photos = (PhotoPatches.from_folder(cfg.photos, size=cfg.resolution) if cfg.photos
+                  else PhotoPatches.bundled("train", size=cfg.resolution))
+    pool = None
+    if backbone.latent:
+        backbone.vae.to(accelerator.device)
+        pool = LatentPool(out / "pool", backbone, cfg, photos)
     if cfg.init_from:
         _init_from(backbone, Path(cfg.init_from))
     unet, text_encoder = backbone.unet, backbone.text_encoder
@@ -148,10 +263,11 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
     ema = EMAModel(params, decay=cfg.ema, use_ema_warmup=True, power=2 / 3)
     unet, text_encoder, optimizer, scheduler = accelerator.prepare(unet, text_encoder, optimizer, scheduler)
 
-    step, ckpt = 0, out / "checkpoint"
+    step, ckpt, seconds_before = 0, out / "checkpoint", 0.0
     if resume and (ckpt / "state.json").is_file():
         try:  # sha256 of every file first (state.json records them), then each part names itself on failure
-            step = read_state(ckpt)["step"]
+            previous = read_state(ckpt)
+            step, seconds_before = previous["step"], previous.get("seconds", 0.0)
             state = loading(ckpt, "training_state.pt", lambda: torch.load(ckpt / "training_state.pt", weights_only=False))
             loading(ckpt, "training_state.pt (unet)", lambda: accelerator.unwrap_model(unet).load_state_dict(state["unet"]))
             loading(ckpt, "training_state.pt (text_encoder)",
@@ -174,7 +290,10 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
     bar = tqdm(total=cfg.max_train_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain")
     t_start, steps_timed = time.time(), 0
     while step < cfg.max_train_steps:
-        x, texts = scene_batch(cfg, step, accelerator.process_index)
+        if pool is not None:
+            x, texts = pool.batch(step, cfg.batch_size, cfg.caption_dropout)
+        else:
+            x, texts = scene_batch(cfg, step, accelerator.process_index, photos)
         x = x.to(accelerator.device)
         eps = torch.randn_like(x)
         t = torch.randint(0, schedule.num_train_timesteps, (x.shape[0],), device=x.device)
@@ -212,7 +331,7 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
                     },
                     tmp / "training_state.pt",
                 )
-                write_state(tmp, {"step": step, "loss": loss.item()})
+                write_state(tmp, {"step": step, "loss": loss.item(), "seconds": round(seconds_before + time.time() - t_start, 1)})
         if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_train_steps):
             with _ema_weights(ema, params):
                 grid = sample_grid(_eval_view(backbone), GRID_CAPTIONS, cfg.sample_steps)
@@ -226,6 +345,52 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
         with _ema_weights(ema, params):
             save_backbone(_eval_view(backbone), final, fp16=True)
     return final
+
+
+def _run_vae(cfg: PretrainConfig, out: Path) -> AutoencoderKL | None:
+    """The frozen autoencoder of a latent run: `cfg.vae` is copied into the run folder on the first
+    start, so that the pool, a resumed run and every export use the same weights even if the
+    autoencoder's own run goes on."""
+    if not cfg.vae:
+        return None
+    run_vae = out / "vae"
+    if not run_vae.is_dir():
+        with atomic_directory(run_vae) as tmp:
+            for f in Path(cfg.vae).iterdir():
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
+    return AutoencoderKL.from_pretrained(run_vae, torch_dtype=torch.float32, local_files_only=True)
+
+
+def export(output: str | Path, dest: str | Path) -> Path:
+    """Write the EMA weights of `output`'s last checkpoint as a float16 backbone folder at `dest`, with a
+    training.json (step, images seen, seconds); safe to run while the run goes on (checkpoints are atomic)."""
+    from diffusers.training_utils import EMAModel
+
+    output, dest = Path(output), Path(dest)
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    saved = {k: v for k, v in json.loads((output / "config.json").read_text()).items() if k in fields}
+    if saved.get("vae"):
+        saved["vae"] = str(output / "vae")
+    cfg = PretrainConfig(**saved)
+    ckpt = output / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"no checkpoint in {ckpt} to export")
+    state = torch.load(ckpt / "training_state.pt", weights_only=False)
+    info = json.loads((ckpt / "state.json").read_text())
+    backbone = build_backbone(cfg, _run_vae(cfg, output))
+    params = list(backbone.unet.parameters()) + list(backbone.text_encoder.parameters())
+    ema = EMAModel(params, decay=cfg.ema, use_ema_warmup=True, power=2 / 3)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(params)
+    notes = (dest / "TRAINING.md").read_text() if (dest / "TRAINING.md").is_file() else None
+    save_backbone(backbone, dest, fp16=True)
+    if notes is not None:  # the hand-written record of how it was made survives a new snapshot
+        write_text(dest / "TRAINING.md", notes)
+    record = {"step": info["step"], "images_seen": info["step"] * cfg.batch_size, "seconds": info.get("seconds"),
+              "last_loss": info.get("loss")}
+    write_text(dest / "training.json", json.dumps(record, indent=2) + "\n")
+    return dest
 
 
 def _init_from(backbone: Backbone, folder: Path) -> None:
@@ -266,25 +431,44 @@ class _ema_weights:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = PretrainConfig()
-    parser = argparse.ArgumentParser(prog="cdd-pretrain-backbone", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(PretrainConfig):
+def config_parser(config_class, prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per field of a config dataclass (tuples comma-separated, booleans --x/--no-x), plus
+    --resume and --dry-run."""
+    defaults = config_class()
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
-        if isinstance(value, tuple):
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"default {value}")
+        elif isinstance(value, tuple):
             parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=value,
                                 help=f"comma-separated (default {','.join(map(str, value))})")
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
     parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint")
     parser.add_argument("--dry-run", action="store_true", help="print the validated config and exit")
-    args = vars(parser.parse_args(argv))
-    resume, dry = args.pop("resume"), args.pop("dry_run")
+    return parser
+
+
+def build_config(parser: argparse.ArgumentParser, config_class, args: dict):
+    """The validated config, or the parser's usage error naming what is wrong."""
     try:
-        cfg = PretrainConfig(**args)
+        return config_class(**args)
     except ValueError as e:
         parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(PretrainConfig, "cdd-pretrain-backbone", __doc__.split("\n\n")[0])
+    parser.add_argument("--export", metavar="FOLDER", default="",
+                        help="write <output>'s last checkpoint (EMA weights, float16) as a backbone folder and exit")
+    args = vars(parser.parse_args(argv))
+    resume, dry, export_to = args.pop("resume"), args.pop("dry_run"), args.pop("export")
+    if export_to:
+        print(f"exported to {export(args['output'], export_to)}")
+        return 0
+    cfg = build_config(parser, PretrainConfig, args)
     if dry:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
