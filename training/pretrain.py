@@ -252,8 +252,7 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
     if backbone.latent:
         backbone.vae.to(accelerator.device)
         pool = LatentPool(out / "pool", backbone, cfg, photos)
-    if cfg.init_from:
-        _init_from(backbone, Path(cfg.init_from))
+    init_record = _init_from(backbone, Path(cfg.init_from)) if cfg.init_from else {}
     unet, text_encoder = backbone.unet, backbone.text_encoder
     for m in (unet, text_encoder):
         m.requires_grad_(True).train()
@@ -279,6 +278,11 @@ def train(cfg: PretrainConfig, resume: bool = False) -> Path:
         except CheckpointError as e:
             raise with_fallback(e, []) from e.__cause__  # one checkpoint is kept: there is no older one
         accelerator.print(f"resumed from {ckpt} at step {step}")
+    elif init_record.get("step"):  # continue the source's step count: the data stream and images seen go on
+        step, seconds_before = int(init_record["step"]), float(init_record.get("seconds") or 0.0)
+        if step >= cfg.max_train_steps:
+            raise ValueError(f"--init-from {cfg.init_from} is at step {step}, not below --max-train-steps {cfg.max_train_steps}")
+        accelerator.print(f"continuing {cfg.init_from} from its step {step} with a fresh optimiser")
     elif resume:
         accelerator.print(f"--resume: no checkpoint in {ckpt}, starting from scratch")
     write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -393,8 +397,9 @@ def export(output: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def _init_from(backbone: Backbone, folder: Path) -> None:
-    """Start from an existing backbone's weights (same architecture), e.g. the shipped default."""
+def _init_from(backbone: Backbone, folder: Path) -> dict:
+    """Start from an existing backbone's weights (same architecture), e.g. the shipped default; returns
+    the folder's training.json record (step, images seen, seconds) when it has one, else {}."""
     from ..runtime.backbone import load_backbone
 
     source = load_backbone(folder)
@@ -406,6 +411,8 @@ def _init_from(backbone: Backbone, folder: Path) -> None:
             raise ValueError(f"--init-from {folder}: its {name} does not match this config's architecture: {e}") from e
     if source.tokenizer.get_vocab() != backbone.tokenizer.get_vocab():
         raise ValueError(f"--init-from {folder}: its tokenizer vocabulary differs from the scenes vocabulary")
+    record = folder / "training.json"
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def _eval_view(backbone: Backbone) -> Backbone:
@@ -474,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         final = train(cfg, resume=resume)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:  # each names what is wrong
         print(f"cdd-pretrain-backbone: {e}", file=sys.stderr)
         return 2
     print(f"backbone written to {final}")

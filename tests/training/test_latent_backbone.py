@@ -97,6 +97,11 @@ def test_latent_pretraining_resumes_exports_and_runs_in_plain_diffusers(tiny_vae
     assert json.loads((tmp_path / "shipped" / "training.json").read_text())["images_seen"] == 8
     for f in ("vocab.json", "merges.txt"):
         assert (tmp_path / "shipped" / "tokenizer" / f).is_file()
+    # a lost run continues from its shipped snapshot: the step count (data stream, images seen) goes on
+    again = [*common, "--output", str(tmp_path / "again"), "--init-from", str(tmp_path / "shipped")]
+    assert pretrain.main(again + ["--max-train-steps", "4"]) == 2  # already at step 4: says so, trains nothing
+    assert pretrain.main(again + ["--max-train-steps", "6"]) == 0
+    assert json.loads(read_state_json(tmp_path / "again"))["step"] == 6
 
     bb = load_backbone(tmp_path / "shipped")
     assert bb.latent and bb.schedule.abar(torch.tensor([999])).item() == 0.0
@@ -113,6 +118,10 @@ def test_latent_pretraining_resumes_exports_and_runs_in_plain_diffusers(tiny_vae
                output_type="pt").images
     assert torch.isfinite(ours).all() and ref.shape == ours.shape == (1, 3, 16, 16)
     torch.testing.assert_close(ref, ours, atol=1e-5, rtol=1e-5)
+
+
+def read_state_json(run):
+    return (run / "checkpoint" / "state.json").read_text()
 
 
 def test_decoder_only_keeps_the_latent_space(tiny_vae, tmp_path):
