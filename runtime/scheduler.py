@@ -154,40 +154,21 @@ class Scheduler:
     def next_batch(self, timeout: float | None = None) -> list[Job] | None:
         """Block until a batch is ready and hand it out (jobs marked started), or None after `timeout`
         seconds with nothing ready, or when the scheduler is closed and drained."""
-        give_up = None if timeout is None else self.clock() + timeout
-        with self._cond:
-            while True:
-                self._expire()
-                now = self.clock()
-                if self._queue and not (self._paused and not self._closed):
-                    head = self._queue[0]
-                    batch = self._gather(head.key)
-                    ready_at = head.enqueued + self.max_wait
-                    full = sum(j.rows for j in batch) >= self.max_batch or len(batch) < self._count(head.key)
-                    if full or self._closed or now >= ready_at:
-                        started = []
-                        for job in batch:
-                            self._queue.remove(job)
-                            if job.future.set_running_or_notify_cancel():  # False: its waiter is gone
-                                job.started = now
-                                started.append(job)
-                        self._cond.notify_all()
-                        if started:
-                            self._running_until = now + self._batch_seconds(started)
-                            return started
-                        continue
-                    wake = ready_at
-                elif self._closed and not self._queue:
-                    return None
-                else:
-                    wake = math.inf
-                # wake for the batch's max-wait, the next deadline, or the caller's timeout
-                wake = min([wake] + [j.deadline for j in self._queue])
-                if give_up is not None:
-                    if now >= give_up:
-                        return None
-                    wake = min(wake, give_up)
-                self._cond.wait(None if wake == math.inf else max(wake - now, 0.0))
+
+        def attempt(now: float):
+            head = self._queue[0]
+            batch = self._gather(head.key)
+            ready_at = head.enqueued + self.max_wait
+            full = sum(j.rows for j in batch) >= self.max_batch or len(batch) < self._count(head.key)
+            if not (full or self._closed or now >= ready_at):
+                return None, ready_at  # wait for the batch's max-wait
+            started = self._start(batch, now)
+            if started:
+                self._running_until = now + self._batch_seconds(started)
+                return started, None
+            return None, None  # every waiter was gone: look again
+
+        return self._wait_for(attempt, timeout, None)
 
     def take(self, max_rows: int, timeout: float | None = None) -> list[Job]:
         """Step-level batching's consumer: the oldest jobs of any key whose rows fit in `max_rows`, marked
@@ -195,36 +176,59 @@ class Scheduler:
         first served: nothing overtakes a job that does not fit yet; a job larger than max_batch goes
         alone when all max_batch rows are free. Blocks up to `timeout` while nothing is queued (or paused);
         [] after the timeout or when the oldest job does not fit."""
+
+        def attempt(now: float):
+            fitting, rows = [], 0
+            for job in self._queue:
+                oversized_alone = not fitting and max_rows >= self.max_batch
+                if rows + job.rows > max_rows and not oversized_alone:
+                    break
+                fitting.append(job)
+                rows += job.rows
+                if rows >= max_rows:
+                    break
+            taken = self._start(fitting, now)
+            if taken or len(taken) == len(fitting):
+                return taken, None  # [] when the oldest job does not fit
+            return None, None  # every waiter was gone: look again
+
+        return self._wait_for(attempt, timeout, [])
+
+    def _start(self, jobs: list[Job], now: float) -> list[Job]:
+        """Take `jobs` off the queue and mark them started; those whose waiter is gone are dropped."""
+        started = []
+        for job in jobs:
+            self._queue.remove(job)
+            if job.future.set_running_or_notify_cancel():  # False: its waiter is gone
+                job.started = now
+                started.append(job)
+        self._cond.notify_all()
+        return started
+
+    def _wait_for(self, attempt, timeout: float | None, nothing):
+        """The consumers' shared wait loop, under the lock: expire overdue jobs, then, while jobs are queued
+        and the scheduler is not paused, call `attempt(now)`, which returns (result, wake): a result to hand
+        out, or None and the time to look again (None: at once). Returns `nothing` after `timeout` seconds or
+        once the scheduler is closed and drained. Sleeps until the wake time, the next deadline, the timeout
+        or a notify, whichever comes first."""
         give_up = None if timeout is None else self.clock() + timeout
         with self._cond:
             while True:
                 self._expire()
                 now = self.clock()
+                wake = math.inf
                 if self._queue and not (self._paused and not self._closed):
-                    taken, rows, gone = [], 0, False
-                    for job in list(self._queue):
-                        oversized_alone = not taken and max_rows >= self.max_batch
-                        if rows + job.rows > max_rows and not oversized_alone:
-                            break
-                        self._queue.remove(job)
-                        if not job.future.set_running_or_notify_cancel():  # its waiter is gone
-                            gone = True
-                            continue
-                        job.started = now
-                        taken.append(job)
-                        rows += job.rows
-                        if rows >= max_rows:
-                            break
-                    self._cond.notify_all()
-                    if taken or not gone:
-                        return taken
-                    continue
-                if self._closed and not self._queue:
-                    return []
-                wake = min([math.inf] + [j.deadline for j in self._queue])
+                    result, wake = attempt(now)
+                    if result is not None:
+                        return result
+                    if wake is None:
+                        continue
+                elif self._closed and not self._queue:
+                    return nothing
+                wake = min([wake] + [j.deadline for j in self._queue])
                 if give_up is not None:
                     if now >= give_up:
-                        return []
+                        return nothing
                     wake = min(wake, give_up)
                 self._cond.wait(None if wake == math.inf else max(wake - now, 0.0))
 
