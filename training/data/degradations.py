@@ -134,8 +134,8 @@ def mild_64px() -> DegradationConfig:
         # (256 photon levels), so its scale stops at 0.8 (published 3).
         noise_range=(1.0, 10.0),
         poisson_scale_range=(0.05, 0.8),
-        # JPEG 60..95 (published 30..95): quality 30 on noise turns 16x16 chroma blocks, a
-        # quarter of the image, into colour blobs.
+        # JPEG 60..95 (published 30..95): quality 30 on noise turns the 16x16-pixel chroma
+        # blocks (a quarter of a 64-pixel side) into colour blobs.
         jpeg_range=(60.0, 95.0),
         # Stage 2 (blur, resize, noise) on 40% of the images instead of all: a second order
         # of degradation stays in the mix, but most inputs are one degradation deep.
