@@ -428,7 +428,7 @@ def test_ilvr_sampler_row_is_the_sampler_with_the_ilvr_step(sr_zoo, pixel_backbo
     itself is checked against the block means), towards the condition in [-1, 1] at the SR factor 4."""
     from cdd.runtime.samplers import ilvr
 
-    results, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "out", "--adapters", "sr", "--samplers", "prev,prev+ilvr")
+    sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "out", "--adapters", "sr", "--samplers", "prev,prev+ilvr")
     rows = rows_by_key(tmp_path / "out")
     assert set(rows) == {("sr", "prev", 1), ("sr", "prev+ilvr", 1)}
     assert rows["sr", "prev+ilvr", 1]["psnr"] != rows["sr", "prev", 1]["psnr"]
