@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .schedule import FINAL, NoiseSchedule, boundary_scalings
 
@@ -163,6 +164,72 @@ def sampler_step(name: str, i: int, timesteps: Sequence[int], z_t: torch.Tensor,
         ratio = alpha_s / alpha_u
         return ratio * z_u + (sigma_s**2 - ratio**2 * sigma_u**2).clamp_min(0).sqrt() * fresh_noise[i]
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(FEW_STEP_SAMPLERS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ILVR: keep the input's low frequencies (super-resolution)
+
+ILVR = "+ilvr"  # the suffix of a few-step sampler run with the ILVR consistency step, e.g. "prev+ilvr"
+
+
+def split_ilvr(name: str) -> tuple[str, bool]:
+    """("prev", True) for "prev+ilvr", ("prev", False) for "prev"."""
+    return (name[: -len(ILVR)], True) if name.endswith(ILVR) else (name, False)
+
+
+class LowPass:
+    """The low-pass phi = U D of ILVR for an image of `height` x `width` pixels and a down-scale `factor`:
+    D averages each factor x factor block (area down-scaling), U brings the block means back up.
+
+    U is the bicubic up-sampling (F.interpolate, align_corners=False, as the SR condition is made) followed
+    by (D U_bicubic)^-1, so that D U = I. That makes phi a projection (phi phi = phi) whose output has the
+    block means of its input (D phi = D), and an image that is already the bicubic up-sampling of a small one
+    (the SR condition) passes unchanged. ILVR's update x - phi(x) + phi(y) then gives exactly the block
+    means of y, with a smooth correction; the plain bicubic down-up pair of ILVR's code is no projection,
+    so the update would only approach them. phi is separable: one matrix per axis, built in float64."""
+
+    def __init__(self, height: int, width: int, factor: int):
+        if factor < 1 or height % factor or width % factor:
+            raise ValueError(f"an ILVR low-pass needs sides divisible by the factor {factor}, got {height}x{width}")
+        self.factor = factor
+        self.rows, self.cols = self.matrix(height, factor), self.matrix(width, factor)
+
+    @staticmethod
+    def matrix(length: int, factor: int) -> torch.Tensor:
+        """The 1-D projection U (D U_bicubic)^-1 D, [length, length], float64."""
+        n = length // factor
+        down = torch.kron(torch.eye(n, dtype=torch.float64), torch.full((1, factor), 1 / factor, dtype=torch.float64))
+        basis = torch.eye(n, dtype=torch.float64)[:, None, :, None]  # n one-pixel images of n x 1
+        up = F.interpolate(basis, size=(length, 1), mode="bicubic", align_corners=False)[:, 0, :, 0].T  # [length, n]
+        return up @ torch.linalg.solve(down @ up, down)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows, cols = (m.to(x.device, x.dtype) for m in (self.rows, self.cols))
+        return torch.einsum("hk,...kl,wl->...hw", rows, x, cols)
+
+
+def ilvr(model: Model, reference: torch.Tensor, factor: int, *,
+         to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+         to_model: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Model:
+    """`model` with the ILVR consistency step (Choi et al., "ILVR: Conditioning Method for Denoising Diffusion
+    Probabilistic Models") on its x_hat: x_hat <- x_hat - phi(x_hat) + phi(reference), `phi` the `LowPass` of the
+    SR factor. Every few-step sampler forms its next sample from the returned x_hat before adding its noise, so
+    wrapping the model is the step; eps_hat, the noise direction, is kept.
+
+    `reference`: the input in pixel space, [B, 3, H, W] in [-1, 1] (the SR condition, 2 c - 1). A latent backbone
+    passes `to_pixels` (decode) and `to_model` (encode): x_hat is decoded, corrected in pixels and encoded back,
+    so its low frequencies hold up to what the autoencoder's round trip keeps."""
+    low = LowPass(reference.shape[-2], reference.shape[-1], factor)
+    reference_low = low(reference.float())
+
+    def consistent(z_t, t):
+        x_hat, eps_hat = model(z_t, t)
+        x = (to_pixels(x_hat) if to_pixels is not None else x_hat).float()
+        x = x - low(x) + reference_low.to(x.device)
+        x = to_model(x) if to_model is not None else x
+        return x.to(x_hat.dtype), eps_hat
+
+    return consistent
 
 
 @torch.no_grad()

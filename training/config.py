@@ -16,6 +16,7 @@ from typing import Any
 
 from ..adapters.architectures import ADAPTER_KINDS
 from ..adapters.zoo import MODES, default_backbone_dir
+from .data.degradations import DEFAULT_TRAINING_PRESET, DEGRADATION_PRESETS
 
 TASKS = ("super-resolution", "depth", "edit")
 METHODS = ("codi", "finetune", "cm", "gd")
@@ -31,6 +32,10 @@ RESUMABLE_CHANGES = frozenset(
     {"max_train_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_workers", "resume",
      "zoo_out", "output", "backbone", "mixed_precision"}
 )
+
+# Fields added after runs were saved without them, with the value those runs used when it differs from today's
+# default: a saved config.json lacking one is read with this value, so resuming it changes nothing.
+LEGACY_DEFAULTS = {"degradation": "realesrgan"}
 
 # The sampler and step count a trained entry is served with, by training method (the zoo manifest's default).
 DEFAULT_SAMPLING = {"codi": ("prev", 4), "finetune": ("ddim", 50), "cm": ("cm", 4)}
@@ -84,6 +89,13 @@ class TrainConfig:
 
     caption_dropout: float = 0.0  # the probability of training on the empty caption instead of the sample's: a
     # teacher meant for Guided Distillation needs it (0.1), since GD's unconditional branch runs it on "" (On Distillation of Guided Diffusion Models)
+    # and a super-resolution adapter needs it to work with the empty prompt the API sends when a user gives none
+
+    # super-resolution data
+    degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
+    # super-resolution (the published realesrgan leaves many 16 px inputs unrecognisable), unused by the other tasks
+    photo_fraction: float = 0.0  # share of photo patches (bundled training photographs, captioned "a photo") mixed
+    # into the scenes stream; super-resolution only (a photo has no depth map or edit)
 
     # architecture sizes
     adapter_rank: int = 8  # LoRA rank inside a controlnet-lora adapter
@@ -144,6 +156,16 @@ class TrainConfig:
             raise ConfigError(f"init_from continues an adapter-only entry: mode must be pe, not {self.mode!r}")
         _check("ema", self.ema, 0 <= self.ema < 1, "must be in [0, 1)")
         _check("caption_dropout", self.caption_dropout, 0 <= self.caption_dropout < 1, "must be in [0, 1)")
+        if self.task == "super-resolution":
+            self.degradation = self.degradation or DEFAULT_TRAINING_PRESET
+            _choice("degradation", self.degradation, tuple(DEGRADATION_PRESETS))
+        elif self.degradation is not None:
+            raise ConfigError(f"degradation {self.degradation!r}: degradation presets are for super-resolution, "
+                              f"not {self.task}")
+        _check("photo_fraction", self.photo_fraction, 0 <= self.photo_fraction <= 1, "must be in [0, 1]")
+        if self.photo_fraction and (self.task != "super-resolution" or self.data != "scenes"):
+            raise ConfigError(f"photo_fraction {self.photo_fraction} mixes photo patches into the scenes stream of "
+                              f"super-resolution, not into {self.task} on data {self.data!r}")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
         _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")
@@ -207,6 +229,18 @@ class TrainConfig:
 
     # ----------------------------------------------------------------------------------------
 
+    def dataset_options(self) -> dict[str, Any]:
+        """build_dataset's options: data_options, plus the super-resolution degradation and photo share (a
+        `degradation` given in data_options wins)."""
+        opts = dict(self.data_options)
+        if self.task == "super-resolution":
+            from .data.degradations import degradation_preset
+
+            opts.setdefault("degradation", degradation_preset(self.degradation))
+            if self.photo_fraction:
+                opts["photo_fraction"] = self.photo_fraction
+        return opts
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
@@ -227,9 +261,10 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
+        """A saved config.json (fields it predates read as LEGACY_DEFAULTS)."""
         path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(saved_config(json.loads(path.read_text())))
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from e
 
@@ -242,6 +277,16 @@ class TrainConfig:
         return [
             f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]
         ]
+
+
+def saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier version, with the fields it lacks set to what that version did
+    (`LEGACY_DEFAULTS`): a super-resolution run from before presets was trained on realesrgan."""
+    data = dict(data)
+    if data.get("task") == "super-resolution":
+        for name, value in LEGACY_DEFAULTS.items():
+            data.setdefault(name, value)
+    return data
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

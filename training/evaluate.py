@@ -3,9 +3,15 @@
     cdd-eval --task depth --adapters codi=runs/depth/entry,finetune=runs/depth-ft/entry --steps 1,2,4
 
 Held-out data: the first N samples of the scenes world drawn with EVAL_SEED = 20261125, a seed no
-training run uses by default (training streams use seed 0, their validation grids seed 1). Every adapter, sampler
-and step count sees the same N conditions and the same initial noise (image i from seed --seed + i),
-so rows are comparable. Generated and ground-truth images are quantised to 8 bits (what a saved PNG
+training run uses by default (training streams use seed 0, their validation grids seed 1); for
+super-resolution, `--dataset photos` takes N patches of the held-out photographs instead (astronaut,
+chelsea, flower; positions from EVAL_SEED), degraded with `--degradation` (default realesrgan, the
+published settings). Every adapter, sampler and step count sees the same N conditions, the same prompts
+(`--prompt`: the ground-truth captions, or none, the empty prompt the API sends when a user gives none;
+super-resolution's default is none) and the same initial noise (image i from seed --seed + i), so rows are
+comparable. `--bicubic` (super-resolution) adds the row every SR method must beat: the low-resolution input
+upsampled bicubically, which is the condition itself. A sampler `NAME+ilvr` (super-resolution) runs the
+few-step sampler NAME with the ILVR consistency step (runtime/samplers.py `ilvr`). Generated and ground-truth images are quantised to 8 bits (what a saved PNG
 holds) before measuring: PSNR, SSIM and the sliced Wasserstein distance (training/metrics.py) always;
 LPIPS and FID through torchmetrics only when their weights are already on this disk (nothing is
 downloaded). seconds_per_image is the wall clock of sampling only (the k sampler steps and decoding,
@@ -51,7 +57,8 @@ from ..adapters.zoo import (
 from ..runtime import samplers
 from ..runtime.backbone import Backbone, BackboneError, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
-from .data.datasets import TASKS, DataError, build_dataset
+from .data.datasets import TASKS, DataError, _sr_from_hr, build_dataset
+from .data.degradations import DEGRADATION_PRESETS, degradation_preset
 from .metrics import psnr, sliced_wasserstein, ssim
 from .sample_grid import _with_header, save_grid
 
@@ -66,10 +73,18 @@ LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid":
 FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g",
            "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f"}
 PROBE = "probe"  # the sampler of the probe rows (--probes): reference image sets, not generated
+BICUBIC = "bicubic"  # the method of the --bicubic row (super-resolution): the condition itself, nothing sampled
+NO_SAMPLER = "-"  # its sampler
+SUPER_RESOLUTION = "super-resolution"
+DATASETS = ("scenes", "photos")
+PROMPTS = ("caption", "none")
 PROBE_NOISE = 0.02  # sigma of the noisy probe, in [0, 1] image units
 PROBE_BLUR = 4  # the blurred probe: the truth downsampled this much (area) and upsampled bilinearly
 # Must match between runs merged by --append: otherwise their rows were measured on different things.
-COMPARABLE = ("task", "num_images", "seed", "data_seed", "resolution", "backbone_fingerprint")
+COMPARABLE = ("task", "num_images", "seed", "data_seed", "resolution", "backbone_fingerprint", "dataset", "degradation",
+              "prompt")
+# What a results.json written before a COMPARABLE field existed measured (degradation: for super-resolution only).
+LEGACY = {"dataset": "scenes", "degradation": "realesrgan", "prompt": "caption"}
 
 # Weight files torchmetrics would download into the torch hub cache (torch.hub.get_dir()/checkpoints).
 LPIPS_BACKBONE_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1
@@ -106,20 +121,26 @@ def parse_steps(text: str) -> list[int]:
     return sorted(set(steps))
 
 
-def known_samplers() -> list[str]:
-    return [*samplers.FEW_STEP, *(s for s in samplers.TEACHER_SAMPLERS if s not in samplers.FEW_STEP)]
+def known_samplers(task: str | None = None) -> list[str]:
+    """The few-step and teacher samplers; for super-resolution also each few-step one with ILVR (`prev+ilvr`)."""
+    names = [*samplers.FEW_STEP, *(s for s in samplers.TEACHER_SAMPLERS if s not in samplers.FEW_STEP)]
+    return names + ([s + samplers.ILVR for s in samplers.FEW_STEP] if task == SUPER_RESOLUTION else [])
 
 
-def check_sampler(name: str, where: str) -> str:
-    if name not in known_samplers():
-        raise EvalError(f"{where}: unknown sampler {name!r}; choose one of {', '.join(known_samplers())}")
+def check_sampler(name: str, where: str, task: str | None = None) -> str:
+    if name not in known_samplers(task):
+        ilvr = samplers.split_ilvr(name)
+        if ilvr[1] and ilvr[0] in samplers.FEW_STEP:
+            raise EvalError(f"{where}: {name!r}: the ILVR step keeps a super-resolution input's low frequencies; "
+                            f"task {task!r} has no low-resolution input")
+        raise EvalError(f"{where}: unknown sampler {name!r}; choose one of {', '.join(known_samplers(task))}")
     return name
 
 
-def resolve_adapters(items: str, zoo: Path, task: str, samplers_given: list[str] | None) -> list[Candidate]:
+def resolve_adapters(items: str | None, zoo: Path, task: str, samplers_given: list[str] | None) -> list[Candidate]:
     """`[LABEL=]entry` items -> candidates, each with a valid manifest for `task` and a known sampler."""
     out: list[Candidate] = []
-    for item in (i.strip() for i in items.split(",")):
+    for item in (i.strip() for i in (items.split(",") if items is not None else [])):
         label, _, ref = item.partition("=") if "=" in item.split("/")[0] else ("", "", item)
         if not ref:
             raise EvalError(f"--adapters: empty entry in {items!r}")
@@ -143,10 +164,18 @@ def resolve_adapters(items: str, zoo: Path, task: str, samplers_given: list[str]
 # Data, models, sampling
 
 
-def held_out(task: str, num_images: int, resolution: int, seed: int = EVAL_SEED) -> dict:
-    """The first `num_images` scenes of the evaluation stream (seed EVAL_SEED), collated."""
+def held_out(task: str, num_images: int, resolution: int, seed: int = EVAL_SEED, dataset: str = "scenes",
+             degradation: str | None = None) -> dict:
+    """The first `num_images` samples of the evaluation stream (seed EVAL_SEED), collated: scenes, or (super-resolution)
+    patches of the held-out photographs. `degradation`: the preset that makes super-resolution's inputs (None: the
+    published realesrgan)."""
+    options = {"degradation": degradation_preset(degradation)} if task == SUPER_RESOLUTION and degradation else {}
     try:
-        items = list(itertools.islice(iter(build_dataset(task, "scenes", size=resolution, seed=seed)), num_images))
+        if dataset == "photos":
+            items = held_out_photos(num_images, resolution, seed, options.get("degradation"))
+        else:
+            items = list(itertools.islice(iter(build_dataset(task, "scenes", size=resolution, seed=seed, **options)),
+                                          num_images))
     except DataError as e:
         raise EvalError(str(e)) from e
     return {
@@ -154,6 +183,21 @@ def held_out(task: str, num_images: int, resolution: int, seed: int = EVAL_SEED)
         "target": torch.stack([s["target"] for s in items]),
         "text": [s["text"] for s in items],
     }
+
+
+def held_out_photos(num_images: int, resolution: int, seed: int, degradation=None) -> list[dict]:
+    """Super-resolution samples from patches of the held-out photographs (photos.HELD_OUT, never trained on):
+    patch i and its degradation are drawn from (seed, i), so the set is the same on every run."""
+    from .data.photos import PhotoPatches
+
+    photos = PhotoPatches.bundled("held-out", size=resolution, seed=seed)
+    items = []
+    for i in range(num_images):
+        hr = (photos[i]["image"] + 1) / 2
+        item = _sr_from_hr(hr.permute(1, 2, 0).numpy(), np.random.default_rng([seed, i, 1]), degradation)
+        item["text"] = photos.caption
+        items.append(item)
+    return items
 
 
 @contextlib.contextmanager
@@ -195,9 +239,12 @@ def _full_unet(backbone: Backbone, state: dict, path: Path):
 
 @torch.no_grad()
 def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_emb: torch.Tensor, sampler: str,
-             steps: int, seed: int, batch_size: int) -> tuple[torch.Tensor, float]:
-    """All N images for one row, in [0, 1] on the CPU, and the seconds spent sampling them."""
+             steps: int, seed: int, batch_size: int, sr_scale: int = 4) -> tuple[torch.Tensor, float]:
+    """All N images for one row, in [0, 1] on the CPU, and the seconds spent sampling them. A `NAME+ilvr` sampler
+    runs NAME with the ILVR step towards the condition's low frequencies at down-scale `sr_scale` (on a latent
+    backbone x_hat is decoded, corrected and encoded again each step)."""
     device, schedule = backbone.device, backbone.schedule
+    sampler, consistent = samplers.split_ilvr(sampler)
     n, size = data["condition"].shape[0], data["condition"].shape[-1]
     latent = size // backbone.vae_scale_factor
     shape = (backbone.model_channels, latent, latent)
@@ -206,6 +253,9 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         seeds = range(seed + start, seed + min(n, start + batch_size))
         cond = data["condition"][start : start + batch_size].to(device, backbone.dtype)
         bound = model.bind(cond, text_emb[start : start + batch_size])
+        if consistent:
+            latent_io = {"to_pixels": backbone.from_model_space, "to_model": backbone.to_model_space} if backbone.latent else {}
+            bound = samplers.ilvr(bound, cond.float() * 2 - 1, sr_scale, **latent_io)
         z_T = samplers.initial_noise(seeds, shape, device, backbone.dtype)
         fresh = samplers.fresh_noise(sampler, seeds, shape, steps, device, backbone.dtype)
         _sync(device)
@@ -316,10 +366,13 @@ class AttributeMetrics:
     and the ground truth, and `attr_all`: the fraction of images whose floor, time of day and object set all
     match their captions. Null, with `status` saying why, when no classifier is given or found."""
 
-    def __init__(self, truth: torch.Tensor, captions: list[str], folder: Path | None):
+    def __init__(self, truth: torch.Tensor, captions: list[str], folder: Path | None, skip: str | None = None):
         from . import attributes
 
         self.net, self.status, self.labels = None, None, None
+        if skip is not None:  # why the classifier does not apply to this data (e.g. photographs)
+            self.status = skip
+            return
         if folder is None:
             self.status = "no attribute classifier was given (--attributes none)"
             return
@@ -360,9 +413,10 @@ def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics
     }
 
 
-def probe_sets(truth: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tensor]:
+def probe_sets(truth: torch.Tensor, other: torch.Tensor, other_name: str = "other scenes") -> dict[str, torch.Tensor]:
     """Reference sets every distance should rank (docs/evaluation.md): the truth itself, the truth with Gaussian
-    noise of sigma PROBE_NOISE, the truth blurred (PROBE_BLUR x down, bilinear up), and other scenes of the world."""
+    noise of sigma PROBE_NOISE, the truth blurred (PROBE_BLUR x down, bilinear up), and other scenes of the world
+    (or other patches of the held-out photographs, `other_name`)."""
     import torch.nn.functional as F
 
     noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(EVAL_SEED))
@@ -371,21 +425,22 @@ def probe_sets(truth: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tens
         "truth": truth,
         f"truth + noise {PROBE_NOISE}": quantise((truth + PROBE_NOISE * noise) * 2 - 1),
         f"truth blurred x{PROBE_BLUR}": quantise(F.interpolate(small, size=truth.shape[-2:], mode="bilinear") * 2 - 1),
-        "other scenes": other,
+        other_name: other,
     }
 
 
-def other_scene_sets(task: str, num_images: int, resolution: int) -> list[torch.Tensor]:
-    """The targets of `num_images` *other* scenes of the world, OTHER_SCENE_SETS sets (streams EVAL_SEED + 1, + 2, ...)."""
-    return [quantise(held_out(task, num_images, resolution, seed=EVAL_SEED + i)["target"])
+def other_scene_sets(task: str, num_images: int, resolution: int, dataset: str = "scenes") -> list[torch.Tensor]:
+    """The targets of `num_images` *other* scenes of the world (or patches of the held-out photographs),
+    OTHER_SCENE_SETS sets (streams EVAL_SEED + 1, + 2, ...)."""
+    return [quantise(held_out(task, num_images, resolution, seed=EVAL_SEED + i, dataset=dataset)["target"])
             for i in range(1, OTHER_SCENE_SETS + 1)]
 
 
 def swd_other_scenes(task: str, num_images: int, resolution: int, truth: torch.Tensor,
-                     sets: list[torch.Tensor] | None = None) -> list[float]:
+                     sets: list[torch.Tensor] | None = None, dataset: str = "scenes") -> list[float]:
     """SWD between the ground truth and each of `other_scene_sets` (rendered unless given): the scale of the metric
     at this N, and how much it moves between sets."""
-    sets = sets if sets is not None else other_scene_sets(task, num_images, resolution)
+    sets = sets if sets is not None else other_scene_sets(task, num_images, resolution, dataset)
     return [float(sliced_wasserstein(other, truth)["swd"]) for other in sets]
 
 
@@ -439,12 +494,21 @@ def table(rows: list[dict]) -> str:
 def results_markdown(results: dict) -> str:
     rows = results["rows"]
     devices = ", ".join(sorted({r.get("device", "?") for r in rows}))
+    dataset, prompt = results.get("dataset", LEGACY["dataset"]), results.get("prompt", LEGACY["prompt"])
+    held = ("patches of the held-out photographs (astronaut, chelsea, flower)" if dataset == "photos"
+            else "held-out scenes (scenes world")
+    degraded = (f"; inputs degraded with the {results.get('degradation') or LEGACY['degradation']} preset"
+                if results["task"] == SUPER_RESOLUTION else "")
+    prompts = ("the empty prompt (what the API sends when a user gives none)" if prompt == "none"
+               else "each image's ground-truth caption")
     lines = [
         f"# cdd-eval: {results['task']}",
         "",
-        f"{results['num_images']} held-out scenes (scenes world, data seed {results['data_seed']}, "
-        f"{results['resolution']} px), initial noise seeds {results['seed']}..{results['seed'] + results['num_images'] - 1}, "
+        f"{results['num_images']} {held}, data seed {results['data_seed']}, "
+        f"{results['resolution']} px{degraded}), initial noise seeds {results['seed']}..{results['seed'] + results['num_images'] - 1}, "
         f"backbone {results['backbone_fingerprint'][:16]}...; images quantised to 8 bits before measuring.",
+        "",
+        f"Prompt: {prompt} ({prompts}).",
         "",
         table(rows),
         "Notes:",
@@ -470,9 +534,16 @@ def results_markdown(results: dict) -> str:
         why = results.get("notes", {}).get("attributes", "unavailable when those rows were measured")
         lines.append(f"- KID-attr, FID-attr and caption are empty in some rows: {why}.")
     if any(r["sampler"] == PROBE for r in rows):
+        others = "patches of the held-out photographs" if dataset == "photos" else "scenes of the world"
         lines.append(f"- probe rows: reference sets, not generated: the ground truth itself, with Gaussian noise of sigma "
                      f"{PROBE_NOISE} (in [0, 1] units), blurred ({PROBE_BLUR}x area downsampling, bilinear upsampling), and "
-                     f"{results['num_images']} other scenes of the world (data seed {EVAL_SEED + 1}).")
+                     f"{results['num_images']} other {others} (data seed {EVAL_SEED + 1}).")
+    if any(r["method"] == BICUBIC for r in rows):
+        lines.append("- bicubic: the low-resolution input upsampled bicubically (the condition every SR adapter is given), "
+                     "nothing sampled: the row a super-resolution method has to beat.")
+    if any(samplers.split_ilvr(r["sampler"])[1] for r in rows):
+        lines.append("- NAME+ilvr samplers: NAME with the ILVR step, each x_hat's low frequencies (block means at the SR "
+                     "factor) replaced by the input's before the next noise is added.")
     for metric in ("lpips", "fid"):
         if any(r.get(metric) is None for r in rows):
             why = results.get("notes", {}).get(metric, "unavailable when those rows were measured")
@@ -521,7 +592,8 @@ def write_plots(out: Path, results: dict) -> list[Path]:
     """plot_<metric>.png: the metric against steps (log axis), one line per (method, sampler)."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    rows, written = [r for r in results["rows"] if r["sampler"] != PROBE], []
+    references = [r for r in results["rows"] if r["sampler"] == NO_SAMPLER]  # bicubic: one number, a horizontal line
+    rows, written = [r for r in results["rows"] if r["sampler"] not in (PROBE, NO_SAMPLER)], []
     groups = list(dict.fromkeys((r["method"], r["sampler"]) for r in rows))
     all_steps = sorted({int(r["steps"]) for r in rows})
     for metric in METRICS:
@@ -536,6 +608,9 @@ def write_plots(out: Path, results: dict) -> list[Path]:
                          if (r["method"], r["sampler"]) == (method, sampler) and r.get(metric) is not None)
             if pts:
                 ax.plot(*zip(*pts), marker="os^D"[i // 10 % 4], color=colours[i], label=f"{method} ({sampler})")
+        for r in references:
+            if r.get(metric) is not None and metric != "seconds_per_image":
+                ax.axhline(r[metric], color="grey", linestyle="--", label=r["method"])
         ax.set_xscale("log")
         ax.set_xticks(all_steps)
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -565,6 +640,8 @@ def _column_label(row: dict, width: int) -> str:
     draw, method, rest = ImageDraw.Draw(Image.new("RGB", (1, 1))), row["method"], f"{sampler} {row['steps']}"
     if row["sampler"] == PROBE:  # "probe: truth + noise 0.02" -> "truth + noise 0.02"
         method, rest = row["method"].removeprefix(f"{PROBE}: "), ""
+    elif row["sampler"] == NO_SAMPLER:  # bicubic: no sampler, no steps
+        rest = ""
     label = f"{method} {rest}".strip()
     while draw.textlength(label) > width - 4 and len(method) > 1:
         method = method[:-1]
@@ -583,7 +660,8 @@ def record(entry: Path, results: dict, rows: list[dict]) -> None:
     """Put this run's rows for the entry under `metrics["cdd-eval"]` of its manifest (the weight files, and so
     the hashes the entry is verified by, are untouched)."""
     write_metrics(entry, "cdd-eval", {
-        **{k: results[k] for k in ("task", "num_images", "seed", "data_seed", "resolution")},
+        **{k: results[k] for k in ("task", "num_images", "seed", "data_seed", "resolution", "dataset", "degradation",
+                                   "prompt")},
         "rows": [{k: r[k] for k in ("method", "sampler", "steps", *METRICS, "swd_levels", "device")} for r in rows],
     })
 
@@ -596,9 +674,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cdd-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--adapters", required=True, help="comma-separated [LABEL=]entry: a zoo entry folder or a name in --zoo")
+    p.add_argument("--adapters", default=None, help="comma-separated [LABEL=]entry: a zoo entry folder or a name in --zoo "
+                   "(may be left out with --bicubic)")
     p.add_argument("--steps", default="1,2,4", help="comma-separated step counts (default 1,2,4)")
-    p.add_argument("--samplers", default=None, help="comma-separated samplers (default: each entry's manifest sampler)")
+    p.add_argument("--samplers", default=None, help="comma-separated samplers (default: each entry's manifest sampler); "
+                   "super-resolution also takes NAME+ilvr, e.g. prev+ilvr: the few-step sampler with the ILVR step")
+    p.add_argument("--bicubic", action="store_true", help="super-resolution: add the 'bicubic' row, the low-resolution "
+                   "input upsampled bicubically (sampler '-', steps 0)")
+    p.add_argument("--prompt", choices=PROMPTS, default=None, help="caption: each image's ground-truth caption; none: the "
+                   "empty prompt, as the API sends it when a user gives none (default: none for super-resolution, "
+                   "caption for the other tasks)")
+    p.add_argument("--dataset", choices=DATASETS, default="scenes", help="scenes (the held-out scenes stream) or, for "
+                   "super-resolution, photos: patches of the held-out photographs (default scenes)")
+    p.add_argument("--degradation", choices=tuple(DEGRADATION_PRESETS), default=None, help="super-resolution: the "
+                   "degradation preset that makes the inputs (default realesrgan, the published settings)")
     p.add_argument("--num-images", type=int, default=64, help="held-out images per row (default 64; at least 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed SEED + i (default 0)")
@@ -624,7 +713,16 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.task not in TASKS:
         raise EvalError(f"--task: unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
     steps = parse_steps(args.steps)
-    chosen = [check_sampler(s.strip(), "--samplers") for s in args.samplers.split(",")] if args.samplers else None
+    chosen = [check_sampler(s.strip(), "--samplers", args.task) for s in args.samplers.split(",")] if args.samplers else None
+    sr = args.task == SUPER_RESOLUTION
+    for flag, given in (("--bicubic", args.bicubic), ("--dataset photos", args.dataset == "photos"),
+                        ("--degradation", args.degradation is not None)):
+        if given and not sr:
+            raise EvalError(f"{flag} is for super-resolution (photographs and degradations make SR inputs), not {args.task}")
+    if args.adapters is None and not args.bicubic:
+        raise EvalError("--adapters is required (only --bicubic, for super-resolution, measures something without one)")
+    prompt = args.prompt or ("none" if sr else "caption")
+    degradation = (args.degradation or LEGACY["degradation"]) if sr else None
     if args.num_images < 2:
         raise EvalError(f"--num-images is {args.num_images}; at least 2 are needed (SWD and FID compare sets)")
     if args.batch_size < 1:
@@ -633,6 +731,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     candidates = resolve_adapters(args.adapters, args.zoo, args.task, chosen)
     resolutions = {c.manifest.condition.get("resolution") for c in candidates}
     resolution = args.resolution
+    if resolution is None and not candidates:
+        raise EvalError("--bicubic without --adapters: pass --resolution (the high-resolution size)")
     if resolution is None:
         if len(resolutions) != 1:
             raise EvalError(f"the entries' condition resolutions differ ({sorted(map(str, resolutions))}); pass --resolution")
@@ -654,26 +754,31 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
         raise EvalError(f"--steps: {steps[-1]} exceeds the backbone's {backbone.schedule.num_train_timesteps} timesteps")
 
     results = {"task": args.task, "num_images": args.num_images, "rows": [], "seed": args.seed, "data_seed": EVAL_SEED,
-               "resolution": resolution, "backbone_fingerprint": backbone.fingerprint, "device": str(device), "notes": {}}
+               "resolution": resolution, "backbone_fingerprint": backbone.fingerprint, "device": str(device),
+               "dataset": args.dataset, "degradation": degradation, "prompt": prompt, "notes": {}}
     previous = None
     if args.append and (out / "results.json").is_file():
         previous = json.loads((out / "results.json").read_text())
+        legacy = {**LEGACY, "degradation": LEGACY["degradation"] if previous.get("task") == SUPER_RESOLUTION else None}
         for key in COMPARABLE:
-            if previous.get(key) != results[key]:
-                raise EvalError(f"--append: {out / 'results.json'} has {key} {previous.get(key)!r}, this run "
+            if previous.get(key, legacy.get(key)) != results[key]:
+                raise EvalError(f"--append: {out / 'results.json'} has {key} {previous.get(key, legacy.get(key))!r}, this run "
                                 f"{results[key]!r}; its rows would not be comparable")
 
     # 3. The held-out set, its text embeddings, and the reference images (saved for the grid).
-    data = held_out(args.task, args.num_images, resolution)
+    data = held_out(args.task, args.num_images, resolution, dataset=args.dataset, degradation=degradation)
     truth = quantise(data["target"])
-    text_emb = backbone.encode_text(data["text"])
+    # The prompts the rows are sampled with; the captions stay the ground truth the attribute agreement checks.
+    text_emb = backbone.encode_text(data["text"] if prompt == "caption" else [""] * args.num_images)
     optional = OptionalMetrics(truth, device)
     from .attributes import default_dir
 
     folder = None if args.attributes == "none" else default_dir() if args.attributes == "default" else Path(args.attributes)
-    attribute = AttributeMetrics(truth, data["text"], folder)
+    skip = ("the scenes-attribute classifier reads scenes, not photographs (--dataset photos)"
+            if args.dataset == "photos" else None)
+    attribute = AttributeMetrics(truth, data["text"], folder, skip=skip)
     results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
-    others = other_scene_sets(args.task, args.num_images, resolution)
+    others = other_scene_sets(args.task, args.num_images, resolution, args.dataset)
     results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth, others)
     save_grid(out / "images" / "condition.png", to_uint8(data["condition"][:GRID_EXAMPLES]))
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
@@ -681,10 +786,20 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     # 4. One row per (method, sampler, steps), every row from the same conditions and noise.
     total = sum(len(c.samplers) for c in candidates) * len(steps)
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
-          f"{args.num_images} held-out images at {resolution} px on {device}", flush=True)
+          f"{args.num_images} held-out {args.dataset} at {resolution} px on {device}, prompt {prompt}", flush=True)
     rows: list[dict] = []
+    if args.bicubic:
+        images = quantise(data["condition"] * 2 - 1)  # the condition is the LR input's bicubic upsampling
+        row = {"method": BICUBIC, "sampler": NO_SAMPLER, "steps": 0, **measure(images, truth, optional, attribute),
+               "seconds_per_image": None, "adapter": None, "name": BICUBIC, "training_method": None, "kind": None,
+               "mode": None, "device": str(device)}
+        row["image"] = image_name(row)
+        save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
+        rows.append(row)
+        print(f"{BICUBIC}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
     if args.probes:
-        for name, images in probe_sets(truth, others[0]).items():
+        other_name = "other photo patches" if args.dataset == "photos" else "other scenes"
+        for name, images in probe_sets(truth, others[0], other_name).items():
             row = {"method": f"probe: {name}", "sampler": PROBE, "steps": 0, **measure(images, truth, optional, attribute),
                    "seconds_per_image": None, "adapter": None, "name": name, "training_method": None, "kind": None,
                    "mode": None, "device": str(device)}
@@ -699,7 +814,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                 c.method = f"{c.method} w={args.guidance:g}"
             warm_up(model, backbone, data, text_emb, args.batch_size)
             for sampler, k in itertools.product(c.samplers, steps):
-                images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size)
+                images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size,
+                                           degradation_preset(degradation).scale if sr else 4)
                 row = {"method": c.method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute),
                        "seconds_per_image": seconds / args.num_images, "adapter": str(c.path), "name": c.manifest.name,
                        "training_method": c.manifest.training.get("method"), "kind": c.manifest.kind,
@@ -725,7 +841,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     write_outputs(out, results)
     if args.record:  # an entry given twice (under two labels) gets both labels' rows
         for path in dict.fromkeys(c.path.resolve() for c in candidates):
-            record(path, results, [r for r in measured if Path(r["adapter"]).resolve() == path])
+            record(path, results, [r for r in measured if r["adapter"] and Path(r["adapter"]).resolve() == path])
     return results, out
 
 

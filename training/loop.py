@@ -459,8 +459,9 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     if dataset is None:
         from .data.datasets import build_dataset
 
-        dataset = build_dataset(config.task, config.data, size=resolution, seed=config.seed, **config.data_options)
-        val_dataset = build_dataset(config.task, config.data, size=resolution, seed=config.seed + 1, **config.data_options)
+        options = config.dataset_options()
+        dataset = build_dataset(config.task, config.data, size=resolution, seed=config.seed, **options)
+        val_dataset = build_dataset(config.task, config.data, size=resolution, seed=config.seed + 1, **options)
     else:
         val_dataset = dataset
     stream = BatchStream(dataset, config.batch_size, rank, world, start=step * config.grad_accum)

@@ -28,7 +28,9 @@ from .config import (
     ConfigError,
     TrainConfig,
     run_dir,
+    saved_config,
 )
+from .data.degradations import DEFAULT_TRAINING_PRESET, DEGRADATION_PRESETS
 
 CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "same_t", "steps")
 GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance")
@@ -71,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
     g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
     g.add_argument("--caption-dropout", type=float, help="probability of training on the empty caption; a teacher meant "
-                   f"for Guided Distillation needs it, e.g. 0.1 (default {d.caption_dropout})")
+                   f"for Guided Distillation needs it, e.g. 0.1, and so does a super-resolution adapter meant to work "
+                   f"without a prompt (default {d.caption_dropout})")
+    g.add_argument("--degradation", choices=tuple(DEGRADATION_PRESETS), help="super-resolution: the degradation preset "
+                   f"that makes the low-resolution inputs (default {DEFAULT_TRAINING_PRESET}; realesrgan: the published "
+                   "settings)")
+    g.add_argument("--photo-fraction", type=float, help="super-resolution on scenes: the share of photo patches (the "
+                   f"bundled training photographs, captioned 'a photo') in the data stream (default {d.photo_fraction})")
 
     g = p.add_argument_group("CoDi (Algorithm 1)")
     g.add_argument("--prev-predictor", choices=PREV_PREDICTORS, help="how z_hat_s is predicted: prev (eq. 12, the real noise), "
@@ -139,7 +147,7 @@ def config_from_args(given: dict) -> TrainConfig:
     if "resume" in given:
         checkpoint = _checkpoint_for(given)
         if checkpoint is not None:
-            base = json.loads((checkpoint / "config.json").read_text())
+            base = saved_config(json.loads((checkpoint / "config.json").read_text()))
             base["output"] = given.get("output", str(checkpoint.parent.parent))
     merged = {**base, **given}
     if "task" not in merged:

@@ -5,7 +5,9 @@ from diffusers import DDIMScheduler
 from cdd.runtime.denoiser import ConditionedDenoiser
 from cdd.runtime.factory import make_backbone
 from cdd.runtime.samplers import (
+    LowPass,
     few_step_sampler,
+    ilvr,
     initial_noise,
     sample_cm,
     sample_ddim,
@@ -13,7 +15,9 @@ from cdd.runtime.samplers import (
     sample_with_scheduler,
     sampler_step,
     step_noise,
+    split_ilvr,
 )
+from cdd.runtime.schedule import NoiseSchedule
 
 
 class Recorder:
@@ -153,3 +157,69 @@ def test_sampler_step_one_at_a_time_equals_the_sampler(latent_backbone, name, k)
         x_hat, eps_hat = model(z, torch.full((2,), t))
         z = sampler_step(name, i, timesteps, z, x_hat, eps_hat, schedule, z_T, fresh)
     assert torch.equal(z, whole)
+
+
+def _block_means(x, f):
+    """By hand: the mean of each f x f block (what area down-scaling by f gives)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // f, f, w // f, f).mean(dim=(3, 5))
+
+
+def test_ilvr_low_pass_is_a_projection_onto_the_block_means():
+    torch.manual_seed(0)
+    low = LowPass(8, 12, 4)  # 2 x 3 blocks
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    torch.testing.assert_close(low(low(x)), low(x))  # a projection
+    torch.testing.assert_close(_block_means(low(x), 4), _block_means(x, 4))  # keeps every block's mean
+    small = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    up = torch.nn.functional.interpolate(small, size=(8, 12), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(low(up), up)  # the SR condition (bicubic from small) passes unchanged
+    torch.testing.assert_close(low(torch.full_like(x, 0.3)), torch.full_like(x, 0.3))
+    with pytest.raises(ValueError, match="divisible by the factor 4, got 8x10"):
+        LowPass(8, 10, 4)
+    assert split_ilvr("prev+ilvr") == ("prev", True) and split_ilvr("cm") == ("cm", False)
+
+
+def test_ilvr_replaces_the_low_frequencies_of_x_hat(pixel_backbone):
+    schedule = pixel_backbone.schedule
+    x_fixed, reference = torch.rand(1, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    model = ilvr(_analytic_model(schedule, x_fixed), reference, 4)
+    z = torch.randn(2, 3, 8, 8)
+    x_hat, eps_hat = model(z, torch.tensor([500, 500]))
+    low = LowPass(8, 8, 4)
+    torch.testing.assert_close(_block_means(x_hat, 4), _block_means(reference, 4))  # the input's low frequencies
+    torch.testing.assert_close(x_hat - low(x_hat), (x_fixed - low(x_fixed)).expand_as(x_hat))  # x_hat's high ones
+    torch.testing.assert_close(eps_hat, _analytic_model(schedule, x_fixed)(z, torch.tensor([500, 500]))[1])
+
+
+@pytest.mark.parametrize("name", ["prev", "ddim", "cm", "gd"])
+def test_ilvr_samples_keep_the_inputs_low_pass(pixel_backbone, name):
+    """With a final alpha of 1 the last step returns x_hat itself: the sample's low-pass is the input's."""
+    schedule = NoiseSchedule(pixel_backbone.schedule.alphas_cumprod, 1.0, "epsilon")
+    x_fixed, reference = torch.rand(1, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    z_T = initial_noise([0, 1], (3, 8, 8))
+    fresh = step_noise([0, 1], (3, 8, 8), 2)
+    model = ilvr(_analytic_model(schedule, x_fixed), reference, 4)
+    out = few_step_sampler(name)(model, z_T, schedule.trailing_timesteps(2), schedule, fresh_noise=fresh)
+    low = LowPass(8, 8, 4)
+    torch.testing.assert_close(low(out), low(reference), rtol=1e-4, atol=1e-4)
+    plain = few_step_sampler(name)(_analytic_model(schedule, x_fixed), z_T, schedule.trailing_timesteps(2), schedule,
+                                   fresh_noise=fresh)
+    assert (low(plain) - low(reference)).abs().max() > 0.1
+
+
+def test_ilvr_on_a_latent_backbone_decodes_replaces_and_encodes(latent_backbone):
+    bb = latent_backbone
+    reference = torch.rand(1, 3, 16, 16) * 2 - 1
+    inner = ConditionedDenoiser(bb.unet, bb.schedule).bind(None, bb.encode_text([""]))
+    model = ilvr(inner, reference, 4, to_pixels=bb.from_model_space, to_model=bb.to_model_space)
+    z = initial_noise([3], (4, 8, 8))
+    t = torch.tensor([499])
+    with torch.no_grad():
+        x_hat, eps_hat = model(z, t)
+        plain_x, plain_eps = inner(z, t)
+        pixels = bb.from_model_space(plain_x)
+        low = LowPass(16, 16, 4)
+        expected = bb.to_model_space(pixels - low(pixels) + low(reference))
+    torch.testing.assert_close(x_hat, expected)
+    torch.testing.assert_close(eps_hat, plain_eps)

@@ -95,6 +95,38 @@ def test_edit_condition_is_the_source_and_target_the_edit():
                                scenes.render(edit.spec, SIZE).image, atol=1e-6)
 
 
+def _photos(size=SIZE):
+    from cdd.training.data.photos import PhotoPatches
+
+    rng = np.random.default_rng(0)
+    return PhotoPatches([rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)], size=size)
+
+
+def test_super_resolution_mixes_photo_patches_without_moving_the_scenes():
+    plain = take(build_dataset("super-resolution", size=SIZE, seed=0), 12)
+    mixed = take(build_dataset("super-resolution", size=SIZE, seed=0, photo_fraction=0.5, photos=_photos()), 12)
+    texts = [x["text"] for x in mixed]
+    assert 0 < texts.count("a photo") < 12
+    for a, b in zip(plain, mixed):
+        check_sample(b)
+        if b["text"] != "a photo":  # a scene keeps its place in the stream: sample k is the same scene
+            assert a["text"] == b["text"] and torch.equal(a["target"], b["target"])
+    blank = take(build_dataset("super-resolution", size=SIZE, seed=0, photo_fraction=1.0, photos=_photos(),
+                               sr_caption=False), 2)
+    assert [x["text"] for x in blank] == ["", ""]
+
+
+def test_photo_patches_default_to_the_training_photographs_only():
+    from cdd.training.data.photos import HELD_OUT, TRAIN
+
+    ds = build_dataset("super-resolution", size=SIZE, seed=0, photo_fraction=0.25)
+    assert ds.photos.names == list(TRAIN) and not set(ds.photos.names) & set(HELD_OUT)
+    with pytest.raises(DataError, match="photo_fraction is for super-resolution, not 'depth'"):
+        build_dataset("depth", size=SIZE, photo_fraction=0.5)
+    with pytest.raises(DataError, match="photo_fraction must be in"):
+        build_dataset("super-resolution", size=SIZE, photo_fraction=1.5)
+
+
 def test_super_resolution_condition_and_empty_text():
     x = take(build_dataset("super-resolution", size=SIZE, seed=0, sr_caption=False), 1)[0]
     check_sample(x)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cdd.training.data.degradations import (
-    KERNEL_TYPES, DegradationConfig, degrade, filter2d, gaussian_kernel, jpeg, make_sr_pair,
-    random_kernel, sinc_kernel,
+    DEGRADATION_PRESETS, KERNEL_TYPES, DegradationConfig, degradation_preset, degrade, filter2d,
+    gaussian_kernel, jpeg, make_sr_pair, random_kernel, sinc_kernel,
 )
 
 
@@ -136,3 +136,37 @@ def test_published_settings_and_validation():
         DegradationConfig(noise_range=(30, 1))
     with pytest.raises(ValueError, match="divisible"):
         degrade(_images(1, 30), torch.Generator())
+
+
+def test_presets_published_and_mild():
+    assert set(DEGRADATION_PRESETS) == {"realesrgan", "mild-64px"}
+    assert degradation_preset("realesrgan") == DegradationConfig()
+    assert DegradationConfig().second_stage_prob == 1  # published: stage 2 always runs
+    mild, pub = degradation_preset("mild-64px"), DegradationConfig()
+    assert mild.scale == pub.scale and mild.kernel_list == pub.kernel_list and mild.kernel_prob == pub.kernel_prob
+    assert mild.blur_sigma[1] <= 1.5 and mild.noise_range[1] <= 10 and mild.noise_range2[1] <= 10
+    assert mild.jpeg_range[0] >= 60 and mild.jpeg_range2[0] >= 60
+    assert mild.resize_range[0] * 64 >= 2 * 16  # stage 1 never below twice the 16 px result
+    assert mild.second_stage_prob < 1 and mild.final_sinc_prob < pub.final_sinc_prob
+    with pytest.raises(ValueError, match="unknown degradation preset 'harsh'.*realesrgan, mild-64px"):
+        degradation_preset("harsh")
+    with pytest.raises(ValueError, match="second_stage_prob"):
+        DegradationConfig(second_stage_prob=1.5)
+
+
+def test_mild_preset_keeps_the_input_closer_to_its_source():
+    """At 64 -> 16 px the mild preset's LR images are nearer the clean down-scale than the published ones."""
+    hr = torch.nn.functional.interpolate(_images(12, 16, seed=4), size=(64, 64), mode="bilinear")
+    down = torch.nn.functional.interpolate(hr, size=(16, 16), mode="area")
+    err = {name: (degrade(hr, torch.Generator().manual_seed(2), degradation_preset(name)) - down).pow(2).mean()
+           for name in DEGRADATION_PRESETS}
+    assert err["mild-64px"] < 0.5 * err["realesrgan"]
+
+
+def test_second_stage_prob_zero_skips_stage_two():
+    """With stage 2 off, the image goes from stage 1 straight to the final resize: its size never strays."""
+    cfg = DegradationConfig(second_stage_prob=0.0, final_sinc_prob=0.0)
+    lr = degrade(_images(4, 32), torch.Generator().manual_seed(0), cfg)
+    assert lr.shape == (4, 3, 8, 8)
+    a = degrade(_images(4, 32), torch.Generator().manual_seed(0), cfg)
+    assert torch.equal(lr, a)

@@ -346,3 +346,109 @@ def test_probe_rows_and_a_missing_classifier(tmp_path, zoo, pixel_backbone_dir, 
     results = json.loads((tmp_path / "none" / "results.json").read_text())
     assert all(r["kid_attr"] is None and r["attr_all"] is None for r in results["rows"])
     assert "no attribute classifier in" in results["notes"]["attributes"]
+
+
+# --- super-resolution: bicubic, prompts, held-out photographs, ILVR ----------------------------
+
+
+@pytest.fixture(scope="module")
+def sr_zoo(tmp_path_factory, pixel_backbone):
+    root = tmp_path_factory.mktemp("sr-zoo")
+    entry(pixel_backbone, root / "sr", seed=6, task="super-resolution")
+    return root
+
+
+def sr_run(sr_zoo, backbone_dir, out, *argv):
+    rc, stdout, stderr = run("--task", "super-resolution", "--zoo", sr_zoo, "--backbone", backbone_dir, "--num-images", 3,
+                             "--batch-size", 2, "--steps", "1", "--out", out, "--attributes", "none", *argv)
+    assert rc == 0, stderr
+    return json.loads((out / "results.json").read_text()), stdout
+
+
+def test_bicubic_row_is_the_condition_measured_like_every_row(sr_zoo, pixel_backbone_dir, tmp_path, empty_hub):
+    results, stdout = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "out", "--adapters", "sr", "--bicubic")
+    rows = rows_by_key(tmp_path / "out")
+    assert list(rows) == [(ev.BICUBIC, ev.NO_SAMPLER, 0), ("sr", "prev", 1)]
+    bicubic = rows[ev.BICUBIC, ev.NO_SAMPLER, 0]
+    data = ev.held_out("super-resolution", 3, 16)
+    truth, images = ev.quantise(data["target"]), ev.quantise(data["condition"] * 2 - 1)
+    assert bicubic["psnr"] == pytest.approx(float(ev.psnr(images, truth).mean()))
+    assert bicubic["ssim"] == pytest.approx(float(ev.ssim(images, truth).mean()))
+    assert bicubic["seconds_per_image"] is None and ROW_KEYS <= set(bicubic)
+    # the condition: bicubic (torch, align_corners=False) of the 4x smaller degraded image
+    lr = torch.nn.functional.interpolate(data["condition"], size=4, mode="area")
+    assert (data["condition"] - torch.nn.functional.interpolate(lr, size=16, mode="bicubic")).abs().mean() < 0.1
+    assert results["prompt"] == "none" and results["dataset"] == "scenes" and results["degradation"] == "realesrgan"
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| bicubic | - | 0 |" in md and "Prompt: none (the empty prompt" in md and "realesrgan preset" in md
+    assert "plot_psnr.png" in {p.name for p in (tmp_path / "out").glob("plot_*.png")}
+    # without entries, --bicubic alone is a valid run (given the resolution)
+    alone, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "alone", "--bicubic", "--resolution", 16)
+    assert [(r["method"], r["psnr"]) for r in alone["rows"]] == [(ev.BICUBIC, bicubic["psnr"])]
+
+
+def test_prompt_none_samples_with_the_empty_prompt(sr_zoo, pixel_backbone_dir, pixel_backbone, tmp_path, empty_hub):
+    none, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "none", "--adapters", "sr")
+    caption, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "caption", "--adapters", "sr", "--prompt", "caption")
+    assert (none["prompt"], caption["prompt"]) == ("none", "caption")
+    assert none["rows"][0]["psnr"] != caption["rows"][0]["psnr"]
+    # the none row by hand: the empty prompt for every image
+    data = ev.held_out("super-resolution", 3, 16)
+    model = ConditionedDenoiser(pixel_backbone.unet, pixel_backbone.schedule,
+                                load_entry(sr_zoo / "sr", pixel_backbone.unet, pixel_backbone.fingerprint).adapter)
+    images, _ = ev.generate(model, pixel_backbone, data, pixel_backbone.encode_text([""] * 3), "prev", 1, 0, 2)
+    assert none["rows"][0]["psnr"] == pytest.approx(float(ev.psnr(images, ev.quantise(data["target"])).mean()))
+    # a results.json from before --prompt measured with captions: appending a none run to it is refused
+    legacy = {k: v for k, v in caption.items() if k not in ("prompt", "dataset", "degradation")}
+    (tmp_path / "caption" / "results.json").write_text(json.dumps(legacy))
+    rc, _, err = run("--task", "super-resolution", "--zoo", sr_zoo, "--backbone", pixel_backbone_dir, "--num-images", 3,
+                     "--steps", "1", "--adapters", "sr", "--out", tmp_path / "caption", "--append", "--attributes", "none")
+    assert rc == 2 and "prompt 'caption', this run 'none'" in err
+
+
+def test_held_out_photographs_skip_the_scene_classifier(sr_zoo, pixel_backbone_dir, tmp_path, empty_hub, classifier):
+    results, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "out", "--adapters", "sr", "--bicubic", "--probes",
+                        "--dataset", "photos", "--degradation", "mild-64px", "--attributes", classifier)
+    assert results["dataset"] == "photos" and results["degradation"] == "mild-64px"
+    assert "photographs" in results["notes"]["attributes"]
+    for r in results["rows"]:
+        assert r["kid_attr"] is None and r["attr_all"] is None and math.isfinite(r["psnr"]) and math.isfinite(r["swd"])
+    assert "probe: other photo patches" in {r["method"] for r in results["rows"]}
+    # deterministic positions, never the training photographs
+    a, b = ev.held_out_photos(2, 16, ev.EVAL_SEED), ev.held_out_photos(2, 16, ev.EVAL_SEED)
+    assert all(torch.equal(x["target"], y["target"]) and torch.equal(x["condition"], y["condition"]) for x, y in zip(a, b))
+    assert a[0]["text"] == "a photo"
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "patches of the held-out photographs" in md
+
+
+def test_ilvr_sampler_row_is_the_sampler_with_the_ilvr_step(sr_zoo, pixel_backbone_dir, pixel_backbone, tmp_path,
+                                                            empty_hub):
+    """The row of `prev+ilvr` by hand: sample_prev on the ILVR-wrapped model (runtime/samplers.py, where the step
+    itself is checked against the block means), towards the condition in [-1, 1] at the SR factor 4."""
+    from cdd.runtime.samplers import ilvr
+
+    sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "out", "--adapters", "sr", "--samplers", "prev,prev+ilvr")
+    rows = rows_by_key(tmp_path / "out")
+    assert set(rows) == {("sr", "prev", 1), ("sr", "prev+ilvr", 1)}
+    assert rows["sr", "prev+ilvr", 1]["psnr"] != rows["sr", "prev", 1]["psnr"]
+    data = ev.held_out("super-resolution", 3, 16)
+    model = ConditionedDenoiser(pixel_backbone.unet, pixel_backbone.schedule,
+                                load_entry(sr_zoo / "sr", pixel_backbone.unet, pixel_backbone.fingerprint).adapter)
+    bound = ilvr(model.bind(data["condition"], pixel_backbone.encode_text([""] * 3)), data["condition"] * 2 - 1, 4)
+    z_0 = sample_prev(bound, initial_noise(range(3), (3, 16, 16)), [999], pixel_backbone.schedule)
+    mine = ev.quantise(z_0)
+    assert rows["sr", "prev+ilvr", 1]["psnr"] == pytest.approx(float(ev.psnr(mine, ev.quantise(data["target"])).mean()),
+                                                               rel=1e-4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "depth", "--adapters", "a", "--bicubic"], "--bicubic is for super-resolution"),
+    (["--task", "depth", "--adapters", "a", "--dataset", "photos"], "--dataset photos is for super-resolution"),
+    (["--task", "depth", "--adapters", "a", "--samplers", "prev+ilvr"], "task 'depth' has no low-resolution input"),
+    (["--task", "depth"], "--adapters is required"),
+    (["--task", "super-resolution", "--bicubic"], "pass --resolution"),
+])
+def test_super_resolution_options_are_refused_elsewhere(argv, message, zoo, pixel_backbone_dir, tmp_path):
+    rc, _, err = run(*argv, "--zoo", zoo, "--backbone", pixel_backbone_dir, "--out", tmp_path / "o")
+    assert rc == 2 and message in err, err

@@ -36,6 +36,47 @@ def test_dry_run_prints_the_validated_config(pixel_backbone_dir, capsys):
     assert "runs/depth-controlnet-codi" in out and "prev x 4" in out
 
 
+def _dry(argv, capsys) -> dict:
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[: out.rindex("}") + 1])
+
+
+def test_super_resolution_degradation_preset_photos_and_caption_dropout(pixel_backbone_dir, capsys):
+    sr = ["--task", "super-resolution", "--backbone", str(pixel_backbone_dir)]
+    config = _dry(sr, capsys)
+    assert config["degradation"] == "mild-64px" and config["photo_fraction"] == 0.0  # the default for SR training
+    config = _dry([*sr, "--degradation", "realesrgan", "--photo-fraction", "0.25", "--caption-dropout", "0.5"], capsys)
+    assert (config["degradation"], config["photo_fraction"], config["caption_dropout"]) == ("realesrgan", 0.25, 0.5)
+    assert _dry(["--task", "depth", "--backbone", str(pixel_backbone_dir)], capsys)["degradation"] is None
+
+
+def test_dataset_options_carry_the_preset_and_photo_share_to_build_dataset():
+    from cdd.training.config import TrainConfig
+    from cdd.training.data.datasets import build_dataset
+    from cdd.training.data.degradations import degradation_preset
+
+    options = TrainConfig(task="super-resolution", photo_fraction=0.5).dataset_options()
+    assert options == {"degradation": degradation_preset("mild-64px"), "photo_fraction": 0.5}
+    ds = build_dataset("super-resolution", size=16, **options)
+    assert ds.degradation == degradation_preset("mild-64px") and ds.photo_fraction == 0.5
+    assert TrainConfig(task="depth", data_options={"caption_column": "x"}).dataset_options() == {"caption_column": "x"}
+
+
+def test_a_super_resolution_run_saved_before_presets_resumes_on_realesrgan(tmp_path, monkeypatch, capsys):
+    """A config.json without `degradation` was trained on the published settings: resuming must not switch."""
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "runs" / "super-resolution-controlnet-codi" / "checkpoints" / "step-000004"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    (step / "config.json").write_text(json.dumps({"task": "super-resolution", "max_train_steps": 4}))
+    config = _dry(["--task", "super-resolution", "--resume"], capsys)
+    assert config["degradation"] == "realesrgan"
+    from cdd.training.config import TrainConfig
+
+    assert TrainConfig.from_file(step / "config.json").degradation == "realesrgan"
+
+
 @pytest.mark.parametrize("method,adapter", [("cm", "controlnet"), ("gd", "controlnet-guided")])
 def test_resume_latest_of_a_distillation_run_finds_its_checkpoint(method, adapter, tmp_path, monkeypatch, capsys):
     """cm and gd need --init-from; `--resume` must find the run folder before that is checked, with or without it."""
@@ -60,6 +101,8 @@ def test_resume_latest_of_a_distillation_run_finds_its_checkpoint(method, adapte
         (["--method", "finetune", "--prev-predictor", "ddim"], "--prev-predictor: option(s) that --method finetune does not use"),
         (["--data", "/nonexistent/folder"], "data '/nonexistent/folder' is neither 'scenes' nor an existing path"),
         (["--resolution", "17"], "resolution 17 must be a multiple of 2"),
+        (["--degradation", "mild-64px"], "degradation presets are for super-resolution, not depth"),
+        (["--photo-fraction", "0.5"], "mixes photo patches into the scenes stream of super-resolution, not into depth"),
     ],
 )
 def test_bad_options_fail_loudly_naming_the_field(argv, message, pixel_backbone_dir, tmp_path, capsys):

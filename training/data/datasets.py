@@ -30,6 +30,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from cdd.training.data import scenes
 from cdd.training.data.degradations import DegradationConfig, make_sr_pair
 
+PHOTO_STREAM = 2  # the third word of a sample's photo draw: (seed, k, PHOTO_STREAM), apart from the scene's (seed, k)
+
 TASKS = ("super-resolution", "depth", "edit")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -131,7 +133,10 @@ class ScenesDataset(IterableDataset):
     """Endless task samples rendered from the procedural scenes world.
 
     super-resolution: condition = Real-ESRGAN-degraded render, x4 down then bicubic back;
-                      text = the caption ("" with sr_caption=False).
+                      text = the caption ("" with sr_caption=False). With photo_fraction > 0,
+                      that share of the samples is a photo patch instead (`photos`, default
+                      the bundled training photographs, never the held-out ones), text
+                      "a photo" (or "").
     depth:            condition = normalised inverse depth (near = bright) on 3 channels;
                       text = the caption.
     edit:             condition = the source render; target = the edited render;
@@ -140,7 +145,8 @@ class ScenesDataset(IterableDataset):
 
     def __init__(self, task: str, size: int = 64, seed: int = 0, rank: int = 0, world_size: int = 1,
                  supersample: int = 2, sr_caption: bool = True,
-                 degradation: DegradationConfig | None = None):
+                 degradation: DegradationConfig | None = None, photo_fraction: float = 0.0,
+                 photos=None):
         _check_task(task)
         self.task, self.size, self.seed = task, size, seed
         self.rank, self.world_size = rank, world_size
@@ -149,9 +155,36 @@ class ScenesDataset(IterableDataset):
         if task == "super-resolution" and size % self.degradation.scale:
             raise DataError(f"size {size} is not divisible by the super-resolution scale "
                             f"{self.degradation.scale}")
+        if not 0 <= photo_fraction <= 1:
+            raise DataError(f"photo_fraction must be in [0, 1], got {photo_fraction}")
+        if photo_fraction and task != "super-resolution":
+            # A photo has no depth map and no edit: only super-resolution can make a pair of it.
+            raise DataError(f"photo_fraction is for super-resolution, not {task!r} "
+                            "(photographs have no depth map or edited version)")
+        self.photo_fraction = photo_fraction
+        self.photos = None
+        if photo_fraction:
+            from cdd.training.data.photos import PhotoPatches
+
+            self.photos = photos if photos is not None else PhotoPatches.bundled("train", size=size)
+
+    def _photo(self, k: int) -> dict | None:
+        """Sample k as a photo patch, or None when it is a scene. Drawn from its own generator
+        (seed, k, PHOTO_STREAM), so the scenes keep their places in the stream whatever the fraction."""
+        if not self.photo_fraction:
+            return None
+        rng = np.random.default_rng([self.seed, k, PHOTO_STREAM])
+        if rng.random() >= self.photo_fraction:
+            return None
+        out = _sr_from_hr(self.photos.patch(rng), rng, self.degradation)
+        out["text"] = self.photos.caption if self.sr_caption else ""
+        return out
 
     def sample(self, k: int) -> dict:
         """Sample k of the global sequence (what some stream yields as its k-th overall)."""
+        photo = self._photo(k)
+        if photo is not None:
+            return photo
         rng = _sample_rng(self.seed, k)
         spec = scenes.sample_scene(rng)
         source = scenes.render(spec, self.size, self.supersample)
@@ -412,7 +445,8 @@ def build_dataset(task: str, data: str | os.PathLike = "scenes", size: int = 64,
                   rank: int = 0, world_size: int = 1, **opts) -> IterableDataset:
     """The dataset for `task` ("super-resolution", "depth" or "edit").
 
-    data: "scenes" (the procedural world; opts: supersample, sr_caption, degradation), or a
+    data: "scenes" (the procedural world; opts: supersample, sr_caption, degradation,
+    photo_fraction and photos for super-resolution), or a
     path to one of
       - an imagefolder with metadata.jsonl (opts: image_column, conditioning_image_column,
         caption_column, degradation),

@@ -18,6 +18,15 @@ The settings are those of `options/train_realesrnet_x4plus.yml` except two choic
 
 The published model also sharpens the ground truth (`gt_usm`) before degrading it; that
 is left out: the targets here are clean renders and the pairs are (clean, degraded).
+
+Presets (`DEGRADATION_PRESETS`, `degradation_preset(name)`):
+
+- `realesrgan`: the published settings above, `DegradationConfig()`. At 64 -> 16 px they are
+  severe: a 0.15 first-stage down-scale leaves a 9-pixel image, a 0.3 second-stage one a
+  5-pixel image, and sigma-30 noise on a 16-pixel image buries 3-5 pixel objects. An adapter
+  trained on them learns that its input is often useless, and ignores it.
+- `mild-64px`: every range scaled to a 64-pixel image so that the 16-pixel result still shows
+  what the scene holds (`mild_64px` says why each number).
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ class DegradationConfig:
     poisson_scale_range2: tuple[float, float] = (0.05, 2.5)
     gray_noise_prob2: float = 0.4
     jpeg_range2: tuple[float, float] = (30.0, 95.0)
+    second_stage_prob: float = 1.0  # of applying stage 2 (blur, resize, noise) at all; published: always
     # final sinc filter
     final_sinc_prob: float = 0.8
 
@@ -96,6 +106,66 @@ class DegradationConfig:
             raise ValueError(f"DegradationConfig.kernel_range must be odd sizes >= 3, got {self.kernel_range}")
         if self.scale < 1:
             raise ValueError(f"DegradationConfig.scale must be >= 1, got {self.scale}")
+
+
+def mild_64px() -> DegradationConfig:
+    """The Real-ESRGAN pipeline with every range scaled to a 64-pixel image, so that the
+    16-pixel result still shows the scene's objects, colours and floor (an input worth
+    following). Kernel shapes, their probabilities, the sinc chances and the order of
+    operations stay published: the variety of degradations is kept, only their strength
+    shrinks. Blur sigmas are in pixels of the image the blur is applied to.
+    """
+    return DegradationConfig(
+        # Sigma at most 1.5 HR px, so a 7-tap kernel reaches 2 sigma (as the 13-tap kernels
+        # of `realesrgan` do for its sigma 3); 5 taps for the smaller sigmas.
+        kernel_range=(5, 7),
+        # 1.5 HR px is ~0.4 LR px: on top of the x4 down-scale's own averaging it softens
+        # edges without merging a 3-5 LR-pixel object into the floor (published: up to 3
+        # HR px, three quarters of an LR pixel).
+        blur_sigma=(0.2, 1.5),
+        # Never below half size (32 px, still twice the LR grid), at most 1.2x; published
+        # 0.15 leaves 9 px, fewer pixels than the 16-pixel result. "down" less often and
+        # "keep" more often than published (0.7 / 0.1).
+        resize_prob=(0.2, 0.5, 0.3),
+        resize_range=(0.5, 1.2),
+        # Gaussian sigma up to 10/255 (published 30/255). Stage-1 noise is added at 32..77 px
+        # and averaged by the down-scale to 16 px, so it reaches the LR image weaker still.
+        # Poisson noise at scale 1 has a standard deviation of about 11/255 at mid-grey
+        # (256 photon levels), so its scale stops at 0.8 (published 3).
+        noise_range=(1.0, 10.0),
+        poisson_scale_range=(0.05, 0.8),
+        # JPEG 60..95 (published 30..95): quality 30 on noise turns the 16x16-pixel chroma
+        # blocks (a quarter of a 64-pixel side) into colour blobs.
+        jpeg_range=(60.0, 95.0),
+        # Stage 2 (blur, resize, noise) on 40% of the images instead of all: a second order
+        # of degradation stays in the mix, but most inputs are one degradation deep.
+        second_stage_prob=0.4,
+        second_blur_prob=0.5,
+        # Applied at the stage-1 size (32..77 px): at most 1 px of sigma.
+        blur_sigma2=(0.2, 1.0),
+        # Around the LR size: 0.75 of 16 px is 12 px (published 0.3: 5 px, a blob).
+        resize_range2=(0.75, 1.25),
+        # Stage-2 noise lands on the ~16-pixel image itself, with no down-scale to average
+        # it: sigma at most 6/255, Poisson at most 0.5.
+        noise_range2=(1.0, 6.0),
+        poisson_scale_range2=(0.05, 0.5),
+        # The last JPEG compresses the 16-pixel image, where one 8x8 block is half a side.
+        jpeg_range2=(70.0, 95.0),
+        # The final sinc's cut-off goes down to pi/3, a third of the 16-pixel grid's Nyquist
+        # frequency: a strong blur at this size. One image in five (published 0.8).
+        final_sinc_prob=0.2,
+    )
+
+
+DEGRADATION_PRESETS = {"realesrgan": DegradationConfig, "mild-64px": mild_64px}
+DEFAULT_TRAINING_PRESET = "mild-64px"  # what cdd-train-adapter uses for super-resolution unless told
+
+
+def degradation_preset(name: str) -> DegradationConfig:
+    """The named preset's settings (`realesrgan`: published; `mild-64px`: sized for 64 px)."""
+    if name not in DEGRADATION_PRESETS:
+        raise ValueError(f"unknown degradation preset {name!r}; choose one of {', '.join(DEGRADATION_PRESETS)}")
+    return DEGRADATION_PRESETS[name]()
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,12 +377,15 @@ def _degrade_one(hr: torch.Tensor, g: torch.Generator, cfg: DegradationConfig) -
                  cfg.gray_noise_prob)
     out = _random_jpeg(g, out, cfg.jpeg_range)
 
-    # 2. second degradation: blur (sometimes), resize around the LR size, noise
-    if _uniform(g, 0, 1) < cfg.second_blur_prob:
-        out = filter2d(out, kernel2)
-    out = _random_resize(g, out, cfg.resize_prob2, cfg.resize_range2, base_hw=lr_hw)
-    out = _noise(g, out, cfg.gaussian_noise_prob2, cfg.noise_range2, cfg.poisson_scale_range2,
-                 cfg.gray_noise_prob2)
+    # 2. second degradation: blur (sometimes), resize around the LR size, noise. The draw that
+    # skips the whole stage is made only when it can skip, so the published setting
+    # (second_stage_prob 1) consumes exactly the published draws.
+    if cfg.second_stage_prob >= 1 or _uniform(g, 0, 1) < cfg.second_stage_prob:
+        if _uniform(g, 0, 1) < cfg.second_blur_prob:
+            out = filter2d(out, kernel2)
+        out = _random_resize(g, out, cfg.resize_prob2, cfg.resize_range2, base_hw=lr_hw)
+        out = _noise(g, out, cfg.gaussian_noise_prob2, cfg.noise_range2, cfg.poisson_scale_range2,
+                     cfg.gray_noise_prob2)
 
     # 3. resize to the LR size + final sinc, and JPEG, in random order
     def resize_and_sinc(x):
