@@ -8,7 +8,9 @@ and step count sees the same N conditions and the same initial noise (image i fr
 so rows are comparable. Generated and ground-truth images are quantised to 8 bits (what a saved PNG
 holds) before measuring: PSNR, SSIM and the sliced Wasserstein distance (training/metrics.py) always;
 LPIPS and FID through torchmetrics only when their weights are already on this disk (nothing is
-downloaded). seconds_per_image is the wall clock of sampling only (the k sampler steps and decoding,
+downloaded). Depth and edit rows also say whether the output follows its condition (training/condition_metrics.py:
+edges against the depth map; PSNR inside and outside the region the edit changes), beside reference rows
+cdd-eval always writes for them (depth: the ground-truth renders, the ceiling; edit: the unedited source). seconds_per_image is the wall clock of sampling only (the k sampler steps and decoding,
 text embeddings precomputed), divided by N.
 
 Outputs in --out: results.json, results.md (the table), plot_<metric>.png (metric against steps, one
@@ -51,6 +53,9 @@ from ..adapters.zoo import (
 from ..runtime import samplers
 from ..runtime.backbone import Backbone, BackboneError, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
+from .condition_metrics import FIELDS as CONDITION_FIELDS
+from .condition_metrics import ConditionMetrics
+from .condition_metrics import notes as condition_notes
 from .data.datasets import TASKS, DataError, build_dataset
 from .metrics import psnr, sliced_wasserstein, ssim
 from .sample_grid import _with_header, save_grid
@@ -62,10 +67,14 @@ GRID_EXAMPLES = 4
 METRICS = ("kid_attr", "fid_attr", "swd", "psnr", "ssim", "attr_all", "lpips", "fid", "seconds_per_image")
 LOWER_IS_BETTER = {"kid_attr", "fid_attr", "swd", "lpips", "fid", "seconds_per_image"}
 LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid": "FID", "seconds_per_image": "s/image",
-          "kid_attr": "KID-attr", "fid_attr": "FID-attr", "attr_all": "caption"}
+          "kid_attr": "KID-attr", "fid_attr": "FID-attr", "attr_all": "caption",
+          "depth_edge_corr": "edges own", "depth_edge_other": "edges other", "depth_edge_match": "edge match",
+          "psnr_in": "PSNR in", "psnr_out": "PSNR out"}
 FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g",
-           "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f"}
-PROBE = "probe"  # the sampler of the probe rows (--probes): reference image sets, not generated
+           "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f", "depth_edge_corr": ".3f", "depth_edge_other": ".3f",
+           "depth_edge_match": ".3f", "psnr_in": ".2f", "psnr_out": ".2f"}
+UNRANKED = {"depth_edge_other"}  # a reference level for the column beside it, neither better high nor low
+PROBE = "probe"  # the sampler of the probe rows (--probes, and depth / edit references): image sets, not generated
 PROBE_NOISE = 0.02  # sigma of the noisy probe, in [0, 1] image units
 PROBE_BLUR = 4  # the blurred probe: the truth downsampled this much (area) and upsampled bilinearly
 # Must match between runs merged by --append: otherwise their rows were measured on different things.
@@ -347,7 +356,7 @@ class AttributeMetrics:
 
 
 def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics,
-            attribute: AttributeMetrics) -> dict:
+            attribute: AttributeMetrics, follow: ConditionMetrics | None = None) -> dict:
     swd = sliced_wasserstein(images, truth)
     return {
         "psnr": float(psnr(images, truth).mean()),
@@ -357,6 +366,7 @@ def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics
         **attribute(images),
         "lpips": optional.lpips(images),
         "fid": optional.fid(images),
+        **(follow(images) if follow is not None else {}),  # depth / edit: does the output follow its condition
     }
 
 
@@ -427,11 +437,24 @@ def _fmt(value, metric: str) -> str:
     return "–" if value is None else format(value, FORMATS[metric])
 
 
+def row_metrics(rows: list[dict]) -> list[str]:
+    """METRICS, with the condition-following fields (condition_metrics.FIELDS) any of the rows carries after the
+    caption column: only depth and edit tables get them."""
+    extra = [m for fields in CONDITION_FIELDS.values() for m in fields if any(m in r for r in rows)]
+    at = METRICS.index("attr_all") + 1
+    return [*METRICS[:at], *extra, *METRICS[at:]]
+
+
+def _arrow(metric: str) -> str:
+    return "" if metric in UNRANKED else " ↓" if metric in LOWER_IS_BETTER else " ↑"
+
+
 def table(rows: list[dict]) -> str:
-    head = ["method", "sampler", "steps"] + [f"{LABELS[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in METRICS]
+    metrics = row_metrics(rows)
+    head = ["method", "sampler", "steps"] + [f"{LABELS[m]}{_arrow(m)}" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], r["sampler"], str(r["steps"])] + [_fmt(r.get(m), m) for m in METRICS]
+        cells = [r["method"], r["sampler"], str(r["steps"])] + [_fmt(r.get(m), m) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -473,6 +496,7 @@ def results_markdown(results: dict) -> str:
         lines.append(f"- probe rows: reference sets, not generated: the ground truth itself, with Gaussian noise of sigma "
                      f"{PROBE_NOISE} (in [0, 1] units), blurred ({PROBE_BLUR}x area downsampling, bilinear upsampling), and "
                      f"{results['num_images']} other scenes of the world (data seed {EVAL_SEED + 1}).")
+    lines += condition_notes(rows, results["num_images"])
     for metric in ("lpips", "fid"):
         if any(r.get(metric) is None for r in rows):
             why = results.get("notes", {}).get(metric, "unavailable when those rows were measured")
@@ -524,7 +548,7 @@ def write_plots(out: Path, results: dict) -> list[Path]:
     rows, written = [r for r in results["rows"] if r["sampler"] != PROBE], []
     groups = list(dict.fromkeys((r["method"], r["sampler"]) for r in rows))
     all_steps = sorted({int(r["steps"]) for r in rows})
-    for metric in METRICS:
+    for metric in (m for m in row_metrics(rows) if m not in UNRANKED):
         path = out / f"plot_{metric}.png"
         if all(r.get(metric) is None for r in rows):
             path.unlink(missing_ok=True)  # a stale plot from another machine would contradict the table
@@ -584,7 +608,8 @@ def record(entry: Path, results: dict, rows: list[dict]) -> None:
     the hashes the entry is verified by, are untouched)."""
     write_metrics(entry, "cdd-eval", {
         **{k: results[k] for k in ("task", "num_images", "seed", "data_seed", "resolution")},
-        "rows": [{k: r[k] for k in ("method", "sampler", "steps", *METRICS, "swd_levels", "device")} for r in rows],
+        "rows": [{k: r[k] for k in ("method", "sampler", "steps", *row_metrics([r]), "swd_levels", "edit_kinds", "device")
+                  if k in r} for r in rows],
     })
 
 
@@ -672,6 +697,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
 
     folder = None if args.attributes == "none" else default_dir() if args.attributes == "default" else Path(args.attributes)
     attribute = AttributeMetrics(truth, data["text"], folder)
+    follow = ConditionMetrics(args.task, data)
     results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
     others = other_scene_sets(args.task, args.num_images, resolution)
     results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth, others)
@@ -683,15 +709,18 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
           f"{args.num_images} held-out images at {resolution} px on {device}", flush=True)
     rows: list[dict] = []
-    if args.probes:
-        for name, images in probe_sets(truth, others[0]).items():
-            row = {"method": f"probe: {name}", "sampler": PROBE, "steps": 0, **measure(images, truth, optional, attribute),
+    # The condition-following references (depth: the renders, the ceiling; edit: the unedited source) are always
+    # measured: they are cheap, and a depth or edit table cannot be read without them.
+    if args.probes or follow.references():
+        for name, images in {**(probe_sets(truth, others[0]) if args.probes else {}), **follow.references()}.items():
+            row = {"method": f"probe: {name}", "sampler": PROBE, "steps": 0,
+                   **measure(images, truth, optional, attribute, follow),
                    "seconds_per_image": None, "adapter": None, "name": name, "training_method": None, "kind": None,
                    "mode": None, "device": str(device)}
             row["image"] = image_name(row)
             save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
             rows.append(row)
-            print(f"probe {name}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
+            print(f"probe {name}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
     for index, c in enumerate(candidates):
         with entry_model(c, backbone, index) as model:
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
@@ -700,15 +729,16 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
             warm_up(model, backbone, data, text_emb, args.batch_size)
             for sampler, k in itertools.product(c.samplers, steps):
                 images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size)
-                row = {"method": c.method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute),
+                row = {"method": c.method, "sampler": sampler, "steps": k,
+                       **measure(images, truth, optional, attribute, follow),
                        "seconds_per_image": seconds / args.num_images, "adapter": str(c.path), "name": c.manifest.name,
                        "training_method": c.manifest.training.get("method"), "kind": c.manifest.kind,
                        "mode": c.manifest.mode, "device": str(device)}
                 row["image"] = image_name(row)
                 save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
                 rows.append(row)
-                print(f"[{len(rows)}/{total}] {c.method} {sampler} x{k}: "
-                      + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
+                print(f"[{sum(r['sampler'] != PROBE for r in rows)}/{total}] {c.method} {sampler} x{k}: "
+                      + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
                 if not all(math.isfinite(row[m]) for m in ("psnr", "ssim", "swd")):
                     print(f"warning: {c.method} {sampler} x{k} gave non-finite metrics", file=sys.stderr)
 
@@ -725,7 +755,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     write_outputs(out, results)
     if args.record:  # an entry given twice (under two labels) gets both labels' rows
         for path in dict.fromkeys(c.path.resolve() for c in candidates):
-            record(path, results, [r for r in measured if Path(r["adapter"]).resolve() == path])
+            record(path, results, [r for r in measured if r["adapter"] and Path(r["adapter"]).resolve() == path])
     return results, out
 
 
