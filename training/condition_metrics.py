@@ -16,10 +16,11 @@ Depth: structure follows the map (`depth_follow`).
     Chosen by measuring on the 64 held-out depth renders at 64 px (EVAL_SEED, evaluate.held_out): with these
     edges the renders themselves score corr 0.544, other 0.145, match 1.000 (64 other scenes against these maps:
     0.118, 0.118, 0.016); grayscale Sobel instead of the per-channel maximum gave match 0.875 (object and floor
-    are often alike in luminance, not in colour); the map's Sobel magnitude instead of its Laplacian 0.70 (the
-    floor's gradient, the same in every map, swamps the objects); Gaussian blur of both edge maps (sigma 0.5 /
-    1.0 px) 0.984 / 0.922. The measure is strict about position: the renders shifted by one pixel diagonally
-    score corr 0.296, match 0.734, by two pixels 0.101, 0.016; blurred (4x area down, bilinear up) 0.403, 0.781.
+    are often alike in luminance, not in colour); the map's Sobel magnitude instead of its Laplacian 0.984, with
+    other 0.205 (the floor's gradient, the same in every map, raises every correlation; with grayscale output
+    edges it fell to 0.703); Gaussian blur of both edge maps (sigma 0.5 / 1.0 px) 0.984 / 0.922. The measure is
+    strict about position: the renders shifted by one pixel diagonally score corr 0.296, match 0.734, by two
+    pixels 0.101, 0.016; blurred (4x area down, bilinear up) 0.403, 0.781.
     At lower resolution the renders separate less (match 0.953 at 32 px, 0.53 at 16 px): the ceiling row that
     cdd-eval writes beside the adapters' rows is what to read a row against.
 

@@ -492,7 +492,7 @@ def results_markdown(results: dict) -> str:
     if any(r.get("kid_attr") is None for r in rows):
         why = results.get("notes", {}).get("attributes", "unavailable when those rows were measured")
         lines.append(f"- KID-attr, FID-attr and caption are empty in some rows: {why}.")
-    if any(r["sampler"] == PROBE for r in rows):
+    if any(r["method"] == f"{PROBE}: other scenes" for r in rows):  # --probes (not only the depth / edit references)
         lines.append(f"- probe rows: reference sets, not generated: the ground truth itself, with Gaussian noise of sigma "
                      f"{PROBE_NOISE} (in [0, 1] units), blurred ({PROBE_BLUR}x area downsampling, bilinear upsampling), and "
                      f"{results['num_images']} other scenes of the world (data seed {EVAL_SEED + 1}).")

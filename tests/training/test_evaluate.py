@@ -354,3 +354,28 @@ def test_probe_rows_and_a_missing_classifier(tmp_path, zoo, pixel_backbone_dir, 
     results = json.loads((tmp_path / "none" / "results.json").read_text())
     assert all(r["kid_attr"] is None and r["attr_all"] is None for r in results["rows"])
     assert "no attribute classifier in" in results["notes"]["attributes"]
+
+
+def test_edit_rows_score_the_changed_region_beside_copy_input(tmp_path, pixel_backbone, pixel_backbone_dir, empty_hub):
+    from cdd.training import condition_metrics as cm
+
+    entry(pixel_backbone, tmp_path / "edit", seed=1, task="edit")
+    out = tmp_path / "out"
+    rc, stdout, stderr = run("--task", "edit", "--adapters", tmp_path / "edit", "--backbone", pixel_backbone_dir,
+                             "--num-images", 3, "--steps", "1", "--out", out, "--attributes", "none")
+    assert rc == 0, stderr
+    rows = rows_by_key(out)
+    assert list(rows) == [("probe: copy input", ev.PROBE, 0), ("edit", "prev", 1)]
+    data = ev.held_out("edit", 3, 16)
+    source, truth = ev.quantise(data["condition"] * 2 - 1), ev.quantise(data["target"])
+    copy = rows["probe: copy input", ev.PROBE, 0]
+    direct = cm.edit_follow(source, source, truth, data["text"])  # the unedited source, scored by hand
+    assert copy["edit_kinds"] == direct["edit_kinds"] and copy["psnr_in"] == pytest.approx(direct["psnr_in"])
+    assert copy["psnr_out"] == pytest.approx(direct["psnr_out"]) and copy["psnr_out"] > 90  # identical outside the edit
+    assert copy["psnr_in"] < 30 and copy["psnr"] == pytest.approx(float(ev.psnr(source, truth).mean()))
+    generated = rows["edit", "prev", 1]
+    assert set(cm.EDIT_FIELDS) | {"edit_kinds"} <= set(generated) and "depth_edge_corr" not in generated
+    assert sum(v["n"] for v in generated["edit_kinds"].values()) == 3
+    md = (out / "results.md").read_text()
+    assert "| caption ↑ | PSNR in ↑ | PSNR out ↑ | LPIPS ↓ |" in md and "'probe: copy input'" in md and "edges own" not in md
+    assert "probe copy input: " in stdout and "[1/1] edit prev x1" in stdout
