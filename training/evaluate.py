@@ -14,7 +14,9 @@ upsampled bicubically, which is the condition itself. A sampler `NAME+ilvr` (sup
 few-step sampler NAME with the ILVR consistency step (runtime/samplers.py `ilvr`). Generated and ground-truth images are quantised to 8 bits (what a saved PNG
 holds) before measuring: PSNR, SSIM and the sliced Wasserstein distance (training/metrics.py) always;
 LPIPS and FID through torchmetrics only when their weights are already on this disk (nothing is
-downloaded). seconds_per_image is the wall clock of sampling only (the k sampler steps and decoding,
+downloaded). Depth and edit rows also say whether the output follows its condition (training/condition_metrics.py:
+edges against the depth map; PSNR inside and outside the region the edit changes), beside reference rows
+cdd-eval always writes for them (depth: the ground-truth renders, the ceiling; edit: the unedited source). seconds_per_image is the wall clock of sampling only (the k sampler steps and decoding,
 text embeddings precomputed), divided by N.
 
 Outputs in --out: results.json, results.md (the table), plot_<metric>.png (metric against steps, one
@@ -57,6 +59,9 @@ from ..adapters.zoo import (
 from ..runtime import samplers
 from ..runtime.backbone import Backbone, BackboneError, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
+from .condition_metrics import FIELDS as CONDITION_FIELDS
+from .condition_metrics import ConditionMetrics
+from .condition_metrics import notes as condition_notes
 from .data.datasets import TASKS, DataError, _sr_from_hr, build_dataset
 from .data.degradations import DEGRADATION_PRESETS, degradation_preset
 from .metrics import psnr, sliced_wasserstein, ssim
@@ -69,10 +74,14 @@ GRID_EXAMPLES = 4
 METRICS = ("kid_attr", "fid_attr", "swd", "psnr", "ssim", "attr_all", "lpips", "fid", "seconds_per_image")
 LOWER_IS_BETTER = {"kid_attr", "fid_attr", "swd", "lpips", "fid", "seconds_per_image"}
 LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid": "FID", "seconds_per_image": "s/image",
-          "kid_attr": "KID-attr", "fid_attr": "FID-attr", "attr_all": "caption"}
+          "kid_attr": "KID-attr", "fid_attr": "FID-attr", "attr_all": "caption",
+          "depth_edge_corr": "edges own", "depth_edge_other": "edges other", "depth_edge_match": "edge match",
+          "psnr_in": "PSNR in", "psnr_out": "PSNR out"}
 FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g",
-           "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f"}
-PROBE = "probe"  # the sampler of the probe rows (--probes): reference image sets, not generated
+           "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f", "depth_edge_corr": ".3f", "depth_edge_other": ".3f",
+           "depth_edge_match": ".3f", "psnr_in": ".2f", "psnr_out": ".2f"}
+UNRANKED = {"depth_edge_other"}  # a reference level for the column beside it, neither better high nor low
+PROBE = "probe"  # the sampler of the probe rows (--probes, and depth / edit references): image sets, not generated
 BICUBIC = "bicubic"  # the method of the --bicubic row (super-resolution): the condition itself, nothing sampled
 NO_SAMPLER = "-"  # its sampler
 SUPER_RESOLUTION = "super-resolution"
@@ -400,7 +409,7 @@ class AttributeMetrics:
 
 
 def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics,
-            attribute: AttributeMetrics) -> dict:
+            attribute: AttributeMetrics, follow: ConditionMetrics | None = None) -> dict:
     swd = sliced_wasserstein(images, truth)
     return {
         "psnr": float(psnr(images, truth).mean()),
@@ -410,6 +419,7 @@ def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics
         **attribute(images),
         "lpips": optional.lpips(images),
         "fid": optional.fid(images),
+        **(follow(images) if follow is not None else {}),  # depth / edit: does the output follow its condition
     }
 
 
@@ -482,11 +492,24 @@ def _fmt(value, metric: str) -> str:
     return "–" if value is None else format(value, FORMATS[metric])
 
 
+def row_metrics(rows: list[dict]) -> list[str]:
+    """METRICS, with the condition-following fields (condition_metrics.FIELDS) any of the rows carries after the
+    caption column: only depth and edit tables get them."""
+    extra = [m for fields in CONDITION_FIELDS.values() for m in fields if any(m in r for r in rows)]
+    at = METRICS.index("attr_all") + 1
+    return [*METRICS[:at], *extra, *METRICS[at:]]
+
+
+def _arrow(metric: str) -> str:
+    return "" if metric in UNRANKED else " ↓" if metric in LOWER_IS_BETTER else " ↑"
+
+
 def table(rows: list[dict]) -> str:
-    head = ["method", "sampler", "steps"] + [f"{LABELS[m]} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in METRICS]
+    metrics = row_metrics(rows)
+    head = ["method", "sampler", "steps"] + [f"{LABELS[m]}{_arrow(m)}" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], r["sampler"], str(r["steps"])] + [_fmt(r.get(m), m) for m in METRICS]
+        cells = [r["method"], r["sampler"], str(r["steps"])] + [_fmt(r.get(m), m) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -533,11 +556,12 @@ def results_markdown(results: dict) -> str:
     if any(r.get("kid_attr") is None for r in rows):
         why = results.get("notes", {}).get("attributes", "unavailable when those rows were measured")
         lines.append(f"- KID-attr, FID-attr and caption are empty in some rows: {why}.")
-    if any(r["sampler"] == PROBE for r in rows):
+    if any(r["method"] in (f"{PROBE}: other scenes", f"{PROBE}: other photo patches") for r in rows):  # --probes
         others = "patches of the held-out photographs" if dataset == "photos" else "scenes of the world"
         lines.append(f"- probe rows: reference sets, not generated: the ground truth itself, with Gaussian noise of sigma "
                      f"{PROBE_NOISE} (in [0, 1] units), blurred ({PROBE_BLUR}x area downsampling, bilinear upsampling), and "
                      f"{results['num_images']} other {others} (data seed {EVAL_SEED + 1}).")
+    lines += condition_notes(rows, results["num_images"])
     if any(r["method"] == BICUBIC for r in rows):
         lines.append("- bicubic: the low-resolution input upsampled bicubically (the condition every SR adapter is given), "
                      "nothing sampled: the row a super-resolution method has to beat.")
@@ -596,7 +620,7 @@ def write_plots(out: Path, results: dict) -> list[Path]:
     rows, written = [r for r in results["rows"] if r["sampler"] not in (PROBE, NO_SAMPLER)], []
     groups = list(dict.fromkeys((r["method"], r["sampler"]) for r in rows))
     all_steps = sorted({int(r["steps"]) for r in rows})
-    for metric in METRICS:
+    for metric in (m for m in row_metrics(rows) if m not in UNRANKED):
         path = out / f"plot_{metric}.png"
         if all(r.get(metric) is None for r in rows):
             path.unlink(missing_ok=True)  # a stale plot from another machine would contradict the table
@@ -662,7 +686,8 @@ def record(entry: Path, results: dict, rows: list[dict]) -> None:
     write_metrics(entry, "cdd-eval", {
         **{k: results[k] for k in ("task", "num_images", "seed", "data_seed", "resolution", "dataset", "degradation",
                                    "prompt")},
-        "rows": [{k: r[k] for k in ("method", "sampler", "steps", *METRICS, "swd_levels", "device")} for r in rows],
+        "rows": [{k: r[k] for k in ("method", "sampler", "steps", *row_metrics([r]), "swd_levels", "edit_kinds", "device")
+                  if k in r} for r in rows],
     })
 
 
@@ -777,6 +802,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     skip = ("the scenes-attribute classifier reads scenes, not photographs (--dataset photos)"
             if args.dataset == "photos" else None)
     attribute = AttributeMetrics(truth, data["text"], folder, skip=skip)
+    follow = ConditionMetrics(args.task, data)
     results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
     others = other_scene_sets(args.task, args.num_images, resolution, args.dataset)
     results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth, others)
@@ -790,23 +816,28 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     rows: list[dict] = []
     if args.bicubic:
         images = quantise(data["condition"] * 2 - 1)  # the condition is the LR input's bicubic upsampling
-        row = {"method": BICUBIC, "sampler": NO_SAMPLER, "steps": 0, **measure(images, truth, optional, attribute),
+        row = {"method": BICUBIC, "sampler": NO_SAMPLER, "steps": 0,
+               **measure(images, truth, optional, attribute, follow),
                "seconds_per_image": None, "adapter": None, "name": BICUBIC, "training_method": None, "kind": None,
                "mode": None, "device": str(device)}
         row["image"] = image_name(row)
         save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
         rows.append(row)
-        print(f"{BICUBIC}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
-    if args.probes:
+        print(f"{BICUBIC}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
+    # The condition-following references (depth: the renders, the ceiling; edit: the unedited source) are always
+    # measured: they are cheap, and a depth or edit table cannot be read without them.
+    if args.probes or follow.references():
         other_name = "other photo patches" if args.dataset == "photos" else "other scenes"
-        for name, images in probe_sets(truth, others[0], other_name).items():
-            row = {"method": f"probe: {name}", "sampler": PROBE, "steps": 0, **measure(images, truth, optional, attribute),
+        probes = probe_sets(truth, others[0], other_name) if args.probes else {}
+        for name, images in {**probes, **follow.references()}.items():
+            row = {"method": f"probe: {name}", "sampler": PROBE, "steps": 0,
+                   **measure(images, truth, optional, attribute, follow),
                    "seconds_per_image": None, "adapter": None, "name": name, "training_method": None, "kind": None,
                    "mode": None, "device": str(device)}
             row["image"] = image_name(row)
             save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
             rows.append(row)
-            print(f"probe {name}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
+            print(f"probe {name}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
     for index, c in enumerate(candidates):
         with entry_model(c, backbone, index) as model:
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
@@ -816,15 +847,16 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
             for sampler, k in itertools.product(c.samplers, steps):
                 images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size,
                                            degradation_preset(degradation).scale if sr else 4)
-                row = {"method": c.method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute),
+                row = {"method": c.method, "sampler": sampler, "steps": k,
+                       **measure(images, truth, optional, attribute, follow),
                        "seconds_per_image": seconds / args.num_images, "adapter": str(c.path), "name": c.manifest.name,
                        "training_method": c.manifest.training.get("method"), "kind": c.manifest.kind,
                        "mode": c.manifest.mode, "device": str(device)}
                 row["image"] = image_name(row)
                 save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
                 rows.append(row)
-                print(f"[{len(rows)}/{total}] {c.method} {sampler} x{k}: "
-                      + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in METRICS), flush=True)
+                print(f"[{sum(r['sampler'] != PROBE for r in rows)}/{total}] {c.method} {sampler} x{k}: "
+                      + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
                 if not all(math.isfinite(row[m]) for m in ("psnr", "ssim", "swd")):
                     print(f"warning: {c.method} {sampler} x{k} gave non-finite metrics", file=sys.stderr)
 

@@ -20,6 +20,7 @@ from cdd.runtime.denoiser import ConditionedDenoiser
 from cdd.runtime.factory import make_backbone
 from cdd.runtime.samplers import initial_noise, sample_prev
 from cdd.training import evaluate as ev
+from cdd.training.condition_metrics import DEPTH_FIELDS
 from cdd.training.data.datasets import build_dataset
 from cdd.training.metrics import sliced_wasserstein
 
@@ -107,9 +108,12 @@ def test_results_schema_outputs_and_null_lpips_fid(first, empty_hub):
     assert results["task"] == "depth" and results["num_images"] == 3
     assert results["seed"] == 0 and results["data_seed"] == ev.EVAL_SEED and results["device"] == "cpu"
     assert [(r["method"], r["sampler"], r["steps"]) for r in results["rows"]] == [
-        ("a", "prev", 1), ("a", "prev", 2), ("b", "prev", 1), ("b", "prev", 2)]
-    for r in results["rows"]:
-        assert ROW_KEYS <= set(r) and r["training_method"] == "codi"
+        ("probe: truth", ev.PROBE, 0), ("a", "prev", 1), ("a", "prev", 2), ("b", "prev", 1), ("b", "prev", 2)]
+    ceiling = results["rows"][0]  # depth: the renders' own edges against their maps, always measured
+    assert ceiling["psnr"] > 90 and ceiling["depth_edge_corr"] > ceiling["depth_edge_other"]
+    for r in results["rows"][1:]:
+        assert ROW_KEYS | set(DEPTH_FIELDS) <= set(r) and r["training_method"] == "codi"
+        assert "psnr_in" not in r and -1 <= r["depth_edge_corr"] <= 1 and 0 <= r["depth_edge_match"] <= 1
         assert all(math.isfinite(r[m]) for m in ("psnr", "ssim", "swd", "kid_attr", "fid_attr")) and r["seconds_per_image"] > 0
         assert 0 <= r["attr_all"] <= 1 and set(r["swd_levels"]) == {"swd_16"}  # 16 px: one pyramid level
         assert r["lpips"] is None and r["fid"] is None  # no weights in the (empty) hub cache
@@ -121,17 +125,19 @@ def test_results_schema_outputs_and_null_lpips_fid(first, empty_hub):
     assert rows["a", "prev", 2]["swd"] != rows["b", "prev", 2]["swd"]
 
     md = (out / "results.md").read_text()
-    assert ("| method | sampler | steps | KID-attr ↓ | FID-attr ↓ | SWD ↓ | PSNR ↑ | SSIM ↑ | caption ↑ | LPIPS ↓ | FID ↓ "
-            "| s/image ↓ |") in md
+    assert ("| method | sampler | steps | KID-attr ↓ | FID-attr ↓ | SWD ↓ | PSNR ↑ | SSIM ↑ | caption ↑ | edges own ↑ "
+            "| edges other | edge match ↑ | LPIPS ↓ | FID ↓ | s/image ↓ |") in md
+    assert "edge match (depth)" in md and "PSNR in" not in md
     assert str(empty_hub / "hub" / "checkpoints" / ev.FID_INCEPTION_FILE) in md and "LPIPS is empty" in md
     assert "[1/4] a prev x1: KID-attr" in stdout and "[4/4] b prev x2" in stdout and "| b | prev | 2 |" in stdout
 
-    assert sorted(p.name for p in out.glob("plot_*.png")) == ["plot_attr_all.png", "plot_fid_attr.png", "plot_kid_attr.png",
-                                                              "plot_psnr.png", "plot_seconds_per_image.png",
-                                                              "plot_ssim.png", "plot_swd.png"]
+    assert sorted(p.name for p in out.glob("plot_*.png")) == ["plot_attr_all.png", "plot_depth_edge_corr.png",
+                                                              "plot_depth_edge_match.png", "plot_fid_attr.png",
+                                                              "plot_kid_attr.png", "plot_psnr.png",
+                                                              "plot_seconds_per_image.png", "plot_ssim.png", "plot_swd.png"]
     assert Image.open(out / "plot_psnr.png").format == "PNG"
     grid = Image.open(out / "grid.png")
-    assert grid.format == "PNG" and grid.size == ((2 + 4) * 16, 3 * 16)  # condition, 4 rows, truth; 3 examples
+    assert grid.format == "PNG" and grid.size == ((2 + 5) * 16, 3 * 16)  # condition, probe + 4 rows, truth; 3 examples
     assert png(out / "images" / "condition.png").shape == (3 * 16, 16, 3)
 
 
@@ -178,11 +184,12 @@ def test_append_replaces_a_row_and_keeps_the_others(first, zoo, pixel_backbone_d
                      "--steps", "2", "--out", out, "--append")
     assert rc == 0, err
     after = rows_by_key(out)
-    assert list(after) == [("a", "prev", 1), ("a", "prev", 2), ("a", "dpm-solver++", 2), ("b", "prev", 1), ("b", "prev", 2)]
+    assert list(after) == [("probe: truth", ev.PROBE, 0), ("a", "prev", 1), ("a", "prev", 2), ("a", "dpm-solver++", 2),
+                           ("b", "prev", 1), ("b", "prev", 2)]
     assert after["a", "prev", 2]["psnr"] == before["b", "prev", 2]["psnr"]  # replaced: now entry b's numbers
     for key in [("a", "prev", 1), ("b", "prev", 1), ("b", "prev", 2)]:
         assert after[key] == before[key]
-    assert Image.open(out / "grid.png").size == ((2 + 5) * 16, 3 * 16)
+    assert Image.open(out / "grid.png").size == ((2 + 6) * 16, 3 * 16)
     assert "| a | dpm-solver++ | 2 |" in (out / "results.md").read_text()
     # a run on other held-out data is not merged
     rc, _, err = run(*common(zoo, pixel_backbone_dir)[:-4], "--num-images", 2, "--adapters", "a", "--out", out, "--append")
@@ -208,7 +215,8 @@ def test_lora_full_and_guided_entries_are_sampled_as_trained(pixel_backbone_dir,
                      "--adapters", ",".join(str(tmp_path / n) for n in names), "--out", tmp_path / "out")
     assert rc == 0, err
     rows = rows_by_key(tmp_path / "out")
-    assert sorted(rows) == sorted((n, "gd" if n == "guided" else "cm", k) for n in names for k in (1, 2))
+    assert sorted(rows) == sorted([("probe: truth", ev.PROBE, 0)] + [(n, "gd" if n == "guided" else "cm", k)
+                                                                     for n in names for k in (1, 2)])
     for k in (1, 2):
         assert rows["lora", "cm", k]["psnr"] != rows["pe", "cm", k]["psnr"]  # the LoRA was on
         assert rows["full", "cm", k]["psnr"] != rows["pe", "cm", k]["psnr"]  # the entry's own UNet was used
@@ -346,6 +354,31 @@ def test_probe_rows_and_a_missing_classifier(tmp_path, zoo, pixel_backbone_dir, 
     results = json.loads((tmp_path / "none" / "results.json").read_text())
     assert all(r["kid_attr"] is None and r["attr_all"] is None for r in results["rows"])
     assert "no attribute classifier in" in results["notes"]["attributes"]
+
+
+def test_edit_rows_score_the_changed_region_beside_copy_input(tmp_path, pixel_backbone, pixel_backbone_dir, empty_hub):
+    from cdd.training import condition_metrics as cm
+
+    entry(pixel_backbone, tmp_path / "edit", seed=1, task="edit")
+    out = tmp_path / "out"
+    rc, stdout, stderr = run("--task", "edit", "--adapters", tmp_path / "edit", "--backbone", pixel_backbone_dir,
+                             "--num-images", 3, "--steps", "1", "--out", out, "--attributes", "none")
+    assert rc == 0, stderr
+    rows = rows_by_key(out)
+    assert list(rows) == [("probe: copy input", ev.PROBE, 0), ("edit", "prev", 1)]
+    data = ev.held_out("edit", 3, 16)
+    source, truth = ev.quantise(data["condition"] * 2 - 1), ev.quantise(data["target"])
+    copy = rows["probe: copy input", ev.PROBE, 0]
+    direct = cm.edit_follow(source, source, truth, data["text"])  # the unedited source, scored by hand
+    assert copy["edit_kinds"] == direct["edit_kinds"] and copy["psnr_in"] == pytest.approx(direct["psnr_in"])
+    assert copy["psnr_out"] == pytest.approx(direct["psnr_out"]) and copy["psnr_out"] > 90  # identical outside the edit
+    assert copy["psnr_in"] < 30 and copy["psnr"] == pytest.approx(float(ev.psnr(source, truth).mean()))
+    generated = rows["edit", "prev", 1]
+    assert set(cm.EDIT_FIELDS) | {"edit_kinds"} <= set(generated) and "depth_edge_corr" not in generated
+    assert sum(v["n"] for v in generated["edit_kinds"].values()) == 3
+    md = (out / "results.md").read_text()
+    assert "| caption ↑ | PSNR in ↑ | PSNR out ↑ | LPIPS ↓ |" in md and "'probe: copy input'" in md and "edges own" not in md
+    assert "probe copy input: " in stdout and "[1/1] edit prev x1" in stdout
 
 
 # --- super-resolution: bicubic, prompts, held-out photographs, ILVR ----------------------------

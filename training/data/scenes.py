@@ -348,16 +348,28 @@ def edit_pairs(spec: SceneSpec) -> list[EditPair]:
     return pairs
 
 
+def edit_kind(instruction: str) -> str:
+    """The kind of an `edit_pairs` instruction: "time" (make it night), "color" (make the cube red), "remove"
+    (remove the cube) or "floor" (make the floor striped); "other" for text that is none of them."""
+    word = instruction.split()
+    if len(word) >= 2 and word[0] == "remove":
+        return "remove"
+    if len(word) == 3 and word[:2] == ["make", "it"] and word[2] in TIMES:
+        return "time"
+    if len(word) == 4 and word[:3] == ["make", "the", "floor"] and word[3] in FLOOR_WORDS.values():
+        return "floor"
+    if len(word) >= 4 and word[:2] == ["make", "the"] and word[-1] in COLORS:
+        return "color"
+    return "other"
+
+
 def sample_edit(spec: SceneSpec, rng_or_seed) -> EditPair:
     """One edit: the kind (time, colour, removal, floor) uniformly, then one of that kind,
     so that the many colour edits do not crowd out the others."""
     rng = _as_rng(rng_or_seed)
     kinds: dict[str, list[EditPair]] = {}
     for pair in edit_pairs(spec):
-        word = pair.instruction.split()
-        kind = "remove" if word[0] == "remove" else ("time" if word[1] == "it" else
-                                                      "floor" if word[2] == "floor" else "color")
-        kinds.setdefault(kind, []).append(pair)
+        kinds.setdefault(edit_kind(pair.instruction), []).append(pair)
     group = list(kinds.values())[rng.integers(len(kinds))]
     return group[rng.integers(len(group))]
 
