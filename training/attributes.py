@@ -2,7 +2,11 @@
 
 The network reads a 64 px image and predicts what a caption of the scenes world says: the floor
 (plain, checkered, striped), the time of day (noon, sunset, night) and which of the 30 (colour, shape)
-objects are in the scene. It is trained here, on renders of the world (`python -m cdd.training.attributes
+objects are in the scene. Objects are found densely: an 8x8 map of per-cell (colour, shape) logits,
+trained on the renderer's object masks, whose maximum over the cells is the image's logit. A first
+version that predicted the 30 presences from globally pooled features learned floor and time at once
+but found objects badly (on 1000 held-out renders: recall 0.83 at precision 0.39 after 8 epochs of
+20,000 renders); the object masks are the supervision the renderer gives for free. It is trained here, on renders of the world (`python -m cdd.training.attributes
 train`), and its weights ship beside the embedded backbone (`adapters/embedded/attributes`, about 1 MB).
 
 Two uses:
@@ -35,6 +39,8 @@ from .data import scenes
 SIZE = 64  # the classifier's input resolution; other sizes are resized to it
 OBJECTS = [(c, s) for c in scenes.COLORS for s in scenes.SHAPES]  # 30 (colour, shape) pairs
 FEATURES = 64  # the feature dimension FID and KID are computed on
+CELLS = 8  # the object map's grid: CELLS x CELLS cells of SIZE / CELLS pixels
+CELL_MIN_PIXELS = 3  # a cell holds an object when at least this many of its pixel centres show it
 TRAIN_SEED, HELD_OUT_SEED = 7001, 7002  # scene streams; cdd-eval's held-out scenes use 20261125
 WEIGHTS = "attributes.safetensors"
 CONFIG = "config.json"
@@ -84,13 +90,26 @@ def stack_labels(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
+def object_cells(spec: scenes.SceneSpec, ids: np.ndarray) -> torch.Tensor:
+    """[30, CELLS, CELLS] 0/1: which (colour, shape) objects each cell shows, from the renderer's id map
+    (object index per pixel centre; -1 floor, -2 sky)."""
+    cell = ids.shape[0] // CELLS
+    cells = torch.zeros(len(OBJECTS), CELLS, CELLS)
+    for k, o in enumerate(spec.objects):
+        counts = (ids == k).reshape(CELLS, cell, CELLS, cell).sum(axis=(1, 3))
+        cells[OBJECTS.index((o.color, o.shape))] += torch.from_numpy(counts >= CELL_MIN_PIXELS).float()
+    return cells.clamp_(max=1)
+
+
 def render_set(n: int, seed: int, size: int = SIZE) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """n renders of the world (scene k from the generator seeded [seed, k]) as uint8 [n, 3, size, size], and labels."""
+    """n renders of the world (scene k from the generator seeded [seed, k]) as uint8 [n, 3, size, size], and labels
+    (with "cells", the object map of `object_cells`)."""
     images, labels = [], []
     for k in range(n):
         spec = scenes.sample_scene(np.random.default_rng([seed, k]))
-        images.append(torch.from_numpy((scenes.render(spec, size).image * 255).round().astype(np.uint8)).permute(2, 0, 1))
-        labels.append(labels_of_spec(spec))
+        r = scenes.render(spec, size)
+        images.append(torch.from_numpy((r.image * 255).round().astype(np.uint8)).permute(2, 0, 1))
+        labels.append({**labels_of_spec(spec), "cells": object_cells(spec, r.ids)})
     return torch.stack(images), stack_labels(labels)
 
 
@@ -101,7 +120,8 @@ def render_set(n: int, seed: int, size: int = SIZE) -> tuple[torch.Tensor, dict[
 class AttributeNet(nn.Module):
     """Four stride-2 conv blocks (32-64-128-128 channels, GroupNorm, SiLU), global average and max pooling
     (the max keeps small objects that the average washes out), a FEATURES-wide layer (the features FID and KID
-    use) and three heads."""
+    use) and the floor and time heads; the object map (`CELLS` x `CELLS` (colour, shape) logits) comes from the
+    third block's output, and an object's image logit is its maximum over the cells."""
 
     def __init__(self, width: int = 32, features: int = FEATURES):
         super().__init__()
@@ -110,54 +130,65 @@ class AttributeNet(nn.Module):
         for a, b in zip(chans[:-1], chans[1:]):
             blocks += [nn.Conv2d(a, b, 3, padding=1), nn.GroupNorm(8, b), nn.SiLU(),
                        nn.Conv2d(b, b, 3, stride=2, padding=1), nn.GroupNorm(8, b), nn.SiLU()]
-        self.body = nn.Sequential(*blocks)
+        self.body = nn.Sequential(*blocks[:18])  # three blocks: 8x8 cells at SIZE = 64
+        self.top = nn.Sequential(*blocks[18:])
         self.embed = nn.Linear(2 * chans[-1], features)
         self.floor = nn.Linear(features, len(scenes.FLOORS))
         self.time = nn.Linear(features, len(scenes.TIMES))
-        self.objects = nn.Linear(features, len(OBJECTS))
-        self.config = {"width": width, "features": features}
+        self.cells = nn.Sequential(nn.Conv2d(chans[3], chans[3], 3, padding=1), nn.SiLU(), nn.Conv2d(chans[3], len(OBJECTS), 1))
+        self.config = {"width": width, "features": features, "cells": CELLS}
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, FEATURES] for images in [0, 1] ([B, 3, H, W], resized to SIZE when H or W differ)."""
+    def _trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.float()
         if x.shape[-2:] != (SIZE, SIZE):
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
-        h = self.body(x * 2 - 1)
+        h3 = self.body(x * 2 - 1)
+        h = self.top(h3)
         h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
-        return F.silu(self.embed(h))
+        return F.silu(self.embed(h)), h3
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, FEATURES] for images in [0, 1] ([B, 3, H, W], resized to SIZE when H or W differ)."""
+        return self._trunk(images)[0]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.features(images)
-        return {"floor": self.floor(f), "time": self.time(f), "objects": self.objects(f)}
+        f, h3 = self._trunk(images)
+        cells = self.cells(h3)
+        return {"floor": self.floor(f), "time": self.time(f), "objects": cells.amax(dim=(2, 3)), "cells": cells}
 
 
-OBJECT_POS_WEIGHT = 5.0  # a scene holds 2.5 of the 30 objects on average: weigh the present ones up
+CELL_POS_WEIGHT = 4.0  # an object covers a few of the 64 cells: weigh the cells that show one up
 
 
 def loss_of(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    pos_weight = torch.full((len(OBJECTS),), OBJECT_POS_WEIGHT)
+    """Cross-entropy for floor and time; binary cross-entropy for the object map (dense, from the masks) and for
+    the image-level presences (the cells' maximum, as the caption names them)."""
+    pos_weight = torch.full((len(OBJECTS), 1, 1), CELL_POS_WEIGHT)
     return (F.cross_entropy(logits["floor"], labels["floor"]) + F.cross_entropy(logits["time"], labels["time"])
-            + F.binary_cross_entropy_with_logits(logits["objects"], labels["objects"], pos_weight=pos_weight))
+            + F.binary_cross_entropy_with_logits(logits["cells"], labels["cells"], pos_weight=pos_weight)
+            + F.binary_cross_entropy_with_logits(logits["objects"], labels["objects"]))
 
 
 @torch.no_grad()
 def predict(net: AttributeNet, images: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
     """Predicted labels: floor and time indices, objects as 0/1 per (colour, shape)."""
     outs = [net(chunk) for chunk in images.split(batch)]
-    logits = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    logits = {k: torch.cat([o[k] for o in outs]) for k in ("floor", "time", "objects")}
     return {"floor": logits["floor"].argmax(1), "time": logits["time"].argmax(1),
             "objects": (logits["objects"] > 0).float()}
 
 
 def agreement(pred: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, float]:
-    """floor / time: accuracy; objects: the fraction of named objects found (recall) and of images whose
-    object set is exactly right; all: images with floor, time and object set all right."""
+    """floor / time: accuracy; objects: the fraction of named objects found (recall), of found objects that are
+    named (precision; 1 when none is found) and of images whose object set is exactly right; all: images with
+    floor, time and object set all right."""
     floor = pred["floor"] == labels["floor"]
     time_ = pred["time"] == labels["time"]
-    named = labels["objects"].sum()
+    named, found = labels["objects"].sum(), pred["objects"].sum()
+    hits = (pred["objects"] * labels["objects"]).sum()
     objects_exact = (pred["objects"] == labels["objects"]).all(1)
     return {"floor": float(floor.float().mean()), "time": float(time_.float().mean()),
-            "objects_recall": float((pred["objects"] * labels["objects"]).sum() / named),
+            "objects_recall": float(hits / named), "objects_precision": float(hits / found) if found else 1.0,
             "objects_exact": float(objects_exact.float().mean()),
             "all": float((floor & time_ & objects_exact).float().mean())}
 
@@ -218,6 +249,9 @@ def load(folder: str | Path | None = None) -> AttributeNet:
         raise FileNotFoundError(f"no attribute classifier in {folder}: train one with "
                                 f"`python -m cdd.training.attributes train --out {folder}`")
     config = json.loads((folder / CONFIG).read_text())
+    if config.get("cells") != CELLS:
+        raise ValueError(f"the attribute classifier in {folder} predates the object map (its config has no cells: "
+                         f"{CELLS}); train it again with `python -m cdd.training.attributes train --out {folder}`")
     net = AttributeNet(config["width"], config["features"])
     net.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()})
     return net.eval().requires_grad_(False)
@@ -225,7 +259,7 @@ def load(folder: str | Path | None = None) -> AttributeNet:
 
 def cached_render_set(n: int, seed: int, cache: Path | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """render_set, kept in `cache` (a folder) when given: renders are most of a training run's time on a CPU."""
-    path = cache / f"scenes-{seed}-{n}-{SIZE}.pt" if cache is not None else None
+    path = cache / f"scenes-{seed}-{n}-{SIZE}-cells{CELLS}.pt" if cache is not None else None
     if path is not None and path.is_file():
         saved = torch.load(path)
         return saved["images"], saved["labels"]
@@ -236,7 +270,7 @@ def cached_render_set(n: int, seed: int, cache: Path | None) -> tuple[torch.Tens
     return images, labels
 
 
-def train(out: Path, n_train: int, n_held_out: int, epochs: int, batch: int = 64, lr: float = 2e-3,
+def train(out: Path, n_train: int, n_held_out: int, epochs: int, batch: int = 64, lr: float = 1e-3,
           seed: int = 0, log=print, cache: Path | None = None) -> dict[str, float]:
     """Render the sets, train with AdamW (one-cycle lr), save the net and its held-out agreement to `out`."""
     torch.manual_seed(seed)
@@ -256,8 +290,11 @@ def train(out: Path, n_train: int, n_held_out: int, epochs: int, batch: int = 64
         for i in range(0, n_train, batch):
             idx = order[i : i + batch]
             images = x_train[idx].float() / 255
-            images = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, images, images.flip(-1))  # mirror
-            loss = loss_of(net(images), {k: v[idx] for k, v in y_train.items()})
+            flip = torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5  # mirror: the image and its object map
+            labels = {k: v[idx] for k, v in y_train.items()}
+            images = torch.where(flip, images.flip(-1), images)
+            labels["cells"] = torch.where(flip, labels["cells"].flip(-1), labels["cells"])
+            loss = loss_of(net(images), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -282,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--held-out", type=int, default=1000, help="held-out renders (default 1000)")
     t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--cache", type=Path, default=None, help="a folder to keep the rendered sets in, for reruns")
     e = sub.add_parser("eval", help="the classifier's agreement on N held-out renders")
     e.add_argument("--model", type=Path, default=default_dir())

@@ -387,7 +387,7 @@ class AttributeMetrics:
             return
         try:
             self.net = attributes.load(folder)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # missing, or from before the object map
             self.status = str(e)
             return
         self.truth_features = attributes.features(self.net, truth)
@@ -814,30 +814,27 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
           f"{args.num_images} held-out {args.dataset} at {resolution} px on {device}, prompt {prompt}", flush=True)
     rows: list[dict] = []
-    if args.bicubic:
-        images = quantise(data["condition"] * 2 - 1)  # the condition is the LR input's bicubic upsampling
-        row = {"method": BICUBIC, "sampler": NO_SAMPLER, "steps": 0,
-               **measure(images, truth, optional, attribute, follow),
-               "seconds_per_image": None, "adapter": None, "name": BICUBIC, "training_method": None, "kind": None,
+
+    def reference_row(method: str, name: str, sampler: str, images: torch.Tensor) -> None:
+        """A row measured on a given image set (bicubic, the probes, the depth / edit references): nothing sampled."""
+        row = {"method": method, "sampler": sampler, "steps": 0, **measure(images, truth, optional, attribute, follow),
+               "seconds_per_image": None, "adapter": None, "name": name, "training_method": None, "kind": None,
                "mode": None, "device": str(device)}
         row["image"] = image_name(row)
         save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
         rows.append(row)
-        print(f"{BICUBIC}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
+        label = name if sampler != PROBE else f"probe {name}"
+        print(f"{label}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
+
+    if args.bicubic:  # the condition is the LR input's bicubic upsampling
+        reference_row(BICUBIC, BICUBIC, NO_SAMPLER, quantise(data["condition"] * 2 - 1))
     # The condition-following references (depth: the renders, the ceiling; edit: the unedited source) are always
     # measured: they are cheap, and a depth or edit table cannot be read without them.
     if args.probes or follow.references():
         other_name = "other photo patches" if args.dataset == "photos" else "other scenes"
         probes = probe_sets(truth, others[0], other_name) if args.probes else {}
         for name, images in {**probes, **follow.references()}.items():
-            row = {"method": f"probe: {name}", "sampler": PROBE, "steps": 0,
-                   **measure(images, truth, optional, attribute, follow),
-                   "seconds_per_image": None, "adapter": None, "name": name, "training_method": None, "kind": None,
-                   "mode": None, "device": str(device)}
-            row["image"] = image_name(row)
-            save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
-            rows.append(row)
-            print(f"probe {name}: " + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
+            reference_row(f"probe: {name}", name, PROBE, images)
     for index, c in enumerate(candidates):
         with entry_model(c, backbone, index) as model:
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
@@ -855,7 +852,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                 row["image"] = image_name(row)
                 save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
                 rows.append(row)
-                print(f"[{sum(r['sampler'] != PROBE for r in rows)}/{total}] {c.method} {sampler} x{k}: "
+                print(f"[{sum(r['adapter'] is not None for r in rows)}/{total}] {c.method} {sampler} x{k}: "
                       + ", ".join(f"{LABELS[m]} {_fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
                 if not all(math.isfinite(row[m]) for m in ("psnr", "ssim", "swd")):
                     print(f"warning: {c.method} {sampler} x{k} gave non-finite metrics", file=sys.stderr)

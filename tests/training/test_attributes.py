@@ -57,16 +57,34 @@ def test_agreement_counts():
     labels = at.stack_labels([at.parse_caption("a red sphere on a plain floor at noon"),
                               at.parse_caption("a blue cube and a red sphere on a checkered floor at sunset")])
     pred = {k: v.clone() for k, v in labels.items()}
-    assert at.agreement(pred, labels) == {"floor": 1, "time": 1, "objects_recall": 1, "objects_exact": 1, "all": 1}
+    assert at.agreement(pred, labels) == {"floor": 1, "time": 1, "objects_recall": 1, "objects_precision": 1,
+                                          "objects_exact": 1, "all": 1}
     pred["time"][1] = 0
     pred["objects"][1, at.OBJECTS.index(("blue", "cube"))] = 0
     scores = at.agreement(pred, labels)
     assert scores["time"] == 0.5 and scores["objects_recall"] == pytest.approx(2 / 3) and scores["all"] == 0.5
+    assert scores["objects_precision"] == 1
+    pred["objects"][0, at.OBJECTS.index(("green", "cylinder"))] = 1  # one found that no caption names
+    assert at.agreement(pred, labels)["objects_precision"] == pytest.approx(2 / 3)
+
+
+def test_object_map_marks_the_cells_each_object_covers():
+    spec = scenes.SceneSpec(objects=(scenes.SceneObject("sphere", "red", x=0.0, z=0.0, size=0.6),))
+    r = scenes.render(spec, at.SIZE)
+    cells = at.object_cells(spec, r.ids)
+    k = at.OBJECTS.index(("red", "sphere"))
+    assert cells.shape == (len(at.OBJECTS), at.CELLS, at.CELLS) and cells[k].sum() > 0
+    assert cells.sum() == cells[k].sum()  # no other object's channel is set
+    cell = at.SIZE // at.CELLS  # by hand: the cells where the sphere's pixel centres reach CELL_MIN_PIXELS
+    counts = torch.from_numpy((r.ids == 0).reshape(at.CELLS, cell, at.CELLS, cell).sum(axis=(1, 3)))
+    assert torch.equal(cells[k], (counts >= at.CELL_MIN_PIXELS).float())
+    _, labels = at.render_set(6, at.HELD_OUT_SEED)
+    assert (labels["cells"].amax(dim=(2, 3)) <= labels["objects"]).all()  # a cell only names an object the caption does
 
 
 def test_train_save_load_and_score_generated_images(tmp_path):
     scores = at.train(tmp_path, n_train=24, n_held_out=8, epochs=1, batch=8, log=lambda *_: None)
-    assert set(scores) == {"floor", "time", "objects_recall", "objects_exact", "all"}
+    assert set(scores) == {"floor", "time", "objects_recall", "objects_precision", "objects_exact", "all"}
     assert (tmp_path / at.WEIGHTS).stat().st_size < 2e6
     net = at.load(tmp_path)
     images, labels = at.render_set(4, at.HELD_OUT_SEED)
@@ -79,3 +97,7 @@ def test_train_save_load_and_score_generated_images(tmp_path):
     assert agree == at.agreement(at.predict(net, x), labels)
     with pytest.raises(FileNotFoundError, match="no attribute classifier"):
         at.load(tmp_path / "missing")
+    config = (tmp_path / at.CONFIG).read_text().replace('"cells": 8', '"cells": null')
+    (tmp_path / at.CONFIG).write_text(config)
+    with pytest.raises(ValueError, match="predates the object map"):
+        at.load(tmp_path)
