@@ -62,6 +62,7 @@ class CoDiLoss:
     schedule: NoiseSchedule
     N: int = 48  # intervals of [0, T)
     r: float = 1.0  # weight of the conditional guidance term
+    cond_weighting: str = "x"  # x: d_x(x_hat_t, x) (eq. 11); truncated-snr: max(alpha_t^2 / sigma_t^2, 1) d_x
     prev_predictor: str = "prev"  # prev (eq. 12) | ddim (eq. 6 with eps_hat) | teacher (eq. 6 with the frozen backbone)
     consistency_space: str = "eps"  # eps | x (boundary-scaled signal predictions)
     distance: str = "l2"
@@ -73,6 +74,8 @@ class CoDiLoss:
             raise ValueError(f"prev_predictor {self.prev_predictor!r} is not prev, ddim or teacher")
         if self.consistency_space not in ("eps", "x"):
             raise ValueError(f"consistency_space {self.consistency_space!r} is not eps or x")
+        if self.cond_weighting not in ("x", "truncated-snr"):
+            raise ValueError(f"cond_weighting {self.cond_weighting!r} is not x or truncated-snr")
         self.d = distance(self.distance, self.huber_c)
         grid = training_grid(self.N, self.schedule.num_train_timesteps)
         self.grid = torch.cat([torch.zeros(1, dtype=torch.long), grid])  # grid[n] = t_n, grid[0] = 0: the boundary
@@ -109,7 +112,15 @@ class CoDiLoss:
             c_skip_t, c_out_t = boundary_scalings(t, x)
             c_skip_s, c_out_s = boundary_scalings(s, x)
             distillation = self.d(c_skip_t * z_t + c_out_t * x_hat_t, c_skip_s * z_hat_s + c_out_s * x_tgt_s)
-        guidance = self.d(x_hat_t, x)                                            # d_x(x_hat_t, x)
+        if self.cond_weighting == "x":
+            guidance = self.d(x_hat_t, x)                                        # d_x(x_hat_t, x)
+        else:
+            # max(SNR_t, 1) d_x: at small t the eps-space loss (alpha/sigma)^2 |x_hat - x|^2 = |eps_hat - eps|^2,
+            # which anchors how much noise the student removes there (the consistency term alone hands each t the
+            # noise its EMA target leaves at s, so a shortfall near the boundary climbs the grid); at large t the
+            # x-space loss of eq. 11. With l2 the squared difference is weighted; with huber, the difference by sqrt.
+            root = truncated_snr(self.schedule, t, x).sqrt()
+            guidance = self.d(root * x_hat_t, root * x)
         loss = distillation + self.r * guidance                                  # eq. 11
         return Terms(loss, {"distillation": distillation.detach(), "guidance": guidance.detach()}, t)
 
@@ -258,6 +269,7 @@ def build_objective(config, schedule: NoiseSchedule, *, empty_text: torch.Tensor
         schedule,
         N=config.steps,
         r=config.cond_weight,
+        cond_weighting=config.cond_weighting,
         prev_predictor=config.prev_predictor,
         consistency_space=config.consistency_space,
         distance=config.distance,

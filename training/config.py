@@ -23,6 +23,7 @@ METHODS = ("codi", "finetune", "cm", "gd")
 PREV_PREDICTORS = ("prev", "ddim", "teacher")
 CONSISTENCY_SPACES = ("eps", "x")
 DISTANCES = ("l2", "huber")
+COND_WEIGHTINGS = ("x", "truncated-snr")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 # Fields that may change when a run is resumed; every other field defines the run and must match
@@ -75,6 +76,8 @@ class TrainConfig:
     distance: str = "l2"
     huber_c: float = 1e-3  # pseudo-Huber c, per element (the diffusers LCM scripts' default)
     cond_weight: float = 1.0  # r in eq. 11
+    cond_weighting: str = "x"  # x: d_x(x_hat_t, x) as eq. 11; truncated-snr: times max(alpha_t^2 / sigma_t^2, 1),
+    # the larger of the x-space and the eps-space denoising losses (codi.CoDiLoss)
     same_t: bool = True  # one n per batch (Algorithm 1); False: one per sample (ablation)
     ema: float = 0.999  # mu, the EMA rate of the target theta^-
     steps: int = 48  # N, intervals of [0, T): the grid round(n T/N) - 1 holds the served 1, 2 and 4-step timesteps
@@ -136,6 +139,7 @@ class TrainConfig:
         _choice("prev_predictor", self.prev_predictor, PREV_PREDICTORS)
         _choice("consistency_space", self.consistency_space, CONSISTENCY_SPACES)
         _choice("distance", self.distance, DISTANCES)
+        _choice("cond_weighting", self.cond_weighting, COND_WEIGHTINGS)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check("gd_stage", self.gd_stage, self.gd_stage in (1, 2), "must be 1 (guidance distillation) or 2 (halving the steps)")
         _check("gd_steps", self.gd_steps, 1 <= self.gd_steps <= 500, "must be in 1..500 (the student's steps; the teacher takes twice as many)")

@@ -19,6 +19,7 @@ from ..adapters.architectures import ADAPTER_KINDS
 from ..adapters.zoo import MODES, ZooError
 from ..runtime.backbone import BackboneError
 from .config import (
+    COND_WEIGHTINGS,
     CONSISTENCY_SPACES,
     DISTANCES,
     METHODS,
@@ -32,13 +33,14 @@ from .config import (
 )
 from .data.degradations import DEFAULT_TRAINING_PRESET, DEGRADATION_PRESETS
 
-CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "same_t", "steps")
+CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "cond_weighting", "same_t",
+                "steps")
 GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance")
 # Options a method has no use for (given anyway, they are refused rather than silently ignored).
 UNUSED = {
     "codi": GD_OPTIONS,
     "finetune": CODI_OPTIONS + GD_OPTIONS,
-    "cm": ("prev_predictor", "consistency_space", "cond_weight") + GD_OPTIONS,  # fixed by the method
+    "cm": ("prev_predictor", "consistency_space", "cond_weight", "cond_weighting") + GD_OPTIONS,  # fixed by the method
     "gd": CODI_OPTIONS,
 }
 
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distance", choices=DISTANCES, help="l2 or pseudo-Huber (default l2)")
     g.add_argument("--huber-c", type=float, help=f"pseudo-Huber c (default {d.huber_c})")
     g.add_argument("--cond-weight", type=float, help="r in eq. 11; 0 = no conditional guidance (default 1)")
+    g.add_argument("--cond-weighting", choices=COND_WEIGHTINGS, help="x: the guidance term d_x(x_hat_t, x) of eq. 11; "
+                   "truncated-snr: weighted by max(alpha_t^2 / sigma_t^2, 1), the larger of the x-space and eps-space "
+                   "denoising losses, which keeps the noise removal at small t anchored (default x)")
     g.add_argument("--same-t", dest="same_t", action="store_true", help="one t for the whole batch (default)")
     g.add_argument("--per-sample-t", dest="same_t", action="store_false", help="one t per sample (ablation)")
     g.add_argument("--ema", type=float, help=f"EMA rate mu of the target theta^- and of the exported weights (default {d.ema})")

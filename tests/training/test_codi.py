@@ -100,6 +100,23 @@ def test_loss_is_eq_11(schedule, batch):
         torch.testing.assert_close(terms.parts["guidance"], guidance)
 
 
+def test_truncated_snr_guidance_is_the_larger_of_the_x_and_eps_losses(schedule, batch):
+    x, c, text = batch
+    student, target = Recorder(1), Recorder(2)
+    terms = CoDiLoss(schedule, N=N, r=2.0, cond_weighting="truncated-snr", same_t=False)(
+        student, target, None, x, c, text, torch.Generator().manual_seed(6))  # n = 31, 12, 4
+    n, _ = draws(6, same_t=False)
+    alpha_t, sigma_t = reference_alpha_sigma(n * (T // N) - 1)
+    weight = torch.maximum(alpha_t**2 / sigma_t**2, torch.ones(()))  # max(SNR_t, 1), per sample
+    assert weight.max() > 1 and weight.min() >= 1
+    guidance = (weight * (student.x_hat - x) ** 2).mean()
+    torch.testing.assert_close(terms.parts["guidance"], guidance)
+    # at a small t it is the eps-space loss: (alpha/sigma)^2 |x_hat - x|^2 = |eps_hat - eps|^2 for eps_hat from x_hat
+    torch.testing.assert_close(terms.loss, terms.parts["distillation"] + 2.0 * guidance)
+    with pytest.raises(ValueError, match="cond_weighting"):
+        CoDiLoss(schedule, N=N, cond_weighting="snr")
+
+
 def test_gradient_flows_only_through_the_student(schedule, batch):
     x, c, text = batch
     w_student, w_target = torch.ones((), requires_grad=True), torch.ones((), requires_grad=True)
