@@ -6,7 +6,7 @@
 
 For each NAME=ENTRY: the rows that cdd-eval measured for that entry (matched by its folder) become the
 manifest's `metrics["cdd-eval"]`, the served default is the measured (sampler, steps) with the lowest
-sliced Wasserstein distance (ties: fewer steps), and the entry is installed as float16 under NAME
+sliced Wasserstein distance among the samplers cdd-serve serves (ties: fewer steps), and the entry is installed as float16 under NAME
 (`cdd.adapters.zoo.install_entry`). An entry without measured rows is refused: the zoo ships what
 was measured.
 """
@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from cdd.adapters.zoo import default_zoo_dir, install_entry, write_metrics
+from cdd.runtime.samplers import FEW_STEP_SAMPLERS
 from cdd.training.evaluate import record
 
 
@@ -37,11 +38,15 @@ def main() -> None:
     for item in args.entry:
         name, _, entry = item.partition("=")
         entry = Path(entry).resolve()
-        rows = [(h, r, src) for h, r, src in measured if Path(r["adapter"]).resolve() == entry]
+        rows = [(h, r, src) for h, r, src in measured
+                if r.get("adapter") and Path(r["adapter"]).resolve() == entry]  # probe and bicubic rows have none
         if not rows:
             raise SystemExit(f"{entry}: no cdd-eval rows measure it in {', '.join(map(str, args.results))}")
         header, _, src = rows[0]
-        best = min((r for _, r, _ in rows), key=lambda r: (r["swd"], r["steps"]))
+        servable = [r for _, r, _ in rows if r["sampler"] in FEW_STEP_SAMPLERS]  # not NAME+ilvr: eval-only for now
+        if not servable:
+            raise SystemExit(f"{entry}: no measured row with a sampler cdd-serve serves ({', '.join(FEW_STEP_SAMPLERS)})")
+        best = min(servable, key=lambda r: (r["swd"], r["steps"]))
         record(entry, header, [r for _, r, _ in rows])  # the same metrics["cdd-eval"] as `cdd-eval --record`
         write_metrics(entry, "default", {
             "sampler": best["sampler"], "steps": best["steps"], "results": str(src),

@@ -156,8 +156,9 @@ class TrainConfig:
             raise ConfigError(f"init_from {self.init_from!r} is not a zoo entry folder")
         if self.method == "gd" and self.adapter != "controlnet-guided":
             raise ConfigError(f"method gd trains a controlnet-guided adapter (the student takes w), not {self.adapter!r}")
-        if self.init_from and self.mode != "pe":
-            raise ConfigError(f"init_from continues an adapter-only entry: mode must be pe, not {self.mode!r}")
+        if self.init_from and self.mode != "pe" and not (self.method == "codi" and self.mode == "lora"):
+            raise ConfigError(f"init_from continues an adapter-only entry: mode must be pe (or lora with method codi, "
+                              f"which adds a zero-initialised backbone LoRA), not {self.mode!r}")
         _check("ema", self.ema, 0 <= self.ema < 1, "must be in [0, 1)")
         _check("caption_dropout", self.caption_dropout, 0 <= self.caption_dropout < 1, "must be in [0, 1)")
         if self.task == "super-resolution":

@@ -352,11 +352,19 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         adapter = adapter_from_config(m.kind, m.architecture, unet)
         adapter.load_weights(entry.adapter.weights())
         adapter.guidance = config.guidance
+    lora = lora_name = None
+    if config.mode == "lora":  # codi only (TrainConfig): the backbone LoRA starts at zero, so the student starts as the entry
+        lora_name = backbone_lora_name(config.entry_name)
+        lora = add_backbone_lora(unet, lora_name, rank=config.lora_rank)
     student = ConditionedDenoiser(unet, schedule, adapter)
     adapter.train()
     trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
     if config.method == "codi":  # CoDi's teacher is the unconditional backbone, whatever the student starts from
-        teacher = ConditionedDenoiser(unet, schedule) if config.prev_predictor == "teacher" else None
+        teacher = None
+        if config.prev_predictor == "teacher":
+            base = ConditionedDenoiser(unet, schedule)
+            zeros = {n: torch.zeros_like(p) for n, p in base.named_parameters() if "lora_B" in n}
+            teacher = WithWeights(base, zeros) if zeros else base
     else:
         teacher = ConditionedDenoiser(unet, schedule, entry.adapter)
     guided = [a for a in (adapter, entry.adapter) if isinstance(a, GuidedControlNetAdapter)]
@@ -365,7 +373,7 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         for a in guided:
             a.set_guidance(w)
 
-    return Roles(student, trainable, teacher, adapter, set_w=set_w, source=m)
+    return Roles(student, trainable, teacher, adapter, lora, lora_name, set_w=set_w, source=m)
 
 
 def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:

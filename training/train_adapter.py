@@ -146,8 +146,6 @@ def config_from_args(given: dict) -> TrainConfig:
     if wrong:
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise ConfigError(f"{flags}: option(s) that --method {method} does not use")
-    if method == "gd" and "adapter" not in given and "resume" not in given:
-        given["adapter"] = "controlnet-guided"  # the GD student takes w: the only architecture it has
     base: dict = {}
     if "resume" in given:
         checkpoint = _checkpoint_for(given)
@@ -155,6 +153,9 @@ def config_from_args(given: dict) -> TrainConfig:
             base = saved_config(json.loads((checkpoint / "config.json").read_text()))
             base["output"] = given.get("output", str(checkpoint.parent.parent))
     merged = {**base, **given}
+    if merged.get("method", "codi") == "gd" and "adapter" not in merged:
+        merged["adapter"] = "controlnet-guided"  # the GD student takes w: the only architecture it has (also when
+        # --resume finds no checkpoint yet and the run starts fresh)
     if "task" not in merged:
         raise ConfigError("--task is required (or --resume PATH naming a run to continue)")
     if betas:

@@ -186,6 +186,11 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
                  "--prev-predictor", "teacher"]) == 0
     ft = json.loads((tmp_path / "codi-ft" / "entry" / "manifest.json").read_text())
     assert ft["training"]["init_from"]["method"] == "finetune" and (ft["sampler"], ft["steps"]) == ("prev", 4)
+    # ... and in mode lora, adding a zero-initialised backbone LoRA to the fine-tuned adapter
+    assert main([*TINY, *bb, "--method", "codi", "--mode", "lora", "--init-from", str(teacher),
+                 "--output", str(tmp_path / "codi-ft-lora")]) == 0
+    ft_lora = json.loads((tmp_path / "codi-ft-lora" / "entry" / "manifest.json").read_text())
+    assert ft_lora["mode"] == "lora" and ft_lora["training"]["init_from"]["method"] == "finetune"
     assert main([*TINY, *bb, "--method", "gd", "--gd-stage", "2", "--gd-steps", "2", "--init-from",
                  str(tmp_path / "gd1" / "entry"), "--output", str(tmp_path / "gd2"), "--sample-every", "2"]) == 0
     gd2 = json.loads((tmp_path / "gd2" / "entry" / "manifest.json").read_text())
@@ -202,6 +207,8 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
         (["--method", "cm", "--init-from", str(teacher), "--task", "edit"], "is a depth adapter, not edit"),
         (["--method", "cm"], "method cm distils a trained entry: give init_from"),
         (["--method", "finetune", "--init-from", str(teacher)], "init_from is for methods codi, cm, gd, not finetune"),
+        (["--method", "codi", "--mode", "full", "--init-from", str(teacher)], "mode must be pe (or lora with method codi"),
+        (["--method", "cm", "--mode", "lora", "--init-from", str(teacher)], "mode must be pe (or lora with method codi"),
         (["--method", "cm", "--init-from", str(teacher), "--cond-weight", "1"], "--cond-weight: option(s) that --method cm does not use"),
         (["--method", "codi", "--guidance", "1"], "--guidance: option(s) that --method codi does not use"),
     ]

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Rebuild the default zoo on the latent backbone (issue 16): the teachers, the CoDi students, the baselines
+# distilled from the same teacher at the same budget, Table 1 over three noise seeds, and the zoo itself.
+#
+#     bash benchmarks/zoo_v2.sh [train|eval|zoo|all]     (default all)
+#
+# Every training command passes --resume, so running the script again continues where it stopped (a run
+# that has finished its --max-train-steps only rewrites its entry). Budgets come from the environment:
+#
+#   BACKBONE        the backbone folder              (adapters/embedded/backbone-latent)
+#   RUNS            where runs and tables go          (runs/zoo-v2)
+#   TEACHER_STEPS   fine-tuned teachers               (3000)
+#   STUDENT_STEPS   each distilled student (CoDi, CM; GD's three rounds share it)   (3000)
+#   N_IMAGES        held-out images per eval row      (64)
+#   SEEDS           noise seeds of Table 1            ("0 1000 2000")
+#   SMOKE=1         2 steps everywhere, 2 images, one seed: checks the whole pipeline in minutes
+#
+# The super-resolution adapters train on scenes and the backbone's photo patches (held-out photos never
+# seen), with the mild-64px degradation and the prompt dropped half of the time, and are measured as a user
+# sends the request: no prompt. Long on a CPU: the budgets above are sized for a GPU or several sessions.
+set -euo pipefail
+
+BACKBONE=${BACKBONE:-adapters/embedded/backbone-latent}
+RUNS=${RUNS:-runs/zoo-v2}
+TEACHER_STEPS=${TEACHER_STEPS:-3000}
+STUDENT_STEPS=${STUDENT_STEPS:-3000}
+N_IMAGES=${N_IMAGES:-64}
+SEEDS=${SEEDS:-"0 1000 2000"}
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  TEACHER_STEPS=2 STUDENT_STEPS=3 N_IMAGES=2 SEEDS=0
+fi
+GD_ROUND=$(( STUDENT_STEPS / 3 > 0 ? STUDENT_STEPS / 3 : 1 ))
+TEACHER_LADDER=${TEACHER_LADDER:-4,8,16,50,200}
+[[ "${SMOKE:-0}" == 1 ]] && TEACHER_LADDER=4,8
+
+C="--backbone $BACKBONE --lr 3e-4 --checkpoint-every 100 --keep-checkpoints 2 --num-workers 1 --sample-every 0 --resume"
+SR="--task super-resolution --caption-dropout 0.5 --photo-fraction 0.5 --degradation mild-64px"
+T="$RUNS/sr-finetune/entry"
+
+train() {
+  echo "== cdd-train-adapter $*"
+  cdd-train-adapter "$@"
+}
+
+train_all() {
+  # the teachers (GD's unconditional branch runs the SR teacher on the empty prompt: caption dropout 0.5 covers it)
+  train $SR --method finetune --max-train-steps "$TEACHER_STEPS" $C --output "$RUNS/sr-finetune"
+  train --task depth --method finetune --caption-dropout 0.1 --max-train-steps "$TEACHER_STEPS" $C --output "$RUNS/depth-finetune"
+  train --task edit --method finetune --caption-dropout 0.1 --max-train-steps "$TEACHER_STEPS" $C --output "$RUNS/edit-finetune"
+  # CoDi, finetune-first (the student starts as its teacher), modes pe and lora
+  train $SR --method codi --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-codi"
+  train $SR --method codi --mode lora --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-codi-lora"
+  train --task depth --method codi --caption-dropout 0.1 --init-from "$RUNS/depth-finetune/entry" --ema 0.99 \
+    --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/depth-codi"
+  train --task edit --method codi --caption-dropout 0.1 --init-from "$RUNS/edit-finetune/entry" --ema 0.99 \
+    --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/edit-codi"
+  # the other super-resolution architectures (no teacher of their own architecture: CoDi from the backbone)
+  train $SR --adapter t2i --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-t2i-codi"
+  train $SR --adapter controlnet-lora --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-controlnet-lora-codi"
+  # the baselines from the same teacher at the same budget: consistency distillation, and Guided Distillation's
+  # three rounds (guided student at 8 steps, then 8 -> 4 ... as two progressive rounds) sharing STUDENT_STEPS
+  train $SR --method cm --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-cm"
+  train $SR --method gd --init-from "$T" --gd-steps 8 --ema 0.99 --max-train-steps "$GD_ROUND" $C --output "$RUNS/sr-gd1"
+  train $SR --method gd --gd-stage 2 --gd-steps 8 --init-from "$RUNS/sr-gd1/entry" --ema 0.99 --max-train-steps "$GD_ROUND" $C --output "$RUNS/sr-gd2-8"
+  train $SR --method gd --gd-stage 2 --gd-steps 4 --init-from "$RUNS/sr-gd2-8/entry" --ema 0.99 --max-train-steps "$GD_ROUND" $C --output "$RUNS/sr-gd2-4"
+}
+
+eval_all() {
+  local out="$RUNS/results"
+  for s in $SEEDS; do
+    for data in scenes photos; do
+      E="cdd-eval --task super-resolution --backbone $BACKBONE --degradation mild-64px --dataset $data --prompt none \
+         --num-images $N_IMAGES --batch-size 32 --seed $s --out $out/super-resolution-$data/seed$s"
+      $E --bicubic --adapters "codi=$RUNS/sr-codi/entry,codi-lora=$RUNS/sr-codi-lora/entry" --samplers prev,prev+ilvr --steps 1,2,4
+      $E --append --adapters "finetune=$T" --samplers ddim --steps "$TEACHER_LADDER"
+      $E --append --adapters "finetune=$T" --samplers dpm-solver++ --steps 4,20
+      $E --append --adapters "finetune=$T" --samplers prev --steps 4
+      $E --append --adapters "cm=$RUNS/sr-cm/entry" --samplers cm --steps 4
+      $E --append --adapters "gd=$RUNS/sr-gd2-4/entry" --samplers gd --steps 4
+      $E --append --adapters "codi-t2i=$RUNS/sr-t2i-codi/entry,codi-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" \
+        --samplers prev --steps 4
+    done
+    for task in depth edit; do
+      D="cdd-eval --task $task --backbone $BACKBONE --num-images $N_IMAGES --batch-size 32 --seed $s --out $out/$task/seed$s"
+      $D --adapters "codi=$RUNS/$task-codi/entry" --samplers prev --steps 1,2,4
+      $D --append --adapters "finetune=$RUNS/$task-finetune/entry" --samplers ddim --steps 4,50
+    done
+  done
+  local -A metrics=([super-resolution-scenes]=kid_attr,fid_attr,swd,psnr,ssim,attr_all
+                    [super-resolution-photos]=swd,psnr,ssim
+                    [depth]=kid_attr,fid_attr,swd,depth_edge_corr,depth_edge_other,depth_edge_match
+                    [edit]=kid_attr,fid_attr,swd,psnr_in,psnr_out)
+  for table in "${!metrics[@]}"; do
+    dirs=()
+    for s in $SEEDS; do dirs+=("$out/$table/seed$s"); done
+    python benchmarks/seed_table.py "${dirs[@]}" --metrics "${metrics[$table]}" --out "$out/$table/seeds.md"
+  done
+}
+
+build_zoo() {
+  local out="$RUNS/results" s0
+  s0=$(echo "$SEEDS" | awk '{print $1}')
+  python benchmarks/build_default_zoo.py --zoo "${ZOO:-$RUNS/zoo}" \
+    --entry "super-resolution=$RUNS/sr-codi/entry" \
+    --entry "super-resolution-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" \
+    --entry "super-resolution-t2i=$RUNS/sr-t2i-codi/entry" \
+    --entry "depth=$RUNS/depth-codi/entry" --entry "edit=$RUNS/edit-codi/entry" \
+    --results "$out/super-resolution-scenes/seed$s0/results.json" \
+    --results "$out/depth/seed$s0/results.json" --results "$out/edit/seed$s0/results.json"
+}
+
+case "${1:-all}" in
+  train) train_all ;;
+  eval) eval_all ;;
+  zoo) build_zoo ;;
+  all) train_all; eval_all; build_zoo ;;
+  *) echo "usage: bash benchmarks/zoo_v2.sh [train|eval|zoo|all]" >&2; exit 2 ;;
+esac
