@@ -32,7 +32,7 @@ from .backbone import Backbone, load_backbone
 from .executor import Batch, Executor, Flight
 from .metrics import Metrics
 from .pool import AdapterGone, AdapterPool, Registered
-from .samplers import STOCHASTIC
+from .samplers import is_stochastic
 from .scheduler import Job, Scheduler
 from .settings import ServeSettings
 from .tasks import Work, blank_work, prepare
@@ -324,7 +324,7 @@ class Engine:
                 z_T=torch.cat([w.z_T for w in works]),
                 cond=torch.cat([w.cond for w in works]),
                 text_emb=text,
-                fresh=[torch.cat(xs) for xs in zip(*[w.fresh for w in works])] if w0.sampler in STOCHASTIC else None,
+                fresh=[torch.cat(xs) for xs in zip(*[w.fresh for w in works])] if is_stochastic(w0.sampler) else None,
                 steps=w0.steps,
                 sampler=w0.sampler,
             )

@@ -25,7 +25,8 @@ import torch
 from .backbone import Backbone
 from .cuda_graphs import GraphCache, GraphKey, StepGraphKey
 from .pool import AdapterPool, LiveSlot, Registered
-from .samplers import few_step_sampler, sampler_step
+from .samplers import LowPass, few_step_sampler, ilvr, ilvr_correct, sampler_step, split_ilvr
+from .tasks import SR_SCALE
 from .schedule import NoiseSchedule
 
 RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
@@ -105,6 +106,7 @@ class Executor:
         self.graphs = graphs
         self.schedule = CachedSchedule.of(backbone.schedule)
         self._timesteps: dict[tuple[int, int], torch.Tensor] = {}
+        self._lowpass: dict[tuple[int, int], LowPass] = {}
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
@@ -122,6 +124,8 @@ class Executor:
             if self.graphs is not None:
                 key = GraphKey(slot.key, reg.lora_name, size, reg.resolution, batch.steps, batch.sampler)
                 self._prime(batch.steps, size, values["z_T"])
+                if split_ilvr(batch.sampler)[1]:
+                    self.lowpass(*values["cond"].shape[-2:])  # its matrices on the device before the capture
                 fn = self._loop(slot, batch.steps, batch.sampler)
                 watched = slot.live_tensors() if self.graphs.debug else slot.tensors
                 images = self.graphs.run(key, fn, values, watched)
@@ -155,6 +159,21 @@ class Executor:
             self._timesteps[key] = torch.full((size,), t, dtype=torch.long, device=device)
         return self._timesteps[key]
 
+    def lowpass(self, height: int, width: int) -> LowPass:
+        """ILVR's low-pass at the super-resolution factor for rows of height x width pixels, on the device."""
+        key = (height, width)
+        if key not in self._lowpass:
+            self._lowpass[key] = LowPass(height, width, SR_SCALE).to(self.backbone.device)
+        return self._lowpass[key]
+
+    def _latent_io(self) -> dict:
+        """ILVR on a latent backbone: x_hat is decoded, corrected in pixels and encoded again."""
+        bb = self.backbone
+        if not bb.latent:
+            return {}
+        return {"to_pixels": lambda z: bb.from_model_space(z.to(bb.dtype)).float(),
+                "to_model": lambda x: bb.to_model_space(x.to(bb.dtype)).float()}
+
     def _prime(self, steps: int, size: int, like: torch.Tensor) -> None:
         """Make every device constant the loop needs before a capture (a capture must not copy from the host)."""
         k = len(self.schedule.trailing_timesteps(steps))
@@ -167,7 +186,8 @@ class Executor:
         """fn(z_T, cond, text_emb, fresh) -> images in [0, 1]: the k-step sampler and the decode."""
         denoiser, schedule = slot.denoiser, self.schedule
         timesteps = schedule.trailing_timesteps(steps)
-        sample = few_step_sampler(sampler)
+        base, consistent = split_ilvr(sampler)
+        sample = few_step_sampler(base)
 
         dtype = self.backbone.dtype
 
@@ -177,6 +197,9 @@ class Executor:
                 out = denoiser.predict(z_t.to(dtype), self._timestep(t, z_t.shape[0], z_t.device), cond, text_emb)
                 return schedule.to_x_eps(out.float(), z_t, t)
 
+            if consistent:  # super-resolution: each x_hat keeps the input's low frequencies (ILVR)
+                low = self.lowpass(cond.shape[-2], cond.shape[-1])
+                model = ilvr(model, cond.float() * 2 - 1, SR_SCALE, low=low, **self._latent_io())
             z_0 = sample(model, z_T, timesteps, schedule, fresh_noise=fresh or None)
             return self._to_images(z_0)
 
@@ -216,7 +239,11 @@ class Executor:
         a = 0
         for f in flights:
             x_hat, eps_hat = self.schedule.to_x_eps(out[a : a + f.rows].float(), f.z, f.timesteps[f.i])
-            f.z = sampler_step(f.sampler, f.i, f.timesteps, f.z, x_hat, eps_hat, self.schedule, f.z_T, f.fresh)
+            base, consistent = split_ilvr(f.sampler)
+            if consistent:  # as `_loop`: ILVR on this flight's rows, towards its own condition
+                low = self.lowpass(f.cond.shape[-2], f.cond.shape[-1])
+                x_hat = ilvr_correct(x_hat, low(f.cond.float() * 2 - 1), low, **self._latent_io())
+            f.z = sampler_step(base, f.i, f.timesteps, f.z, x_hat, eps_hat, self.schedule, f.z_T, f.fresh)
             f.i += 1
             f.company = max(f.company, n)
             a += f.rows

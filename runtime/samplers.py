@@ -51,10 +51,15 @@ def _stream_seed(seed: int) -> int:
     return int(np.random.SeedSequence([int(seed), STEP_NOISE_STREAM]).generate_state(1, dtype=np.uint64)[0])
 
 
+def is_stochastic(sampler: str) -> bool:
+    """Whether the few-step sampler (or its ILVR form, "cm+ilvr") draws fresh noise each step."""
+    return split_ilvr(sampler)[0] in STOCHASTIC
+
+
 def fresh_noise(sampler: str, seeds: Sequence[int], shape: Sequence[int], steps: int, device=None,
                 dtype=torch.float32) -> list[torch.Tensor] | None:
     """`step_noise` for a sampler that draws fresh noise each step (STOCHASTIC), None for the others."""
-    return step_noise(seeds, shape, steps, device, dtype) if sampler in STOCHASTIC else None
+    return step_noise(seeds, shape, steps, device, dtype) if is_stochastic(sampler) else None
 
 
 def _few_step(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, noise_of_step) -> torch.Tensor:
@@ -170,6 +175,7 @@ def sampler_step(name: str, i: int, timesteps: Sequence[int], z_t: torch.Tensor,
 # ILVR: keep the input's low frequencies (super-resolution)
 
 ILVR = "+ilvr"  # the suffix of a few-step sampler run with the ILVR consistency step, e.g. "prev+ilvr"
+ILVR_SAMPLERS = tuple(name + ILVR for name in FEW_STEP_SAMPLERS)  # what cdd-serve takes for super-resolution
 
 
 def split_ilvr(name: str) -> tuple[str, bool]:
@@ -203,14 +209,33 @@ class LowPass:
         up = F.interpolate(basis, size=(length, 1), mode="bicubic", align_corners=False)[:, 0, :, 0].T  # [length, n]
         return up @ torch.linalg.solve(down @ up, down)
 
+    def to(self, device) -> LowPass:
+        """The same projection with its matrices kept on `device` in float32 (no copy per call: a CUDA graph
+        may capture it)."""
+        moved = object.__new__(LowPass)
+        moved.factor = self.factor
+        moved.rows, moved.cols = (m.to(device, torch.float32) for m in (self.rows, self.cols))
+        return moved
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = (m.to(x.device, x.dtype) for m in (self.rows, self.cols))
         return torch.einsum("hk,...kl,wl->...hw", rows, x, cols)
 
 
+def ilvr_correct(x_hat: torch.Tensor, reference_low: torch.Tensor, low: LowPass, *,
+                 to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 to_model: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """ILVR's update of one x_hat: x_hat - phi(x_hat) + phi(reference), in pixels (`to_pixels` / `to_model`
+    decode and encode a latent x_hat); `reference_low` is phi(reference), computed once per sample."""
+    x = (to_pixels(x_hat) if to_pixels is not None else x_hat).float()
+    x = x - low(x) + reference_low.to(x.device, x.dtype)
+    x = to_model(x) if to_model is not None else x
+    return x.to(x_hat.dtype)
+
+
 def ilvr(model: Model, reference: torch.Tensor, factor: int, *,
          to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         to_model: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Model:
+         to_model: Callable[[torch.Tensor], torch.Tensor] | None = None, low: LowPass | None = None) -> Model:
     """`model` with the ILVR consistency step (Choi et al., "ILVR: Conditioning Method for Denoising Diffusion
     Probabilistic Models") on its x_hat: x_hat <- x_hat - phi(x_hat) + phi(reference), `phi` the `LowPass` of the
     SR factor. Every few-step sampler forms its next sample from the returned x_hat before adding its noise, so
@@ -218,16 +243,14 @@ def ilvr(model: Model, reference: torch.Tensor, factor: int, *,
 
     `reference`: the input in pixel space, [B, 3, H, W] in [-1, 1] (the SR condition, 2 c - 1). A latent backbone
     passes `to_pixels` (decode) and `to_model` (encode): x_hat is decoded, corrected in pixels and encoded back,
-    so its low frequencies hold up to what the autoencoder's round trip keeps."""
-    low = LowPass(reference.shape[-2], reference.shape[-1], factor)
+    so its low frequencies hold up to what the autoencoder's round trip keeps. `low`: a `LowPass` made beforehand
+    (on the device), else one is made for the reference's size."""
+    low = low or LowPass(reference.shape[-2], reference.shape[-1], factor)
     reference_low = low(reference.float())
 
     def consistent(z_t, t):
         x_hat, eps_hat = model(z_t, t)
-        x = (to_pixels(x_hat) if to_pixels is not None else x_hat).float()
-        x = x - low(x) + reference_low.to(x.device)
-        x = to_model(x) if to_model is not None else x
-        return x.to(x_hat.dtype), eps_hat
+        return ilvr_correct(x_hat, reference_low, low, to_pixels=to_pixels, to_model=to_model), eps_hat
 
     return consistent
 

@@ -194,6 +194,15 @@ def test_super_resolution_png_is_4x_with_headers(client):
     assert int(h["x-cdd-tiles"]) > 1 and "x-cdd-resized" not in h and "execute;dur=" in h["server-timing"]
 
 
+def test_super_resolution_with_ilvr_and_ilvr_refused_for_other_tasks(client):
+    plain = post(client, "super-resolution", png(9, 5), seed=7)
+    r = post(client, "super-resolution", png(9, 5), seed=7, sampler="prev+ilvr")
+    assert r.status_code == 200 and r.headers["x-cdd-sampler"] == "prev+ilvr"
+    assert decode(r.content).shape == (20, 36, 3) and r.content != plain.content
+    message = error(post(client, "depth", png(RES, RES), sampler="prev+ilvr"), 422, "invalid_parameter")
+    assert "prev+ilvr" in message and "'depth' has no low-resolution input" in message
+
+
 def test_same_request_same_seed_same_bytes_and_random_seed_is_returned(client):
     r1 = post(client, "super-resolution", png(6, 6, seed=3))
     seed = int(r1.headers["x-cdd-seed"])
