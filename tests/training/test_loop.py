@@ -105,6 +105,14 @@ def test_ema_update_matches_its_formula(tmp_path, pixel_backbone_dir):
     for k in p:
         torch.testing.assert_close(ema.shadow[k], 0.9 * old[k] + 0.1 * p[k].detach(), rtol=0, atol=1e-6)
     assert ema.shadow["a"].data_ptr() != p["a"].data_ptr()
+    # with warm-up (the fine-tuning teacher): mu_n = min(mu, (1 + n) / (10 + n))
+    warm = EMA(p, rate=0.999, warmup=True)
+    assert warm.rate_at(1) == 2 / 11 and warm.rate_at(100) == 101 / 110 and warm.rate_at(10_000) == 0.999
+    start = {k: v.clone() for k, v in warm.shadow.items()}
+    warm.update(p, 1)
+    for k in p:
+        torch.testing.assert_close(warm.shadow[k], 2 / 11 * start[k] + 9 / 11 * p[k].detach(), rtol=0, atol=1e-6)
+    assert EMA(p, rate=0.999).rate_at(1) == 0.999  # CoDi's target: Algorithm 1's constant mu
 
     # in the loop: theta^-_2 = mu theta^-_1 + (1 - mu) theta_2, read back from two checkpoints
     cfg = config(tmp_path, pixel_backbone_dir, ema=0.75, checkpoint_every=1, keep_checkpoints=5)
