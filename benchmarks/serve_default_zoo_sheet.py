@@ -70,19 +70,25 @@ def main() -> None:
             ]
             rows.append(np.concatenate(tiles, axis=1))
             captions.append(f"{scenes.caption(spec)} | edit: {edit.instruction}")
-    scale, head, line = 2, 14, 12
+    scale = 2
     sheet = Image.fromarray(np.concatenate(rows, axis=0)).resize((64 * len(COLUMNS) * scale, 64 * len(rows) * scale),
                                                                    Image.NEAREST)
-    canvas = Image.new("RGB", (sheet.width, head + sheet.height + line * len(rows)), "white")
+    save_sheet(sheet, COLUMNS, 64 * scale, captions, args.out)
+
+
+def save_sheet(sheet: Image.Image, columns: list[str], cell: int, captions: list[str], out: Path) -> None:
+    """`sheet` (rows of `cell`-wide tiles) with the column names above and one caption line per row below."""
+    head, line = 14, 12
+    canvas = Image.new("RGB", (sheet.width, head + sheet.height + line * len(captions)), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, name in enumerate(COLUMNS):
-        draw.text((j * 64 * scale + 4, 1), name, fill="black")
+    for j, name in enumerate(columns):
+        draw.text((j * cell + 4, 1), name, fill="black")
     canvas.paste(sheet, (0, head))
     for i, text in enumerate(captions):
         draw.text((4, head + sheet.height + i * line), f"row {i + 1}: {text}", fill="black")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(args.out)
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

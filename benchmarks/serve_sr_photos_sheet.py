@@ -24,22 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw
+from PIL import Image
+from serve_default_zoo_sheet import png, save_sheet, u8  # the sibling script (benchmarks/ is sys.path[0])
 
 from cdd.runtime.app import create_app
 from cdd.runtime.settings import ServeSettings
 from cdd.training.data.degradations import degradation_preset, make_sr_pair, upsample
 from cdd.training.data.photos import HELD_OUT, PhotoPatches, bundled_photo
-
-
-def png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def u8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -86,7 +77,7 @@ def main() -> None:
         cases.append((f"{name} whole, {args.whole} px", lr, truth))
 
     settings = ServeSettings(backbone=args.backbone, zoo=args.zoo, warmup=False)
-    rows, labels = [], []
+    rows, labels, side = [], [], 128
     with TestClient(create_app(settings)) as client:
         assert client.app.state.engine.wait_ready(300)
         for label, lr, truth in cases:
@@ -96,23 +87,11 @@ def main() -> None:
             tiles.append(truth)
             scores = [f"{n} {psnr(t, truth):.2f}" for n, t in zip(["bicubic", *samplers], tiles[1:-1])]
             print(f"{label}: PSNR " + ", ".join(scores))
-            side = 128
             rows.append(np.concatenate([np.asarray(Image.fromarray(t).resize((side, side), Image.LANCZOS))
                                         for t in tiles], axis=1))
             labels.append(f"{label}: PSNR " + ", ".join(scores))
     columns = ["input", "bicubic", *[f"served {s}" for s in samplers], "truth"]
-    head, line = 14, 12
-    sheet = Image.fromarray(np.concatenate(rows, axis=0))
-    canvas = Image.new("RGB", (sheet.width, head + sheet.height + line * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, name in enumerate(columns):
-        draw.text((j * 128 + 4, 1), name, fill="black")
-    canvas.paste(sheet, (0, head))
-    for i, text in enumerate(labels):
-        draw.text((4, head + sheet.height + i * line), f"row {i + 1}: {text}", fill="black")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(args.out)
-    print(f"wrote {args.out}")
+    save_sheet(Image.fromarray(np.concatenate(rows, axis=0)), columns, side, labels, args.out)
 
 
 if __name__ == "__main__":
