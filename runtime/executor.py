@@ -26,8 +26,8 @@ from .backbone import Backbone
 from .cuda_graphs import GraphCache, GraphKey, StepGraphKey
 from .pool import AdapterPool, LiveSlot, Registered
 from .samplers import LowPass, few_step_sampler, ilvr, ilvr_correct, sampler_step, split_ilvr
-from .tasks import SR_SCALE
 from .schedule import NoiseSchedule
+from .tasks import SR_SCALE
 
 RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
 
@@ -84,6 +84,7 @@ class Flight:
     company: int = 0  # most rows it shared an evaluation with (itself included)
     requests: int = 1  # requests in flight when it boarded (itself included)
     boarded: float = 0.0  # time.perf_counter() when it boarded
+    reference_low: torch.Tensor | None = None  # NAME+ilvr: phi(2 cond - 1), the input's low frequencies, made once
 
     @property
     def rows(self) -> int:
@@ -214,10 +215,15 @@ class Executor:
         """A request's rows on the device, ready for its first evaluation (CPU tensors in, as `Batch` holds)."""
         device, dtype = self.backbone.device, self.backbone.dtype
         z_T = z_T.to(device, torch.float32)
+        cond = cond.to(device, dtype)
+        reference_low = None
+        if split_ilvr(sampler)[1]:
+            reference_low = self.lowpass(cond.shape[-2], cond.shape[-1])(cond.float() * 2 - 1)
         return Flight(
             payload, reg, sampler, self.schedule.trailing_timesteps(steps), z_T, z_T,
-            cond.to(device, dtype), text_emb.to(device, dtype),
+            cond, text_emb.to(device, dtype),
             [xi.to(device, torch.float32) for xi in fresh] if fresh is not None else None,
+            reference_low=reference_low,
         )
 
     @torch.no_grad()
@@ -242,7 +248,7 @@ class Executor:
             base, consistent = split_ilvr(f.sampler)
             if consistent:  # as `_loop`: ILVR on this flight's rows, towards its own condition
                 low = self.lowpass(f.cond.shape[-2], f.cond.shape[-1])
-                x_hat = ilvr_correct(x_hat, low(f.cond.float() * 2 - 1), low, **self._latent_io())
+                x_hat = ilvr_correct(x_hat, f.reference_low, low, **self._latent_io())
             f.z = sampler_step(base, f.i, f.timesteps, f.z, x_hat, eps_hat, self.schedule, f.z_T, f.fresh)
             f.i += 1
             f.company = max(f.company, n)
