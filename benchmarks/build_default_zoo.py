@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cdd.adapters.zoo import default_zoo_dir, install_entry, write_metrics
 from cdd.runtime.samplers import FEW_STEP_SAMPLERS
-from cdd.training.evaluate import record
+from cdd.training.eval_report import record
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cdd.training.evaluate import LABELS, _colours, new_plot, save_plot
+from cdd.training.eval_report import LABELS, _colours, new_plot, save_plot
 
 
 def find_row(rows: list[dict], method: str, sampler: str | None, steps: int) -> dict:

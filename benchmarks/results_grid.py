@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cdd.training.evaluate import write_grid
+from cdd.training.eval_report import write_grid
 
 
 def main() -> None:

@@ -2,7 +2,10 @@
 # Rebuild the default zoo on the latent backbone (issue 16): the teachers, the CoDi students, the baselines
 # distilled from the same teacher at the same budget, Table 1 over three noise seeds, and the zoo itself.
 #
-#     bash benchmarks/zoo_v2.sh [train|eval|zoo|all]     (default all)
+#     bash benchmarks/zoo_v2.sh [train [RUN...]|eval|zoo|all]     (default all)
+#
+# `train sr-finetune depth-finetune` runs only those (two streams can share a machine); the run names are
+# in ALL_RUNS below.
 #
 # Every training command passes --resume, so running the script again continues where it stopped (a run
 # that has finished its --max-train-steps only rewrites its entry). Budgets come from the environment:
@@ -42,27 +45,42 @@ train() {
   cdd-train-adapter "$@"
 }
 
+# one named run each; `train NAME...` runs those in order, `train` all of them (teachers first)
+run_one() {
+  case "$1" in
+    # the teachers (GD's unconditional branch runs the SR teacher on the empty prompt: caption dropout 0.5 covers it)
+    sr-finetune) train $SR --method finetune --max-train-steps "$TEACHER_STEPS" $C --output "$RUNS/sr-finetune" ;;
+    depth-finetune) train --task depth --method finetune --caption-dropout 0.1 --max-train-steps "$TEACHER_STEPS" $C \
+      --output "$RUNS/depth-finetune" ;;
+    edit-finetune) train --task edit --method finetune --caption-dropout 0.1 --max-train-steps "$TEACHER_STEPS" $C \
+      --output "$RUNS/edit-finetune" ;;
+    # CoDi, finetune-first (the student starts as its teacher), modes pe and lora
+    sr-codi) train $SR --method codi --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-codi" ;;
+    sr-codi-lora) train $SR --method codi --mode lora --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C \
+      --output "$RUNS/sr-codi-lora" ;;
+    depth-codi|edit-codi) local task=${1%-codi}
+      train --task "$task" --method codi --caption-dropout 0.1 --init-from "$RUNS/$task-finetune/entry" --ema 0.99 \
+        --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
+    # the other super-resolution architectures (no teacher of their own architecture: CoDi from the backbone)
+    sr-t2i-codi) train $SR --adapter t2i --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
+    sr-controlnet-lora-codi) train $SR --adapter controlnet-lora --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C \
+      --output "$RUNS/$1" ;;
+    # the baselines from the same teacher at the same budget: consistency distillation, and Guided Distillation's
+    # three rounds (guided student at 8 steps, then 8 -> 4 ... as two progressive rounds) sharing STUDENT_STEPS
+    sr-cm) train $SR --method cm --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-cm" ;;
+    sr-gd) train $SR --method gd --init-from "$T" --gd-steps 8 --ema 0.99 --max-train-steps "$GD_ROUND" $C --output "$RUNS/sr-gd1"
+      train $SR --method gd --gd-stage 2 --gd-steps 8 --init-from "$RUNS/sr-gd1/entry" --ema 0.99 --max-train-steps "$GD_ROUND" $C \
+        --output "$RUNS/sr-gd2-8"
+      train $SR --method gd --gd-stage 2 --gd-steps 4 --init-from "$RUNS/sr-gd2-8/entry" --ema 0.99 --max-train-steps "$GD_ROUND" $C \
+        --output "$RUNS/sr-gd2-4" ;;
+    *) echo "unknown run '$1'; the runs: $ALL_RUNS" >&2; exit 2 ;;
+  esac
+}
+ALL_RUNS="sr-finetune depth-finetune edit-finetune sr-codi sr-codi-lora depth-codi edit-codi sr-t2i-codi sr-controlnet-lora-codi sr-cm sr-gd"
+
 train_all() {
-  # the teachers (GD's unconditional branch runs the SR teacher on the empty prompt: caption dropout 0.5 covers it)
-  train $SR --method finetune --max-train-steps "$TEACHER_STEPS" $C --output "$RUNS/sr-finetune"
-  train --task depth --method finetune --caption-dropout 0.1 --max-train-steps "$TEACHER_STEPS" $C --output "$RUNS/depth-finetune"
-  train --task edit --method finetune --caption-dropout 0.1 --max-train-steps "$TEACHER_STEPS" $C --output "$RUNS/edit-finetune"
-  # CoDi, finetune-first (the student starts as its teacher), modes pe and lora
-  train $SR --method codi --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-codi"
-  train $SR --method codi --mode lora --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-codi-lora"
-  train --task depth --method codi --caption-dropout 0.1 --init-from "$RUNS/depth-finetune/entry" --ema 0.99 \
-    --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/depth-codi"
-  train --task edit --method codi --caption-dropout 0.1 --init-from "$RUNS/edit-finetune/entry" --ema 0.99 \
-    --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/edit-codi"
-  # the other super-resolution architectures (no teacher of their own architecture: CoDi from the backbone)
-  train $SR --adapter t2i --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-t2i-codi"
-  train $SR --adapter controlnet-lora --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-controlnet-lora-codi"
-  # the baselines from the same teacher at the same budget: consistency distillation, and Guided Distillation's
-  # three rounds (guided student at 8 steps, then 8 -> 4 ... as two progressive rounds) sharing STUDENT_STEPS
-  train $SR --method cm --init-from "$T" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/sr-cm"
-  train $SR --method gd --init-from "$T" --gd-steps 8 --ema 0.99 --max-train-steps "$GD_ROUND" $C --output "$RUNS/sr-gd1"
-  train $SR --method gd --gd-stage 2 --gd-steps 8 --init-from "$RUNS/sr-gd1/entry" --ema 0.99 --max-train-steps "$GD_ROUND" $C --output "$RUNS/sr-gd2-8"
-  train $SR --method gd --gd-stage 2 --gd-steps 4 --init-from "$RUNS/sr-gd2-8/entry" --ema 0.99 --max-train-steps "$GD_ROUND" $C --output "$RUNS/sr-gd2-4"
+  local name
+  for name in ${@:-$ALL_RUNS}; do run_one "$name"; done
 }
 
 eval_all() {
@@ -110,9 +128,9 @@ build_zoo() {
 }
 
 case "${1:-all}" in
-  train) train_all ;;
+  train) shift; train_all "$@" ;;
   eval) eval_all ;;
   zoo) build_zoo ;;
   all) train_all; eval_all; build_zoo ;;
-  *) echo "usage: bash benchmarks/zoo_v2.sh [train|eval|zoo|all]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/zoo_v2.sh [train [RUN...]|eval|zoo|all]" >&2; exit 2 ;;
 esac
