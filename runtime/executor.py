@@ -25,7 +25,7 @@ import torch
 from .backbone import Backbone
 from .cuda_graphs import GraphCache, GraphKey, StepGraphKey
 from .pool import AdapterPool, LiveSlot, Registered
-from .samplers import LowPass, few_step_sampler, ilvr, ilvr_correct, sampler_step, split_ilvr
+from .samplers import LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, sampler_step, split_ilvr
 from .schedule import NoiseSchedule
 from .tasks import SR_SCALE
 
@@ -198,16 +198,23 @@ class Executor:
                 out = denoiser.predict(z_t.to(dtype), self._timestep(t, z_t.shape[0], z_t.device), cond, text_emb)
                 return schedule.to_x_eps(out.float(), z_t, t)
 
+            reference_low = low = None
             if consistent:  # super-resolution: each x_hat keeps the input's low frequencies (ILVR)
                 low = self.lowpass(cond.shape[-2], cond.shape[-1])
+                reference_low = low(cond.float() * 2 - 1)
                 model = ilvr(model, cond.float() * 2 - 1, SR_SCALE, low=low, **self._latent_io())
             z_0 = sample(model, z_T, timesteps, schedule, fresh_noise=fresh or None)
-            return self._to_images(z_0)
+            return self._to_images(z_0, reference_low, low)
 
         return fn
 
-    def _to_images(self, z_0: torch.Tensor) -> torch.Tensor:
-        return (self.backbone.from_model_space(z_0.to(self.backbone.dtype)) * 0.5 + 0.5).clamp(0, 1)
+    def _to_images(self, z_0: torch.Tensor, reference_low: torch.Tensor | None = None,
+                   low: LowPass | None = None) -> torch.Tensor:
+        """Decoded images in [0, 1]; with `reference_low` (NAME+ilvr) ILVR's last update on the decoded output."""
+        x = self.backbone.from_model_space(z_0.to(self.backbone.dtype))
+        if reference_low is not None:
+            x = ilvr_output(x.float(), reference_low, low)
+        return (x * 0.5 + 0.5).clamp(0, 1)
 
     # -- step-level batching -----------------------------------------------------------------
 
@@ -312,9 +319,14 @@ class Executor:
         """Finished flights' images ([rows, 3, H, W] in [0, 1], float32 on the CPU), decoded together by size."""
         out: dict[int, torch.Tensor] = {}
         by_size: dict[tuple, list[int]] = {}
-        for i, f in enumerate(flights):
-            by_size.setdefault(tuple(f.z.shape[1:]), []).append(i)
         step = self.buckets[-1]
+        for i, f in enumerate(flights):
+            if f.reference_low is not None:  # NAME+ilvr: ILVR's last update on its own decoded output
+                low = self.lowpass(f.cond.shape[-2], f.cond.shape[-1])
+                out[i] = torch.cat([self._to_images(f.z[a : a + step], f.reference_low[a : a + step], low)
+                                    for a in range(0, f.rows, step)]).to("cpu", torch.float32)
+            else:
+                by_size.setdefault(tuple(f.z.shape[1:]), []).append(i)
         for idx in by_size.values():
             z = torch.cat([flights[i].z for i in idx])
             images = torch.cat([self._to_images(z[a : a + step]) for a in range(0, z.shape[0], step)]).to("cpu", torch.float32)

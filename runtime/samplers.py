@@ -233,6 +233,15 @@ def ilvr_correct(x_hat: torch.Tensor, reference_low: torch.Tensor, low: LowPass,
     return x.to(x_hat.dtype)
 
 
+def ilvr_output(images: torch.Tensor, reference_low: torch.Tensor, low: LowPass) -> torch.Tensor:
+    """ILVR's last update, on the decoded output of a `NAME+ilvr` sample ([B, 3, H, W] in [-1, 1]): its block
+    means set to the input's. On a pixel backbone the last x_hat already has them (this changes nothing but
+    rounding); on a latent backbone the final decode would otherwise bring back what the autoencoder's round
+    trip loses at low frequencies (measured on the held-out photos: colour shifts), which the per-step
+    correction in latent space cannot hold."""
+    return ilvr_correct(images, reference_low, low)
+
+
 def ilvr(model: Model, reference: torch.Tensor, factor: int, *,
          to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
          to_model: Callable[[torch.Tensor], torch.Tensor] | None = None, low: LowPass | None = None) -> Model:
@@ -243,8 +252,8 @@ def ilvr(model: Model, reference: torch.Tensor, factor: int, *,
 
     `reference`: the input in pixel space, [B, 3, H, W] in [-1, 1] (the SR condition, 2 c - 1). A latent backbone
     passes `to_pixels` (decode) and `to_model` (encode): x_hat is decoded, corrected in pixels and encoded back,
-    so its low frequencies hold up to what the autoencoder's round trip keeps. `low`: a `LowPass` made beforehand
-    (on the device), else one is made for the reference's size."""
+    so its low frequencies hold up to what the autoencoder's round trip keeps (`ilvr_output` then fixes the
+    decoded output). `low`: a `LowPass` made beforehand (on the device), else one is made for the reference's size."""
     low = low or LowPass(reference.shape[-2], reference.shape[-1], factor)
     reference_low = low(reference.float())
 

@@ -249,7 +249,9 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         bound = model.bind(cond, text_emb[start : start + batch_size])
         if consistent:
             latent_io = {"to_pixels": backbone.from_model_space, "to_model": backbone.to_model_space} if backbone.latent else {}
-            bound = samplers.ilvr(bound, cond.float() * 2 - 1, sr_scale, **latent_io)
+            low = samplers.LowPass(cond.shape[-2], cond.shape[-1], sr_scale)
+            reference_low = low(cond.float() * 2 - 1)
+            bound = samplers.ilvr(bound, cond.float() * 2 - 1, sr_scale, low=low, **latent_io)
         z_T = samplers.initial_noise(seeds, shape, device, backbone.dtype)
         fresh = samplers.fresh_noise(sampler, seeds, shape, steps, device, backbone.dtype)
         _sync(device)
@@ -260,6 +262,8 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         else:
             z_0 = samplers.sample_with_scheduler(bound, z_T, steps, schedule, backbone.scheduler_config, sampler)
         x = backbone.from_model_space(z_0)
+        if consistent:
+            x = samplers.ilvr_output(x.float(), reference_low, low)
         _sync(device)
         seconds += time.perf_counter() - t0
         images.append(x.float().cpu())

@@ -8,6 +8,7 @@ from cdd.runtime.samplers import (
     LowPass,
     few_step_sampler,
     ilvr,
+    ilvr_output,
     initial_noise,
     sample_cm,
     sample_ddim,
@@ -223,3 +224,14 @@ def test_ilvr_on_a_latent_backbone_decodes_replaces_and_encodes(latent_backbone)
         expected = bb.to_model_space(pixels - low(pixels) + low(reference))
     torch.testing.assert_close(x_hat, expected)
     torch.testing.assert_close(eps_hat, plain_eps)
+
+
+def test_ilvr_output_sets_the_decoded_images_block_means_to_the_inputs():
+    """The last ILVR update on a decoded output (a latent backbone's decode does not keep the per-step one):
+    block means exactly the input's, everything above them kept; an output that has them already is unchanged."""
+    images, reference = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    low = LowPass(16, 16, 4)
+    out = ilvr_output(images, low(reference), low)
+    torch.testing.assert_close(_block_means(out, 4), _block_means(reference, 4))
+    torch.testing.assert_close(out - low(out), images - low(images))
+    torch.testing.assert_close(ilvr_output(out, low(reference), low), out)
