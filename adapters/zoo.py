@@ -46,12 +46,14 @@ UNET_FILE = "unet.safetensors"
 MODES = ("pe", "lora", "full")
 # entry, task and sampler names: they become URL path segments, metric labels, headers and file names
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SAMPLER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"  # and '+': super-resolution's NAME+ilvr (a header, a label)
 FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.safetensors$"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_RESOLUTION = 4096
 PUBLIC_TRAINING = ("method", "step", "weights", "loss")  # what GET /v1/tasks shows of `training`
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+SamplerName = Annotated[str, Field(pattern=SAMPLER_PATTERN)]
 
 
 class ZooError(ValueError):
@@ -69,7 +71,7 @@ class Manifest(BaseModel):
     architecture: dict[str, Any]
     backbone_fingerprint: str = Field(max_length=128)
     condition: dict[str, Any]  # {"channels": 3, "range": [0, 1], "resolution": 64}
-    sampler: Name = "prev"
+    sampler: SamplerName = "prev"
     steps: int = Field(4, ge=1, le=1000)
     mode: str = "pe"
     backbone_lora: dict[str, Any] | None = None
@@ -327,10 +329,10 @@ def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, 
         raise ZooError(f"{dest} already exists (pass replace to overwrite it)")
     manifest.name = name
     if sampler is not None:
-        from ..runtime.samplers import FEW_STEP_SAMPLERS
+        from ..runtime.samplers import servable_samplers
 
-        if sampler not in FEW_STEP_SAMPLERS:
-            raise ZooError(f"sampler {sampler!r} is not one of {', '.join(FEW_STEP_SAMPLERS)}")
+        if sampler not in servable_samplers(manifest.task):
+            raise ZooError(f"sampler {sampler!r} is not one of {', '.join(servable_samplers(manifest.task))}")
         manifest.sampler = sampler
     if steps is not None:
         if not 1 <= int(steps) <= 1000:

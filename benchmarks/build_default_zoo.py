@@ -6,7 +6,9 @@
 
 For each NAME=ENTRY: the rows that cdd-eval measured for that entry (matched by its folder) become the
 manifest's `metrics["cdd-eval"]`, the served default is the measured (sampler, steps) with the lowest
-sliced Wasserstein distance among the samplers cdd-serve serves (ties: fewer steps), and the entry is installed as float16 under NAME
+sliced Wasserstein distance among the samplers cdd-serve serves (ties: fewer steps), or the measured row
+`--default NAME=SAMPLER:STEPS` names (e.g. super-resolution=prev+ilvr:4, chosen on held-out photos, which the
+scenes table this script reads does not hold), and the entry is installed as float16 under NAME
 (`cdd.adapters.zoo.install_entry`). An entry without measured rows is refused: the zoo ships what
 was measured.
 """
@@ -18,7 +20,7 @@ import json
 from pathlib import Path
 
 from cdd.adapters.zoo import default_zoo_dir, install_entry, write_metrics
-from cdd.runtime.samplers import FEW_STEP_SAMPLERS
+from cdd.runtime.samplers import servable_samplers
 from cdd.training.eval_report import record
 
 
@@ -27,7 +29,16 @@ def main() -> None:
     p.add_argument("--entry", action="append", required=True, metavar="NAME=ENTRY")
     p.add_argument("--results", action="append", required=True, type=Path)
     p.add_argument("--zoo", type=Path, default=default_zoo_dir())
+    p.add_argument("--default", action="append", default=[], metavar="NAME=SAMPLER:STEPS",
+                   help="serve NAME with this measured row instead of the lowest-SWD one")
     args = p.parse_args()
+    chosen = {}
+    for item in args.default:
+        name, _, row = item.partition("=")
+        sampler, _, steps = row.rpartition(":")
+        if not (name and sampler and steps.isdigit()):
+            raise SystemExit(f"--default {item!r}: expected NAME=SAMPLER:STEPS")
+        chosen[name] = (sampler, int(steps))
 
     measured = []  # (results.json header, row)
     for path in args.results:
@@ -43,15 +54,22 @@ def main() -> None:
         if not rows:
             raise SystemExit(f"{entry}: no cdd-eval rows measure it in {', '.join(map(str, args.results))}")
         header, _, src = rows[0]
-        servable = [r for _, r, _ in rows if r["sampler"] in FEW_STEP_SAMPLERS]  # not NAME+ilvr: eval-only for now
+        ok = servable_samplers(header["task"])
+        servable = [r for _, r, _ in rows if r["sampler"] in ok]
         if not servable:
-            raise SystemExit(f"{entry}: no measured row with a sampler cdd-serve serves ({', '.join(FEW_STEP_SAMPLERS)})")
-        best = min(servable, key=lambda r: (r["swd"], r["steps"]))
+            raise SystemExit(f"{entry}: no measured row with a sampler cdd-serve serves ({', '.join(ok)})")
+        if name in chosen:
+            named = [r for r in servable if (r["sampler"], int(r["steps"])) == chosen[name]]
+            if not named:
+                raise SystemExit(f"--default {name}={chosen[name][0]}:{chosen[name][1]}: no such measured, servable row for "
+                                 f"{entry}")
+            best, why = named[0], "named on the command line (--default)"
+        else:
+            best = min(servable, key=lambda r: (r["swd"], r["steps"]))
+            why = "lowest sliced Wasserstein distance among the measured rows (ties: fewer steps)"
         record(entry, header, [r for _, r, _ in rows])  # the same metrics["cdd-eval"] as `cdd-eval --record`
-        write_metrics(entry, "default", {
-            "sampler": best["sampler"], "steps": best["steps"], "results": str(src),
-            "chosen_by": "lowest sliced Wasserstein distance among the measured rows (ties: fewer steps)",
-        })
+        write_metrics(entry, "default", {"sampler": best["sampler"], "steps": best["steps"], "results": str(src),
+                                         "chosen_by": why})
         dest = install_entry(entry, args.zoo, name=name, half=True, replace=True,
                              sampler=best["sampler"], steps=best["steps"])
         print(f"{name}: {best['sampler']} x {best['steps']} (SWD {best['swd']:.1f}, PSNR {best['psnr']:.2f}) -> {dest}")

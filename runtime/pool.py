@@ -39,7 +39,7 @@ from ..adapters.zoo import ADAPTER_FILE, BACKBONE_LORA_FILE, Manifest, ZooError,
 from .backbone import Backbone
 from .denoiser import ConditionedDenoiser
 from .metrics import Metrics
-from .samplers import FEW_STEP_SAMPLERS
+from .samplers import servable_samplers
 
 MAX_STEPS = 4  # what a request may ask for
 MAX_MANIFEST_STEPS = 64  # an entry's own default may be more (a Guided Distillation stage-1 student: 16)
@@ -171,8 +171,8 @@ class AdapterPool:
             )
         if not 1 <= m.steps <= MAX_MANIFEST_STEPS:
             raise ZooError(f"{where}: manifest steps is {m.steps}; the runtime serves 1-{MAX_MANIFEST_STEPS} steps")
-        if m.sampler not in FEW_STEP_SAMPLERS:
-            raise ZooError(f"{where}: manifest sampler {m.sampler!r} is not one of {', '.join(FEW_STEP_SAMPLERS)}")
+        if m.sampler not in servable_samplers(m.task):
+            raise ZooError(f"{where}: manifest sampler {m.sampler!r} is not one of {', '.join(servable_samplers(m.task))}")
         res = m.condition.get("resolution")
         factor = self.backbone.size_factor
         if not isinstance(res, int) or res < factor or res % factor:

@@ -178,6 +178,12 @@ ILVR = "+ilvr"  # the suffix of a few-step sampler run with the ILVR consistency
 ILVR_SAMPLERS = tuple(name + ILVR for name in FEW_STEP_SAMPLERS)  # what cdd-serve takes for super-resolution
 
 
+def servable_samplers(task: str) -> tuple[str, ...]:
+    """What cdd-serve runs for `task`, as a request's or a manifest's sampler: the few-step samplers, and for
+    super-resolution (the only task with a low-resolution input) each of them with ILVR."""
+    return FEW_STEP_SAMPLERS + (ILVR_SAMPLERS if task == "super-resolution" else ())
+
+
 def split_ilvr(name: str) -> tuple[str, bool]:
     """("prev", True) for "prev+ilvr", ("prev", False) for "prev"."""
     return (name[: -len(ILVR)], True) if name.endswith(ILVR) else (name, False)

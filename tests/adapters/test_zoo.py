@@ -169,3 +169,10 @@ def test_install_copies_renames_and_halves_an_entry(pixel_backbone, tmp_path, pe
     assert (verify_entry(zoo / "depth").sampler, verify_entry(zoo / "depth").steps) == ("ddim", 2)
     assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "x", "--sampler", "euler"]) == 2
     assert "sampler 'euler' is not one of" in capsys.readouterr().err
+    # ILVR keeps a low-resolution input's low frequencies: a super-resolution default only
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "x", "--sampler", "prev+ilvr"]) == 2
+    assert "sampler 'prev+ilvr' is not one of prev, ddim, cm, gd" in capsys.readouterr().err
+    save_entry(tmp_path / "run" / "sr", adapter, name="sr", task="super-resolution",
+               backbone_fingerprint=pixel_backbone.fingerprint, condition={"channels": 3, "range": [0, 1], "resolution": 16})
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "sr"), "--sampler", "prev+ilvr"]) == 0
+    assert verify_entry(zoo / "sr").sampler == "prev+ilvr"

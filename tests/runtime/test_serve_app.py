@@ -23,10 +23,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cdd.adapters.architectures import add_backbone_lora, backbone_lora_state, build_adapter
-from cdd.adapters.zoo import ADAPTER_FILE, save_entry
+from cdd.adapters.zoo import ADAPTER_FILE, ZooError, save_entry
 from cdd.runtime.app import create_app
 from cdd.runtime.factory import make_backbone, save_backbone
 from cdd.runtime.logs import JsonFormatter
+from cdd.runtime.pool import AdapterPool
 from cdd.runtime.settings import ServeSettings
 
 RES = 16
@@ -201,6 +202,23 @@ def test_super_resolution_with_ilvr_and_ilvr_refused_for_other_tasks(client):
     assert decode(r.content).shape == (20, 36, 3) and r.content != plain.content
     message = error(post(client, "depth", png(RES, RES), sampler="prev+ilvr"), 422, "invalid_parameter")
     assert "prev+ilvr" in message and "'depth' has no low-resolution input" in message
+
+
+def test_a_super_resolution_manifest_may_default_to_ilvr_and_other_tasks_may_not(world, tmp_path):
+    """A zoo entry's default sampler may be NAME+ilvr for super-resolution (a request with no sampler gets it,
+    the same bytes as asking for it); a depth entry with one is refused when the zoo loads."""
+    bb, zoo = world["backbone"], tmp_path / "zoo"
+    save_adapter(bb, zoo, "sr-ilvr", "super-resolution", "controlnet", 1, steps=2, sampler="prev+ilvr")
+    app = create_app(ServeSettings(backbone=world["backbone_dir"], zoo=zoo, warmup=False, max_wait_ms=5))
+    with TestClient(app) as c:
+        assert app.state.engine.wait_ready(120)
+        default, asked = post(c, "super-resolution", png(9, 5), seed=7), post(c, "super-resolution", png(9, 5), seed=7,
+                                                                             sampler="prev+ilvr")
+        assert default.status_code == 200 and default.headers["x-cdd-sampler"] == "prev+ilvr"
+        assert default.content == asked.content
+    bad = save_adapter(bb, tmp_path / "bad", "depth-ilvr", "depth", "controlnet", 3, steps=2, sampler="prev+ilvr")
+    with pytest.raises(ZooError, match=r"manifest sampler 'prev\+ilvr' is not one of prev, ddim, cm, gd$"):
+        AdapterPool(bb, budget_bytes=1 << 30).register(bad)
 
 
 def test_same_request_same_seed_same_bytes_and_random_seed_is_returned(client):
