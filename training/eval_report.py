@@ -39,6 +39,7 @@ UNRANKED = {"depth_edge_other"}  # a reference level for the column beside it, n
 PROBE = "probe"  # the sampler of the probe rows (--probes, and depth / edit references): image sets, not generated
 BICUBIC = "bicubic"  # the method of the --bicubic row (super-resolution): the condition itself, nothing sampled
 NO_SAMPLER = "-"  # its sampler
+TEXT_ONLY = "backbone (text only)"  # the method of the --text-only row: the backbone with no adapter, the prompt alone
 SUPER_RESOLUTION = "super-resolution"
 DATASETS = ("scenes", "photos")
 PROMPTS = ("caption", "none")
@@ -162,6 +163,9 @@ def results_markdown(results: dict) -> str:
                      f"{PROBE_NOISE} (in [0, 1] units), blurred ({PROBE_BLUR}x area downsampling, bilinear upsampling), and "
                      f"{results['num_images']} other {others} (data seed {EVAL_SEED + 1}).")
     lines += condition_notes(rows, results["num_images"])
+    if any(r["method"] == TEXT_ONLY for r in rows):
+        lines.append(f"- {TEXT_ONLY}: the backbone with no adapter, sampled from the prompt alone (the condition image "
+                     "unused): what an adapter's condition has to add.")
     if any(r["method"] == BICUBIC for r in rows):
         lines.append("- bicubic: the low-resolution input upsampled bicubically (the condition every SR adapter is given), "
                      "nothing sampled: the row a super-resolution method has to beat.")

@@ -71,6 +71,7 @@ from .eval_report import (
     PROBE_NOISE,
     PROMPTS,
     SUPER_RESOLUTION,
+    TEXT_ONLY,
     EvalError,
     fmt,
     image_name,
@@ -481,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "of their manifest's; their rows are labelled 'METHOD w=W'")
     p.add_argument("--probes", action="store_true", help="also measure the probe sets (truth, noisy, blurred, other "
                    "scenes) as rows with sampler 'probe'")
+    p.add_argument("--text-only", action="store_true", help=f"also sample the backbone with no adapter (the prompt alone) "
+                   f"with --samplers (default ddim) and --steps: the row '{TEXT_ONLY}', what a condition has to add")
     return p
 
 
@@ -496,8 +499,12 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                         ("--degradation", args.degradation is not None)):
         if given and not sr:
             raise EvalError(f"{flag} is for super-resolution (photographs and degradations make SR inputs), not {args.task}")
-    if args.adapters is None and not args.bicubic:
-        raise EvalError("--adapters is required (only --bicubic, for super-resolution, measures something without one)")
+    if args.adapters is None and not (args.bicubic or args.text_only):
+        raise EvalError("--adapters is required (only --bicubic, for super-resolution, and --text-only measure something "
+                        "without one)")
+    text_only_samplers = [s for s in (chosen or ["ddim"]) if not samplers.split_ilvr(s)[1]] if args.text_only else []
+    if args.text_only and not text_only_samplers:
+        raise EvalError("--text-only: the backbone alone has no low-resolution input for NAME+ilvr; name a plain sampler")
     prompt = args.prompt or ("none" if sr else "caption")
     degradation = (args.degradation or LEGACY["degradation"]) if sr else None
     if args.num_images < 2:
@@ -509,7 +516,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     resolutions = {c.manifest.condition.get("resolution") for c in candidates}
     resolution = args.resolution
     if resolution is None and not candidates:
-        raise EvalError("--bicubic without --adapters: pass --resolution (the high-resolution size)")
+        raise EvalError("--bicubic or --text-only without --adapters: pass --resolution (the high-resolution size)")
     if resolution is None:
         if len(resolutions) != 1:
             raise EvalError(f"the entries' condition resolutions differ ({sorted(map(str, resolutions))}); pass --resolution")
@@ -562,7 +569,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
 
     # 4. One row per (method, sampler, steps), every row from the same conditions and noise.
-    total = sum(len(c.samplers) for c in candidates) * len(steps)
+    total = (sum(len(c.samplers) for c in candidates) + len(text_only_samplers)) * len(steps)
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
           f"{args.num_images} held-out {args.dataset} at {resolution} px on {device}, prompt {prompt}", flush=True)
     rows: list[dict] = []
@@ -587,27 +594,32 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
         probes = probe_sets(truth, others[0], other_name) if args.probes else {}
         for name, images in {**probes, **follow.references()}.items():
             reference_row(f"probe: {name}", name, PROBE, images)
+    def sampled_rows(model: ConditionedDenoiser, method: str, names: list[str], entry: dict) -> None:
+        warm_up(model, backbone, data, text_emb, args.batch_size)
+        for sampler, k in itertools.product(names, steps):
+            images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size,
+                                       degradation_preset(degradation).scale if sr else 4)
+            row = {"method": method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute, follow),
+                   "seconds_per_image": seconds / args.num_images, **entry, "device": str(device)}
+            row["image"] = image_name(row)
+            save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
+            rows.append(row)
+            print(f"[{sum(r['sampler'] not in (PROBE, NO_SAMPLER) for r in rows)}/{total}] {method} {sampler} x{k}: "
+                  + ", ".join(f"{LABELS[m]} {fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
+            if not all(math.isfinite(row[m]) for m in ("psnr", "ssim", "swd")):
+                print(f"warning: {method} {sampler} x{k} gave non-finite metrics", file=sys.stderr)
+
+    if text_only_samplers:  # the backbone alone: the condition image is not used
+        sampled_rows(ConditionedDenoiser(backbone.unet, backbone.schedule), TEXT_ONLY, text_only_samplers,
+                     {"adapter": None, "name": TEXT_ONLY, "training_method": None, "kind": None, "mode": None})
     for index, c in enumerate(candidates):
         with entry_model(c, backbone, index) as model:
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
                 model.adapter.guidance = float(args.guidance)
                 c.method = f"{c.method} w={args.guidance:g}"
-            warm_up(model, backbone, data, text_emb, args.batch_size)
-            for sampler, k in itertools.product(c.samplers, steps):
-                images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size,
-                                           degradation_preset(degradation).scale if sr else 4)
-                row = {"method": c.method, "sampler": sampler, "steps": k,
-                       **measure(images, truth, optional, attribute, follow),
-                       "seconds_per_image": seconds / args.num_images, "adapter": str(c.path), "name": c.manifest.name,
-                       "training_method": c.manifest.training.get("method"), "kind": c.manifest.kind,
-                       "mode": c.manifest.mode, "device": str(device)}
-                row["image"] = image_name(row)
-                save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
-                rows.append(row)
-                print(f"[{sum(r['adapter'] is not None for r in rows)}/{total}] {c.method} {sampler} x{k}: "
-                      + ", ".join(f"{LABELS[m]} {fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
-                if not all(math.isfinite(row[m]) for m in ("psnr", "ssim", "swd")):
-                    print(f"warning: {c.method} {sampler} x{k} gave non-finite metrics", file=sys.stderr)
+            sampled_rows(model, c.method, c.samplers, {
+                "adapter": str(c.path), "name": c.manifest.name, "training_method": c.manifest.training.get("method"),
+                "kind": c.manifest.kind, "mode": c.manifest.mode})
 
     # 5. Merge (--append), write, record.
     results["notes"] = {m: why for m, why in optional.status.items() if why}

@@ -485,3 +485,31 @@ def test_ilvr_sampler_row_is_the_sampler_with_the_ilvr_step(sr_zoo, pixel_backbo
 def test_super_resolution_options_are_refused_elsewhere(argv, message, zoo, pixel_backbone_dir, tmp_path):
     rc, _, err = run(*argv, "--zoo", zoo, "--backbone", pixel_backbone_dir, "--out", tmp_path / "o")
     assert rc == 2 and message in err, err
+
+
+def test_text_only_row_is_the_backbone_without_an_adapter(zoo, pixel_backbone_dir, pixel_backbone, tmp_path, empty_hub):
+    """--text-only: the backbone sampled from the captions alone, the condition unused, beside the adapters' rows
+    (appended to a table that has them); alone it needs --resolution, and it refuses an ILVR sampler."""
+    out = tmp_path / "o"
+    rc, _, err = run(*common(zoo, pixel_backbone_dir), "--adapters", "a", "--steps", "2", "--out", out,
+                     "--attributes", "none")
+    assert rc == 0, err
+    rc, stdout, err = run(*common(zoo, pixel_backbone_dir), "--text-only", "--resolution", 16, "--samplers", "ddim",
+                          "--steps", "2", "--out", out, "--append", "--attributes", "none")
+    assert rc == 0, err
+    rows = rows_by_key(out)
+    row = rows[ev.TEXT_ONLY, "ddim", 2]
+    assert ("a", "prev", 2) in rows and row["adapter"] is None and row["kind"] is None
+    assert "depth_edge_match" in row and ev.TEXT_ONLY in (out / "results.md").read_text()
+    samples = list(itertools.islice(iter(build_dataset("depth", "scenes", size=16, seed=ev.EVAL_SEED)), 3))
+    text = pixel_backbone.encode_text([s["text"] for s in samples])
+    images, _ = ev.generate(ConditionedDenoiser(pixel_backbone.unet, pixel_backbone.schedule), pixel_backbone,
+                            {"condition": torch.zeros(3, 3, 16, 16)}, text, "ddim", 2, 0, 2)  # no condition read
+    saved = png(out / row["image"]).astype(np.float64)
+    mine = (images * 255).round().numpy().transpose(0, 2, 3, 1).reshape(48, 16, 3)
+    assert np.abs(mine - saved).max() <= 1
+    rc, _, err = run("--task", "depth", "--backbone", pixel_backbone_dir, "--text-only", "--out", tmp_path / "p")
+    assert rc == 2 and "pass --resolution" in err
+    rc, _, err = run("--task", "super-resolution", "--backbone", pixel_backbone_dir, "--text-only", "--resolution", 16,
+                     "--samplers", "prev+ilvr", "--out", tmp_path / "q")
+    assert rc == 2 and "no low-resolution input for NAME+ilvr" in err
