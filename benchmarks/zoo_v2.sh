@@ -102,7 +102,9 @@ eval_all() {
       D="cdd-eval --task $task --backbone $BACKBONE --num-images $N_IMAGES --batch-size 32 --seed $s --out $out/$task/seed$s"
       $D --adapters "codi=$RUNS/$task-codi/entry" --samplers prev --steps 1,2,4
       $D --append --adapters "finetune=$RUNS/$task-finetune/entry" --samplers ddim --steps 4,50
-      [[ $task == depth ]] && $D --append --text-only --resolution 64 --samplers ddim --steps 50  # what the map adds
+      if [[ $task == depth ]]; then  # what the map adds to the backbone alone
+        $D --append --text-only --resolution 64 --samplers ddim --steps 50
+      fi
     done
   done
   local -A metrics=([super-resolution-scenes]=kid_attr,fid_attr,swd,psnr,ssim,attr_all
