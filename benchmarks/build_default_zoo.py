@@ -5,7 +5,8 @@
         --results docs/results/super-resolution/results.json --results docs/results/depth/results.json ...
 
 For each NAME=ENTRY: the rows that cdd-eval measured for that entry (matched by its folder) become the
-manifest's `metrics["cdd-eval"]`, the served default is the measured (sampler, steps) with the lowest
+manifest's `metrics["cdd-eval"]` (rows of a second held-out set, e.g. super-resolution's photographs, under
+`metrics["cdd-eval-photos"]`), the served default is the measured (sampler, steps) with the lowest
 sliced Wasserstein distance among the samplers cdd-serve serves (ties: fewer steps), or the measured row
 `--default NAME=SAMPLER:STEPS` names (e.g. super-resolution=prev+ilvr:4, chosen on held-out photos, which the
 scenes table this script reads does not hold), and the entry is installed as float16 under NAME
@@ -54,8 +55,14 @@ def main() -> None:
         if not rows:
             raise SystemExit(f"{entry}: no cdd-eval rows measure it in {', '.join(map(str, args.results))}")
         header, _, src = rows[0]
+        # rows of another held-out set (super-resolution: the photographs) go under their own key
+        others = [(h, r, s) for h, r, s in rows if h.get("dataset") != header.get("dataset")]
+        rows = [(h, r, s) for h, r, s in rows if h.get("dataset") == header.get("dataset")]
+        for dataset in dict.fromkeys(h.get("dataset") for h, _, _ in others):
+            block = [(h, r) for h, r, _ in others if h.get("dataset") == dataset]
+            record(entry, block[0][0], [r for _, r in block], key=f"cdd-eval-{dataset}")
         ok = servable_samplers(header["task"])
-        servable = [r for _, r, _ in rows if r["sampler"] in ok]
+        servable = [r for _, r, _ in rows + others if r["sampler"] in ok]
         if not servable:
             raise SystemExit(f"{entry}: no measured row with a sampler cdd-serve serves ({', '.join(ok)})")
         if name in chosen:
@@ -65,7 +72,7 @@ def main() -> None:
                                  f"{entry}")
             best, why = named[0], "named on the command line (--default)"
         else:
-            best = min(servable, key=lambda r: (r["swd"], r["steps"]))
+            best = min([r for _, r, _ in rows if r["sampler"] in ok] or servable, key=lambda r: (r["swd"], r["steps"]))
             why = "lowest sliced Wasserstein distance among the measured rows (ties: fewer steps)"
         record(entry, header, [r for _, r, _ in rows])  # the same metrics["cdd-eval"] as `cdd-eval --record`
         write_metrics(entry, "default", {"sampler": best["sampler"], "steps": best["steps"], "results": str(src),

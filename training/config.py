@@ -42,8 +42,9 @@ LEGACY_DEFAULTS = {"degradation": "realesrgan"}
 DEFAULT_SAMPLING = {"codi": ("prev", 4), "finetune": ("ddim", 50), "cm": ("cm", 4)}
 # Methods that start from a trained zoo entry (`init_from`): the fine-tuned teacher, or the previous GD round.
 FROM_ENTRY = ("cm", "gd")
-# Methods that may start from a trained entry (codi: "finetune-first", the student starts as that entry).
-MAY_INIT_FROM = ("codi", "cm", "gd")
+# Methods that may start from a trained entry (codi: "finetune-first", the student starts as that entry;
+# finetune: a teacher continued with another recipe, e.g. more caption dropout).
+MAY_INIT_FROM = ("codi", "cm", "gd", "finetune")
 
 
 def run_dir(task: str, adapter: str, method: str, output: str | None) -> Path:

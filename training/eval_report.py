@@ -284,10 +284,10 @@ def write_outputs(out: Path, results: dict) -> None:
     write_grid(out, results)
 
 
-def record(entry: Path, results: dict, rows: list[dict]) -> None:
-    """Put this run's rows for the entry under `metrics["cdd-eval"]` of its manifest (the weight files, and so
+def record(entry: Path, results: dict, rows: list[dict], key: str = "cdd-eval") -> None:
+    """Put this run's rows for the entry under `metrics[key]` of its manifest (the weight files, and so
     the hashes the entry is verified by, are untouched)."""
-    write_metrics(entry, "cdd-eval", {
+    write_metrics(entry, key, {
         **{k: results[k] for k in ("task", "num_images", "seed", "data_seed", "resolution", "dataset", "degradation",
                                    "prompt")},
         "rows": [{k: r[k] for k in ("method", "sampler", "steps", *row_metrics([r]), "swd_levels", "edit_kinds", "device")

@@ -334,7 +334,7 @@ def _fresh_adapter(config: TrainConfig, backbone: Backbone):
 
 def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     """cm and gd distil a trained zoo entry (`init_from`): it becomes the frozen teacher, and the student starts
-    as a copy of it (gd stage 1: plus the zero-initialised w branch). codi only starts from it."""
+    as a copy of it (gd stage 1: plus the zero-initialised w branch). codi and finetune only start from it."""
     unet, schedule = backbone.unet, backbone.schedule
     entry = load_entry(config.init_from, unet, backbone.fingerprint)  # verifies hashes and the backbone
     m, where = entry.manifest, f"init_from {config.init_from} ({entry.manifest.name})"
@@ -343,7 +343,7 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     if m.mode != "pe":
         raise ConfigError(f"{where} has mode {m.mode}; {config.method} distils adapter-only (pe) entries")
     torch.manual_seed(config.seed)
-    if config.method in ("cm", "codi"):
+    if config.method in ("cm", "codi", "finetune"):
         if m.kind != config.adapter:
             raise ConfigError(f"{where} is a {m.kind} adapter: continue it with --adapter {m.kind}")
         adapter = _fresh_adapter(config, backbone)
@@ -369,7 +369,9 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     student = ConditionedDenoiser(unet, schedule, adapter)
     adapter.train()
     trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
-    if config.method == "codi":  # CoDi's teacher is the unconditional backbone, whatever the student starts from
+    if config.method == "finetune":  # the plain diffusion loss: no teacher, the entry is only where it starts
+        teacher = None
+    elif config.method == "codi":  # CoDi's teacher is the unconditional backbone, whatever the student starts from
         teacher = None
         if config.prev_predictor == "teacher":
             base = ConditionedDenoiser(unet, schedule)

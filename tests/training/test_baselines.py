@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cdd.adapters.architectures import GuidedControlNetAdapter, build_adapter
 from cdd.adapters.zoo import load_entry, save_entry
@@ -186,6 +187,16 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
                  "--prev-predictor", "teacher"]) == 0
     ft = json.loads((tmp_path / "codi-ft" / "entry" / "manifest.json").read_text())
     assert ft["training"]["init_from"]["method"] == "finetune" and (ft["sampler"], ft["steps"]) == ("prev", 4)
+    # a teacher continued with another recipe starts as the entry: at a vanishing lr its EMA entry keeps the weights
+    assert main([*TINY, *bb, "--method", "finetune", "--init-from", str(teacher), "--caption-dropout", "0.5", "--lr", "1e-12",
+                 "--output", str(tmp_path / "ft2")]) == 0
+    ft2 = json.loads((tmp_path / "ft2" / "entry" / "manifest.json").read_text())
+    assert ft2["training"]["init_from"]["method"] == "finetune" and ft2["training"]["method"] == "finetune"
+    a, b = (load_file(p / "entry" / "adapter.safetensors") for p in (tmp_path / "ft", tmp_path / "ft2"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert main([*TINY, *bb, "--method", "finetune", "--lr", "1e-12", "--output", str(tmp_path / "ft0")]) == 0
+    fresh = load_file(tmp_path / "ft0" / "entry" / "adapter.safetensors")  # without --init-from: not the teacher
+    assert not all(torch.allclose(a[k], fresh[k], atol=1e-6) for k in a)
     # ... and in mode lora, adding a zero-initialised backbone LoRA to the fine-tuned adapter
     assert main([*TINY, *bb, "--method", "codi", "--mode", "lora", "--init-from", str(teacher),
                  "--output", str(tmp_path / "codi-ft-lora")]) == 0
@@ -206,7 +217,6 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
         (["--method", "cm", "--adapter", "t2i", "--init-from", str(teacher)], "continue it with --adapter controlnet"),
         (["--method", "cm", "--init-from", str(teacher), "--task", "edit"], "is a depth adapter, not edit"),
         (["--method", "cm"], "method cm distils a trained entry: give init_from"),
-        (["--method", "finetune", "--init-from", str(teacher)], "init_from is for methods codi, cm, gd, not finetune"),
         (["--method", "codi", "--mode", "full", "--init-from", str(teacher)], "mode must be pe (or lora with method codi"),
         (["--method", "cm", "--mode", "lora", "--init-from", str(teacher)], "mode must be pe (or lora with method codi"),
         (["--method", "cm", "--init-from", str(teacher), "--cond-weight", "1"], "--cond-weight: option(s) that --method cm does not use"),
