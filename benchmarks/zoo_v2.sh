@@ -89,30 +89,54 @@ train_all() {
   for name in ${@:-$ALL_RUNS}; do run_one "$name"; done
 }
 
+# rows OUT "LABEL=ENTRY,..." SAMPLERS STEPS [cdd-eval options...]: measure those rows into OUT/results.json (merged:
+# rerunning continues a table). An entry not trained yet is skipped with a note; a row already in the table is not
+# measured again (delete the table to remeasure after retraining).
+rows() {
+  local out=$1 adapters=$2 samplers=$3 steps=$4 keep=() item
+  shift 4
+  for item in ${adapters//,/ }; do
+    if [[ ! -f "${item#*=}/manifest.json" ]]; then echo "-- skipped ${item%%=*}: ${item#*=} is not trained yet"; continue; fi
+    if python - "$out/results.json" "${item%%=*}" "$samplers" "$steps" <<'PY'; then continue; fi
+import json, sys
+from pathlib import Path
+table, label, samplers, steps = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4].split(",")
+have = {(r["method"], r["sampler"], str(r["steps"])) for r in json.loads(table.read_text())["rows"]} if table.is_file() else set()
+sys.exit(0 if all((label, a, k) in have for a in samplers for k in steps) else 1)
+PY
+    keep+=("$item")
+  done
+  if (( ${#keep[@]} )); then
+    local IFS=,
+    cdd-eval --append --out "$out" --adapters "${keep[*]}" --samplers "$samplers" --steps "$steps" "$@"
+  fi
+}
+
 eval_all() {
-  local out="$RUNS/results"
+  local out="$RUNS/results" s data task teacher
   for s in $SEEDS; do
     for data in scenes photos; do
-      E="cdd-eval --task super-resolution --backbone $BACKBONE --degradation mild-64px --dataset $data --prompt none \
-         --num-images $N_IMAGES --batch-size 32 --seed $s --out $out/super-resolution-$data/seed$s"
-      $E --bicubic --adapters "codi=$RUNS/sr-codi/entry,codi-lora=$RUNS/sr-codi-lora/entry" --samplers prev,prev+ilvr --steps 1,2,4
-      $E --append --adapters "finetune=$T" --samplers ddim --steps "$TEACHER_LADDER"
-      $E --append --adapters "finetune=$T" --samplers dpm-solver++ --steps 4,20
-      $E --append --adapters "finetune=$T" --samplers prev --steps 4
-      $E --append --adapters "cm=$RUNS/sr-cm/entry" --samplers cm --steps 4
-      $E --append --adapters "gd=$RUNS/sr-gd2-4/entry" --samplers gd --steps 4
-      $E --append --adapters "codi-t2i=$RUNS/sr-t2i-codi/entry,codi-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" \
-        --samplers prev,prev+ilvr --steps 4
+      local o="$out/super-resolution-$data/seed$s"
+      local E=(--task super-resolution --backbone "$BACKBONE" --degradation mild-64px --dataset "$data" --prompt none
+               --num-images "$N_IMAGES" --batch-size 32 --seed "$s")
+      [[ -f $o/results.json ]] || cdd-eval "${E[@]}" --out "$o" --bicubic --resolution 64
+      rows "$o" "codi=$RUNS/sr-codi/entry,codi-lora=$RUNS/sr-codi-lora/entry" prev,prev+ilvr 1,2,4 "${E[@]}"
+      rows "$o" "finetune=$T" ddim "$TEACHER_LADDER" "${E[@]}"
+      rows "$o" "finetune=$T" dpm-solver++ 4,20 "${E[@]}"
+      rows "$o" "finetune=$T" prev,prev+ilvr 4 "${E[@]}"
+      rows "$o" "cm=$RUNS/sr-cm/entry" cm 4 "${E[@]}"
+      rows "$o" "gd=$RUNS/sr-gd2-4/entry" gd 4 "${E[@]}"
+      rows "$o" "codi-t2i=$RUNS/sr-t2i-codi/entry,codi-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" prev,prev+ilvr 4 "${E[@]}"
     done
     for task in depth edit; do
-      D="cdd-eval --task $task --backbone $BACKBONE --num-images $N_IMAGES --batch-size 32 --seed $s --out $out/$task/seed$s"
-      $D --adapters "codi=$RUNS/$task-codi/entry" --samplers prev --steps 1,2,4
+      local o="$out/$task/seed$s" D=(--task "$task" --backbone "$BACKBONE" --num-images "$N_IMAGES" --batch-size 32 --seed "$s")
       teacher=$RUNS/$task-finetune/entry
-      [[ $task == depth ]] && teacher=$RUNS/depth-finetune-2/entry
-      $D --append --adapters "finetune=$teacher" --samplers ddim --steps 4,50
-      if [[ $task == depth ]]; then  # what the map adds to the backbone alone
-        $D --append --text-only --resolution 64 --samplers ddim --steps 50
+      if [[ $task == depth ]]; then
+        teacher=$RUNS/depth-finetune-2/entry
+        [[ -f $o/results.json ]] || cdd-eval "${D[@]}" --out "$o" --text-only --resolution 64 --samplers ddim --steps 50
       fi
+      rows "$o" "codi=$RUNS/$task-codi/entry" prev 1,2,4 "${D[@]}"
+      rows "$o" "finetune=$teacher" ddim 4,50 "${D[@]}"
     done
   done
   local -A metrics=([super-resolution-scenes]=kid_attr,fid_attr,swd,psnr,ssim,attr_all
