@@ -3,8 +3,8 @@
     python benchmarks/serve_default_zoo_sheet.py --out docs/images/serve_default_zoo.png [--scenes 3]
 
 The app is the real one (`create_app` with no settings: the embedded backbone and zoo), driven in-process
-by FastAPI's TestClient. Per scene (one row): the SR input (Real-ESRGAN degraded to 16 px, shown
-enlarged), the SR output, the ground truth; the depth map, the depth output; the edit source, the edit
+by FastAPI's TestClient. Per scene (one row): the SR input (degraded to 16 px with --degradation,
+by default the mild-64px preset the default zoo was trained for; shown enlarged), the SR output, the ground truth; the depth map, the depth output; the edit source, the edit
 output, and the edited scene the instruction asks for. Seed 0 for every request.
 """
 
@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from cdd.runtime.app import create_app
 from cdd.runtime.settings import ServeSettings
 from cdd.training.data import scenes
-from cdd.training.data.degradations import make_sr_pair
+from cdd.training.data.degradations import DEGRADATION_PRESETS, degradation_preset, make_sr_pair
 
 COLUMNS = ["SR input", "SR output", "truth", "depth map", "depth output", "edit source", "edit output", "edit target"]
 
@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--scenes", type=int, default=3)
     p.add_argument("--seed", type=int, default=7, help="scene seed")
+    p.add_argument("--degradation", choices=tuple(DEGRADATION_PRESETS), default="mild-64px")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     rows, captions = [], []
@@ -58,7 +59,7 @@ def main() -> None:
             spec = scenes.sample_scene(rng)
             source = scenes.render(spec, 64)
             hr = torch.from_numpy(source.image).permute(2, 0, 1).float()[None]
-            lr = u8(make_sr_pair(hr, torch.Generator().manual_seed(i)).lr[0].permute(1, 2, 0).numpy())
+            lr = u8(make_sr_pair(hr, torch.Generator().manual_seed(i), degradation_preset(args.degradation)).lr[0].permute(1, 2, 0).numpy())
             depth = np.repeat(u8(scenes.depth_to_condition(source.depth))[..., None], 3, -1)
             edit = scenes.sample_edit(spec, rng)
             tiles = [

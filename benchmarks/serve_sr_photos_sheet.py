@@ -1,7 +1,7 @@
 """What `cdd-serve` answers for super-resolution of held-out photographs, through its HTTP API.
 
-    python benchmarks/serve_sr_photos_sheet.py --backbone adapters/embedded/backbone-latent \
-        --zoo runs/zoo-v2/zoo --out docs/images/serve_sr_photos.png [--patches 6] [--samplers prev,prev+ilvr]
+    python benchmarks/serve_sr_photos_sheet.py [--backbone adapters/embedded/backbone] \
+        [--zoo adapters/embedded/zoo] --out docs/images/serve_sr_photos.png [--patches 6] [--samplers prev,prev+ilvr]
 
 The app is the real one (`create_app` with the given backbone and zoo), driven in-process by FastAPI's
 TestClient, seed 0 for every request and no prompt (what a user sends). Rows:
@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from serve_default_zoo_sheet import png, save_sheet, u8  # the sibling script (benchmarks/ is sys.path[0])
 
+from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir
 from cdd.runtime.app import create_app
 from cdd.runtime.settings import ServeSettings
 from cdd.training.data.degradations import degradation_preset, make_sr_pair, upsample
@@ -53,8 +54,8 @@ def bicubic(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backbone", type=Path, required=True)
-    p.add_argument("--zoo", type=Path, required=True)
+    p.add_argument("--backbone", type=Path, default=default_backbone_dir())
+    p.add_argument("--zoo", type=Path, default=default_zoo_dir())
     p.add_argument("--adapter", default=None, help="zoo name (default: the task's first)")
     p.add_argument("--samplers", default="prev,prev+ilvr")
     p.add_argument("--patches", type=int, default=6)
