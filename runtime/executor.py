@@ -202,7 +202,8 @@ class Executor:
             if consistent:  # super-resolution: each x_hat keeps the input's low frequencies (ILVR)
                 low = self.lowpass(cond.shape[-2], cond.shape[-1])
                 reference_low = low(cond.float() * 2 - 1)
-                model = ilvr(model, cond.float() * 2 - 1, SR_SCALE, low=low, **self._latent_io())
+                model = ilvr(model, cond.float() * 2 - 1, SR_SCALE, low=low, reference_low=reference_low,
+                             **self._latent_io())
             z_0 = sample(model, z_T, timesteps, schedule, fresh_noise=fresh or None)
             return self._to_images(z_0, reference_low, low)
 

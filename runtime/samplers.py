@@ -250,7 +250,8 @@ def ilvr_output(images: torch.Tensor, reference_low: torch.Tensor, low: LowPass)
 
 def ilvr(model: Model, reference: torch.Tensor, factor: int, *,
          to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         to_model: Callable[[torch.Tensor], torch.Tensor] | None = None, low: LowPass | None = None) -> Model:
+         to_model: Callable[[torch.Tensor], torch.Tensor] | None = None, low: LowPass | None = None,
+         reference_low: torch.Tensor | None = None) -> Model:
     """`model` with the ILVR consistency step (Choi et al., "ILVR: Conditioning Method for Denoising Diffusion
     Probabilistic Models") on its x_hat: x_hat <- x_hat - phi(x_hat) + phi(reference), `phi` the `LowPass` of the
     SR factor. Every few-step sampler forms its next sample from the returned x_hat before adding its noise, so
@@ -259,9 +260,10 @@ def ilvr(model: Model, reference: torch.Tensor, factor: int, *,
     `reference`: the input in pixel space, [B, 3, H, W] in [-1, 1] (the SR condition, 2 c - 1). A latent backbone
     passes `to_pixels` (decode) and `to_model` (encode): x_hat is decoded, corrected in pixels and encoded back,
     so its low frequencies hold up to what the autoencoder's round trip keeps (`ilvr_output` then fixes the
-    decoded output). `low`: a `LowPass` made beforehand (on the device), else one is made for the reference's size."""
+    decoded output). `low`: a `LowPass` made beforehand (on the device), else one is made for the reference's size;
+    `reference_low`: low(reference) when the caller has it already (it also needs it for `ilvr_output`)."""
     low = low or LowPass(reference.shape[-2], reference.shape[-1], factor)
-    reference_low = low(reference.float())
+    reference_low = low(reference.float()) if reference_low is None else reference_low
 
     def consistent(z_t, t):
         x_hat, eps_hat = model(z_t, t)

@@ -252,7 +252,7 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
             latent_io = {"to_pixels": backbone.from_model_space, "to_model": backbone.to_model_space} if backbone.latent else {}
             low = samplers.LowPass(cond.shape[-2], cond.shape[-1], sr_scale)
             reference_low = low(cond.float() * 2 - 1)
-            bound = samplers.ilvr(bound, cond.float() * 2 - 1, sr_scale, low=low, **latent_io)
+            bound = samplers.ilvr(bound, cond.float() * 2 - 1, sr_scale, low=low, reference_low=reference_low, **latent_io)
         z_T = samplers.initial_noise(seeds, shape, device, backbone.dtype)
         fresh = samplers.fresh_noise(sampler, seeds, shape, steps, device, backbone.dtype)
         _sync(device)
