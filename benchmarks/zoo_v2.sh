@@ -16,6 +16,9 @@
 #   STUDENT_STEPS   each distilled student (CoDi, CM; GD's three rounds share it)   (3000)
 #   N_IMAGES        held-out images per eval row      (64)
 #   SEEDS           noise seeds of Table 1            ("0 1000 2000")
+#   SR_CODI         the CoDi super-resolution entry the tables measure  ($RUNS/sr-codi/entry; the installed
+#                   adapters/embedded/zoo/super-resolution is the same run, float16, as served)
+#   TABLES          the tables `eval` measures  ("super-resolution-scenes super-resolution-photos depth edit")
 #   SMOKE=1         2 steps everywhere, 2 images, one seed: checks the whole pipeline in minutes
 #
 # The super-resolution adapters train on scenes and the backbone's photo patches (held-out photos never
@@ -39,6 +42,7 @@ TEACHER_LADDER=${TEACHER_LADDER:-4,8,16,50,200}
 C="--backbone $BACKBONE --lr 3e-4 --checkpoint-every 100 --keep-checkpoints 2 --num-workers 1 --sample-every 0 --resume"
 SR="--task super-resolution --caption-dropout 0.5 --photo-fraction 0.5 --degradation mild-64px"
 T="$RUNS/sr-finetune/entry"
+SR_CODI=${SR_CODI:-$RUNS/sr-codi/entry}
 
 train() {
   echo "== cdd-train-adapter $*"
@@ -112,15 +116,19 @@ PY
   fi
 }
 
+TABLES=${TABLES:-"super-resolution-scenes super-resolution-photos depth edit"}
+wanted() { [[ " $TABLES " == *" $1 "* ]]; }
+
 eval_all() {
   local out="$RUNS/results" s data task teacher
   for s in $SEEDS; do
     for data in scenes photos; do
+      wanted "super-resolution-$data" || continue
       local o="$out/super-resolution-$data/seed$s"
       local E=(--task super-resolution --backbone "$BACKBONE" --degradation mild-64px --dataset "$data" --prompt none
                --num-images "$N_IMAGES" --batch-size 32 --seed "$s")
       [[ -f $o/results.json ]] || cdd-eval "${E[@]}" --out "$o" --bicubic --resolution 64
-      rows "$o" "codi=$RUNS/sr-codi/entry,codi-lora=$RUNS/sr-codi-lora/entry" prev,prev+ilvr 1,2,4 "${E[@]}"
+      rows "$o" "codi=$SR_CODI,codi-lora=$RUNS/sr-codi-lora/entry" prev,prev+ilvr 1,2,4 "${E[@]}"
       rows "$o" "finetune=$T" ddim "$TEACHER_LADDER" "${E[@]}"
       rows "$o" "finetune=$T" dpm-solver++ 4,20 "${E[@]}"
       rows "$o" "finetune=$T" prev,prev+ilvr 4 "${E[@]}"
@@ -129,6 +137,7 @@ eval_all() {
       rows "$o" "codi-t2i=$RUNS/sr-t2i-codi/entry,codi-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" prev,prev+ilvr 4 "${E[@]}"
     done
     for task in depth edit; do
+      wanted "$task" || continue
       local o="$out/$task/seed$s" D=(--task "$task" --backbone "$BACKBONE" --num-images "$N_IMAGES" --batch-size 32 --seed "$s")
       teacher=$RUNS/$task-finetune/entry
       if [[ $task == depth ]]; then
@@ -144,6 +153,7 @@ eval_all() {
                     [depth]=kid_attr,fid_attr,swd,depth_edge_corr,depth_edge_other,depth_edge_match
                     [edit]=kid_attr,fid_attr,swd,psnr_in,psnr_out)
   for table in "${!metrics[@]}"; do
+    wanted "$table" || continue
     dirs=()
     for s in $SEEDS; do dirs+=("$out/$table/seed$s"); done
     python benchmarks/seed_table.py "${dirs[@]}" --metrics "${metrics[$table]}" --out "$out/$table/seeds.md"
