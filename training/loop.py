@@ -332,14 +332,24 @@ def _fresh_adapter(config: TrainConfig, backbone: Backbone):
     return build_adapter(config.adapter, backbone.unet, backbone.vae_scale_factor, **options)
 
 
+def _same_condition(condition: dict) -> bool:
+    """Whether an entry's condition is the kind every task feeds its adapter: every task here conditions on an RGB
+    image in [0, 1] (the SR input upsampled, the depth map as grey RGB, the edit source), so a finetune may start
+    from another task's adapter (transfer: one that already reproduces its input image is a start for an edit
+    teacher, which must keep most of its source). A condition of another shape is refused."""
+    return condition.get("channels") == 3 and list(condition.get("range", [])) == [0, 1]
+
+
 def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     """cm and gd distil a trained zoo entry (`init_from`): it becomes the frozen teacher, and the student starts
     as a copy of it (gd stage 1: plus the zero-initialised w branch). codi and finetune only start from it."""
     unet, schedule = backbone.unet, backbone.schedule
     entry = load_entry(config.init_from, unet, backbone.fingerprint)  # verifies hashes and the backbone
     m, where = entry.manifest, f"init_from {config.init_from} ({entry.manifest.name})"
-    if m.task != config.task:
-        raise ConfigError(f"{where} is a {m.task} adapter, not {config.task}")
+    if m.task != config.task and not (config.method == "finetune" and _same_condition(m.condition)):
+        raise ConfigError(f"{where} is a {m.task} adapter, not {config.task}"
+                          + (" (finetune starts from another task's entry only when its condition is the same kind: "
+                             f"{m.condition})" if config.method == "finetune" else ""))
     if m.mode != "pe":
         raise ConfigError(f"{where} has mode {m.mode}; {config.method} distils adapter-only (pe) entries")
     torch.manual_seed(config.seed)

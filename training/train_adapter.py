@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cm (consistency distillation of a fine-tuned entry) or gd (guided distillation) (default codi)")
     g.add_argument("--init-from", metavar="ENTRY", help="cm, gd: the zoo entry to distil (the fine-tuned teacher; "
                    "gd stage 2: the previous round); codi: optional, the student starts as that entry; finetune: optional, "
-                   "continue that entry's adapter (e.g. with another --caption-dropout)")
+                   "continue that entry's adapter (e.g. with another --caption-dropout), or another task's with the same kind "
+                   "of condition image (transfer)")
     g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
     g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
     g.add_argument("--caption-dropout", type=float, help="probability of training on the empty caption; a teacher meant "

@@ -194,6 +194,13 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
     assert ft2["training"]["init_from"]["method"] == "finetune" and ft2["training"]["method"] == "finetune"
     a, b = (load_file(p / "entry" / "adapter.safetensors") for p in (tmp_path / "ft", tmp_path / "ft2"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # ... also another task's entry (transfer: every task conditions on an RGB image), with the task's own data
+    assert main([*TINY, *bb, "--task", "edit", "--method", "finetune", "--init-from", str(teacher), "--lr", "1e-12",
+                 "--output", str(tmp_path / "ft-edit")]) == 0
+    ft_edit = json.loads((tmp_path / "ft-edit" / "entry" / "manifest.json").read_text())
+    assert ft_edit["task"] == "edit" and ft_edit["training"]["init_from"]["path"] == str(teacher)
+    c = load_file(tmp_path / "ft-edit" / "entry" / "adapter.safetensors")
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert main([*TINY, *bb, "--method", "finetune", "--lr", "1e-12", "--output", str(tmp_path / "ft0")]) == 0
     fresh = load_file(tmp_path / "ft0" / "entry" / "adapter.safetensors")  # without --init-from: not the teacher
     assert not all(torch.allclose(a[k], fresh[k], atol=1e-6) for k in a)
