@@ -3,7 +3,12 @@
 difference between rows can be read against the noise-seed spread.
 
     python benchmarks/seed_table.py docs/results/super-resolution-n64-codi-3000-fixed/seed{0,1000,2000} \
-        [--metrics kid_attr,fid_attr,swd,psnr,ssim,attr_all] [--out table.md]
+        [--metrics kid_attr,fid_attr,swd,psnr,ssim,attr_all] [--out table.md] \
+        [--gap finetune/ddim/4:finetune/ddim/50 --gap-metrics kid_attr,swd]
+
+`--gap FROM:TO` adds, for each of `--gap-metrics`, the share of the gap between two rows' means that each row
+closes: (FROM - row) / (FROM - TO), e.g. how much of the teacher's 4 -> 50 step gap a 4-step student closes
+(1 = level with TO, 0 = level with FROM, negative = behind FROM).
 """
 
 from __future__ import annotations
@@ -34,16 +39,46 @@ def seed_rows(folders: list[Path], metrics: list[str]) -> tuple[list[int], dict[
     return [run["seed"] for run in runs], table
 
 
-def markdown(seeds: list[int], table: dict, metrics: list[str]) -> str:
-    head = "| method | sampler | steps | " + " | ".join(f"{LABELS.get(m, m)} (mean, spread)" for m in metrics) + " |"
-    lines = [f"Noise seeds {', '.join(map(str, seeds))}; each cell: the mean over the seeds and (max - min).", "",
-             head, "|" + "---|" * (3 + len(metrics))]
+def parse_row(text: str) -> tuple[str, str, int]:
+    """'finetune/ddim/4' -> ("finetune", "ddim", 4) (a method name may itself hold '/': the last two parts are
+    the sampler and the steps)."""
+    method, sampler, steps = text.rsplit("/", 2)
+    return method, sampler, int(steps)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def gap_closed(table: dict, metric: str, start: tuple, end: tuple) -> dict[tuple, float | None]:
+    """Per row: (mean at `start` - row's mean) / (mean at `start` - mean at `end`) for `metric`."""
+    for row in (start, end):
+        if row not in table or not table[row][metric]:
+            raise SystemExit(f"--gap: row {'/'.join(map(str, row))} has no {metric} in every run")
+    a, b = mean(table[start][metric]), mean(table[end][metric])
+    if a == b:
+        raise SystemExit(f"--gap: the two rows have the same mean {metric} ({a}); there is no gap")
+    return {k: (a - mean(v[metric])) / (a - b) if v[metric] else None for k, v in table.items()}
+
+
+def markdown(seeds: list[int], table: dict, metrics: list[str], gap: tuple | None = None,
+             gap_metrics: list[str] = ()) -> str:
+    closed = {m: gap_closed(table, m, *gap) for m in gap_metrics} if gap else {}
+    head = ("| method | sampler | steps | " + " | ".join(f"{LABELS.get(m, m)} (mean, spread)" for m in metrics)
+            + "".join(f" | {LABELS.get(m, m)}: gap closed" for m in closed) + " |")
+    lines = [f"Noise seeds {', '.join(map(str, seeds))}; each cell: the mean over the seeds and (max - min)."
+             + (f" Gap closed: the share of the gap from {'/'.join(map(str, gap[0]))} to {'/'.join(map(str, gap[1]))}"
+                " that the row closes." if gap else ""), "",
+             head, "|" + "---|" * (3 + len(metrics) + len(closed))]
     for (method, sampler, steps), values in table.items():
         cells = []
         for m in metrics:
             v = values[m]
             digits = 3 if m in ("kid_attr", "ssim", "attr_all") else 2
             cells.append(f"{sum(v) / len(v):.{digits}f} ({max(v) - min(v):.{digits}f})" if v else "–")
+        for m in closed:
+            c = closed[m][(method, sampler, steps)]
+            cells.append("–" if c is None else f"{c:.2f}")
         lines.append(f"| {method} | {sampler} | {steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -53,9 +88,16 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path, help="cdd-eval output folders (each with a results.json)")
     p.add_argument("--metrics", default=DEFAULT_METRICS)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--gap", default=None, help="FROM:TO rows as METHOD/SAMPLER/STEPS, e.g. finetune/ddim/4:finetune/ddim/50")
+    p.add_argument("--gap-metrics", default="kid_attr", help="the metrics whose gap each row closes (default kid_attr)")
     args = p.parse_args()
     metrics = args.metrics.split(",")
-    text = markdown(*seed_rows(args.runs, metrics), metrics)
+    gap = tuple(parse_row(r) for r in args.gap.split(":")) if args.gap else None
+    gap_metrics = args.gap_metrics.split(",") if gap else []
+    missing = [m for m in gap_metrics if m not in metrics]
+    if missing:
+        raise SystemExit(f"--gap-metrics {','.join(missing)}: not among --metrics {args.metrics}")
+    text = markdown(*seed_rows(args.runs, metrics), metrics, gap, gap_metrics)
     if args.out:
         args.out.write_text(text)
     print(text)

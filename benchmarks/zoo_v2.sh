@@ -71,6 +71,13 @@ run_one() {
         --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
     edit-codi) train --task edit --method codi --caption-dropout 0.1 --init-from "$RUNS/edit-finetune/entry" --ema 0.99 \
         --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
+    # the edit teacher (3000 steps at caption dropout 0.1 from a fresh adapter) changed what it was asked but redrew
+    # the objects around it (their colours and shapes): the same recipe started from the SR teacher, an adapter that
+    # already reproduces its input image (transfer), and its CoDi student
+    edit-finetune-sr) train --task edit --method finetune --caption-dropout 0.1 --init-from "$T" --max-train-steps "$TEACHER_STEPS" $C \
+      --output "$RUNS/$1" ;;
+    edit-codi-sr) train --task edit --method codi --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" --ema 0.99 \
+        --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
     # the other super-resolution architectures (no teacher of their own architecture: CoDi from the backbone)
     sr-t2i-codi) train $SR --adapter t2i --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
     sr-controlnet-lora-codi) train $SR --adapter controlnet-lora --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C \
@@ -86,7 +93,7 @@ run_one() {
     *) echo "unknown run '$1'; the runs: $ALL_RUNS" >&2; exit 2 ;;
   esac
 }
-ALL_RUNS="sr-finetune depth-finetune depth-finetune-2 edit-finetune sr-codi sr-codi-lora depth-codi edit-codi sr-t2i-codi sr-controlnet-lora-codi sr-cm sr-gd"
+ALL_RUNS="sr-finetune depth-finetune depth-finetune-2 edit-finetune sr-codi sr-codi-lora depth-codi edit-codi sr-t2i-codi sr-controlnet-lora-codi sr-cm sr-gd edit-finetune-sr edit-codi-sr"
 
 train_all() {
   local name
