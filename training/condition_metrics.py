@@ -159,13 +159,15 @@ def edit_follow(images: torch.Tensor, source: torch.Tensor, target: torch.Tensor
     region = changed_region(source, target)
     p_in, f_in = region_psnr(images, target, region)
     p_out, f_out = region_psnr(images, target, ~region)
+    p_all, _ = region_psnr(images, target, torch.ones_like(region))
     ok_in, ok_out = f_in >= MIN_REGION_FRACTION, f_out >= MIN_REGION_FRACTION
     kinds = [edit_kind(t) for t in instructions]
     per_kind = {}
     for kind in sorted(set(kinds)):
         sel = torch.tensor([k == kind for k in kinds])
         per_kind[kind] = {"n": int(sel.sum()), "changed_fraction": float(f_in[sel].mean()),
-                          "psnr_in": _mean_where(p_in, sel & ok_in), "psnr_out": _mean_where(p_out, sel & ok_out)}
+                          "psnr_in": _mean_where(p_in, sel & ok_in), "psnr_out": _mean_where(p_out, sel & ok_out),
+                          "psnr": float(p_all[sel].mean())}
     return {"psnr_in": _mean_where(p_in, ok_in), "psnr_out": _mean_where(p_out, ok_out), "edit_kinds": per_kind}
 
 

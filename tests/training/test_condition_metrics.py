@@ -114,6 +114,9 @@ def test_copy_input_keeps_everything_and_changes_nothing():
     assert copy["psnr_in"] == pytest.approx((copy["edit_kinds"]["color"]["psnr_in"] + time["psnr_in"]) / 2)
     assert copy["psnr_out"] == pytest.approx(120)  # the colour edit alone
     assert {k: v["n"] for k, v in copy["edit_kinds"].items()} == {"color": 1, "time": 1}
+    mse_all = (source[0] - target[0]).square().mean()  # the whole image, per kind: what "closer than the input" reads
+    assert copy["edit_kinds"]["color"]["psnr"] == pytest.approx(float(10 * torch.log10(1 / mse_all)), rel=1e-5)
+    assert time["psnr"] == pytest.approx(time["psnr_in"], rel=1e-6)
 
     perfect = cm.edit_follow(target, source, target, instructions)
     assert perfect["psnr_in"] == pytest.approx(120) and perfect["psnr_out"] == pytest.approx(120)
