@@ -140,18 +140,23 @@ eval_all() {
       rows "$o" "finetune=$T" dpm-solver++ 4,20 "${E[@]}"
       rows "$o" "finetune=$T" prev,prev+ilvr 4 "${E[@]}"
       rows "$o" "cm=$RUNS/sr-cm/entry" cm 4 "${E[@]}"
-      rows "$o" "gd=$RUNS/sr-gd2-4/entry" gd 4 "${E[@]}"
+      # GD as its last round was trained (deterministic DDIM steps: its manifest sampler), and with the paper's
+      # stochastic sampler
+      rows "$o" "gd=$RUNS/sr-gd2-4/entry" ddim,gd 4 "${E[@]}"
       rows "$o" "codi-t2i=$RUNS/sr-t2i-codi/entry,codi-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" prev,prev+ilvr 4 "${E[@]}"
     done
     for task in depth edit; do
       wanted "$task" || continue
-      local o="$out/$task/seed$s" D=(--task "$task" --backbone "$BACKBONE" --num-images "$N_IMAGES" --batch-size 32 --seed "$s")
-      teacher=$RUNS/$task-finetune/entry
+      local student o="$out/$task/seed$s" D=(--task "$task" --backbone "$BACKBONE" --num-images "$N_IMAGES" --batch-size 32 --seed "$s")
+      teacher=$RUNS/$task-finetune/entry student=$RUNS/$task-codi/entry
+      if [[ $task == edit ]]; then  # the served edit entry: teacher and student from the SR teacher (session 9)
+        teacher=$RUNS/edit-finetune-sr/entry student=$RUNS/edit-codi-sr/entry
+      fi
       if [[ $task == depth ]]; then
         teacher=$RUNS/depth-finetune-2/entry
         [[ -f $o/results.json ]] || cdd-eval "${D[@]}" --out "$o" --text-only --resolution 64 --samplers ddim --steps 50
       fi
-      rows "$o" "codi=$RUNS/$task-codi/entry" prev 1,2,4 "${D[@]}"
+      rows "$o" "codi=$student" prev 1,2,4 "${D[@]}"
       rows "$o" "finetune=$teacher" ddim 4,50 "${D[@]}"
     done
   done
@@ -178,7 +183,7 @@ build_zoo() {
     --entry "super-resolution=$RUNS/sr-codi/entry" \
     --entry "super-resolution-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" \
     --entry "super-resolution-t2i=$RUNS/sr-t2i-codi/entry" \
-    --entry "depth=$RUNS/depth-codi/entry" --entry "edit=$RUNS/edit-codi/entry" \
+    --entry "depth=$RUNS/depth-codi/entry" --entry "edit=$RUNS/edit-codi-sr/entry" \
     --results "$out/super-resolution-scenes/seed$s0/results.json" \
     --results "$out/super-resolution-photos/seed$s0/results.json" \
     --results "$out/depth/seed$s0/results.json" --results "$out/edit/seed$s0/results.json" \
