@@ -4,7 +4,7 @@ difference between rows can be read against the noise-seed spread.
 
     python benchmarks/seed_table.py docs/results/super-resolution-n64-codi-3000-fixed/seed{0,1000,2000} \
         [--metrics kid_attr,fid_attr,swd,psnr,ssim,attr_all] [--out table.md] \
-        [--gap finetune/ddim/4:finetune/ddim/50 --gap-metrics kid_attr,swd]
+        [--gap finetune/ddim/4:finetune/ddim/50 --gap-metrics kid_attr,swd] [--plot kid_attr.png --plot-metric kid_attr]
 
 `--gap FROM:TO` adds, for each of `--gap-metrics`, the share of the gap between two rows' means that each row
 closes: (FROM - row) / (FROM - TO), e.g. how much of the teacher's 4 -> 50 step gap a 4-step student closes
@@ -83,12 +83,50 @@ def markdown(seeds: list[int], table: dict, metrics: list[str], gap: tuple | Non
     return "\n".join(lines) + "\n"
 
 
+def plot(table: dict, metric: str, out: Path, skip: tuple[str, ...] = ()) -> None:
+    """`metric` against sampling steps, one line per (method, sampler), each point the mean over the runs with a bar
+    from the lowest to the highest; rows without steps (bicubic, probes) and samplers in `skip` are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str], list] = {}
+    for (method, sampler, steps), values in table.items():
+        if steps and values[metric] and sampler not in skip:
+            series.setdefault((method, sampler), []).append((steps, values[metric]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for (method, sampler), points in series.items():
+        points.sort()
+        x = [k for k, _ in points]
+        y = [mean(v) for _, v in points]
+        err = [[m - min(v) for m, (_, v) in zip(y, points)], [max(v) - m for m, (_, v) in zip(y, points)]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method} ({sampler})")
+    ax.set_xscale("log")
+    ticks: list[int] = []
+    for k in sorted({k for pts in series.values() for k, _ in pts}):
+        if not ticks or k >= ticks[-1] * 1.5:  # log axis: neighbours closer than that would print over each other
+            ticks.append(k)
+    ax.set_xticks(ticks)
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(f"{LABELS.get(metric, metric)} (mean, bar: min to max over the seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="cdd-eval output folders (each with a results.json)")
     p.add_argument("--metrics", default=DEFAULT_METRICS)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--gap", default=None, help="FROM:TO rows as METHOD/SAMPLER/STEPS, e.g. finetune/ddim/4:finetune/ddim/50")
+    p.add_argument("--plot", type=Path, default=None, help="also plot --plot-metric against steps to this PNG")
+    p.add_argument("--plot-metric", default="kid_attr")
+    p.add_argument("--plot-skip", default="", help="samplers left out of the plot, e.g. prev+ilvr")
     p.add_argument("--gap-metrics", default="kid_attr", help="the metrics whose gap each row closes (default kid_attr)")
     args = p.parse_args()
     metrics = args.metrics.split(",")
@@ -97,7 +135,12 @@ def main() -> None:
     missing = [m for m in gap_metrics if m not in metrics]
     if missing:
         raise SystemExit(f"--gap-metrics {','.join(missing)}: not among --metrics {args.metrics}")
-    text = markdown(*seed_rows(args.runs, metrics), metrics, gap, gap_metrics)
+    seeds, table = seed_rows(args.runs, metrics)
+    text = markdown(seeds, table, metrics, gap, gap_metrics)
+    if args.plot:
+        if args.plot_metric not in metrics:
+            raise SystemExit(f"--plot-metric {args.plot_metric}: not among --metrics {args.metrics}")
+        plot(table, args.plot_metric, args.plot, tuple(filter(None, args.plot_skip.split(","))))
     if args.out:
         args.out.write_text(text)
     print(text)
