@@ -75,7 +75,7 @@ def markdown(seeds: list[int], table: dict, metrics: list[str], gap: tuple | Non
         for m in metrics:
             v = values[m]
             digits = 3 if m in ("kid_attr", "ssim", "attr_all") else 2
-            cells.append(f"{sum(v) / len(v):.{digits}f} ({max(v) - min(v):.{digits}f})" if v else "–")
+            cells.append(f"{mean(v):.{digits}f} ({max(v) - min(v):.{digits}f})" if v else "–")
         for m in closed:
             c = closed[m][(method, sampler, steps)]
             cells.append("–" if c is None else f"{c:.2f}")

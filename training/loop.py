@@ -332,12 +332,15 @@ def _fresh_adapter(config: TrainConfig, backbone: Backbone):
     return build_adapter(config.adapter, backbone.unet, backbone.vae_scale_factor, **options)
 
 
+IMAGE_CONDITION = {"channels": 3, "range": [0, 1]}  # every task's condition (the manifest adds its resolution)
+
+
 def _same_condition(condition: dict) -> bool:
-    """Whether an entry's condition is the kind every task feeds its adapter: every task here conditions on an RGB
-    image in [0, 1] (the SR input upsampled, the depth map as grey RGB, the edit source), so a finetune may start
-    from another task's adapter (transfer: one that already reproduces its input image is a start for an edit
-    teacher, which must keep most of its source). A condition of another shape is refused."""
-    return condition.get("channels") == 3 and list(condition.get("range", [])) == [0, 1]
+    """Whether an entry's condition is the kind this loop feeds every task's adapter (`IMAGE_CONDITION`: the SR
+    input upsampled, the depth map as grey RGB, the edit source), so that a finetune may start from another task's
+    adapter (transfer: one that already reproduces its input image is a start for an edit teacher, which must keep
+    most of its source). A condition of another kind is refused."""
+    return all(condition.get(k) == v for k, v in IMAGE_CONDITION.items())
 
 
 def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
@@ -662,7 +665,7 @@ def export_entry(config: TrainConfig, backbone: Backbone, roles: Roles, ema: EMA
         name=config.entry_name,
         task=config.task,
         backbone_fingerprint=backbone.fingerprint,
-        condition={"channels": 3, "range": [0, 1], "resolution": resolution},
+        condition={**IMAGE_CONDITION, "resolution": resolution},
         sampler=sampler,
         steps=steps,
         mode=config.mode,
