@@ -78,6 +78,15 @@ run_one() {
       --output "$RUNS/$1" ;;
     edit-codi-sr) train --task edit --method codi --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" --ema 0.99 \
         --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
+    # the edit teacher four times as long (session 10): the transfer teacher continued for 3 x TEACHER_STEPS more,
+    # plainly (-long) or with the loss weighted toward the region each edit changes (-long-w: an object's colour or
+    # a removal changes 7-8% of the picture, so the plain loss hardly asks for it), and their CoDi students
+    edit-finetune-sr-long) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" \
+        --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
+    edit-finetune-sr-long-w) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" \
+        --changed-weight "${CHANGED_WEIGHT:-9}" --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
+    edit-codi-sr-long|edit-codi-sr-long-w) train --task edit --method codi --caption-dropout 0.1 \
+        --init-from "$RUNS/${1/codi/finetune}/entry" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
     # the other super-resolution architectures (no teacher of their own architecture: CoDi from the backbone)
     sr-t2i-codi) train $SR --adapter t2i --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
     sr-controlnet-lora-codi) train $SR --adapter controlnet-lora --method codi --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C \

@@ -143,6 +143,19 @@ def noise_removed(model: Denoiser, x: torch.Tensor, c: torch.Tensor | None, text
     return float(1 - ((x_hat.double() - x.double()) * m).sum() / (m * m).sum())
 
 
+def changed_region_weight(target: torch.Tensor, source: torch.Tensor, size: tuple[int, int], weight: float,
+                          threshold: float = 0.1) -> torch.Tensor:
+    """Per-element loss weights [B, 1, h, w] for an edit pair: 1 + `weight` where the edit changes the picture, 1
+    elsewhere, divided by each image's mean so that the loss keeps its scale. Changed: any channel of target and
+    source (both in [-1, 1], [B, 3, H, W]) differs by more than `threshold`, max-pooled to `size` (the model
+    space's resolution: a latent cell is changed when any pixel under it is). An edit that changes everything
+    (time of day) or nothing is weighted 1 everywhere, the plain loss."""
+    changed = ((target.float() - source.float()).abs().amax(dim=1, keepdim=True) > threshold).float()
+    changed = torch.nn.functional.adaptive_max_pool2d(changed, size)
+    w = 1 + weight * changed
+    return w / w.mean(dim=(1, 2, 3), keepdim=True)
+
+
 @dataclass
 class DiffusionLoss:
     """Conditional fine-tuning: the plain denoising loss in the backbone's own parametrisation
@@ -151,7 +164,9 @@ class DiffusionLoss:
     schedule: NoiseSchedule
 
     def __call__(self, student: Denoiser, ema_target: Denoiser | None, teacher: Denoiser | None,
-                 x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> Terms:
+                 x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
+                 weight: torch.Tensor | None = None) -> Terms:
+        """`weight`: optional per-element weights broadcast against x (`changed_region_weight`)."""
         t = torch.randint(0, self.schedule.num_train_timesteps, (x.shape[0],), generator=generator)
         eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
         z_t = self.schedule.add_noise(x, eps, t)                                 # eq. 1
@@ -159,7 +174,8 @@ class DiffusionLoss:
         # `target` maps (signal, noise) to what the network outputs; applied to the predictions it
         # recovers the network's own output, so this is the loss in its native parametrisation.
         prediction = self.schedule.target(x_hat_t.float(), eps_hat_t.float(), t)
-        loss = (prediction - self.schedule.target(x.float(), eps.float(), t)).pow(2).mean()
+        err = (prediction - self.schedule.target(x.float(), eps.float(), t)).pow(2)
+        loss = (err if weight is None else weight.to(err) * err).mean()
         return Terms(loss, {"diffusion": loss.detach()}, t)
 
 

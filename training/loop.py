@@ -47,7 +47,7 @@ from ..adapters.zoo import Manifest, load_entry, save_entry, save_file
 from ..runtime.backbone import Backbone, load_backbone
 from ..runtime.denoiser import ConditionedDenoiser
 from .checkpoints import CheckpointError, loading, read_state, with_fallback, write_state
-from .codi import build_objective, noise_removed
+from .codi import build_objective, changed_region_weight, noise_removed
 from .config import ConfigError, TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -576,9 +576,13 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     while step < config.max_train_steps:
         batch = next(data)
         x, c, text_emb = encode(batch, config.caption_dropout)
+        extra = {}
+        if config.changed_weight:  # edit teachers: the source is the condition, in [0, 1]
+            extra["weight"] = changed_region_weight(batch["target"].to(device), c * 2 - 1, x.shape[-2:],
+                                                    config.changed_weight)
         with accelerator.accumulate(student):
             with accelerator.autocast():
-                terms = objective(student, ema_target, teacher, x, c, text_emb, generator)
+                terms = objective(student, ema_target, teacher, x, c, text_emb, generator, **extra)
             _stop_if_not_finite(accelerator, terms.loss, "loss", step + 1, terms.parts, last_ckpt)
             accelerator.backward(terms.loss)
             if accelerator.sync_gradients:

@@ -195,10 +195,12 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
     a, b = (load_file(p / "entry" / "adapter.safetensors") for p in (tmp_path / "ft", tmp_path / "ft2"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # ... also another task's entry (transfer: every task conditions on an RGB image), with the task's own data
+    # (with the loss weighted toward the region each edit changes: the loop passes the weights through)
     assert main([*TINY, *bb, "--task", "edit", "--method", "finetune", "--init-from", str(teacher), "--lr", "1e-12",
-                 "--output", str(tmp_path / "ft-edit")]) == 0
+                 "--changed-weight", "4", "--output", str(tmp_path / "ft-edit")]) == 0
     ft_edit = json.loads((tmp_path / "ft-edit" / "entry" / "manifest.json").read_text())
     assert ft_edit["task"] == "edit" and ft_edit["training"]["init_from"]["path"] == str(teacher)
+    assert ft_edit["training"]["config"]["changed_weight"] == 4
     c = load_file(tmp_path / "ft-edit" / "entry" / "adapter.safetensors")
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert main([*TINY, *bb, "--method", "finetune", "--lr", "1e-12", "--output", str(tmp_path / "ft0")]) == 0

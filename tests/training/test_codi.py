@@ -7,7 +7,8 @@ from diffusers import DDIMScheduler
 
 from cdd.runtime.factory import scheduler_config
 from cdd.runtime.schedule import NoiseSchedule
-from cdd.training.codi import CoDiLoss, DiffusionLoss, boundary_scalings, distance, noise_removed, training_grid
+from cdd.training.codi import (CoDiLoss, DiffusionLoss, boundary_scalings, changed_region_weight, distance, noise_removed,
+                               training_grid)
 
 T, N, B = 1000, 50, 3
 SHAPE = (B, 3, 4, 4)
@@ -263,3 +264,24 @@ def test_finetune_loss_is_the_native_diffusion_loss(prediction_type, batch):
     t = torch.randint(0, T, (B,), generator=g)
     eps = torch.randn(SHAPE, generator=g)
     torch.testing.assert_close(terms.loss, ((out - schedule.target(x, eps, t)) ** 2).mean(), rtol=1e-4, atol=1e-5)
+
+    # weighted: the same draws, each element's squared error times its weight
+    w = torch.rand(B, 1, *SHAPE[-2:], generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(4)
+    terms = DiffusionLoss(schedule)(native(out), None, None, x, c, text, g, weight=w)
+    torch.testing.assert_close(terms.loss, (w * (out - schedule.target(x, eps, t)) ** 2).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_changed_region_weight_by_hand():
+    source = torch.zeros(3, 3, 4, 4)
+    target = source.clone()
+    target[0, 1, 0, 0] = 0.5  # image 0: one pixel of one channel changes (the top-left 2x2 cell once pooled)
+    target[1, 2, 3, 3] = 0.05  # image 1: under the threshold, unchanged
+    target[2] = 1.0  # image 2: everything changes (a time-of-day edit)
+    w = changed_region_weight(target, source, (2, 2), weight=3.0)
+    assert w.shape == (3, 1, 2, 2)
+    # image 0: weights 4, 1, 1, 1 divided by their mean 7/4
+    torch.testing.assert_close(w[0, 0], torch.tensor([[16 / 7, 4 / 7], [4 / 7, 4 / 7]]))
+    torch.testing.assert_close(w[1], torch.ones(1, 2, 2))  # no change: the plain loss
+    torch.testing.assert_close(w[2], torch.ones(1, 2, 2))  # all changed: the plain loss too
+    assert changed_region_weight(target, source, (4, 4), weight=0.0).eq(1).all()
