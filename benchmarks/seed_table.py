@@ -6,6 +6,9 @@ difference between rows can be read against the noise-seed spread.
         [--metrics kid_attr,fid_attr,swd,psnr,ssim,attr_all] [--out table.md] \
         [--gap finetune/ddim/4:finetune/ddim/50 --gap-metrics kid_attr,swd] [--plot kid_attr.png --plot-metric kid_attr]
 
+A metric may name a nested value with dots, e.g. `edit_kinds.color.psnr`: the whole-image PSNR of the colour
+edits, from the per-kind block edit rows carry.
+
 `--gap FROM:TO` adds, for each of `--gap-metrics`, the share of the gap between two rows' means that each row
 closes: (FROM - row) / (FROM - TO), e.g. how much of the teacher's 4 -> 50 step gap a 4-step student closes
 (1 = level with TO, 0 = level with FROM, negative = behind FROM).
@@ -34,9 +37,22 @@ def seed_rows(folders: list[Path], metrics: list[str]) -> tuple[list[int], dict[
             key = (r["method"], r["sampler"], r["steps"])
             if key in table:
                 for m in metrics:
-                    if r.get(m) is not None:
-                        table[key][m].append(float(r[m]))
+                    value = lookup(r, m)
+                    if value is not None:
+                        table[key][m].append(float(value))
     return [run["seed"] for run in runs], table
+
+
+def lookup(row: dict, metric: str):
+    """row[metric], or for a dotted name the nested value (row["edit_kinds"]["color"]["psnr"]); None when absent."""
+    value = row
+    for part in metric.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric.removeprefix("edit_kinds."))
 
 
 def parse_row(text: str) -> tuple[str, str, int]:
@@ -64,8 +80,8 @@ def gap_closed(table: dict, metric: str, start: tuple, end: tuple) -> dict[tuple
 def markdown(seeds: list[int], table: dict, metrics: list[str], gap: tuple | None = None,
              gap_metrics: list[str] = ()) -> str:
     closed = {m: gap_closed(table, m, *gap) for m in gap_metrics} if gap else {}
-    head = ("| method | sampler | steps | " + " | ".join(f"{LABELS.get(m, m)} (mean, spread)" for m in metrics)
-            + "".join(f" | {LABELS.get(m, m)}: gap closed" for m in closed) + " |")
+    head = ("| method | sampler | steps | " + " | ".join(f"{label(m)} (mean, spread)" for m in metrics)
+            + "".join(f" | {label(m)}: gap closed" for m in closed) + " |")
     lines = [f"Noise seeds {', '.join(map(str, seeds))}; each cell: the mean over the seeds and (max - min)."
              + (f" Gap closed: the share of the gap from {'/'.join(map(str, gap[0]))} to {'/'.join(map(str, gap[1]))}"
                 " that the row closes." if gap else ""), "",
@@ -110,7 +126,7 @@ def plot(table: dict, metric: str, out: Path, skip: tuple[str, ...] = ()) -> Non
     ax.set_xticks(ticks)
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel(f"{LABELS.get(metric, metric)} (mean, bar: min to max over the seeds)")
+    ax.set_ylabel(f"{label(metric)} (mean, bar: min to max over the seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()

@@ -102,7 +102,7 @@ run_one() {
     *) echo "unknown run '$1'; the runs: $ALL_RUNS" >&2; exit 2 ;;
   esac
 }
-ALL_RUNS="sr-finetune depth-finetune depth-finetune-2 edit-finetune sr-codi sr-codi-lora depth-codi edit-codi sr-t2i-codi sr-controlnet-lora-codi sr-cm sr-gd edit-finetune-sr edit-codi-sr"
+ALL_RUNS="sr-finetune depth-finetune depth-finetune-2 edit-finetune sr-codi sr-codi-lora depth-codi edit-codi sr-t2i-codi sr-controlnet-lora-codi sr-cm sr-gd edit-finetune-sr edit-codi-sr edit-finetune-sr-long edit-codi-sr-long"
 
 train_all() {
   local name
@@ -158,8 +158,8 @@ eval_all() {
       wanted "$task" || continue
       local student o="$out/$task/seed$s" D=(--task "$task" --backbone "$BACKBONE" --num-images "$N_IMAGES" --batch-size 32 --seed "$s")
       teacher=$RUNS/$task-finetune/entry student=$RUNS/$task-codi/entry
-      if [[ $task == edit ]]; then  # the served edit entry: teacher and student from the SR teacher (session 9)
-        teacher=$RUNS/edit-finetune-sr/entry student=$RUNS/edit-codi-sr/entry
+      if [[ $task == edit ]]; then  # the served edit entry: the teacher from the SR teacher (session 9), four times
+        teacher=$RUNS/edit-finetune-sr-long/entry student=$RUNS/edit-codi-sr-long/entry  # as long (session 10)
       fi
       if [[ $task == depth ]]; then
         teacher=$RUNS/depth-finetune-2/entry
@@ -192,7 +192,7 @@ build_zoo() {
     --entry "super-resolution=$RUNS/sr-codi/entry" \
     --entry "super-resolution-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" \
     --entry "super-resolution-t2i=$RUNS/sr-t2i-codi/entry" \
-    --entry "depth=$RUNS/depth-codi/entry" --entry "edit=$RUNS/edit-codi-sr/entry" \
+    --entry "depth=$RUNS/depth-codi/entry" --entry "edit=$RUNS/edit-codi-sr-long/entry" \
     --results "$out/super-resolution-scenes/seed$s0/results.json" \
     --results "$out/super-resolution-photos/seed$s0/results.json" \
     --results "$out/depth/seed$s0/results.json" --results "$out/edit/seed$s0/results.json" \

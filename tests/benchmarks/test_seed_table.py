@@ -33,3 +33,19 @@ def test_gap_closed_by_hand(tmp_path):
     assert seed_table.parse_row("codi/a/prev+ilvr/4") == ("codi/a", "prev+ilvr", 4)
     with pytest.raises(SystemExit, match="has no kid_attr"):
         seed_table.gap_closed(table, "kid_attr", t4, ("cm", "cm", 4))
+
+
+def test_nested_metrics_read_each_edit_kind(tmp_path):
+    def run(name, seed, psnr):
+        folder = tmp_path / name
+        folder.mkdir()
+        row = {"method": "codi", "sampler": "prev", "steps": 4, "edit_kinds": {"color": {"psnr": psnr, "n": 14}}}
+        (folder / "results.json").write_text(json.dumps({"seed": seed, "rows": [row]}))
+        return folder
+
+    seeds, table = seed_table.seed_rows([run("a", 0, 21.0), run("b", 1000, 22.0)],
+                                        ["edit_kinds.color.psnr", "edit_kinds.remove.psnr"])
+    assert table[("codi", "prev", 4)] == {"edit_kinds.color.psnr": [21.0, 22.0], "edit_kinds.remove.psnr": []}
+    text = seed_table.markdown(seeds, table, ["edit_kinds.color.psnr", "edit_kinds.remove.psnr"])
+    assert "| method | sampler | steps | color.psnr (mean, spread) | remove.psnr (mean, spread) |" in text
+    assert "| codi | prev | 4 | 21.50 (1.00) | – |" in text
