@@ -86,7 +86,10 @@ class CoDiLoss:
         return n.repeat(batch) if self.same_t else n
 
     def __call__(self, student: Denoiser, ema_target: Denoiser, teacher: Denoiser | None,
-                 x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> Terms:
+                 x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
+                 weight: torch.Tensor | None = None) -> Terms:
+        """`weight`: optional per-element weights of the guidance term, broadcast against x
+        (`changed_region_weight`); the consistency term stays unweighted."""
         n = self.sample_n(x.shape[0], generator)                                 # n ~ U{1..N}
         t, s = self.grid[n], self.grid[n - 1]                                    # t = t_n, s = t_(n-1) (0 for n = 1)
         eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)   # eps ~ N(0, I)
@@ -112,6 +115,9 @@ class CoDiLoss:
             c_skip_t, c_out_t = boundary_scalings(t, x)
             c_skip_s, c_out_s = boundary_scalings(s, x)
             distillation = self.d(c_skip_t * z_t + c_out_t * x_hat_t, c_skip_s * z_hat_s + c_out_s * x_tgt_s)
+        if weight is not None:  # l2: the squared difference times the weight (huber: the difference by its root)
+            root = weight.to(x_hat_t.dtype).sqrt()
+            x_hat_t, x = root * x_hat_t, root * x
         if self.cond_weighting == "x":
             guidance = self.d(x_hat_t, x)                                        # d_x(x_hat_t, x)
         else:

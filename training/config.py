@@ -95,8 +95,9 @@ class TrainConfig:
     # teacher meant for Guided Distillation needs it (0.1), since GD's unconditional branch runs it on "" (On Distillation of Guided Diffusion Models)
     # and a super-resolution adapter needs it to work with the empty prompt the API sends when a user gives none
 
-    changed_weight: float = 0.0  # edit teachers (finetune): the loss inside the region the edit changes weighs
-    # 1 + changed_weight against 1 outside, per image normalised to mean 1 (`changed_region_weight`); 0: plain loss
+    changed_weight: float = 0.0  # edit (finetune: the diffusion loss; codi: its guidance term): the loss inside the
+    # region the edit changes weighs 1 + changed_weight against 1 outside, per image normalised to mean 1
+    # (`changed_region_weight`); 0: the plain loss
 
     # super-resolution data
     degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
@@ -176,9 +177,10 @@ class TrainConfig:
             raise ConfigError(f"photo_fraction {self.photo_fraction} mixes photo patches into the scenes stream of "
                               f"super-resolution, not into {self.task} on data {self.data!r}")
         _check("changed_weight", self.changed_weight, self.changed_weight >= 0, "must be >= 0")
-        if self.changed_weight and (self.task != "edit" or self.method != "finetune"):
-            raise ConfigError(f"changed_weight {self.changed_weight} weighs the region an edit changes in the plain "
-                              f"diffusion loss: it is for --task edit --method finetune, not {self.task} {self.method}")
+        if self.changed_weight and (self.task != "edit" or self.method not in ("finetune", "codi")):
+            raise ConfigError(f"changed_weight {self.changed_weight} weighs the region an edit changes in the data "
+                              f"term of the loss: it is for --task edit with --method finetune or codi, not "
+                              f"{self.task} {self.method}")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
         _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")

@@ -37,12 +37,12 @@ CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "c
                 "steps")
 GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance")
 # Options a method has no use for (given anyway, they are refused rather than silently ignored).
-FINETUNE_OPTIONS = ("changed_weight",)
+EDIT_WEIGHT = ("changed_weight",)  # finetune's diffusion loss and codi's guidance term
 UNUSED = {
-    "codi": GD_OPTIONS + FINETUNE_OPTIONS,
+    "codi": GD_OPTIONS,
     "finetune": CODI_OPTIONS + GD_OPTIONS,
-    "cm": ("prev_predictor", "consistency_space", "cond_weight", "cond_weighting") + GD_OPTIONS + FINETUNE_OPTIONS,  # fixed by the method
-    "gd": CODI_OPTIONS + FINETUNE_OPTIONS,
+    "cm": ("prev_predictor", "consistency_space", "cond_weight", "cond_weighting") + GD_OPTIONS + EDIT_WEIGHT,  # fixed by the method
+    "gd": CODI_OPTIONS + EDIT_WEIGHT,
 }
 
 
@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption-dropout", type=float, help="probability of training on the empty caption; a teacher meant "
                    f"for Guided Distillation needs it, e.g. 0.1, and so does a super-resolution adapter meant to work "
                    f"without a prompt (default {d.caption_dropout})")
-    g.add_argument("--changed-weight", type=float, help="edit, finetune: weigh the loss inside the region the edit "
-                   "changes (source and target differ) by 1 + this against 1 outside, normalised per image; small local "
+    g.add_argument("--changed-weight", type=float, help="edit, finetune or codi (its guidance term): weigh the loss "
+                   "inside the region the edit changes (source and target differ) by 1 + this against 1 outside, "
+                   "normalised per image; small local "
                    f"edits (an object's colour, a removal) otherwise weigh a few percent of the loss (default {d.changed_weight})")
     g.add_argument("--degradation", choices=tuple(DEGRADATION_PRESETS), help="super-resolution: the degradation preset "
                    f"that makes the low-resolution inputs (default {DEFAULT_TRAINING_PRESET}; realesrgan: the published "

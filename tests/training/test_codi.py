@@ -101,6 +101,23 @@ def test_loss_is_eq_11(schedule, batch):
         torch.testing.assert_close(terms.parts["guidance"], guidance)
 
 
+def test_weighted_guidance_weighs_each_element_and_leaves_the_consistency_term(schedule, batch):
+    x, c, text = batch
+    w = torch.rand(B, 1, *SHAPE[-2:], generator=torch.Generator().manual_seed(8)) + 0.5
+    student, target = Recorder(1), Recorder(2)
+    terms = CoDiLoss(schedule, N=N, r=2.0)(student, target, None, x, c, text, torch.Generator().manual_seed(3), weight=w)
+    torch.testing.assert_close(terms.parts["distillation"], ((student.eps_hat - target.eps_hat) ** 2).mean())
+    torch.testing.assert_close(terms.parts["guidance"], (w * (student.x_hat - x) ** 2).mean())
+    # with truncated SNR as well: both weights multiply the squared difference
+    student, target = Recorder(1), Recorder(2)
+    terms = CoDiLoss(schedule, N=N, cond_weighting="truncated-snr", same_t=False)(
+        student, target, None, x, c, text, torch.Generator().manual_seed(6), weight=w)
+    n, _ = draws(6, same_t=False)
+    alpha_t, sigma_t = reference_alpha_sigma(n * (T // N) - 1)
+    snr = torch.maximum(alpha_t**2 / sigma_t**2, torch.ones(()))
+    torch.testing.assert_close(terms.parts["guidance"], (snr * w * (student.x_hat - x) ** 2).mean())
+
+
 def test_truncated_snr_guidance_is_the_larger_of_the_x_and_eps_losses(schedule, batch):
     x, c, text = batch
     student, target = Recorder(1), Recorder(2)

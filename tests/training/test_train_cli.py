@@ -111,9 +111,9 @@ def test_resume_of_a_gd_run_with_no_checkpoint_yet_starts_fresh_as_controlnet_gu
         (["--resolution", "17"], "resolution 17 must be a multiple of 2"),
         (["--degradation", "mild-64px"], "degradation presets are for super-resolution, not depth"),
         (["--photo-fraction", "0.5"], "mixes photo patches into the scenes stream of super-resolution, not into depth"),
-        (["--method", "finetune", "--changed-weight", "4"], "it is for --task edit --method finetune, not depth finetune"),
+        (["--method", "finetune", "--changed-weight", "4"], "it is for --task edit with --method finetune or codi, not depth finetune"),
         (["--method", "finetune", "--changed-weight", "-1"], "changed_weight -1.0 must be >= 0"),
-        (["--changed-weight", "4"], "--changed-weight: option(s) that --method codi does not use"),
+        (["--method", "gd", "--init-from", ".", "--changed-weight", "4"], "--changed-weight: option(s) that --method gd does not use"),
     ],
 )
 def test_bad_options_fail_loudly_naming_the_field(argv, message, pixel_backbone_dir, tmp_path, capsys):
