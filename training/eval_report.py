@@ -252,9 +252,11 @@ def write_grid(out: Path, results: dict, name: str = "grid.png") -> Path:
     """grid.png: condition | one column per row (method, sampler, steps) | ground truth."""
     columns = [np.asarray(Image.open(out / "images" / "condition.png").convert("RGB"))]
     labels = ["condition"]
-    for row in results["rows"]:
+    rows = results["rows"]
+    short = [_column_label(row, results["resolution"]) for row in rows]
+    for row, label in zip(rows, short):
         columns.append(np.asarray(Image.open(out / row["image"]).convert("RGB")))
-        labels.append(_column_label(row, results["resolution"]))
+        labels.append(label if short.count(label) == 1 else _column_label(row, results["resolution"], keep_tail=True))
     columns.append(np.asarray(Image.open(out / "images" / "target.png").convert("RGB")))
     labels.append("target")
     if len({c.shape for c in columns}) != 1:
@@ -262,8 +264,10 @@ def write_grid(out: Path, results: dict, name: str = "grid.png") -> Path:
     return save_grid(out / name, _with_header(np.concatenate(columns, axis=1), results["resolution"], labels))
 
 
-def _column_label(row: dict, width: int) -> str:
-    """`method sampler steps`, the method shortened until the label fits its column (results.md has them whole)."""
+def _column_label(row: dict, width: int, keep_tail: bool = False) -> str:
+    """`method sampler steps`, the method shortened until the label fits its column (results.md has them whole);
+    with `keep_tail`, shortened in its middle, keeping its last three characters, so that labels that would
+    otherwise read the same ("codi-long" and "codi-long-w" -> "codi-l.") stay apart."""
     sampler = {"dpm-solver++": "dpm++"}.get(row["sampler"], row["sampler"])
     draw, method, rest = ImageDraw.Draw(Image.new("RGB", (1, 1))), row["method"], f"{sampler} {row['steps']}"
     if row["sampler"] == PROBE:  # "probe: truth + noise 0.02" -> "truth + noise 0.02"
@@ -271,9 +275,10 @@ def _column_label(row: dict, width: int) -> str:
     elif row["sampler"] == NO_SAMPLER:  # bicubic: no sampler, no steps
         rest = ""
     label = f"{method} {rest}".strip()
-    while draw.textlength(label) > width - 4 and len(method) > 1:
-        method = method[:-1]
-        label = f"{method}. {rest}"
+    head, tail = (method[:-3], method[-3:]) if keep_tail else (method, "")
+    while draw.textlength(label) > width - 4 and len(head) > 1:
+        head = head[:-1]
+        label = f"{head}.{tail} {rest}".strip()
     return label
 
 

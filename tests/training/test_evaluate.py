@@ -513,3 +513,13 @@ def test_text_only_row_is_the_backbone_without_an_adapter(zoo, pixel_backbone_di
     rc, _, err = run("--task", "super-resolution", "--backbone", pixel_backbone_dir, "--text-only", "--resolution", 16,
                      "--samplers", "prev+ilvr", "--out", tmp_path / "q")
     assert rc == 2 and "no low-resolution input for NAME+ilvr" in err
+
+
+def test_grid_labels_cut_short_stay_apart():
+    from cdd.training.eval_report import _column_label
+
+    rows = [{"method": m, "sampler": "prev", "steps": 4} for m in ("codi-long", "codi-long-w", "codi")]
+    short = [_column_label(r, 64) for r in rows]
+    assert short[0] == short[1] == "codi-l. prev 4" and short[2] == "codi prev 4"  # plain cut: they collide
+    tails = [_column_label(r, 64, keep_tail=True) for r in rows[:2]]
+    assert tails[0] != tails[1] and tails[0].split(" ")[0].endswith("ong") and tails[1].split(" ")[0].endswith("g-w")
