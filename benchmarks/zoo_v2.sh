@@ -49,9 +49,6 @@ train() {
   cdd-train-adapter "$@"
 }
 
-# the --changed-weight of an edit teacher: 3 for -w3, 9 for -w
-edit_weight() { [[ $1 == *-w3 ]] && echo 3 || echo 9; }
-
 # one named run each; `train NAME...` runs those in order, `train` all of them (teachers first)
 run_one() {
   case "$1" in
@@ -86,9 +83,10 @@ run_one() {
     # a removal changes 7-8% of the picture, so the plain loss hardly asks for it), and their CoDi students
     edit-finetune-sr-long) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" \
         --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
-    edit-finetune-sr-long-w|edit-finetune-sr-long-w3) train --task edit --method finetune --caption-dropout 0.1 \
-        --init-from "$RUNS/edit-finetune-sr/entry" --changed-weight "$(edit_weight "$1")" \
-        --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
+    edit-finetune-sr-long-w) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" \
+        --changed-weight 9 --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
+    edit-finetune-sr-long-w3) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" \
+        --changed-weight 3 --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
     edit-codi-sr-long|edit-codi-sr-long-w) train --task edit --method codi --caption-dropout 0.1 \
         --init-from "$RUNS/${1/codi/finetune}/entry" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
     # ... and students that keep the weighting in CoDi's guidance term: from the w = 9 teacher (-ww), from w = 3 (-w3)

@@ -115,18 +115,19 @@ class CoDiLoss:
             c_skip_t, c_out_t = boundary_scalings(t, x)
             c_skip_s, c_out_s = boundary_scalings(s, x)
             distillation = self.d(c_skip_t * z_t + c_out_t * x_hat_t, c_skip_s * z_hat_s + c_out_s * x_tgt_s)
+        guess, truth = x_hat_t, x
         if weight is not None:  # l2: the squared difference times the weight (huber: the difference by its root)
             root = weight.to(x_hat_t.dtype).sqrt()
-            x_hat_t, x = root * x_hat_t, root * x
+            guess, truth = root * x_hat_t, root * x
         if self.cond_weighting == "x":
-            guidance = self.d(x_hat_t, x)                                        # d_x(x_hat_t, x)
+            guidance = self.d(guess, truth)                                      # d_x(x_hat_t, x)
         else:
             # max(SNR_t, 1) d_x: at small t the eps-space loss (alpha/sigma)^2 |x_hat - x|^2 = |eps_hat - eps|^2,
             # which anchors how much noise the student removes there (the consistency term alone hands each t the
             # noise its EMA target leaves at s, so a shortfall near the boundary climbs the grid); at large t the
             # x-space loss of eq. 11. With l2 the squared difference is weighted; with huber, the difference by sqrt.
             root = truncated_snr(self.schedule, t, x).sqrt()
-            guidance = self.d(root * x_hat_t, root * x)
+            guidance = self.d(root * guess, root * truth)
         loss = distillation + self.r * guidance                                  # eq. 11
         return Terms(loss, {"distillation": distillation.detach(), "guidance": guidance.detach()}, t)
 
