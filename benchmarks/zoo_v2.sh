@@ -87,7 +87,11 @@ run_one() {
         --changed-weight 9 --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
     edit-finetune-sr-long-w3) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" \
         --changed-weight 3 --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
-    edit-codi-sr-long|edit-codi-sr-long-w) train --task edit --method codi --caption-dropout 0.1 \
+    # the plain teacher three times as long again (session 11: 12k -> 36k steps in all), for the slope of the
+    # per-kind PSNR against budget, and its student
+    edit-finetune-sr-xl) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr-long/entry" \
+        --max-train-steps $(( 8 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
+    edit-codi-sr-long|edit-codi-sr-long-w|edit-codi-sr-xl) train --task edit --method codi --caption-dropout 0.1 \
         --init-from "$RUNS/${1/codi/finetune}/entry" --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
     # ... and students that keep the weighting in CoDi's guidance term: from the w = 9 teacher (-ww), from w = 3 (-w3)
     edit-codi-sr-long-ww) train --task edit --method codi --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr-long-w/entry" \
