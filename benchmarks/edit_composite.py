@@ -16,6 +16,8 @@ keeps the source outside a mask m; what it is worth depends on how well m finds 
   diffedit    DiffEdit's mask (Couairon et al., 2022): |eps(instruction) - eps(empty)| on the source encoded and noised
               to t = 500, averaged over 4 noises, normalised by each image's maximum, ramp 0.3 -> 0.5
   cfg s=2     no composite: text guidance at scale 2 (2 forward passes per step), eps = e_u + s (e_c - e_u)
+  cn x1.5     no composite: the ControlNet's residuals scaled by 1.5 (diffusers' controlnet_conditioning_scale): is
+              the adapter's pull on the backbone too weak to keep the source's objects?
 
 The mask settings were chosen on --data-seed 7 (a tuning stream) and are then measured on the held-out stream
 (--data-seed 20261125, cdd-eval's). One noise seed per run (--seed). Writes a JSON table and a contact sheet of the
@@ -76,6 +78,25 @@ class Guided:
         return f
 
 
+class ScaledResiduals:
+    """`model`'s adapter residuals times `scale` while in use (a ControlNet's conditioning scale)."""
+
+    def __init__(self, model, scale: float):
+        self.model, self.scale, self.plain = model, scale, model.adapter.unet_kwargs
+
+    def __enter__(self):
+        def scaled(*args):
+            kw = self.plain(*args)
+            return {"down_block_additional_residuals": [self.scale * r for r in kw["down_block_additional_residuals"]],
+                    "mid_block_additional_residual": self.scale * kw["mid_block_additional_residual"]}
+
+        self.model.adapter.unet_kwargs = scaled
+        return self.model
+
+    def __exit__(self, *_):
+        del self.model.adapter.unet_kwargs  # back to the class's method
+
+
 @torch.no_grad()
 def mask_diffedit(model, backbone, cond: torch.Tensor, text_emb: torch.Tensor, empty_emb: torch.Tensor, size: int,
                   t: int = 500, noises: int = 4, batch: int = 16) -> torch.Tensor:
@@ -125,6 +146,8 @@ def main() -> None:
         out, _ = ev.generate(model, backbone, data, text_emb, sampler, args.steps, args.seed, 8)
         empty, _ = ev.generate(model, backbone, data, empty_emb, sampler, args.steps, args.seed, 8)
         guided, _ = ev.generate(Guided(model, empty_emb, 2.0), backbone, data, text_emb, sampler, args.steps, args.seed, 8)
+        with ScaledResiduals(model, 1.5) as scaled:
+            strong, _ = ev.generate(scaled, backbone, data, text_emb, sampler, args.steps, args.seed, 8)
         m_diffedit = mask_diffedit(model, backbone, data["condition"], text_emb, empty_emb, source.shape[-1])
     truth = (source - target).abs().amax(1, keepdim=True).gt(EDIT_THRESHOLD).float()
     m_empty = mask_vs_empty(out, empty)
@@ -133,7 +156,7 @@ def main() -> None:
             row("oracle", composite(out, source, truth), source, target, text, truth),
             row("vs-empty", vs_empty, source, target, text, m_empty),
             row("diffedit", composite(out, source, m_diffedit), source, target, text, m_diffedit),
-            row("cfg s=2", guided, source, target, text)]
+            row("cfg s=2", guided, source, target, text), row("cn x1.5", strong, source, target, text)]
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"entry": str(args.entry), "sampler": sampler, "steps": args.steps, "data_seed": args.data_seed,
             "num_images": args.num_images, "seed": args.seed}
