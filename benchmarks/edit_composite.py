@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir
 from cdd.runtime.backbone import load_backbone
 from cdd.training import evaluate as ev
-from cdd.training.condition_metrics import EDIT_THRESHOLD, edit_follow
+from cdd.training.condition_metrics import changed_region, edit_follow
 from cdd.training.data.scenes import edit_kind
 from cdd.training.metrics import psnr
 
@@ -149,7 +149,7 @@ def main() -> None:
         with ScaledResiduals(model, 1.5) as scaled:
             strong, _ = ev.generate(scaled, backbone, data, text_emb, sampler, args.steps, args.seed, 8)
         m_diffedit = mask_diffedit(model, backbone, data["condition"], text_emb, empty_emb, source.shape[-1])
-    truth = (source - target).abs().amax(1, keepdim=True).gt(EDIT_THRESHOLD).float()
+    truth = changed_region(source, target, dilate=0).float()
     m_empty = mask_vs_empty(out, empty)
     vs_empty = composite(out, source, m_empty)
     rows = [row("copy", source, source, target, text), row("raw", out, source, target, text),

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ..runtime.schedule import FINAL, NoiseSchedule, boundary_scalings
+from .condition_metrics import changed_region
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -157,7 +158,8 @@ def changed_region_weight(target: torch.Tensor, source: torch.Tensor, size: tupl
     source (both in [-1, 1], [B, 3, H, W]) differs by more than `threshold`, max-pooled to `size` (the model
     space's resolution: a latent cell is changed when any pixel under it is). An edit that changes everything
     (time of day) or nothing is weighted 1 everywhere, the plain loss."""
-    changed = ((target.float() - source.float()).abs().amax(dim=1, keepdim=True) > threshold).float()
+    changed = changed_region(  # it reads [0, 1] images: the threshold halves
+        (source + 1) / 2, (target + 1) / 2, threshold=threshold / 2, dilate=0).float()
     changed = torch.nn.functional.adaptive_max_pool2d(changed, size)
     w = 1 + weight * changed
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
