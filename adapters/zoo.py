@@ -46,7 +46,7 @@ UNET_FILE = "unet.safetensors"
 MODES = ("pe", "lora", "full")
 # entry, task and sampler names: they become URL path segments, metric labels, headers and file names
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-SAMPLER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"  # and '+': super-resolution's NAME+ilvr (a header, a label)
+SAMPLER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"  # and '+': NAME+ilvr, NAME+keep (a header, a label)
 FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.safetensors$"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_RESOLUTION = 4096

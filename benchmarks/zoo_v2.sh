@@ -91,10 +91,14 @@ run_one() {
     # the per-kind PSNR against budget, and its student (the run was started for 24k and stopped at 16k for time)
     edit-finetune-sr-xl) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr-long/entry" \
         --max-train-steps $(( 16 * TEACHER_STEPS / 3 )) $C --output "$RUNS/$1" ;;
-    # ... continued again (session 11, stopped for time at a checkpoint and exported with --max-train-steps at
-    # that step; the next session continues it with --resume)
+    # ... continued again (session 11: stopped for time at a checkpoint, 11,500 steps, exported with
+    # --max-train-steps at that step; session 12 continued it with --resume to XXL_STEPS=23500), and its student.
+    # EDIT_TEACHER picks the teacher a student starts from (session 12 also distilled the 11,500-step export, kept
+    # as edit-finetune-sr-xxl-39k, into edit-codi-sr-xxl-39k)
     edit-finetune-sr-xxl) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr-xl/entry" \
         --max-train-steps "${XXL_STEPS:-$(( 16 * TEACHER_STEPS / 3 ))}" $C --output "$RUNS/$1" ;;
+    edit-codi-sr-xxl*) train --task edit --method codi --caption-dropout 0.1 --init-from "${EDIT_TEACHER:-$RUNS/edit-finetune-sr-xxl/entry}" \
+        --ema 0.99 --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
     # ... and the same 64k images in batches of 16 (a quarter of the steps): at batch 4 a step sees about one
     # colour edit and one removal
     edit-finetune-sr-b16) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr-long/entry" \

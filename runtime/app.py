@@ -36,7 +36,7 @@ from .engine import Engine
 from .imaging import ImageError, decode_image, encode_png
 from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
-from .samplers import split_ilvr
+from .samplers import split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
 from .tasks import SUPER_RESOLUTION, assemble, blank_work, prompt_required, task_rows
@@ -165,9 +165,11 @@ def task_form(
     prompt: str | None = Form(None, max_length=MAX_PROMPT, description="text; for edit the instruction (required)"),
     steps: int | None = Form(None, ge=1, le=4, description="sampling steps (default: the manifest's)"),
     seed: int | None = Form(None, ge=0, le=MAX_SEED, description="noise seed (random when absent; returned)"),
-    sampler: Literal["prev", "ddim", "cm", "gd", "prev+ilvr", "ddim+ilvr", "cm+ilvr", "gd+ilvr"] | None = Form(
+    sampler: Literal["prev", "ddim", "cm", "gd", "prev+ilvr", "ddim+ilvr", "cm+ilvr", "gd+ilvr",
+                     "prev+keep", "ddim+keep", "cm+keep", "gd+keep"] | None = Form(
         None, description="few-step sampler (default: the manifest's); super-resolution also takes NAME+ilvr, the "
-        "sampler with ILVR's step: every x_hat keeps the low-resolution input's block means"),
+        "sampler with ILVR's step: every x_hat keeps the low-resolution input's block means; edit takes NAME+keep, "
+        "the sampler whose output gets back the source's detail the autoencoder loses, where the edit kept it"),
     adapter: str | None = Form(None, description="zoo name, when the task has several adapters"),
     x_cdd_deadline_ms: float | None = Header(None, gt=0, description="a deadline shorter than the server's"),
     width: int | None = Form(None, ge=1, description="output width (depth, edit; a multiple of the backbone's size "
@@ -235,9 +237,11 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
         raise APIError(422, "invalid_parameter", f"task {task!r} needs a prompt: the edit instruction")
     steps = form.steps if form.steps is not None else reg.manifest.steps
     sampler = form.sampler or reg.manifest.sampler
-    if split_ilvr(sampler)[1] and task != SUPER_RESOLUTION:
-        raise APIError(422, "invalid_parameter", f"sampler {sampler!r} keeps a super-resolution input's low frequencies; "
-                       f"task {task!r} has no low-resolution input (use {split_ilvr(sampler)[0]!r})")
+    if step_task(sampler) not in (None, task):
+        what = ("keeps a super-resolution input's low frequencies; task {!r} has no low-resolution input"
+                if step_task(sampler) == SUPER_RESOLUTION else "keeps an edit's source picture; task {!r} edits no picture")
+        raise APIError(422, "invalid_parameter", f"sampler {sampler!r} {what.format(task)} "
+                       f"(use {split_sampler(sampler)[0]!r})")
     seed = form.seed if form.seed is not None else secrets.randbelow(2**32)
     log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler)
 

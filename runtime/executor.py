@@ -25,7 +25,8 @@ import torch
 from .backbone import Backbone
 from .cuda_graphs import GraphCache, GraphKey, StepGraphKey
 from .pool import AdapterPool, LiveSlot, Registered
-from .samplers import LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, sampler_step, split_ilvr
+from .samplers import (ILVR, KEEP, LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, keep_source, sampler_step,
+                       source_roundtrip, split_sampler)
 from .schedule import NoiseSchedule
 from .tasks import SR_SCALE
 
@@ -85,6 +86,7 @@ class Flight:
     requests: int = 1  # requests in flight when it boarded (itself included)
     boarded: float = 0.0  # time.perf_counter() when it boarded
     reference_low: torch.Tensor | None = None  # NAME+ilvr: phi(2 cond - 1), the input's low frequencies, made once
+    roundtrip: torch.Tensor | None = None  # NAME+keep: D(E(2 cond - 1)), the source's round trip, made once
 
     @property
     def rows(self) -> int:
@@ -125,7 +127,7 @@ class Executor:
             if self.graphs is not None:
                 key = GraphKey(slot.key, reg.lora_name, size, reg.resolution, batch.steps, batch.sampler)
                 self._prime(batch.steps, size, values["z_T"])
-                if split_ilvr(batch.sampler)[1]:
+                if split_sampler(batch.sampler)[1] == ILVR:
                     self.lowpass(*values["cond"].shape[-2:])  # its matrices on the device before the capture
                 fn = self._loop(slot, batch.steps, batch.sampler)
                 watched = slot.live_tensors() if self.graphs.debug else slot.tensors
@@ -187,7 +189,7 @@ class Executor:
         """fn(z_T, cond, text_emb, fresh) -> images in [0, 1]: the k-step sampler and the decode."""
         denoiser, schedule = slot.denoiser, self.schedule
         timesteps = schedule.trailing_timesteps(steps)
-        base, consistent = split_ilvr(sampler)
+        base, step = split_sampler(sampler)
         sample = few_step_sampler(base)
 
         dtype = self.backbone.dtype
@@ -198,23 +200,33 @@ class Executor:
                 out = denoiser.predict(z_t.to(dtype), self._timestep(t, z_t.shape[0], z_t.device), cond, text_emb)
                 return schedule.to_x_eps(out.float(), z_t, t)
 
-            reference_low = low = None
-            if consistent:  # super-resolution: each x_hat keeps the input's low frequencies (ILVR)
+            reference_low = low = roundtrip = None
+            if step == ILVR:  # super-resolution: each x_hat keeps the input's low frequencies (ILVR)
                 low = self.lowpass(cond.shape[-2], cond.shape[-1])
                 reference_low = low(cond.float() * 2 - 1)
                 model = ilvr(model, cond.float() * 2 - 1, SR_SCALE, low=low, reference_low=reference_low,
                              **self._latent_io())
+            if step == KEEP:  # edit: the decoded output gets back what the autoencoder loses of the source
+                roundtrip = self.source_roundtrip(cond)
             z_0 = sample(model, z_T, timesteps, schedule, fresh_noise=fresh or None)
-            return self._to_images(z_0, reference_low, low)
+            return self._to_images(z_0, reference_low, low, cond if step == KEEP else None, roundtrip)
 
         return fn
 
-    def _to_images(self, z_0: torch.Tensor, reference_low: torch.Tensor | None = None,
-                   low: LowPass | None = None) -> torch.Tensor:
-        """Decoded images in [0, 1]; with `reference_low` (NAME+ilvr) ILVR's last update on the decoded output."""
+    def source_roundtrip(self, cond: torch.Tensor) -> torch.Tensor:
+        """NAME+keep: D(E(2 cond - 1)), float32 on the device (the source itself on a pixel backbone)."""
+        io = self._latent_io()
+        return source_roundtrip(cond.float() * 2 - 1, io.get("to_model"), io.get("to_pixels"))
+
+    def _to_images(self, z_0: torch.Tensor, reference_low: torch.Tensor | None = None, low: LowPass | None = None,
+                   source: torch.Tensor | None = None, roundtrip: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoded images in [0, 1]; with `reference_low` (NAME+ilvr) ILVR's last update on the decoded output,
+        with `source` (the edit's condition in [0, 1]) and its `roundtrip` (NAME+keep) `keep_source`."""
         x = self.backbone.from_model_space(z_0.to(self.backbone.dtype))
         if reference_low is not None:
             x = ilvr_output(x.float(), reference_low, low)
+        if roundtrip is not None:
+            x = keep_source(x.float(), source.float() * 2 - 1, roundtrip)
         return (x * 0.5 + 0.5).clamp(0, 1)
 
     # -- step-level batching -----------------------------------------------------------------
@@ -224,14 +236,18 @@ class Executor:
         device, dtype = self.backbone.device, self.backbone.dtype
         z_T = z_T.to(device, torch.float32)
         cond = cond.to(device, dtype)
-        reference_low = None
-        if split_ilvr(sampler)[1]:
+        reference_low = roundtrip = None
+        step = split_sampler(sampler)[1]
+        if step == ILVR:
             reference_low = self.lowpass(cond.shape[-2], cond.shape[-1])(cond.float() * 2 - 1)
+        if step == KEEP:
+            roundtrip = torch.cat([self.source_roundtrip(cond[a : a + self.buckets[-1]])
+                                   for a in range(0, cond.shape[0], self.buckets[-1])])
         return Flight(
             payload, reg, sampler, self.schedule.trailing_timesteps(steps), z_T, z_T,
             cond, text_emb.to(device, dtype),
             [xi.to(device, torch.float32) for xi in fresh] if fresh is not None else None,
-            reference_low=reference_low,
+            reference_low=reference_low, roundtrip=roundtrip,
         )
 
     @torch.no_grad()
@@ -253,8 +269,8 @@ class Executor:
         a = 0
         for f in flights:
             x_hat, eps_hat = self.schedule.to_x_eps(out[a : a + f.rows].float(), f.z, f.timesteps[f.i])
-            base, consistent = split_ilvr(f.sampler)
-            if consistent:  # as `_loop`: ILVR on this flight's rows, towards its own condition
+            base, step = split_sampler(f.sampler)
+            if step == ILVR:  # as `_loop`: ILVR on this flight's rows, towards its own condition
                 low = self.lowpass(f.cond.shape[-2], f.cond.shape[-1])
                 x_hat = ilvr_correct(x_hat, f.reference_low, low, **self._latent_io())
             f.z = sampler_step(base, f.i, f.timesteps, f.z, x_hat, eps_hat, self.schedule, f.z_T, f.fresh)
@@ -325,6 +341,10 @@ class Executor:
             if f.reference_low is not None:  # NAME+ilvr: ILVR's last update on its own decoded output
                 low = self.lowpass(f.cond.shape[-2], f.cond.shape[-1])
                 out[i] = torch.cat([self._to_images(f.z[a : a + step], f.reference_low[a : a + step], low)
+                                    for a in range(0, f.rows, step)]).to("cpu", torch.float32)
+            elif f.roundtrip is not None:  # NAME+keep: its own source's detail back where the edit kept it
+                out[i] = torch.cat([self._to_images(f.z[a : a + step], source=f.cond[a : a + step],
+                                                    roundtrip=f.roundtrip[a : a + step])
                                     for a in range(0, f.rows, step)]).to("cpu", torch.float32)
             else:
                 by_size.setdefault(tuple(f.z.shape[1:]), []).append(i)

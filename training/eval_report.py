@@ -169,9 +169,12 @@ def results_markdown(results: dict) -> str:
     if any(r["method"] == BICUBIC for r in rows):
         lines.append("- bicubic: the low-resolution input upsampled bicubically (the condition every SR adapter is given), "
                      "nothing sampled: the row a super-resolution method has to beat.")
-    if any(samplers.split_ilvr(r["sampler"])[1] for r in rows):
+    if any(samplers.split_sampler(r["sampler"])[1] == samplers.ILVR for r in rows):
         lines.append("- NAME+ilvr samplers: NAME with the ILVR step, each x_hat's low frequencies (block means at the SR "
                      "factor) replaced by the input's before the next noise is added.")
+    if any(samplers.split_sampler(r["sampler"])[1] == samplers.KEEP for r in rows):
+        lines.append("- NAME+keep samplers: NAME, then the autoencoder's error on the source added back to the decoded "
+                     "output where it is still the source's round trip (samplers.keep_source).")
     for metric in ("lpips", "fid"):
         if any(r.get(metric) is None for r in rows):
             why = results.get("notes", {}).get(metric, "unavailable when those rows were measured")

@@ -117,17 +117,22 @@ def parse_steps(text: str) -> list[int]:
 
 
 def known_samplers(task: str | None = None) -> list[str]:
-    """The few-step and teacher samplers; for super-resolution also each few-step one with ILVR (`prev+ilvr`)."""
+    """The few-step and teacher samplers; each few-step one also with the task's own step where it has one:
+    ILVR for super-resolution (`prev+ilvr`), the source-keeping step for edit (`prev+keep`)."""
     names = [*samplers.FEW_STEP, *(s for s in samplers.TEACHER_SAMPLERS if s not in samplers.FEW_STEP)]
-    return names + ([s + samplers.ILVR for s in samplers.FEW_STEP] if task == SUPER_RESOLUTION else [])
+    step = samplers.TASK_STEPS.get(task or "")
+    return names + ([s + step for s in samplers.FEW_STEP] if step else [])
 
 
 def check_sampler(name: str, where: str, task: str | None = None) -> str:
     if name not in known_samplers(task):
-        ilvr = samplers.split_ilvr(name)
-        if ilvr[1] and ilvr[0] in samplers.FEW_STEP:
+        base, step = samplers.split_sampler(name)
+        if step == samplers.ILVR and base in samplers.FEW_STEP:
             raise EvalError(f"{where}: {name!r}: the ILVR step keeps a super-resolution input's low frequencies; "
                             f"task {task!r} has no low-resolution input")
+        if step == samplers.KEEP and base in samplers.FEW_STEP:
+            raise EvalError(f"{where}: {name!r}: the keep step gives an edit back its source's detail; "
+                            f"task {task!r} edits no picture")
         raise EvalError(f"{where}: unknown sampler {name!r}; choose one of {', '.join(known_samplers(task))}")
     return name
 
@@ -237,9 +242,11 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
              steps: int, seed: int, batch_size: int, sr_scale: int = 4) -> tuple[torch.Tensor, float]:
     """All N images for one row, in [0, 1] on the CPU, and the seconds spent sampling them. A `NAME+ilvr` sampler
     runs NAME with the ILVR step towards the condition's low frequencies at down-scale `sr_scale` (on a latent
-    backbone x_hat is decoded, corrected and encoded again each step)."""
+    backbone x_hat is decoded, corrected and encoded again each step); a `NAME+keep` sampler runs NAME and gives
+    its decoded output the source's detail where the edit kept it (`samplers.keep_source`)."""
     device, schedule = backbone.device, backbone.schedule
-    sampler, consistent = samplers.split_ilvr(sampler)
+    sampler, step = samplers.split_sampler(sampler)
+    consistent = step == samplers.ILVR
     n, size = data["condition"].shape[0], data["condition"].shape[-1]
     latent = size // backbone.vae_scale_factor
     shape = (backbone.model_channels, latent, latent)
@@ -265,6 +272,10 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         x = backbone.from_model_space(z_0)
         if consistent:
             x = samplers.ilvr_output(x.float(), reference_low, low)
+        if step == samplers.KEEP:
+            to_model, to_pixels = (backbone.to_model_space, backbone.from_model_space) if backbone.latent else (None, None)
+            source = cond.float() * 2 - 1
+            x = samplers.keep_source(x.float(), source, samplers.source_roundtrip(source, to_model, to_pixels))
         _sync(device)
         seconds += time.perf_counter() - t0
         images.append(x.float().cpu())
@@ -502,9 +513,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.adapters is None and not (args.bicubic or args.text_only):
         raise EvalError("--adapters is required (only --bicubic, for super-resolution, and --text-only measure something "
                         "without one)")
-    text_only_samplers = [s for s in (chosen or ["ddim"]) if not samplers.split_ilvr(s)[1]] if args.text_only else []
+    text_only_samplers = [s for s in (chosen or ["ddim"]) if not samplers.split_sampler(s)[1]] if args.text_only else []
     if args.text_only and not text_only_samplers:
-        raise EvalError("--text-only: the backbone alone has no low-resolution input for NAME+ilvr; name a plain sampler")
+        raise EvalError("--text-only: the backbone alone has no low-resolution input for NAME+ilvr and no source picture "
+                        "for NAME+keep; name a plain sampler")
     prompt = args.prompt or ("none" if sr else "caption")
     degradation = (args.degradation or LEGACY["degradation"]) if sr else None
     if args.num_images < 2:

@@ -438,3 +438,43 @@ def test_ilvr_super_resolution_serves_as_the_library_sampler_in_both_batching_mo
     finally:
         step.stop()
         batch.stop()
+
+
+def test_keep_edit_serves_as_the_library_sampler_in_both_batching_modes(zoo, tmp_path):
+    """`prev+keep` (edit): the decoded output gets back the autoencoder's error on the source where it still is the
+    source's round trip. A request equals `samplers.keep_source` on the library's sample of the same denoiser, in
+    step-level and per-adapter batching, and the step changes the image (the test is not vacuous)."""
+    from cdd.runtime import samplers
+    from cdd.runtime.backbone import load_backbone
+
+    root, _ = zoo
+    bb = load_backbone(root / "backbone", device=torch.device("cpu"))
+    # an adapter that adds nothing: the output is the backbone's, near enough to the round trip for the gate to open
+    adapter = perturb(build_adapter("controlnet", bb.unet, bb.vae_scale_factor), 0.0, 0)
+    save_entry(tmp_path / "zoo" / "e", adapter, name="e", task="edit", backbone_fingerprint=bb.fingerprint,
+               condition={"channels": 3, "range": [0, 1], "resolution": RES})
+    common = dict(backbone=root / "backbone", zoo=tmp_path / "zoo", max_batch=8, warmup=False)
+    step = Engine(ServeSettings(batching="step", **common)).start()
+    batch = Engine(ServeSettings(batching="request", **common)).start()
+    try:
+        image = torch.rand(3, RES, RES, generator=torch.Generator().manual_seed(4))
+
+        def work(sampler):
+            return prepare("edit", image, adapter="e", resolution=RES, model_channels=4, scale_factor=2, steps=2,
+                           sampler=sampler, seed=3, prompt="make the cube red")
+
+        w = work("prev+keep")
+        got, other = step.run(w, timeout=300).rows, batch.run(w, timeout=300).rows
+        assert (got - other).abs().max() < 1e-4
+        sbb, (slot, _) = step.backbone, step.pool.activate("e")
+        with torch.no_grad():
+            bound = slot.denoiser.bind(w.cond, sbb.encode_text(["make the cube red"]))
+            x = sbb.from_model_space(samplers.sample_prev(bound, w.z_T, sbb.schedule.trailing_timesteps(2), sbb.schedule))
+            source = w.cond * 2 - 1
+            kept = samplers.keep_source(x, source, sbb.from_model_space(sbb.to_model_space(source)))
+        assert (got - (kept * 0.5 + 0.5).clamp(0, 1)).abs().max() < 1e-4
+        plain = step.run(work("prev"), timeout=300).rows
+        assert (plain - (x * 0.5 + 0.5).clamp(0, 1)).abs().max() < 1e-4 and (plain - got).abs().max() > 1e-3
+    finally:
+        step.stop()
+        batch.stop()

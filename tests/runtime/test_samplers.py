@@ -16,7 +16,7 @@ from cdd.runtime.samplers import (
     sample_with_scheduler,
     sampler_step,
     step_noise,
-    split_ilvr,
+    split_sampler,
 )
 from cdd.runtime.schedule import NoiseSchedule
 
@@ -178,7 +178,8 @@ def test_ilvr_low_pass_is_a_projection_onto_the_block_means():
     torch.testing.assert_close(low(torch.full_like(x, 0.3)), torch.full_like(x, 0.3))
     with pytest.raises(ValueError, match="divisible by the factor 4, got 8x10"):
         LowPass(8, 10, 4)
-    assert split_ilvr("prev+ilvr") == ("prev", True) and split_ilvr("cm") == ("cm", False)
+    assert split_sampler("prev+ilvr") == ("prev", "+ilvr") and split_sampler("cm") == ("cm", "")
+    assert split_sampler("gd+keep") == ("gd", "+keep")
 
 
 def test_ilvr_replaces_the_low_frequencies_of_x_hat(pixel_backbone):
@@ -235,3 +236,34 @@ def test_ilvr_output_sets_the_decoded_images_block_means_to_the_inputs():
     torch.testing.assert_close(_block_means(out, 4), _block_means(reference, 4))
     torch.testing.assert_close(out - low(out), images - low(images))
     torch.testing.assert_close(ilvr_output(out, low(reference), low), out)
+
+
+def test_keep_source_gives_back_the_round_trips_error_only_where_the_output_is_the_round_trip():
+    """keep_source: x + g (source - D(E(source))), g = 1 where the output is within KEEP_GATE[0] of the round trip
+    (mean over channels, [0, 1] units, 3 x 3 mean), 0 beyond KEEP_GATE[1], linear between."""
+    from cdd.runtime.samplers import KEEP_GATE, keep_source, source_roundtrip
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    roundtrip = source + 0.1 * torch.randn(2, 3, 8, 8, generator=g)  # an autoencoder's error
+    torch.testing.assert_close(keep_source(roundtrip, source, roundtrip), source)  # the output kept: the source back
+    changed = roundtrip + 2 * (KEEP_GATE[1] + 0.01)  # beyond the gate everywhere (x 2: [-1, 1] units)
+    torch.testing.assert_close(keep_source(changed, source, roundtrip), changed)  # an edited output is left alone
+    middle = roundtrip + 2 * sum(KEEP_GATE) / 2  # half-way through the gate: half the error back
+    torch.testing.assert_close(keep_source(middle, source, roundtrip), middle + 0.5 * (source - roundtrip))
+    half = roundtrip.clone()
+    half[..., 4:] += 1.0  # the right half edited: the left half (beyond the 3 x 3 mean) is the source again
+    out = keep_source(half, source, roundtrip)
+    torch.testing.assert_close(out[..., :3], source[..., :3])
+    torch.testing.assert_close(out[..., 5:], half[..., 5:])
+    x = torch.rand(2, 3, 8, 8, generator=g)  # a pixel backbone: the round trip is the source, nothing changes
+    torch.testing.assert_close(keep_source(x, source, source_roundtrip(source, None, None)), x)
+
+
+def test_each_task_step_is_servable_for_its_own_task_only():
+    from cdd.runtime.samplers import servable_samplers, step_task
+
+    assert "prev+ilvr" in servable_samplers("super-resolution") and "prev+keep" not in servable_samplers("super-resolution")
+    assert "gd+keep" in servable_samplers("edit") and "prev+ilvr" not in servable_samplers("edit")
+    assert servable_samplers("depth") == ("prev", "ddim", "cm", "gd")
+    assert (step_task("cm+keep"), step_task("prev+ilvr"), step_task("prev")) == ("edit", "super-resolution", None)

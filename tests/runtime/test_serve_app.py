@@ -204,6 +204,16 @@ def test_super_resolution_with_ilvr_and_ilvr_refused_for_other_tasks(client):
     assert "prev+ilvr" in message and "'depth' has no low-resolution input" in message
 
 
+def test_edit_with_the_keep_step_and_keep_refused_for_other_tasks(client):
+    r = post(client, "edit", png(RES, RES), prompt="make the cube red", seed=7, sampler="prev+keep")
+    assert r.status_code == 200 and r.headers["x-cdd-sampler"] == "prev+keep"
+    message = error(post(client, "super-resolution", png(9, 5), sampler="cm+keep"), 422, "invalid_parameter")
+    assert "cm+keep" in message and "'super-resolution' edits no picture (use 'cm')" in message
+    message = error(post(client, "edit", png(RES, RES), prompt="make the cube red", sampler="prev+ilvr"), 422,
+                    "invalid_parameter")
+    assert "'edit' has no low-resolution input" in message
+
+
 def test_a_super_resolution_manifest_may_default_to_ilvr_and_other_tasks_may_not(world, tmp_path):
     """A zoo entry's default sampler may be NAME+ilvr for super-resolution (a request with no sampler gets it,
     the same bytes as asking for it); a depth entry with one is refused when the zoo loads."""

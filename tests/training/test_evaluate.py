@@ -479,6 +479,7 @@ def test_ilvr_sampler_row_is_the_sampler_with_the_ilvr_step(sr_zoo, pixel_backbo
     (["--task", "depth", "--adapters", "a", "--bicubic"], "--bicubic is for super-resolution"),
     (["--task", "depth", "--adapters", "a", "--dataset", "photos"], "--dataset photos is for super-resolution"),
     (["--task", "depth", "--adapters", "a", "--samplers", "prev+ilvr"], "task 'depth' has no low-resolution input"),
+    (["--task", "depth", "--adapters", "a", "--samplers", "prev+keep"], "task 'depth' edits no picture"),
     (["--task", "depth"], "--adapters is required"),
     (["--task", "super-resolution", "--bicubic"], "pass --resolution"),
 ])
@@ -523,3 +524,22 @@ def test_grid_labels_cut_short_stay_apart():
     assert short[0] == short[1] == "codi-l. prev 4" and short[2] == "codi prev 4"  # plain cut: they collide
     tails = [_column_label(r, 64, keep_tail=True) for r in rows[:2]]
     assert tails[0] != tails[1] and tails[0].split(" ")[0].endswith("ong") and tails[1].split(" ")[0].endswith("g-w")
+
+
+def test_keep_sampler_is_the_plain_sample_with_keep_source(latent_backbone):
+    """cdd-eval's `prev+keep` row: the `prev` images of the same noise, then samplers.keep_source towards the
+    condition (the edit's source) and its round trip through the backbone's autoencoder."""
+    from cdd.runtime.samplers import keep_source
+
+    bb = latent_backbone
+    cond = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    model, text = ConditionedDenoiser(bb.unet, bb.schedule), bb.encode_text(["make the cube red"] * 2)
+    plain, _ = ev.generate(model, bb, {"condition": cond}, text, "prev", 2, 0, 2)
+    kept, _ = ev.generate(model, bb, {"condition": cond}, text, "prev+keep", 2, 0, 2)
+    with torch.no_grad():
+        z_0 = sample_prev(model.bind(cond, text), initial_noise(range(2), (bb.model_channels, 16 // bb.vae_scale_factor, 16 // bb.vae_scale_factor)), bb.schedule.trailing_timesteps(2),
+                          bb.schedule)
+        x, source = bb.from_model_space(z_0), cond * 2 - 1
+        want = ev.quantise(keep_source(x, source, bb.from_model_space(bb.to_model_space(source))))
+    assert (kept - want).abs().max() <= 1 / 255 and (plain - ev.quantise(x)).abs().max() <= 1 / 255
+    assert (kept - plain).abs().max() > 2 / 255  # the step changed something: the test is not vacuous
