@@ -8,7 +8,7 @@ decided outside the change, and copying the source wins (docs/results.md). A com
 keeps the source outside a mask m; what it is worth depends on how well m finds the change without being told it:
 
   copy        the source (cdd-eval's 'probe: copy input')
-  raw         the entry's output, its manifest sampler at --steps
+  raw         the entry's output, its manifest's few-step sampler (without a +keep step) at --steps
   oracle      m = the true changed region (source vs target renders, as condition_metrics): the ceiling of any mask
   vs-empty    m where the output differs from the same noise's output under the empty instruction (the instruction's
               own effect; both runs redraw the rest alike): mean |difference| over channels, 3x3 mean, ramp
@@ -18,10 +18,13 @@ keeps the source outside a mask m; what it is worth depends on how well m finds 
   cfg s=2     no composite: text guidance at scale 2 (2 forward passes per step), eps = e_u + s (e_c - e_u)
   cn x1.5     no composite: the ControlNet's residuals scaled by 1.5 (diffusers' controlnet_conditioning_scale): is
               the adapter's pull on the backbone too weak to keep the source's objects?
+  residual    no mask: the autoencoder's error on the source added back everywhere, out + (source - D(E(source)))
+  keep        the served step (`NAME+keep`, samplers.keep_source): that error added back only where the output is
+              still the source's round trip (the gate KEEP_GATE, chosen on the tuning stream)
 
 The mask settings were chosen on --data-seed 7 (a tuning stream) and are then measured on the held-out stream
 (--data-seed 20261125, cdd-eval's). One noise seed per run (--seed). Writes a JSON table and a contact sheet of the
-colour and removal edits: source | target | raw | vs-empty composite | its mask | the true region.
+colour and removal edits: source | target | raw | keep | vs-empty composite | its mask | the true region.
 
     OMP_NUM_THREADS=1 python benchmarks/edit_composite.py --data-seed 20261125 --out docs/results/zoo-v2/edit-composite
 """
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 
 from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir
 from cdd.runtime.backbone import load_backbone
+from cdd.runtime.samplers import keep_source, source_roundtrip, split_sampler
 from cdd.training import evaluate as ev
 from cdd.training.condition_metrics import changed_region, edit_follow
 from cdd.training.data.scenes import edit_kind
@@ -140,7 +144,7 @@ def main() -> None:
     data = ev.held_out("edit", args.num_images, 64, seed=args.data_seed)
     source, target, text = ev.quantise(data["condition"] * 2 - 1), ev.quantise(data["target"]), data["text"]
     [candidate] = ev.resolve_adapters(str(args.entry), default_zoo_dir(), "edit", None)
-    sampler = candidate.samplers[0]
+    sampler = split_sampler(candidate.samplers[0])[0]  # the plain sampler: 'raw' is the output before any step
     text_emb, empty_emb = backbone.encode_text(text), backbone.encode_text([""] * args.num_images)
     with ev.entry_model(candidate, backbone, 0) as model:
         out, _ = ev.generate(model, backbone, data, text_emb, sampler, args.steps, args.seed, 8)
@@ -149,6 +153,10 @@ def main() -> None:
         with ScaledResiduals(model, 1.5) as scaled:
             strong, _ = ev.generate(scaled, backbone, data, text_emb, sampler, args.steps, args.seed, 8)
         m_diffedit = mask_diffedit(model, backbone, data["condition"], text_emb, empty_emb, source.shape[-1])
+        to_model, to_pixels = (backbone.to_model_space, backbone.from_model_space) if backbone.latent else (None, None)
+        with torch.no_grad():
+            roundtrip = (source_roundtrip(source * 2 - 1, to_model, to_pixels) + 1) / 2
+    kept = ev.quantise(keep_source(out * 2 - 1, source * 2 - 1, roundtrip * 2 - 1))
     truth = changed_region(source, target, dilate=0).float()
     m_empty = mask_vs_empty(out, empty)
     vs_empty = composite(out, source, m_empty)
@@ -156,13 +164,15 @@ def main() -> None:
             row("oracle", composite(out, source, truth), source, target, text, truth),
             row("vs-empty", vs_empty, source, target, text, m_empty),
             row("diffedit", composite(out, source, m_diffedit), source, target, text, m_diffedit),
-            row("cfg s=2", guided, source, target, text), row("cn x1.5", strong, source, target, text)]
+            row("cfg s=2", guided, source, target, text), row("cn x1.5", strong, source, target, text),
+            row("residual", ev.quantise((out + source - roundtrip) * 2 - 1), source, target, text),
+            row("keep", kept, source, target, text)]
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"entry": str(args.entry), "sampler": sampler, "steps": args.steps, "data_seed": args.data_seed,
             "num_images": args.num_images, "seed": args.seed}
     (args.out / f"composite-data{args.data_seed}-seed{args.seed}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     picks = [i for k in ("color", "remove") for i in [j for j, t in enumerate(text) if edit_kind(t) == k][:4]]
-    sheet = torch.cat([torch.cat([source[i], target[i], out[i], vs_empty[i], m_empty[i].expand(3, -1, -1),
+    sheet = torch.cat([torch.cat([source[i], target[i], out[i], kept[i], vs_empty[i], m_empty[i].expand(3, -1, -1),
                                   truth[i].expand(3, -1, -1)], 2) for i in picks], 1)
     ev.save_grid(args.out / f"composite-data{args.data_seed}-seed{args.seed}.png",
                  ev.to_uint8(F.interpolate(sheet[None], scale_factor=2, mode="nearest")))
