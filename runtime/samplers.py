@@ -333,14 +333,18 @@ def _native(schedule: NoiseSchedule, x_hat, eps_hat, z_t, t) -> torch.Tensor:
 # The edit's source-keeping step: give back what the autoencoder loses of the source, where the edit kept it
 
 KEEP_GATE = (0.12, 0.24)  # mean |output - round trip| in [0, 1] units, 3 x 3 smoothed: residual kept fully below, none above
+KEEP_GROW = 2  # pixels: the gate shut this far around wherever it is shut (no outline of a removed object comes back)
 
 
 def keep_source(images: torch.Tensor, source: torch.Tensor, source_roundtrip: torch.Tensor,
-                gate: tuple[float, float] = KEEP_GATE) -> torch.Tensor:
+                gate: tuple[float, float] = KEEP_GATE, grow: int = KEEP_GROW) -> torch.Tensor:
     """The decoded output of a `NAME+keep` edit ([B, 3, H, W] in [-1, 1]) with the autoencoder's error on the
     source added back where the output still is the source: x + g (source - D(E(source))), g = 1 where the output
     is within gate[0] of the source's round trip D(E(source)) (mean over channels of the absolute difference in
-    [0, 1] units, averaged over 3 x 3 pixels), 0 beyond gate[1], linear between.
+    [0, 1] units, averaged over 3 x 3 pixels, then its maximum within `grow` pixels), 0 beyond gate[1], linear
+    between. Without the growth the gate opens part-way on the rim of an object the edit removed, and the
+    source's sharp edge there (its largest round-trip error) comes back as a faint outline (seen on the tuning
+    stream; growing by 2 px costs 0.06 dB of whole-image PSNR there and removes most of it).
 
     Why: on a latent backbone the output is decoded from latents, so even where the instruction changes nothing
     it is only as close to the source as the autoencoder's round trip (measured on the held-out edits: PSNR outside
@@ -352,6 +356,8 @@ def keep_source(images: torch.Tensor, source: torch.Tensor, source_roundtrip: to
     source, source_roundtrip = source.to(images.dtype), source_roundtrip.to(images.dtype)
     d = (images - source_roundtrip).abs().mean(1, keepdim=True) * 0.5  # [-1, 1] -> [0, 1] units
     d = F.avg_pool2d(F.pad(d, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    if grow:
+        d = F.max_pool2d(d, 2 * grow + 1, 1, grow)
     kept = 1 - ((d - gate[0]) / (gate[1] - gate[0])).clamp(0, 1)
     return images + kept * (source - source_roundtrip)
 

@@ -241,7 +241,7 @@ def test_ilvr_output_sets_the_decoded_images_block_means_to_the_inputs():
 def test_keep_source_gives_back_the_round_trips_error_only_where_the_output_is_the_round_trip():
     """keep_source: x + g (source - D(E(source))), g = 1 where the output is within KEEP_GATE[0] of the round trip
     (mean over channels, [0, 1] units, 3 x 3 mean), 0 beyond KEEP_GATE[1], linear between."""
-    from cdd.runtime.samplers import KEEP_GATE, keep_source, source_roundtrip
+    from cdd.runtime.samplers import KEEP_GATE, KEEP_GROW, keep_source, source_roundtrip
 
     g = torch.Generator().manual_seed(0)
     source = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
@@ -251,11 +251,14 @@ def test_keep_source_gives_back_the_round_trips_error_only_where_the_output_is_t
     torch.testing.assert_close(keep_source(changed, source, roundtrip), changed)  # an edited output is left alone
     middle = roundtrip + 2 * sum(KEEP_GATE) / 2  # half-way through the gate: half the error back
     torch.testing.assert_close(keep_source(middle, source, roundtrip), middle + 0.5 * (source - roundtrip))
-    half = roundtrip.clone()
-    half[..., 4:] += 1.0  # the right half edited: the left half (beyond the 3 x 3 mean) is the source again
-    out = keep_source(half, source, roundtrip)
-    torch.testing.assert_close(out[..., :3], source[..., :3])
-    torch.testing.assert_close(out[..., 5:], half[..., 5:])
+    wide_source = torch.rand(2, 3, 8, 16, generator=g) * 2 - 1
+    wide_roundtrip = wide_source + 0.1 * torch.randn(2, 3, 8, 16, generator=g)
+    half = wide_roundtrip.clone()
+    half[..., 8:] += 1.0  # the right half edited: beyond the 3 x 3 mean and KEEP_GROW px the source is back
+    out = keep_source(half, wide_source, wide_roundtrip)
+    torch.testing.assert_close(out[..., :8 - 2 - KEEP_GROW], wide_source[..., :8 - 2 - KEEP_GROW])
+    assert (out[..., 8 - 2 - KEEP_GROW : 8] - wide_source[..., 8 - 2 - KEEP_GROW : 8]).abs().amax() > 0.05  # the grown rim
+    torch.testing.assert_close(out[..., 8:], half[..., 8:])
     x = torch.rand(2, 3, 8, 8, generator=g)  # a pixel backbone: the round trip is the source, nothing changes
     torch.testing.assert_close(keep_source(x, source, source_roundtrip(source, None, None)), x)
 
