@@ -22,6 +22,7 @@ REQUESTS = [  # task, (width, height) of the input, form fields
     ("depth", (64, 64), {"prompt": "a red sphere on a plain floor at noon"}),
     ("depth", (64, 64), {"prompt": "a red sphere on a plain floor at noon", "steps": "1"}),
     ("edit", (64, 64), {"prompt": "make it sunset"}),
+    ("edit", (64, 64), {"prompt": "make it sunset", "sampler": "prev"}),  # without the default's +keep step (its cost)
     ("super-resolution", (16, 16), {}),
     ("super-resolution", (48, 48), {}),
 ]
