@@ -155,7 +155,7 @@ def resolve_adapters(items: str | None, zoo: Path, task: str, samplers_given: li
         method = label or manifest.name
         if any(c.method == method for c in out):
             raise EvalError(f"--adapters: method {method!r} is given twice; label them (LABEL=entry)")
-        chosen = samplers_given or [check_sampler(manifest.sampler, f"zoo entry {path} (manifest sampler)")]
+        chosen = samplers_given or [check_sampler(manifest.sampler, f"zoo entry {path} (manifest sampler)", task)]
         out.append(Candidate(method, path, manifest, chosen))
     return out
 

@@ -543,3 +543,14 @@ def test_keep_sampler_is_the_plain_sample_with_keep_source(latent_backbone):
         want = ev.quantise(keep_source(x, source, bb.from_model_space(bb.to_model_space(source))))
     assert (kept - want).abs().max() <= 1 / 255 and (plain - ev.quantise(x)).abs().max() <= 1 / 255
     assert (kept - plain).abs().max() > 2 / 255  # the step changed something: the test is not vacuous
+
+
+@pytest.mark.parametrize("task,sampler", [("edit", "prev+keep"), ("super-resolution", "prev+ilvr")])
+def test_an_entry_whose_manifest_default_has_its_tasks_step_is_measured_with_it(pixel_backbone, tmp_path, task, sampler):
+    """With no --samplers an entry is measured with its manifest's sampler, the task's step included (the embedded
+    edit entry is served prev+keep, the super-resolution ones prev+ilvr)."""
+    adapter = build_adapter("controlnet", pixel_backbone.unet, pixel_backbone.vae_scale_factor)
+    save_entry(tmp_path / "e", adapter, name="e", task=task, backbone_fingerprint=pixel_backbone.fingerprint,
+               condition={"channels": 3, "range": [0, 1], "resolution": 16}, sampler=sampler)
+    [candidate] = ev.resolve_adapters(str(tmp_path / "e"), tmp_path, task, None)
+    assert candidate.samplers == [sampler]
