@@ -153,9 +153,8 @@ def main() -> None:
         with ScaledResiduals(model, 1.5) as scaled:
             strong, _ = ev.generate(scaled, backbone, data, text_emb, sampler, args.steps, args.seed, 8)
         m_diffedit = mask_diffedit(model, backbone, data["condition"], text_emb, empty_emb, source.shape[-1])
-        to_model, to_pixels = (backbone.to_model_space, backbone.from_model_space) if backbone.latent else (None, None)
         with torch.no_grad():
-            roundtrip = (source_roundtrip(source * 2 - 1, to_model, to_pixels) + 1) / 2
+            roundtrip = (source_roundtrip(source * 2 - 1, backbone) + 1) / 2
     kept = ev.quantise(keep_source(out * 2 - 1, source * 2 - 1, roundtrip * 2 - 1))
     truth = changed_region(source, target, dilate=0).float()
     m_empty = mask_vs_empty(out, empty)

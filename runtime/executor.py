@@ -207,16 +207,11 @@ class Executor:
                 model = ilvr(model, cond.float() * 2 - 1, SR_SCALE, low=low, reference_low=reference_low,
                              **self._latent_io())
             if step == KEEP:  # edit: the decoded output gets back what the autoencoder loses of the source
-                roundtrip = self.source_roundtrip(cond)
+                roundtrip = source_roundtrip(cond.float() * 2 - 1, self.backbone)
             z_0 = sample(model, z_T, timesteps, schedule, fresh_noise=fresh or None)
-            return self._to_images(z_0, reference_low, low, cond if step == KEEP else None, roundtrip)
+            return self._to_images(z_0, reference_low, low, cond, roundtrip)
 
         return fn
-
-    def source_roundtrip(self, cond: torch.Tensor) -> torch.Tensor:
-        """NAME+keep: D(E(2 cond - 1)), float32 on the device (the source itself on a pixel backbone)."""
-        io = self._latent_io()
-        return source_roundtrip(cond.float() * 2 - 1, io.get("to_model"), io.get("to_pixels"))
 
     def _to_images(self, z_0: torch.Tensor, reference_low: torch.Tensor | None = None, low: LowPass | None = None,
                    source: torch.Tensor | None = None, roundtrip: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,7 +236,7 @@ class Executor:
         if step == ILVR:
             reference_low = self.lowpass(cond.shape[-2], cond.shape[-1])(cond.float() * 2 - 1)
         if step == KEEP:
-            roundtrip = torch.cat([self.source_roundtrip(cond[a : a + self.buckets[-1]])
+            roundtrip = torch.cat([source_roundtrip(cond[a : a + self.buckets[-1]].float() * 2 - 1, self.backbone)
                                    for a in range(0, cond.shape[0], self.buckets[-1])])
         return Flight(
             payload, reg, sampler, self.schedule.trailing_timesteps(steps), z_T, z_T,

@@ -177,8 +177,6 @@ def sampler_step(name: str, i: int, timesteps: Sequence[int], z_t: torch.Tensor,
 ILVR = "+ilvr"  # the suffix of a few-step sampler run with the ILVR consistency step, e.g. "prev+ilvr"
 KEEP = "+keep"  # ... run with the edit's source-keeping step on the decoded output, e.g. "prev+keep" (`keep_source`)
 TASK_STEPS = {"super-resolution": ILVR, "edit": KEEP}  # the one task each step is for: what its input makes possible
-ILVR_SAMPLERS = tuple(name + ILVR for name in FEW_STEP_SAMPLERS)  # what cdd-serve takes for super-resolution
-KEEP_SAMPLERS = tuple(name + KEEP for name in FEW_STEP_SAMPLERS)  # ... and for edit
 
 
 def servable_samplers(task: str) -> tuple[str, ...]:
@@ -362,9 +360,9 @@ def keep_source(images: torch.Tensor, source: torch.Tensor, source_roundtrip: to
     return images + kept * (source - source_roundtrip)
 
 
-def source_roundtrip(source: torch.Tensor, to_model: Callable[[torch.Tensor], torch.Tensor] | None,
-                     to_pixels: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """D(E(source)) in [-1, 1] for `keep_source` (the source itself on a pixel backbone: no `to_model`)."""
-    if to_model is None or to_pixels is None:
+def source_roundtrip(source: torch.Tensor, backbone) -> torch.Tensor:
+    """D(E(source)) in [-1, 1], float32, for `keep_source`: the `Backbone`'s autoencoder round trip (the source
+    itself on a pixel backbone)."""
+    if not backbone.latent:
         return source.float()
-    return to_pixels(to_model(source)).float()
+    return backbone.from_model_space(backbone.to_model_space(source.to(backbone.dtype))).float()

@@ -273,9 +273,8 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         if consistent:
             x = samplers.ilvr_output(x.float(), reference_low, low)
         if step == samplers.KEEP:
-            to_model, to_pixels = (backbone.to_model_space, backbone.from_model_space) if backbone.latent else (None, None)
             source = cond.float() * 2 - 1
-            x = samplers.keep_source(x.float(), source, samplers.source_roundtrip(source, to_model, to_pixels))
+            x = samplers.keep_source(x.float(), source, samplers.source_roundtrip(source, backbone))
         _sync(device)
         seconds += time.perf_counter() - t0
         images.append(x.float().cpu())

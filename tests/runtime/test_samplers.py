@@ -238,7 +238,7 @@ def test_ilvr_output_sets_the_decoded_images_block_means_to_the_inputs():
     torch.testing.assert_close(ilvr_output(out, low(reference), low), out)
 
 
-def test_keep_source_gives_back_the_round_trips_error_only_where_the_output_is_the_round_trip():
+def test_keep_source_gives_back_the_round_trips_error_only_where_the_output_is_the_round_trip(pixel_backbone):
     """keep_source: x + g (source - D(E(source))), g = 1 where the output is within KEEP_GATE[0] of the round trip
     (mean over channels, [0, 1] units, 3 x 3 mean), 0 beyond KEEP_GATE[1], linear between."""
     from cdd.runtime.samplers import KEEP_GATE, KEEP_GROW, keep_source, source_roundtrip
@@ -260,7 +260,7 @@ def test_keep_source_gives_back_the_round_trips_error_only_where_the_output_is_t
     assert (out[..., 8 - 2 - KEEP_GROW : 8] - wide_source[..., 8 - 2 - KEEP_GROW : 8]).abs().amax() > 0.05  # the grown rim
     torch.testing.assert_close(out[..., 8:], half[..., 8:])
     x = torch.rand(2, 3, 8, 8, generator=g)  # a pixel backbone: the round trip is the source, nothing changes
-    torch.testing.assert_close(keep_source(x, source, source_roundtrip(source, None, None)), x)
+    torch.testing.assert_close(keep_source(x, source, source_roundtrip(source, pixel_backbone)), x)
 
 
 def test_each_task_step_is_servable_for_its_own_task_only():
