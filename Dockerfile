@@ -43,8 +43,8 @@ COPY pyproject.toml /tmp/deps/
 RUN --mount=type=bind,source=deploy/pip,target=/tmp/pip \
     if [ -f /tmp/pip/cert.pem ]; then export PIP_CERT=/tmp/pip/cert.pem; fi \
  && cd /tmp/deps \
- && mkdir -p adapters runtime training/data \
- && touch README.md __init__.py adapters/__init__.py runtime/__init__.py training/__init__.py training/data/__init__.py \
+ && mkdir -p adapters runtime/diffusion runtime/serving training/data \
+ && touch README.md __init__.py adapters/__init__.py runtime/__init__.py runtime/diffusion/__init__.py runtime/serving/__init__.py training/__init__.py training/data/__init__.py \
  && pip install --find-links /tmp/pip . \
  && pip uninstall -y cdd-zoo \
  && rm -rf /tmp/deps

@@ -1,7 +1,7 @@
 """Adapter architectures: how a task condition enters the frozen backbone.
 
 Every adapter turns (z_t, t, text embeddings, condition image) into the extra keyword arguments
-of the frozen backbone UNet's forward; `cdd.runtime.denoiser.ConditionedDenoiser` is the one
+of the frozen backbone UNet's forward; `cdd.runtime.diffusion.denoiser.ConditionedDenoiser` is the one
 place that calls it. Condition images are RGB floats in [0, 1] at the output resolution (the
 diffusers ControlNet convention).
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..runtime.settings import ZooSettings
+from ..runtime.serving.settings import ZooSettings
 from .fingerprint import unet_fingerprint
 from .zoo import (
     Manifest,

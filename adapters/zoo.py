@@ -329,7 +329,7 @@ def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, 
         raise ZooError(f"{dest} already exists (pass replace to overwrite it)")
     manifest.name = name
     if sampler is not None:
-        from ..runtime.samplers import servable_samplers
+        from ..runtime.diffusion.samplers import servable_samplers
 
         if sampler not in servable_samplers(manifest.task):
             raise ZooError(f"sampler {sampler!r} is not one of {', '.join(servable_samplers(manifest.task))}")

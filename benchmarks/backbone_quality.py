@@ -29,9 +29,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from cdd.adapters.zoo import default_backbone_dir
-from cdd.runtime.backbone import load_backbone
-from cdd.runtime.denoiser import ConditionedDenoiser
-from cdd.runtime.samplers import initial_noise, sample_with_scheduler
+from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.samplers import initial_noise, sample_with_scheduler
 from cdd.training import attributes
 from cdd.training.data.scenes import caption, render, sample_scene
 from cdd.training.metrics import sliced_wasserstein

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from cdd.adapters.zoo import default_zoo_dir, install_entry, write_metrics
-from cdd.runtime.samplers import servable_samplers
+from cdd.runtime.diffusion.samplers import servable_samplers
 from cdd.training.eval_report import record
 
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir
-from cdd.runtime.backbone import load_backbone
-from cdd.runtime.samplers import keep_source, source_roundtrip, split_sampler
+from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.diffusion.samplers import keep_source, source_roundtrip, split_sampler
 from cdd.training import evaluate as ev
 from cdd.training.condition_metrics import changed_region, edit_follow
 from cdd.training.data.scenes import edit_kind

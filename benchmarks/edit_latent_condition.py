@@ -61,8 +61,8 @@ class LatentControlNet(ControlNetAdapter):
 
 
 def evaluate(data_seed: int, n: int, noise_seed: int, entries: list[str]) -> None:
-    from cdd.runtime.backbone import load_backbone
-    from cdd.runtime.denoiser import ConditionedDenoiser
+    from cdd.runtime.diffusion.backbone import load_backbone
+    from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
     from cdd.training import evaluate as ev
     from cdd.training.condition_metrics import edit_follow
     from cdd.training.metrics import psnr, sliced_wasserstein

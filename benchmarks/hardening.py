@@ -13,7 +13,7 @@
 
 Loopback only, bounded: every phase has a request count or a duration. Start a server first, e.g.
 
-  nice -n 10 python -m cdd.runtime.cli --port 18017 --threads 1 &
+  nice -n 10 python -m cdd.runtime.serving.cli --port 18017 --threads 1 &
   nice -n 10 python benchmarks/hardening.py --url http://127.0.0.1:18017 --pid $! all
 """
 

@@ -18,8 +18,8 @@ import argparse
 import torch
 
 from cdd.adapters.zoo import default_backbone_dir, load_entry
-from cdd.runtime.backbone import load_backbone
-from cdd.runtime.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
 from cdd.training.codi import noise_removed
 from cdd.training.evaluate import held_out
 

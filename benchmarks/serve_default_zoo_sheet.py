@@ -19,8 +19,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from cdd.runtime.app import create_app
-from cdd.runtime.settings import ServeSettings
+from cdd.runtime.serving.app import create_app
+from cdd.runtime.serving.settings import ServeSettings
 from cdd.training.data import scenes
 from cdd.training.data.degradations import DEGRADATION_PRESETS, degradation_preset, make_sr_pair
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cdd-serve sets it (see runtime/cli.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cdd-serve sets it (see runtime/serving/cli.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -40,8 +40,8 @@ from concurrent.futures import wait  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cdd.runtime.engine import Engine  # noqa: E402
-from cdd.runtime.settings import ServeSettings  # noqa: E402
+from cdd.runtime.serving.engine import Engine  # noqa: E402
+from cdd.runtime.serving.settings import ServeSettings  # noqa: E402
 
 TASKS = {  # task -> (adapter, input side in pixels, prompt)
     "super-resolution": ("super-resolution", 16, ""),

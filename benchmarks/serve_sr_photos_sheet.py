@@ -28,8 +28,8 @@ from PIL import Image
 from serve_default_zoo_sheet import png, save_sheet, u8  # the sibling script (benchmarks/ is sys.path[0])
 
 from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir
-from cdd.runtime.app import create_app
-from cdd.runtime.settings import ServeSettings
+from cdd.runtime.serving.app import create_app
+from cdd.runtime.serving.settings import ServeSettings
 from cdd.training.data.degradations import degradation_preset, make_sr_pair, upsample
 from cdd.training.data.photos import HELD_OUT, PhotoPatches, bundled_photo
 

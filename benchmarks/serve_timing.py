@@ -15,8 +15,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cdd.runtime.app import create_app
-from cdd.runtime.settings import ServeSettings
+from cdd.runtime.serving.app import create_app
+from cdd.runtime.serving.settings import ServeSettings
 
 REQUESTS = [  # task, (width, height) of the input, form fields
     ("depth", (64, 64), {"prompt": "a red sphere on a plain floor at noon"}),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cdd-serve sets it (see runtime/cli.py), for both sides
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cdd-serve sets it (see runtime/serving/cli.py), for both sides
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -36,11 +36,11 @@ from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetP
 from cdd.adapters.architectures import build_adapter  # noqa: E402
 from cdd.adapters.export import export_entry  # noqa: E402
 from cdd.adapters.zoo import load_entry, save_entry  # noqa: E402
-from cdd.runtime.backbone import load_backbone  # noqa: E402
-from cdd.runtime.engine import Engine  # noqa: E402
-from cdd.runtime.factory import make_backbone  # noqa: E402
-from cdd.runtime.imaging import to_uint8  # noqa: E402
-from cdd.runtime.settings import DTYPES, ServeSettings  # noqa: E402
+from cdd.runtime.diffusion.backbone import load_backbone  # noqa: E402
+from cdd.runtime.serving.engine import Engine  # noqa: E402
+from cdd.runtime.diffusion.factory import make_backbone  # noqa: E402
+from cdd.runtime.serving.imaging import to_uint8  # noqa: E402
+from cdd.runtime.serving.settings import DTYPES, ServeSettings  # noqa: E402
 
 PROMPT = "a red sphere on a checkered floor at sunset"
 

@@ -20,28 +20,28 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def pixel_backbone():
-    from cdd.runtime.factory import make_backbone
+    from cdd.runtime.diffusion.factory import make_backbone
 
     return make_backbone("pixel", resolution=16, seed=0)
 
 
 @pytest.fixture(scope="session")
 def latent_backbone():
-    from cdd.runtime.factory import make_backbone
+    from cdd.runtime.diffusion.factory import make_backbone
 
     return make_backbone("latent", resolution=16, seed=1)
 
 
 @pytest.fixture(scope="session")
 def pixel_backbone_dir(tmp_path_factory, pixel_backbone):
-    from cdd.runtime.factory import save_backbone
+    from cdd.runtime.diffusion.factory import save_backbone
 
     return save_backbone(pixel_backbone, tmp_path_factory.mktemp("bb") / "pixel")
 
 
 @pytest.fixture(scope="session")
 def latent_backbone_dir(tmp_path_factory, latent_backbone):
-    from cdd.runtime.factory import save_backbone
+    from cdd.runtime.diffusion.factory import save_backbone
 
     return save_backbone(latent_backbone, tmp_path_factory.mktemp("bb") / "latent")
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..runtime.schedule import FINAL, NoiseSchedule, boundary_scalings
+from ..runtime.diffusion.schedule import FINAL, NoiseSchedule, boundary_scalings
 from .condition_metrics import changed_region
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from ..adapters.atomic import write_bytes, write_text
 from ..adapters.zoo import write_metrics
-from ..runtime import samplers
+from ..runtime.diffusion import samplers
 from .condition_metrics import FIELDS as CONDITION_FIELDS
 from .condition_metrics import notes as condition_notes
 from .sample_grid import _with_header, save_grid

@@ -11,7 +11,7 @@ published settings). Every adapter, sampler and step count sees the same N condi
 super-resolution's default is none) and the same initial noise (image i from seed --seed + i), so rows are
 comparable. `--bicubic` (super-resolution) adds the row every SR method must beat: the low-resolution input
 upsampled bicubically, which is the condition itself. A sampler `NAME+ilvr` (super-resolution) runs the
-few-step sampler NAME with the ILVR consistency step (runtime/samplers.py `ilvr`). Generated and ground-truth images are quantised to 8 bits (what a saved PNG
+few-step sampler NAME with the ILVR consistency step (runtime/diffusion/samplers.py `ilvr`). Generated and ground-truth images are quantised to 8 bits (what a saved PNG
 holds) before measuring: PSNR, SSIM and the sliced Wasserstein distance (training/metrics.py) always;
 LPIPS and FID through torchmetrics only when their weights are already on this disk (nothing is
 downloaded). Depth and edit rows also say whether the output follows its condition (training/condition_metrics.py:
@@ -50,9 +50,9 @@ from ..adapters.zoo import (
     load_entry,
     verify_entry,
 )
-from ..runtime import samplers
-from ..runtime.backbone import Backbone, BackboneError, load_backbone
-from ..runtime.denoiser import ConditionedDenoiser
+from ..runtime.diffusion import samplers
+from ..runtime.diffusion.backbone import Backbone, BackboneError, load_backbone
+from ..runtime.diffusion.denoiser import ConditionedDenoiser
 from .condition_metrics import ConditionMetrics
 from .data.datasets import TASKS, DataError, _sr_from_hr, build_dataset
 from .data.degradations import DEGRADATION_PRESETS, degradation_preset

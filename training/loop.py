@@ -44,8 +44,8 @@ from ..adapters.architectures import (
 )
 from ..adapters.atomic import atomic_directory, write_text
 from ..adapters.zoo import Manifest, load_entry, save_entry, save_file
-from ..runtime.backbone import Backbone, load_backbone
-from ..runtime.denoiser import ConditionedDenoiser
+from ..runtime.diffusion.backbone import Backbone, load_backbone
+from ..runtime.diffusion.denoiser import ConditionedDenoiser
 from .checkpoints import CheckpointError, loading, read_state, with_fallback, write_state
 from .codi import build_objective, changed_region_weight, noise_removed
 from .config import ConfigError, TrainConfig

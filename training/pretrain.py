@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from ..adapters.atomic import atomic_directory, atomic_file, write_text
-from ..runtime.backbone import Backbone
-from ..runtime.denoiser import ConditionedDenoiser
-from ..runtime.factory import make_text_encoder, make_unet, save_backbone, scheduler_config
-from ..runtime.samplers import initial_noise, sample_with_scheduler
-from ..runtime.text import build_clip_tokenizer, build_word_tokenizer
+from ..runtime.diffusion.backbone import Backbone
+from ..runtime.diffusion.denoiser import ConditionedDenoiser
+from ..runtime.diffusion.factory import make_text_encoder, make_unet, save_backbone, scheduler_config
+from ..runtime.diffusion.samplers import initial_noise, sample_with_scheduler
+from ..runtime.diffusion.text import build_clip_tokenizer, build_word_tokenizer
 from .checkpoints import CheckpointError, loading, read_state, with_fallback, write_state
 from .data.photos import PHOTO_CAPTION, PhotoPatches
 from .data.scenes import caption, render, sample_scene, scene_vocabulary
@@ -400,7 +400,7 @@ def export(output: str | Path, dest: str | Path) -> Path:
 def _init_from(backbone: Backbone, folder: Path) -> dict:
     """Start from an existing backbone's weights (same architecture), e.g. the shipped default; returns
     the folder's training.json record (step, images seen, seconds) when it has one, else {}."""
-    from ..runtime.backbone import load_backbone
+    from ..runtime.diffusion.backbone import load_backbone
 
     source = load_backbone(folder)
     for name in ("unet", "text_encoder"):

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..adapters.atomic import atomic_file
-from ..runtime.backbone import Backbone
-from ..runtime.samplers import few_step_sampler, fresh_noise, initial_noise
+from ..runtime.diffusion.backbone import Backbone
+from ..runtime.diffusion.samplers import few_step_sampler, fresh_noise, initial_noise
 
 
 @torch.no_grad()

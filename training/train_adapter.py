@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..adapters.architectures import ADAPTER_KINDS
 from ..adapters.zoo import MODES, ZooError
-from ..runtime.backbone import BackboneError
+from ..runtime.diffusion.backbone import BackboneError
 from .config import (
     COND_WEIGHTINGS,
     CONSISTENCY_SPACES,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cdd.adapters.architectures import ADAPTER_KINDS, build_adapter, unet_encoder_features
-from cdd.runtime.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
 
 
 def _batch(backbone, n=2, seed=0):

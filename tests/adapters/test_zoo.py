@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from cdd.adapters.architectures import ADAPTER_KINDS, add_backbone_lora, backbone_lora_name, backbone_lora_state, build_adapter, set_backbone_lora
 from cdd.adapters.cli import main as zoo_main
 from cdd.adapters.zoo import ADAPTER_FILE, MANIFEST, ZooError, load_entry, save_entry, verify_entry
-from cdd.runtime.factory import make_backbone
+from cdd.runtime.diffusion.factory import make_backbone
 
 COND = {"channels": 3, "range": [0, 1], "resolution": 16}
 
@@ -139,7 +139,7 @@ def test_cli_list_show_export(pixel_backbone, pixel_backbone_dir, tmp_path, pert
 
 
 def test_install_copies_renames_and_halves_an_entry(pixel_backbone, tmp_path, perturb, capsys):
-    from cdd.runtime.denoiser import ConditionedDenoiser
+    from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
 
     unet, sched = pixel_backbone.unet, pixel_backbone.schedule
     adapter = perturb(build_adapter("controlnet", unet))

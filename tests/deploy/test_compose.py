@@ -101,7 +101,7 @@ def dockerignored(path: str) -> bool:
 
 
 def test_build_context_has_what_the_dockerfile_mounts_and_not_the_models():
-    for path in ("pyproject.toml", "README.md", "adapters/embedded/zoo", "runtime/static/index.html",
+    for path in ("pyproject.toml", "README.md", "adapters/embedded/zoo", "runtime/serving/static/index.html",
                  "deploy/entrypoint.sh", "deploy/pip/README.md", "deploy/pip/torch-2.13.0+cpu-cp311-x.whl"):
         assert not dockerignored(path), path
     for path in ("deploy/models/zoo/x/manifest.json", ".git/HEAD", "runtime/__pycache__/app.cpython-311.pyc"):
@@ -112,7 +112,7 @@ def test_build_context_has_what_the_dockerfile_mounts_and_not_the_models():
 
 
 def test_env_names_are_real_settings(compose):
-    from cdd.runtime.settings import ServeSettings
+    from cdd.runtime.serving.settings import ServeSettings
 
     fields = {f"CDD_{name.upper()}" for name in ServeSettings.model_fields}
     for name in ("cdd", "cdd-cpu"):

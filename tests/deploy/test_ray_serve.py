@@ -1,4 +1,4 @@
-"""cdd-serve on Ray Serve (runtime/ray_serve.py, deploy/ray-serve.yaml) on a local Ray, CPU only: two engine
+"""cdd-serve on Ray Serve (runtime/serving/ray_serve.py, deploy/ray-serve.yaml) on a local Ray, CPU only: two engine
 replicas of a tiny pixel backbone and a zoo of two adapters for two tasks. The answers are cdd-serve's, byte
 for byte; requests sent one at a time load each adapter on exactly one replica; a busy replica's adapter is
 loaded on another one."""
@@ -25,10 +25,10 @@ httpx = pytest.importorskip("httpx")
 
 from cdd.adapters.architectures import build_adapter  # noqa: E402
 from cdd.adapters.zoo import save_entry  # noqa: E402
-from cdd.runtime.app import create_app  # noqa: E402
-from cdd.runtime.factory import make_backbone, save_backbone  # noqa: E402
-from cdd.runtime.ray_serve import build_app  # noqa: E402
-from cdd.runtime.settings import RayServeSettings, ServeSettings  # noqa: E402
+from cdd.runtime.serving.app import create_app  # noqa: E402
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone  # noqa: E402
+from cdd.runtime.serving.ray_serve import build_app  # noqa: E402
+from cdd.runtime.serving.settings import RayServeSettings, ServeSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "ray-serve.yaml"

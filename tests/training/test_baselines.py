@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from cdd.adapters.architectures import GuidedControlNetAdapter, build_adapter
 from cdd.adapters.zoo import load_entry, save_entry
-from cdd.runtime.denoiser import ConditionedDenoiser
-from cdd.runtime.samplers import sample_ddim, sample_gd
-from cdd.runtime.schedule import NoiseSchedule
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.samplers import sample_ddim, sample_gd
+from cdd.runtime.diffusion.schedule import NoiseSchedule
 from cdd.training.codi import GuidanceDistillationLoss, ProgressiveDistillationLoss, truncated_snr
 from cdd.training.train_adapter import main
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from cdd.runtime.factory import scheduler_config
-from cdd.runtime.schedule import NoiseSchedule
+from cdd.runtime.diffusion.factory import scheduler_config
+from cdd.runtime.diffusion.schedule import NoiseSchedule
 from cdd.training.codi import (CoDiLoss, DiffusionLoss, boundary_scalings, changed_region_weight, distance, noise_removed,
                                training_grid)
 

@@ -16,9 +16,9 @@ from PIL import Image
 
 from cdd.adapters.architectures import add_backbone_lora, backbone_lora_state, build_adapter
 from cdd.adapters.zoo import load_entry, save_entry, verify_entry
-from cdd.runtime.denoiser import ConditionedDenoiser
-from cdd.runtime.factory import make_backbone
-from cdd.runtime.samplers import initial_noise, sample_prev
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.factory import make_backbone
+from cdd.runtime.diffusion.samplers import initial_noise, sample_prev
 from cdd.training import evaluate as ev
 from cdd.training.condition_metrics import DEPTH_FIELDS
 from cdd.training.data.datasets import build_dataset
@@ -457,9 +457,9 @@ def test_held_out_photographs_skip_the_scene_classifier(sr_zoo, pixel_backbone_d
 
 def test_ilvr_sampler_row_is_the_sampler_with_the_ilvr_step(sr_zoo, pixel_backbone_dir, pixel_backbone, tmp_path,
                                                             empty_hub):
-    """The row of `prev+ilvr` by hand: sample_prev on the ILVR-wrapped model (runtime/samplers.py, where the step
+    """The row of `prev+ilvr` by hand: sample_prev on the ILVR-wrapped model (runtime/diffusion/samplers.py, where the step
     itself is checked against the block means), towards the condition in [-1, 1] at the SR factor 4."""
-    from cdd.runtime.samplers import ilvr
+    from cdd.runtime.diffusion.samplers import ilvr
 
     sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "out", "--adapters", "sr", "--samplers", "prev,prev+ilvr")
     rows = rows_by_key(tmp_path / "out")
@@ -529,7 +529,7 @@ def test_grid_labels_cut_short_stay_apart():
 def test_keep_sampler_is_the_plain_sample_with_keep_source(latent_backbone):
     """cdd-eval's `prev+keep` row: the `prev` images of the same noise, then samplers.keep_source towards the
     condition (the edit's source) and its round trip through the backbone's autoencoder."""
-    from cdd.runtime.samplers import keep_source
+    from cdd.runtime.diffusion.samplers import keep_source
 
     bb = latent_backbone
     cond = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cdd.runtime.backbone import load_backbone
-from cdd.runtime.denoiser import ConditionedDenoiser
-from cdd.runtime.samplers import initial_noise, sample_ddim
-from cdd.runtime.schedule import NoiseSchedule
-from cdd.runtime.text import build_clip_tokenizer, save_tokenizer
+from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.samplers import initial_noise, sample_ddim
+from cdd.runtime.diffusion.schedule import NoiseSchedule
+from cdd.runtime.diffusion.text import build_clip_tokenizer, save_tokenizer
 from cdd.training import autoencoder, pretrain
 from cdd.training.data.photos import HELD_OUT, TRAIN, PhotoPatches, bundled_photo
 from cdd.training.data.scenes import scene_vocabulary

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from cdd.adapters.architectures import ADAPTER_KINDS
 from cdd.adapters.cli import main as zoo_main
 from cdd.adapters.zoo import load_entry
-from cdd.runtime.backbone import load_backbone
-from cdd.runtime.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
 from cdd.training.codi import build_objective
 from cdd.training.config import ConfigError, TrainConfig
 from cdd.training.loop import EMA, BatchStream, TrainingStopped, WithWeights, build_roles, train

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cdd.runtime.imaging import ImageError, decode_image, encode_png, to_uint8
-from cdd.runtime.samplers import initial_noise, step_noise
-from cdd.runtime.tasks import assemble, prepare, sr_layout, tile_starts
+from cdd.runtime.serving.imaging import ImageError, decode_image, encode_png, to_uint8
+from cdd.runtime.diffusion.samplers import initial_noise, step_noise
+from cdd.runtime.serving.tasks import assemble, prepare, sr_layout, tile_starts
 
 
 @pytest.mark.parametrize("length, tile, overlap, align", [(64, 16, 4, 2), (100, 16, 4, 4), (17 * 8, 64, 16, 8), (48, 16, 8, 8)])

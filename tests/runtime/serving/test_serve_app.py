@@ -24,11 +24,11 @@ from PIL import Image
 
 from cdd.adapters.architectures import add_backbone_lora, backbone_lora_state, build_adapter
 from cdd.adapters.zoo import ADAPTER_FILE, ZooError, save_entry
-from cdd.runtime.app import create_app
-from cdd.runtime.factory import make_backbone, save_backbone
-from cdd.runtime.logs import JsonFormatter
-from cdd.runtime.pool import AdapterPool
-from cdd.runtime.settings import ServeSettings
+from cdd.runtime.serving.app import create_app
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone
+from cdd.runtime.serving.logs import JsonFormatter
+from cdd.runtime.serving.pool import AdapterPool
+from cdd.runtime.serving.settings import ServeSettings
 
 RES = 16
 KEY = "test-key"

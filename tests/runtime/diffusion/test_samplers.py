@@ -2,9 +2,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from cdd.runtime.denoiser import ConditionedDenoiser
-from cdd.runtime.factory import make_backbone
-from cdd.runtime.samplers import (
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.factory import make_backbone
+from cdd.runtime.diffusion.samplers import (
     LowPass,
     few_step_sampler,
     ilvr,
@@ -18,7 +18,7 @@ from cdd.runtime.samplers import (
     step_noise,
     split_sampler,
 )
-from cdd.runtime.schedule import NoiseSchedule
+from cdd.runtime.diffusion.schedule import NoiseSchedule
 
 
 class Recorder:
@@ -241,7 +241,7 @@ def test_ilvr_output_sets_the_decoded_images_block_means_to_the_inputs():
 def test_keep_source_gives_back_the_round_trips_error_only_where_the_output_is_the_round_trip(pixel_backbone):
     """keep_source: x + g (source - D(E(source))), g = 1 where the output is within KEEP_GATE[0] of the round trip
     (mean over channels, [0, 1] units, 3 x 3 mean), 0 beyond KEEP_GATE[1], linear between."""
-    from cdd.runtime.samplers import KEEP_GATE, KEEP_GROW, keep_source, source_roundtrip
+    from cdd.runtime.diffusion.samplers import KEEP_GATE, KEEP_GROW, keep_source, source_roundtrip
 
     g = torch.Generator().manual_seed(0)
     source = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
@@ -264,7 +264,7 @@ def test_keep_source_gives_back_the_round_trips_error_only_where_the_output_is_t
 
 
 def test_each_task_step_is_servable_for_its_own_task_only():
-    from cdd.runtime.samplers import servable_samplers, step_task
+    from cdd.runtime.diffusion.samplers import servable_samplers, step_task
 
     assert "prev+ilvr" in servable_samplers("super-resolution") and "prev+keep" not in servable_samplers("super-resolution")
     assert "gd+keep" in servable_samplers("edit") and "prev+ilvr" not in servable_samplers("edit")

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbone import Backbone
+from ..diffusion.backbone import Backbone
 from .cuda_graphs import GraphCache, GraphKey, StepGraphKey
 from .pool import AdapterPool, LiveSlot, Registered
-from .samplers import (ILVR, KEEP, LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, keep_source, sampler_step,
+from ..diffusion.samplers import (ILVR, KEEP, LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, keep_source, sampler_step,
                        source_roundtrip, split_sampler)
-from .schedule import NoiseSchedule
+from ..diffusion.schedule import NoiseSchedule
 from .tasks import SR_SCALE
 
 RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")

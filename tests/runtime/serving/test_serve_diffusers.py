@@ -16,12 +16,12 @@ from PIL import Image
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.export import export_entry
 from cdd.adapters.zoo import load_entry, save_entry
-from cdd.runtime.app import create_app
-from cdd.runtime.backbone import load_backbone
-from cdd.runtime.denoiser import ConditionedDenoiser
-from cdd.runtime.factory import make_backbone, save_backbone
-from cdd.runtime.samplers import initial_noise, sample_prev
-from cdd.runtime.settings import ServeSettings
+from cdd.runtime.serving.app import create_app
+from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone
+from cdd.runtime.diffusion.samplers import initial_noise, sample_prev
+from cdd.runtime.serving.settings import ServeSettings
 
 RES = 16
 PROMPT = "a green cylinder on a striped floor at night"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdd.runtime.imaging import ImageError, decode_image
+from cdd.runtime.serving.imaging import ImageError, decode_image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from cdd.adapters.zoo import default_backbone_dir
-from cdd.runtime.backbone import load_backbone
+from cdd.runtime.diffusion.backbone import load_backbone
 from cdd.training.data.scenes import caption, sample_scene, scene_vocabulary
 
 ROOT = default_backbone_dir()
@@ -31,8 +31,8 @@ def test_plain_stable_diffusion_folder_equal_to_our_sampler():
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from cdd.runtime.denoiser import ConditionedDenoiser
-    from cdd.runtime.samplers import initial_noise, sample_ddim
+    from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+    from cdd.runtime.diffusion.samplers import initial_noise, sample_ddim
 
     assert (ROOT / "tokenizer" / "vocab.json").is_file() and (ROOT / "tokenizer" / "merges.txt").is_file()
     tok = CLIPTokenizer.from_pretrained(ROOT / "tokenizer")

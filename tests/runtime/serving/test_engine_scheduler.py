@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from cdd.runtime.scheduler import DeadlineExceeded, Job, QueueFull, Scheduler, SchedulerClosed
+from cdd.runtime.serving.scheduler import DeadlineExceeded, Job, QueueFull, Scheduler, SchedulerClosed
 
 
 def job(key="a", rows=1, deadline=float("inf"), payload=None):

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.zoo import ZooError, list_entries
-from .backbone import Backbone, load_backbone
+from ...adapters.zoo import ZooError, list_entries
+from ..diffusion.backbone import Backbone, load_backbone
 from .executor import Batch, Executor, Flight
 from .metrics import Metrics
 from .pool import AdapterGone, AdapterPool, Registered
-from .samplers import is_stochastic
+from ..diffusion.samplers import is_stochastic
 from .scheduler import Job, Scheduler
 from .settings import ServeSettings
 from .tasks import Work, blank_work, prepare

@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.zoo import save_entry
-from cdd.runtime.app import create_app
-from cdd.runtime.factory import make_backbone, save_backbone
-from cdd.runtime.settings import ServeSettings
+from cdd.runtime.serving.app import create_app
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone
+from cdd.runtime.serving.settings import ServeSettings
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

@@ -11,9 +11,9 @@ from cdd.adapters import zoo as zoo_module
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.cli import main as zoo_main
 from cdd.adapters.zoo import save_entry
-from cdd.runtime.engine import Engine, EngineError
-from cdd.runtime.factory import make_backbone, save_backbone
-from cdd.runtime.settings import ServeSettings, ZooSettings
+from cdd.runtime.serving.engine import Engine, EngineError
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone
+from cdd.runtime.serving.settings import ServeSettings, ZooSettings
 
 RES = 16
 COND = {"channels": 3, "range": [0, 1], "resolution": RES}

@@ -20,10 +20,10 @@ from PIL import Image
 
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.zoo import ADAPTER_FILE, MANIFEST, save_entry, sha256_file
-from cdd.runtime.app import APIError, _run, create_app
-from cdd.runtime.factory import make_backbone, save_backbone
-from cdd.runtime.settings import ServeSettings
-from cdd.runtime.tasks import blank_work
+from cdd.runtime.serving.app import APIError, _run, create_app
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone
+from cdd.runtime.serving.settings import ServeSettings
+from cdd.runtime.serving.tasks import blank_work
 
 RES = 16
 KEY = "test-key"
@@ -216,7 +216,7 @@ def test_truncated_images_are_400(client, frames):
 
 
 def test_scheduler_admission_estimate():
-    from cdd.runtime.scheduler import Job, Overloaded, Scheduler
+    from cdd.runtime.serving.scheduler import Job, Overloaded, Scheduler
 
     s = Scheduler(max_batch=4, max_wait=0.0, queue_size=100, clock=lambda: 100.0)
     s.submit(Job("a", 1, None, deadline=100.5, steps=2))  # no batch timed yet: admitted

@@ -28,18 +28,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..adapters.architectures import (
+from ...adapters.architectures import (
     Adapter,
     adapter_from_config,
     backbone_lora_name,
     load_backbone_lora,
     set_backbone_lora,
 )
-from ..adapters.zoo import ADAPTER_FILE, BACKBONE_LORA_FILE, Manifest, ZooError, verify_entry
-from .backbone import Backbone
-from .denoiser import ConditionedDenoiser
+from ...adapters.zoo import ADAPTER_FILE, BACKBONE_LORA_FILE, Manifest, ZooError, verify_entry
+from ..diffusion.backbone import Backbone
+from ..diffusion.denoiser import ConditionedDenoiser
 from .metrics import Metrics
-from .samplers import servable_samplers
+from ..diffusion.samplers import servable_samplers
 
 MAX_STEPS = 4  # what a request may ask for
 MAX_MANIFEST_STEPS = 64  # an entry's own default may be more (a Guided Distillation stage-1 student: 16)

@@ -13,7 +13,7 @@ name. One application, three deployments:
   loads it.
 - `Ledger` (one replica, no model): what each engine replica last reported it holds (GET /v1/replicas).
 
-Config: deploy/ray-serve.yaml (`import_path: cdd.runtime.ray_serve:build_app`, the settings as `args`).
+Config: deploy/ray-serve.yaml (`import_path: cdd.runtime.serving.ray_serve:build_app`, the settings as `args`).
 """
 
 # No `from __future__ import annotations`: Ray ships the ingress class to its replica by value (cloudpickle),
@@ -245,7 +245,7 @@ async def ray_routing_view(app_name: str) -> dict[str, list[str]] | None:
 
 def build_app(args: dict[str, Any] | RayServeSettings | None = None) -> serve.Application:
     """The application. `args`: RayServeSettings fields (a Serve config's `args:`, or
-    `serve run cdd.runtime.ray_serve:build_app num_replicas=2 zoo=...`)."""
+    `serve run cdd.runtime.serving.ray_serve:build_app num_replicas=2 zoo=...`)."""
     if isinstance(args, RayServeSettings):
         settings = args
     else:

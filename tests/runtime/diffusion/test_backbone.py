@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from cdd.runtime.backbone import BackboneError, load_backbone
+from cdd.runtime.diffusion.backbone import BackboneError, load_backbone
 
 
 @pytest.mark.parametrize("name", ["pixel", "latent"])
@@ -55,8 +55,8 @@ def test_pixel_folder_runs_in_plain_diffusers(pixel_backbone, pixel_backbone_dir
     """The folder's own pipeline.py (torch + diffusers only) equals our sampler on the same weights."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
-    from cdd.runtime.denoiser import ConditionedDenoiser
-    from cdd.runtime.samplers import initial_noise, sample_ddim
+    from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+    from cdd.runtime.diffusion.samplers import initial_noise, sample_ddim
 
     pipe = DiffusionPipeline.from_pretrained(pixel_backbone_dir, custom_pipeline=str(pixel_backbone_dir), trust_remote_code=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")

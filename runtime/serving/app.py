@@ -30,13 +30,13 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..adapters.zoo import MANIFEST, ZooError, list_entries
-from .backbone import Backbone
+from ...adapters.zoo import MANIFEST, ZooError, list_entries
+from ..diffusion.backbone import Backbone
 from .engine import Engine
 from .imaging import ImageError, decode_image, encode_png
 from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
-from .samplers import split_sampler, step_task
+from ..diffusion.samplers import split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
 from .tasks import SUPER_RESOLUTION, assemble, blank_work, prompt_required, task_rows
@@ -351,7 +351,7 @@ def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AccessLog, metrics=metrics)
     _install_error_handlers(app, known_tasks)
-    playground = (files("cdd.runtime") / "static" / "index.html").read_text()
+    playground = (files("cdd.runtime.serving") / "static" / "index.html").read_text()
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:

@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 
 from cdd.adapters.architectures import add_backbone_lora, backbone_lora_name, backbone_lora_state, build_adapter
 from cdd.adapters.zoo import ADAPTER_FILE, ZooError, save_entry
-from cdd.runtime.engine import Engine, EngineError
-from cdd.runtime.executor import Batch, CachedSchedule
-from cdd.runtime.factory import make_backbone, save_backbone
-from cdd.runtime.imaging import to_uint8
-from cdd.runtime.metrics import Metrics
-from cdd.runtime.pool import AdapterConflict, AdapterGone, AdapterPool
-from cdd.runtime.samplers import initial_noise
-from cdd.runtime.settings import ServeSettings
-from cdd.runtime.tasks import prepare
+from cdd.runtime.serving.engine import Engine, EngineError
+from cdd.runtime.serving.executor import Batch, CachedSchedule
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone
+from cdd.runtime.serving.imaging import to_uint8
+from cdd.runtime.serving.metrics import Metrics
+from cdd.runtime.serving.pool import AdapterConflict, AdapterGone, AdapterPool
+from cdd.runtime.diffusion.samplers import initial_noise
+from cdd.runtime.serving.settings import ServeSettings
+from cdd.runtime.serving.tasks import prepare
 
 RES = 16
 
@@ -74,7 +74,7 @@ def zoo(tmp_path_factory):
 
 
 def fresh_backbone(root):
-    from cdd.runtime.backbone import load_backbone
+    from cdd.runtime.diffusion.backbone import load_backbone
 
     return load_backbone(root / "backbone")
 
@@ -209,7 +209,7 @@ def test_architecture_key_ignores_diffusers_bookkeeping(zoo):
     `_` key) differs; a real difference in the config still separates them."""
     from types import SimpleNamespace
 
-    from cdd.runtime.pool import architecture_key
+    from cdd.runtime.serving.pool import architecture_key
 
     root, paths = zoo
     bb = fresh_backbone(root)
@@ -228,7 +228,7 @@ def test_architecture_key_ignores_diffusers_bookkeeping(zoo):
 def test_shipped_controlnets_share_one_slot():
     """depth, edit and super-resolution of the embedded zoo are one ControlNet architecture: one slot."""
     from cdd.adapters.zoo import Manifest, default_zoo_dir
-    from cdd.runtime.pool import architecture_key
+    from cdd.runtime.serving.pool import architecture_key
 
     keys = {name: architecture_key(Manifest.from_file(default_zoo_dir() / name / "manifest.json"))
             for name in ("depth", "edit", "super-resolution")}
@@ -401,7 +401,7 @@ def test_ilvr_super_resolution_serves_as_the_library_sampler_in_both_batching_mo
     """`prev+ilvr` (super-resolution): each x_hat keeps the input's low frequencies. On a latent backbone a
     one-tile request equals the library's `samplers.ilvr` around the same denoiser (decode, correct, encode);
     step-level and per-adapter batching agree on a four-tile request; and ILVR changes the image."""
-    from cdd.runtime import samplers
+    from cdd.runtime.diffusion import samplers
 
     root, _ = zoo
     common = dict(backbone=root / "backbone", zoo=root / "zoo", max_batch=8, warmup=False)
@@ -444,8 +444,8 @@ def test_keep_edit_serves_as_the_library_sampler_in_both_batching_modes(zoo, tmp
     """`prev+keep` (edit): the decoded output gets back the autoencoder's error on the source where it still is the
     source's round trip. A request equals `samplers.keep_source` on the library's sample of the same denoiser, in
     step-level and per-adapter batching, and the step changes the image (the test is not vacuous)."""
-    from cdd.runtime import samplers
-    from cdd.runtime.backbone import load_backbone
+    from cdd.runtime.diffusion import samplers
+    from cdd.runtime.diffusion.backbone import load_backbone
 
     root, _ = zoo
     bb = load_backbone(root / "backbone", device=torch.device("cpu"))

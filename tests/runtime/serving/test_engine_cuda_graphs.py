@@ -1,4 +1,4 @@
-"""runtime/cuda_graphs.py: the key, static buffers and the pointer check on any device; capture, replay and
+"""runtime/serving/cuda_graphs.py: the key, static buffers and the pointer check on any device; capture, replay and
 swaps without recapture on a GPU (skipped without CUDA)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.zoo import save_entry
-from cdd.runtime.cuda_graphs import GraphCache, GraphKey, GraphPointerError, StaticInputs, StepGraphKey, check_pointers
-from cdd.runtime.engine import Engine
-from cdd.runtime.factory import make_backbone, save_backbone
-from cdd.runtime.imaging import to_uint8
-from cdd.runtime.settings import ServeSettings
+from cdd.runtime.serving.cuda_graphs import GraphCache, GraphKey, GraphPointerError, StaticInputs, StepGraphKey, check_pointers
+from cdd.runtime.serving.engine import Engine
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone
+from cdd.runtime.serving.imaging import to_uint8
+from cdd.runtime.serving.settings import ServeSettings
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from cdd.runtime.backbone import Backbone
-from cdd.runtime.denoiser import ConditionedDenoiser
-from cdd.runtime.factory import make_backbone
-from cdd.runtime.samplers import FEW_STEP_SAMPLERS, few_step_sampler, fresh_noise, initial_noise, sample_with_scheduler
+from cdd.runtime.diffusion.backbone import Backbone
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.factory import make_backbone
+from cdd.runtime.diffusion.samplers import FEW_STEP_SAMPLERS, few_step_sampler, fresh_noise, initial_noise, sample_with_scheduler
 from cdd.training.codi import CoDiLoss
 
 

@@ -37,7 +37,7 @@ class ZooSettings(BaseSettings):
 
     def zoo_dir(self) -> Path:
         """The named zoo, else the embedded one (which must exist; the user zoo is optional)."""
-        from ..adapters.zoo import default_zoo_dir
+        from ...adapters.zoo import default_zoo_dir
 
         return Path(self.zoo) if self.zoo is not None else default_zoo_dir()
 
@@ -127,7 +127,7 @@ class ServeSettings(ZooSettings):
         return value
 
     def backbone_dir(self) -> Path:
-        from ..adapters.zoo import default_backbone_dir
+        from ...adapters.zoo import default_backbone_dir
 
         return Path(self.backbone) if self.backbone is not None else default_backbone_dir()
 
@@ -182,7 +182,7 @@ class ServeSettings(ZooSettings):
 
 
 class RayServeSettings(ServeSettings):
-    """The settings of cdd-serve on Ray Serve (`cdd.runtime.ray_serve:build_app`): every `ServeSettings`
+    """The settings of cdd-serve on Ray Serve (`cdd.runtime.serving.ray_serve:build_app`): every `ServeSettings`
     field except host, port and api_key (Ray's proxy listens; the admin endpoints are not served), plus
     how the deployment is laid out. Given as the application's `args` in a Serve config; `CDD_<FIELD>`
     environment variables are read where the application is built."""

@@ -21,8 +21,8 @@ from PIL import Image
 from cdd.adapters import zoo as zoo_module
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.zoo import save_entry
-from cdd.runtime.cli import main
-from cdd.runtime.factory import make_backbone, save_backbone
+from cdd.runtime.serving.cli import main
+from cdd.runtime.diffusion.factory import make_backbone, save_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +114,7 @@ def test_cdd_serve_process_serves_logs_json_and_drains_on_sigterm(tmp_path):
     env = {**os.environ, "CDD_ZOO": str(tmp_path / "zoo"), "CDD_MAX_BATCH": "2", "PYTHONUNBUFFERED": "1",
            "CDD_READ_TIMEOUT_S": "1", "CDD_MAX_HEADER_KB": "8", "CDD_DRAIN_S": "5"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cdd.runtime.cli", "--backbone", str(tmp_path / "backbone"), "--port", str(port),
+        [sys.executable, "-m", "cdd.runtime.serving.cli", "--backbone", str(tmp_path / "backbone"), "--port", str(port),
          "--threads", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -174,7 +174,7 @@ def test_cdd_serve_process_serves_logs_json_and_drains_on_sigterm(tmp_path):
 def test_warnings_and_uncaught_exceptions_are_json_log_lines():
     code = (
         "import threading, warnings\n"
-        "from cdd.runtime.logs import configure\n"
+        "from cdd.runtime.serving.logs import configure\n"
         "configure('info')\n"
         "warnings.warn('an odd image')\n"
         "t = threading.Thread(target=lambda: 1 / 0, name='worker'); t.start(); t.join()\n"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .samplers import fresh_noise, initial_noise
+from ..diffusion.samplers import fresh_noise, initial_noise
 
 SUPER_RESOLUTION = "super-resolution"
 EDIT = "edit"

@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir, list_entries, load_entry
-from cdd.runtime.app import create_app
-from cdd.runtime.backbone import load_backbone
-from cdd.runtime.settings import ServeSettings
+from cdd.runtime.serving.app import create_app
+from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.serving.settings import ServeSettings
 from cdd.training.data import scenes
 from cdd.training.data.degradations import make_sr_pair
 

@@ -7,8 +7,8 @@ from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetP
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.export import export_entry
 from cdd.adapters.zoo import load_entry, save_entry
-from cdd.runtime.denoiser import ConditionedDenoiser
-from cdd.runtime.samplers import initial_noise, sample_ddim
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.runtime.diffusion.samplers import initial_noise, sample_ddim
 
 
 def test_exported_controlnet_matches_diffusers_pipeline(latent_backbone, tmp_path, perturb):

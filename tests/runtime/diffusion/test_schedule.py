@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cdd.runtime.factory import scheduler_config
-from cdd.runtime.schedule import FINAL, NoiseSchedule
+from cdd.runtime.diffusion.factory import scheduler_config
+from cdd.runtime.diffusion.schedule import FINAL, NoiseSchedule
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

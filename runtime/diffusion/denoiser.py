@@ -1,0 +1,50 @@
+"""The one conditioned forward pass: (z_t, t, condition image, text embeddings) -> (x_hat, eps_hat).
+
+Training (CoDi, baselines) and serving both call this, so what is trained is exactly what is served.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from ...adapters.architectures import Adapter
+from .schedule import NoiseSchedule
+
+
+class ConditionedDenoiser(nn.Module):
+    """The frozen backbone UNet plus an optional task adapter, wrapped to return (x_hat, eps_hat).
+
+    The UNet is shared (never copied): several denoisers over one backbone hold the same module."""
+
+    def __init__(self, unet: UNet2DConditionModel, schedule: NoiseSchedule, adapter: Adapter | None = None):
+        super().__init__()
+        self.unet = unet
+        self.schedule = schedule
+        self.adapter = adapter
+
+    def predict(self, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_emb: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output (its own parametrisation)."""
+        t = _timesteps(t, z_t)
+        kwargs = {}
+        if self.adapter is not None:
+            if cond is None:
+                raise ValueError(f"a {self.adapter.kind} adapter needs a condition image")
+            kwargs = self.adapter.unet_kwargs(self.unet, z_t, t, text_emb, cond)
+        return self.unet(z_t, t, encoder_hidden_states=text_emb, return_dict=False, **kwargs)[0]
+
+    def forward(self, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_emb: torch.Tensor):
+        return self.schedule.to_x_eps(self.predict(z_t, t, cond, text_emb), z_t, t)
+
+    def bind(self, cond: torch.Tensor | None, text_emb: torch.Tensor):
+        """The sampler's view: model(z_t, t) -> (x_hat, eps_hat) with this condition and text."""
+        return lambda z_t, t: self(z_t, t, cond, text_emb)
+
+
+def _timesteps(t, z_t: torch.Tensor) -> torch.Tensor:
+    """An int or [B] timestep tensor on z_t's device."""
+    t = torch.as_tensor(t, device=z_t.device)
+    if t.ndim == 0:
+        t = t.expand(z_t.shape[0])
+    return t
