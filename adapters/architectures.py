@@ -213,6 +213,11 @@ class GuidedControlNetAdapter(ControlNetAdapter):
     def from_config(cls, config, unet):
         return cls(_place(ControlNetModel.from_config(config["controlnet"]), unet), config["guidance"], config["embedding_dim"])
 
+    def set_default_guidance(self, w: float) -> None:
+        """The w used when none is set per batch (`guidance`), on the module's device."""
+        self.guidance = float(w)
+        self.w_default = torch.tensor(self.guidance, device=self.w_default.device)
+
     def set_guidance(self, w: torch.Tensor | float | None) -> None:
         """w for the following forwards: a float, a [B] tensor (one per sample), or None for `guidance`."""
         self.w = None if w is None else torch.as_tensor(w, dtype=torch.float32)

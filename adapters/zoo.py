@@ -89,6 +89,16 @@ class Manifest(BaseModel):
         except ValidationError as e:
             raise ZooError(describe(e)) from None
 
+    @property
+    def guidance(self) -> tuple[float, float, float] | None:
+        """(default, w_min, w_max) for an entry that takes the classifier-free guidance weight w (controlnet-guided):
+        the w it is served with when a request gives none, and the range it was trained on; None for other kinds."""
+        if self.kind != "controlnet-guided":
+            return None
+        config = self.training.get("config", {})
+        return (float(self.architecture.get("guidance", 0.0)), float(config.get("guidance_min", 0.0)),
+                float(config.get("guidance_max", 2.0)))
+
     @field_validator("kind", "mode")
     @classmethod
     def _one_of(cls, v: str, info: ValidationInfo) -> str:

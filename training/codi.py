@@ -69,8 +69,18 @@ class CoDiLoss:
     distance: str = "l2"
     huber_c: float = 1e-3
     same_t: bool = True  # one n for the whole batch (Algorithm 1); False: one per sample
+    # Guidance-aware CoDi (design 5a): w ~ U[w_min, w_max] per sample; the step from t to s is the
+    # classifier-free-guided teacher's, (1 + w) f(z_t, t, c, text) - w f(z_t, t, c, ""); the student and its EMA
+    # target take w (`set_w`). None: plain CoDi.
+    guidance: tuple[float, float] | None = None
+    empty_text: torch.Tensor | None = None  # [1, L, D]: the embedding of "" (guided only)
+    set_w: Callable[[torch.Tensor | None], None] | None = None  # passes w to the student's (and EMA's) adapter
 
     def __post_init__(self) -> None:
+        if self.guidance is not None and (self.empty_text is None or self.set_w is None):
+            raise ValueError("guided CoDi needs empty_text (the embedding of \"\") and set_w")
+        if self.guidance is not None and self.prev_predictor == "ddim":
+            raise ValueError("guided CoDi takes the step with the guided teacher: prev_predictor prev or teacher, not ddim")
         if self.prev_predictor not in ("prev", "ddim", "teacher"):
             raise ValueError(f"prev_predictor {self.prev_predictor!r} is not prev, ddim or teacher")
         if self.consistency_space not in ("eps", "x"):
@@ -97,8 +107,15 @@ class CoDiLoss:
         alpha_t, sigma_t = self.schedule.alpha_sigma(t, x)
         alpha_s, sigma_s = self.schedule.alpha_sigma(s, x)
         z_t = alpha_t * x + sigma_t * eps                                        # eq. 1
+        if self.guidance is not None:
+            w_min, w_max = self.guidance
+            w = w_min + (w_max - w_min) * torch.rand(x.shape[0], generator=generator)   # w ~ U[w_min, w_max]
+            self.set_w(w)                                                        # the student and theta^- take w
         x_hat_t, eps_hat_t = student(z_t, t, c, text)                            # with grad
-        if self.prev_predictor == "prev":
+        if self.guidance is not None:
+            x_w, eps_w = self.guided_teacher(teacher, z_t, t, c, text, w)
+            x_step, eps_step = (x_w, eps) if self.prev_predictor == "prev" else (x_w, eps_w)   # eq. 12 / eq. 6
+        elif self.prev_predictor == "prev":
             x_step, eps_step = x_hat_t.detach(), eps                            # eq. 12: PREv, the real noise
         elif self.prev_predictor == "ddim":
             x_step, eps_step = x_hat_t.detach(), eps_hat_t.detach()              # eq. 6: DDIM step
@@ -108,6 +125,8 @@ class CoDiLoss:
         z_hat_s = alpha_s * x_step + sigma_s * eps_step
         with torch.no_grad():
             x_tgt_s, eps_tgt_s = ema_target(z_hat_s, s, c, text)                 # theta^-, sg
+        if self.guidance is not None:
+            self.set_w(None)
         if self.consistency_space == "eps":
             boundary = (s == 0).to(x.device).reshape((-1,) + (1,) * (x.ndim - 1))
             eps_tgt_s = torch.where(boundary, eps_step, eps_tgt_s)               # s = 0: the step's own noise
@@ -131,6 +150,18 @@ class CoDiLoss:
             guidance = self.d(root * guess, root * truth)
         loss = distillation + self.r * guidance                                  # eq. 11
         return Terms(loss, {"distillation": distillation.detach(), "guidance": guidance.detach()}, t)
+
+
+    @torch.no_grad()
+    def guided_teacher(self, teacher: Denoiser, z_t, t, c, text, w: torch.Tensor):
+        """The classifier-free-guided teacher at (z_t, t): (1 + w) f(c, text) - w f(c, ""), for x_hat and eps_hat
+        alike (the map from the raw output to both is linear), both branches in one batch; c goes to both."""
+        B = z_t.shape[0]
+        empty = self.empty_text.to(text).expand(B, -1, -1)
+        x_both, eps_both = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c, c]), torch.cat([text, empty]))
+        ww = w.to(z_t.device, z_t.dtype).reshape(-1, *([1] * (z_t.ndim - 1)))
+        (x_c, x_u), (eps_c, eps_u) = x_both.chunk(2), eps_both.chunk(2)
+        return (1 + ww) * x_c - ww * x_u, (1 + ww) * eps_c - ww * eps_u
 
 
 def noise_removed(model: Denoiser, x: torch.Tensor, c: torch.Tensor | None, text: torch.Tensor, t: int,
@@ -290,8 +321,12 @@ def build_objective(config, schedule: NoiseSchedule, *, empty_text: torch.Tensor
         if config.gd_stage == 1:
             return GuidanceDistillationLoss(schedule, empty_text, set_w, config.guidance_min, config.guidance_max)
         return ProgressiveDistillationLoss(schedule, config.gd_steps, set_w, config.guidance_min, config.guidance_max)
+    guided = config.adapter == "controlnet-guided"  # guidance-aware CoDi: the student takes w
     return CoDiLoss(
         schedule,
+        guidance=(config.guidance_min, config.guidance_max) if guided else None,
+        empty_text=empty_text if guided else None,
+        set_w=set_w if guided else None,
         N=config.steps,
         r=config.cond_weight,
         cond_weighting=config.cond_weighting,

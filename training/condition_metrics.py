@@ -29,7 +29,9 @@ Edit: change what the instruction names, keep the rest (`edit_follow`).
     EDIT_THRESHOLD (4/255) in 8 bits, dilated by EDIT_DILATE pixels (a 3x3 maximum), so that anti-aliased
     borders count as changed. psnr_in is the PSNR of the output against the target inside that region, psnr_out
     outside it; both per image, as `metrics.psnr` (MSE clamped at 1e-12, so identical pixels give 120 dB), then
-    averaged over images, overall and per instruction kind (`edit_kinds`: colour, removal, floor, time of day).
+    averaged over images, overall and per instruction kind (`edit_kinds`: colour, removal, floor, time of day),
+    where `closer` is the share of images whose whole-image PSNR against the target beats the unedited input's
+    (the per-image success rate a mean can hide).
     An image whose region holds fewer than MIN_REGION_FRACTION (2%) of its pixels adds nothing to that region's
     mean: a time-of-day edit relights the sky, the floor and every object, so its changed region is the whole
     picture (99.8-100% on the 64 held-out renders at 64 px) and it counts only in psnr_in, which is then its
@@ -52,7 +54,10 @@ PSNR_MSE_FLOOR = 1e-12  # as metrics.psnr: identical pixels give 120 dB, not inf
 
 DEPTH_FIELDS = ("depth_edge_corr", "depth_edge_other", "depth_edge_match")
 EDIT_FIELDS = ("psnr_in", "psnr_out")
-FIELDS = {"depth": DEPTH_FIELDS, "edit": EDIT_FIELDS}  # the table columns each task adds
+# What the scenes-attribute classifier reads in an output against the caption of the scene it should show (depth: the
+# prompt's caption; edit: the edited scene's): object recall and precision (colour and shape), floor and time of day.
+CAPTION_FIELDS = ("attr_recall", "attr_precision", "attr_floor", "attr_time")
+FIELDS = {"depth": DEPTH_FIELDS + CAPTION_FIELDS, "edit": EDIT_FIELDS + CAPTION_FIELDS}  # the table columns each task adds
 
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 _LAPLACIAN = torch.tensor([[1.0, 1.0, 1.0], [1.0, -8.0, 1.0], [1.0, 1.0, 1.0]])
@@ -159,7 +164,9 @@ def edit_follow(images: torch.Tensor, source: torch.Tensor, target: torch.Tensor
     region = changed_region(source, target)
     p_in, f_in = region_psnr(images, target, region)
     p_out, f_out = region_psnr(images, target, ~region)
-    p_all, _ = region_psnr(images, target, torch.ones_like(region))
+    everywhere = torch.ones_like(region)
+    p_all, _ = region_psnr(images, target, everywhere)
+    closer = p_all > region_psnr(source, target, everywhere)[0]  # per image: nearer the target than the unedited input
     ok_in, ok_out = f_in >= MIN_REGION_FRACTION, f_out >= MIN_REGION_FRACTION
     kinds = [edit_kind(t) for t in instructions]
     per_kind = {}
@@ -167,7 +174,7 @@ def edit_follow(images: torch.Tensor, source: torch.Tensor, target: torch.Tensor
         sel = torch.tensor([k == kind for k in kinds])
         per_kind[kind] = {"n": int(sel.sum()), "changed_fraction": float(f_in[sel].mean()),
                           "psnr_in": _mean_where(p_in, sel & ok_in), "psnr_out": _mean_where(p_out, sel & ok_out),
-                          "psnr": float(p_all[sel].mean())}
+                          "psnr": float(p_all[sel].mean()), "closer": float(closer[sel].float().mean())}
     return {"psnr_in": _mean_where(p_in, ok_in), "psnr_out": _mean_where(p_out, ok_out), "edit_kinds": per_kind}
 
 

@@ -31,10 +31,12 @@ LOWER_IS_BETTER = {"kid_attr", "fid_attr", "swd", "lpips", "fid", "seconds_per_i
 LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid": "FID", "seconds_per_image": "s/image",
           "kid_attr": "KID-attr", "fid_attr": "FID-attr", "attr_all": "caption",
           "depth_edge_corr": "edges own", "depth_edge_other": "edges other", "depth_edge_match": "edge match",
-          "psnr_in": "PSNR in", "psnr_out": "PSNR out"}
+          "psnr_in": "PSNR in", "psnr_out": "PSNR out", "attr_recall": "obj recall", "attr_precision": "obj precision",
+          "attr_floor": "floor", "attr_time": "time"}
 FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g",
            "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f", "depth_edge_corr": ".3f", "depth_edge_other": ".3f",
-           "depth_edge_match": ".3f", "psnr_in": ".2f", "psnr_out": ".2f"}
+           "depth_edge_match": ".3f", "psnr_in": ".2f", "psnr_out": ".2f", "attr_recall": ".3f", "attr_precision": ".3f",
+           "attr_floor": ".3f", "attr_time": ".3f"}
 UNRANKED = {"depth_edge_other"}  # a reference level for the column beside it, neither better high nor low
 PROBE = "probe"  # the sampler of the probe rows (--probes, and depth / edit references): image sets, not generated
 BICUBIC = "bicubic"  # the method of the --bicubic row (super-resolution): the condition itself, nothing sampled
@@ -96,7 +98,7 @@ def fmt(value, metric: str) -> str:
 def row_metrics(rows: list[dict]) -> list[str]:
     """METRICS, with the condition-following fields (condition_metrics.FIELDS) any of the rows carries after the
     caption column: only depth and edit tables get them."""
-    extra = [m for fields in CONDITION_FIELDS.values() for m in fields if any(m in r for r in rows)]
+    extra = list(dict.fromkeys(m for fields in CONDITION_FIELDS.values() for m in fields if any(m in r for r in rows)))
     at = METRICS.index("attr_all") + 1
     return [*METRICS[:at], *extra, *METRICS[at:]]
 

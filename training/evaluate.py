@@ -53,7 +53,7 @@ from ..adapters.zoo import (
 from ..runtime.diffusion import samplers
 from ..runtime.diffusion.backbone import Backbone, BackboneError, load_backbone
 from ..runtime.diffusion.denoiser import ConditionedDenoiser
-from .condition_metrics import ConditionMetrics
+from .condition_metrics import CAPTION_FIELDS, ConditionMetrics
 from .data.datasets import TASKS, DataError, _sr_from_hr, build_dataset
 from .data.degradations import DEGRADATION_PRESETS, degradation_preset
 from .eval_report import (
@@ -182,6 +182,7 @@ def held_out(task: str, num_images: int, resolution: int, seed: int = EVAL_SEED,
         "condition": torch.stack([s["condition"] for s in items]),
         "target": torch.stack([s["target"] for s in items]),
         "text": [s["text"] for s in items],
+        "caption": [s.get("caption", s["text"]) for s in items],  # edit: the edited scene's caption
     }
 
 
@@ -375,10 +376,12 @@ class AttributeMetrics:
     and the ground truth, and `attr_all`: the fraction of images whose floor, time of day and object set all
     match their captions. Null, with `status` saying why, when no classifier is given or found."""
 
-    def __init__(self, truth: torch.Tensor, captions: list[str], folder: Path | None, skip: str | None = None):
+    def __init__(self, truth: torch.Tensor, captions: list[str], folder: Path | None, skip: str | None = None,
+                 caption_fields: bool = False):
         from . import attributes
 
         self.net, self.status, self.labels = None, None, None
+        self.caption_fields = caption_fields  # depth, edit: also recall, precision, floor and time (CAPTION_FIELDS)
         if skip is not None:  # why the classifier does not apply to this data (e.g. photographs)
             self.status = skip
             return
@@ -399,13 +402,17 @@ class AttributeMetrics:
     def __call__(self, images: torch.Tensor) -> dict[str, float | None]:
         from . import attributes
 
+        fields = CAPTION_FIELDS if self.caption_fields else ()
         if self.net is None:
-            return {"kid_attr": None, "fid_attr": None, "attr_all": None}
+            return {"kid_attr": None, "fid_attr": None, "attr_all": None, **dict.fromkeys(fields)}
         f = attributes.features(self.net, images)
         agree = attributes.agreement(attributes.predict(self.net, images), self.labels) if self.labels else None
+        parts = {"attr_recall": "objects_recall", "attr_precision": "objects_precision", "attr_floor": "floor",
+                 "attr_time": "time"}
         return {"kid_attr": attributes.kernel_distance(f, self.truth_features),
                 "fid_attr": attributes.frechet_distance(f, self.truth_features),
-                "attr_all": agree["all"] if agree else None}
+                "attr_all": agree["all"] if agree else None,
+                **{k: agree[parts[k]] if agree else None for k in fields}}
 
 
 def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics,
@@ -571,7 +578,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     folder = None if args.attributes == "none" else default_dir() if args.attributes == "default" else Path(args.attributes)
     skip = ("the scenes-attribute classifier reads scenes, not photographs (--dataset photos)"
             if args.dataset == "photos" else None)
-    attribute = AttributeMetrics(truth, data["text"], folder, skip=skip)
+    # The captions of the scenes the outputs should show (edit: the edited scene's, not the instruction)
+    attribute = AttributeMetrics(truth, data["caption"], folder, skip=skip, caption_fields=args.task in ("depth", "edit"))
     follow = ConditionMetrics(args.task, data)
     results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
     others = other_scene_sets(args.task, args.num_images, resolution, args.dataset)
@@ -626,7 +634,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     for index, c in enumerate(candidates):
         with entry_model(c, backbone, index) as model:
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
-                model.adapter.guidance = float(args.guidance)
+                model.adapter.set_default_guidance(float(args.guidance))
                 c.method = f"{c.method} w={args.guidance:g}"
             sampled_rows(model, c.method, c.samplers, {
                 "adapter": str(c.path), "name": c.manifest.name, "training_method": c.manifest.training.get("method"),

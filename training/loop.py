@@ -356,7 +356,16 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     if m.mode != "pe":
         raise ConfigError(f"{where} has mode {m.mode}; {config.method} distils adapter-only (pe) entries")
     torch.manual_seed(config.seed)
-    if config.method in ("cm", "codi", "finetune"):
+    guided_codi = config.method == "codi" and config.adapter == "controlnet-guided"
+    if guided_codi:
+        if m.kind != "controlnet":
+            raise ConfigError(f"{where} is a {m.kind} adapter; guidance-aware CoDi starts from a controlnet entry, "
+                              "which is also its guided teacher")
+        if not m.training.get("config", {}).get("caption_dropout"):
+            warnings.warn(f"{where} was trained without caption dropout: the guided teacher's unconditional branch runs "
+                          "it on the empty caption, which it never saw", stacklevel=2)
+        adapter = GuidedControlNetAdapter.from_controlnet(entry.adapter, config.guidance).requires_grad_(True)
+    elif config.method in ("cm", "codi", "finetune"):
         if m.kind != config.adapter:
             raise ConfigError(f"{where} is a {m.kind} adapter: continue it with --adapter {m.kind}")
         adapter = _fresh_adapter(config, backbone)
@@ -374,7 +383,7 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
                               "(GD stage 1 or an earlier round)")
         adapter = adapter_from_config(m.kind, m.architecture, unet)
         adapter.load_weights(entry.adapter.weights())
-        adapter.guidance = config.guidance
+        adapter.set_default_guidance(config.guidance)
     lora = lora_name = None
     if config.mode == "lora":  # codi only (TrainConfig): the backbone LoRA starts at zero, so the student starts as the entry
         lora_name = backbone_lora_name(config.entry_name)
@@ -384,6 +393,8 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
     if config.method == "finetune":  # the plain diffusion loss: no teacher, the entry is only where it starts
         teacher = None
+    elif guided_codi:  # the entry, frozen, is the teacher whose guided prediction takes the step
+        teacher = ConditionedDenoiser(unet, schedule, entry.adapter)
     elif config.method == "codi":  # CoDi's teacher is the unconditional backbone, whatever the student starts from
         teacher = None
         if config.prev_predictor == "teacher":
@@ -475,7 +486,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     ema = EMA(trainable, config.ema, warmup=config.method == "finetune")
     student, optimizer = accelerator.prepare(student_module, optimizer)
     ema_target = WithWeights(student_module, ema.shadow)
-    empty_text = backbone.encode_text([""]) if config.method == "gd" else None
+    guided = config.method == "gd" or config.adapter == "controlnet-guided"
+    empty_text = backbone.encode_text([""]) if guided else None
     objective = build_objective(config, backbone.schedule, empty_text=empty_text, set_w=roles.set_w)
 
     # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position.

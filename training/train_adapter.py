@@ -36,6 +36,7 @@ from .data.degradations import DEFAULT_TRAINING_PRESET, DEGRADATION_PRESETS
 CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "cond_weighting", "same_t",
                 "steps")
 GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance")
+GUIDED_CODI_OPTIONS = ("guidance_min", "guidance_max", "guidance")  # codi with --adapter controlnet-guided
 # Options a method has no use for (given anyway, they are refused rather than silently ignored).
 EDIT_WEIGHT = ("changed_weight",)  # finetune's diffusion loss and codi's guidance term
 UNUSED = {
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", type=float, help=f"EMA rate mu of the target theta^- and of the exported weights (default {d.ema})")
     g.add_argument("--steps", type=int, help=f"N, the number of intervals of [0, T) (default {d.steps})")
 
-    g = p.add_argument_group("Guided Distillation (--method gd)")
+    g = p.add_argument_group("Guided Distillation (--method gd), and guidance-aware CoDi (--method codi --adapter "
+                             "controlnet-guided: the w range and the served w)")
     g.add_argument("--gd-stage", type=int, choices=(1, 2), help="1: distil the guided teacher into a student taking w; "
                    "2: one round of progressive distillation, halving the steps (default 1)")
     g.add_argument("--gd-steps", type=int, help=f"the student's sampling steps; its teacher takes twice as many (default {d.gd_steps})")
@@ -149,7 +151,10 @@ def config_from_args(given: dict) -> TrainConfig:
         given["data_options"] = dict(given["data_options"])
     betas = {i: given.pop(k) for i, k in enumerate(("adam_beta1", "adam_beta2")) if k in given}
     method = given.get("method", "codi")
-    wrong = [k for k in UNUSED.get(method, ()) if k in given]
+    unused = UNUSED.get(method, ())
+    if method == "codi" and given.get("adapter") == "controlnet-guided":  # guidance-aware CoDi draws w and serves one
+        unused = tuple(k for k in unused if k not in GUIDED_CODI_OPTIONS)
+    wrong = [k for k in unused if k in given]
     if wrong:
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise ConfigError(f"{flags}: option(s) that --method {method} does not use")

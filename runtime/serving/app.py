@@ -39,7 +39,7 @@ from .pool import AdapterConflict, AdapterGone, Registered
 from ..diffusion.samplers import split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import SUPER_RESOLUTION, assemble, blank_work, prompt_required, task_rows
+from .tasks import SUPER_RESOLUTION, assemble, blank_work, check_guidance, prompt_required, task_rows
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -70,6 +70,8 @@ class AdapterInfo(BaseModel):
     channels: int
     backbone_lora: bool
     resident: bool
+    guidance: list[float] | None = Field(None, description="[default, min, max] of the classifier-free guidance "
+                                         "weight w the entry takes (controlnet-guided); null: it takes none")
     manifest: dict[str, Any]
 
 
@@ -103,6 +105,7 @@ class TaskResult(BaseModel):
     height: int
     resized: str | None = Field(None, description="WxH->wxh when the condition was resized")
     tiles: int = Field(description="tiles sampled (super-resolution), else 1")
+    guidance: float | None = Field(None, description="the guidance weight w served (controlnet-guided entries)")
     timings: Timings
 
 
@@ -158,6 +161,7 @@ class TaskForm:
     deadline_ms: float | None
     width: int | None = None
     height: int | None = None
+    guidance: float | None = None
 
 
 def task_form(
@@ -175,8 +179,11 @@ def task_form(
     width: int | None = Form(None, ge=1, description="output width (depth, edit; a multiple of the backbone's size "
                              "factor; default: the input's aspect ratio at the adapter's pixel count)"),
     height: int | None = Form(None, ge=1, description="output height (as width)"),
+    guidance: float | None = Form(None, description="classifier-free guidance weight w (0: the conditional model; "
+                                  "diffusers' guidance_scale is 1 + w), for entries that take it (GET /v1/tasks: "
+                                  "`guidance` [default, min, max]); still one pass per step (default: the entry's)"),
 ) -> TaskForm:
-    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms, width, height)
+    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms, width, height, guidance)
 
 
 TASK_ROUTE = dict(
@@ -207,6 +214,7 @@ class TaskCall:
     budget_s: float  # from arrival: not started by then is 504
     width: int | None = None
     height: int | None = None
+    guidance: float | None = None  # w; None: the entry's default (or an entry that takes none)
 
 
 @dataclass
@@ -243,7 +251,12 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
         raise APIError(422, "invalid_parameter", f"sampler {sampler!r} {what.format(task)} "
                        f"(use {split_sampler(sampler)[0]!r})")
     seed = form.seed if form.seed is not None else secrets.randbelow(2**32)
-    log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler)
+    try:
+        check_guidance(reg.name, reg.manifest.guidance, form.guidance)
+    except ValueError as err:
+        raise APIError(422, "invalid_parameter", str(err)) from err
+    guidance = form.guidance if form.guidance is not None else (reg.manifest.guidance or (None,))[0]
+    log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler, guidance=guidance)
 
     def check_work(width: int, height: int) -> None:  # on the header: before a pixel is decoded
         rows = task_rows(task, width, height, reg.resolution, scale_factor, settings.sr_tile_overlap)
@@ -266,7 +279,7 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     budget = settings.request_deadline_s
     if form.deadline_ms is not None:
         budget = min(budget, form.deadline_ms / 1000)
-    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height)
+    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height, guidance)
 
 
 def check_output_size(task: str, width: int | None, height: int | None, max_pixels: int) -> None:
@@ -285,7 +298,8 @@ async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
     the request is then cancelled."""
     try:
         work = await run_in_threadpool(e.prepare, call.reg, call.cond, steps=call.steps, sampler=call.sampler,
-                                       seed=call.seed, prompt=call.prompt, width=call.width, height=call.height)
+                                       seed=call.seed, prompt=call.prompt, width=call.width, height=call.height,
+                                       guidance=call.guidance)
     except ValueError as err:  # a width or height the backbone cannot take
         raise APIError(422, "invalid_parameter", str(err)) from err
     if work.layout is None and work.size[0] * work.size[1] > e.settings.max_pixels:
@@ -310,6 +324,8 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
         "X-CDD-Sampler": call.sampler,
         "Server-Timing": f"queue;dur={timings.queue_ms:.2f}, execute;dur={timings.execute_ms:.2f}, total;dur={timings.total_ms:.2f}",
     }
+    if call.guidance is not None:
+        headers["X-CDD-Guidance"] = f"{call.guidance:g}"
     if out.resized:
         headers["X-CDD-Resized"] = out.resized
     if out.tiled:
@@ -317,7 +333,7 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
     if "application/json" in request.headers.get("accept", ""):
         body = TaskResult(image=base64.b64encode(out.png).decode(), task=call.task, adapter=call.reg.name,
                           steps=call.steps, seed=call.seed, sampler=call.sampler, width=out.width, height=out.height,
-                          resized=out.resized, tiles=out.rows, timings=timings)
+                          resized=out.resized, tiles=out.rows, guidance=call.guidance, timings=timings)
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(out.png, media_type="image/png", headers=headers)
 
@@ -601,7 +617,7 @@ def _info(reg: Registered, resident: bool) -> AdapterInfo:
     m = reg.manifest
     return AdapterInfo(name=reg.name, task=reg.task, kind=m.kind, mode=m.mode, steps=m.steps, sampler=m.sampler,
                        resolution=reg.resolution, channels=reg.channels, backbone_lora=m.backbone_lora is not None,
-                       resident=resident, manifest=m.public())
+                       resident=resident, guidance=list(m.guidance) if m.guidance else None, manifest=m.public())
 
 
 def _version() -> str:

@@ -35,7 +35,7 @@ from .pool import AdapterGone, AdapterPool, Registered
 from ..diffusion.samplers import is_stochastic
 from .scheduler import Job, Scheduler
 from .settings import ServeSettings
-from .tasks import Work, blank_work, prepare
+from .tasks import Work, blank_work, check_guidance, prepare
 
 log = logging.getLogger("cdd.serve")
 TEXT_CACHE = 512
@@ -177,8 +177,10 @@ class Engine:
     # -- requests ------------------------------------------------------------------------
 
     def prepare(self, reg: Registered, image: torch.Tensor, *, steps: int, sampler: str, seed: int, prompt: str,
-                width: int | None = None, height: int | None = None) -> Work:
-        """The request's rows and noise (ValueError for a width or height the backbone cannot take)."""
+                width: int | None = None, height: int | None = None, guidance: float | None = None) -> Work:
+        """The request's rows and noise (ValueError for a width or height the backbone cannot take, or a guidance
+        weight the entry does not take)."""
+        check_guidance(reg.name, reg.manifest.guidance, guidance)
         return prepare(
             reg.task,
             image,
@@ -194,6 +196,7 @@ class Engine:
             width=width,
             height=height,
             size_factor=self.backbone.size_factor,
+            guidance=guidance,
         )
 
     def submit(self, work: Work, deadline: float = float("inf")) -> Job:
@@ -281,7 +284,7 @@ class Engine:
             reg = self.pool.get(w.adapter)
             text = self._encode(w.prompt).expand(w.rows, -1, -1)
             flight = self.executor.board(job, reg, z_T=w.z_T, cond=w.cond, text_emb=text, fresh=w.fresh,
-                                         steps=w.steps, sampler=w.sampler)
+                                         steps=w.steps, sampler=w.sampler, guidance=row_guidance(reg, [w]))
         flight.boarded = time.perf_counter()
         flight.requests = len(self._flights) + 1
         return flight
@@ -327,6 +330,7 @@ class Engine:
                 fresh=[torch.cat(xs) for xs in zip(*[w.fresh for w in works])] if is_stochastic(w0.sampler) else None,
                 steps=w0.steps,
                 sampler=w0.sampler,
+                guidance=row_guidance(reg, works),
             )
             return self.executor.run(slot, reg, batch)
 
@@ -371,7 +375,8 @@ class Engine:
         with self._lock:
             text = self._encode("").expand(size, -1, -1)
             flight = self.executor.board(None, reg, z_T=work.z_T.expand(size, -1, -1, -1), cond=work.cond.expand(size, -1, -1, -1),
-                                         text_emb=text, fresh=None, steps=1, sampler="ddim")
+                                         text_emb=text, fresh=None, steps=1, sampler="ddim",
+                                         guidance=row_guidance(reg, [work] * size))
             self.executor.evaluate(self.pool, [flight])
             self.executor.decode([flight])
 
@@ -399,3 +404,13 @@ class Engine:
         for reg in self.pool.entries():
             out.setdefault(reg.task, []).append(reg)
         return out
+
+
+def row_guidance(reg: Registered, works: list[Work]) -> torch.Tensor | None:
+    """Each row's guidance weight w for a controlnet-guided entry (a request's own, else the entry's default),
+    None for an entry that takes none."""
+    g = reg.manifest.guidance
+    if g is None:
+        return None
+    return torch.tensor([g[0] if w.guidance is None else w.guidance for w in works for _ in range(w.rows)],
+                        dtype=torch.float32)

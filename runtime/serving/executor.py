@@ -62,6 +62,7 @@ class Batch:
     fresh: list[torch.Tensor] | None
     steps: int
     sampler: str
+    guidance: torch.Tensor | None = None  # [rows] float32: each row's w (controlnet-guided adapters), else None
 
     @property
     def rows(self) -> int:
@@ -81,6 +82,7 @@ class Flight:
     cond: torch.Tensor  # model dtype
     text_emb: torch.Tensor  # model dtype
     fresh: list[torch.Tensor] | None  # float32, one per step (cm, gd)
+    guidance: torch.Tensor | None = None  # [rows] float32 on the device: each row's w (controlnet-guided)
     i: int = 0  # steps taken
     company: int = 0  # most rows it shared an evaluation with (itself included)
     requests: int = 1  # requests in flight when it boarded (itself included)
@@ -154,6 +156,8 @@ class Executor:
 
         values = {"z_T": put32(batch.z_T), "cond": put(batch.cond), "text_emb": put(batch.text_emb)}
         values["fresh"] = [put32(xi) for xi in batch.fresh] if batch.fresh is not None else []
+        if batch.guidance is not None:
+            values["guidance"] = put32(batch.guidance)
         return values
 
     def _timestep(self, t: int, size: int, device) -> torch.Tensor:
@@ -194,7 +198,9 @@ class Executor:
 
         dtype = self.backbone.dtype
 
-        def fn(z_T, cond, text_emb, fresh):
+        def fn(z_T, cond, text_emb, fresh, guidance=None):
+            with_guidance(denoiser.adapter, guidance)  # one w per row, read by every adapter pass of the loop
+
             def model(z_t, t):  # ConditionedDenoiser.forward, the timestep kept on the device, maths in float32
                 t = int(t[0])
                 out = denoiser.predict(z_t.to(dtype), self._timestep(t, z_t.shape[0], z_t.device), cond, text_emb)
@@ -226,7 +232,8 @@ class Executor:
 
     # -- step-level batching -----------------------------------------------------------------
 
-    def board(self, payload, reg: Registered, *, z_T, cond, text_emb, fresh, steps: int, sampler: str) -> Flight:
+    def board(self, payload, reg: Registered, *, z_T, cond, text_emb, fresh, steps: int, sampler: str,
+              guidance: torch.Tensor | None = None) -> Flight:
         """A request's rows on the device, ready for its first evaluation (CPU tensors in, as `Batch` holds)."""
         device, dtype = self.backbone.device, self.backbone.dtype
         z_T = z_T.to(device, torch.float32)
@@ -243,6 +250,7 @@ class Executor:
             cond, text_emb.to(device, dtype),
             [xi.to(device, torch.float32) for xi in fresh] if fresh is not None else None,
             reference_low=reference_low, roundtrip=roundtrip,
+            guidance=guidance.to(device, torch.float32) if guidance is not None else None,
         )
 
     @torch.no_grad()
@@ -258,9 +266,12 @@ class Executor:
         t = torch.tensor([f.timesteps[f.i] for f in flights for _ in range(f.rows)], dtype=torch.long)
         text = torch.cat([f.text_emb for f in flights])
         cond = torch.cat([f.cond for f in flights])
+        # each row's w (0 for rows of adapters that take none: they never read it)
+        w = torch.cat([f.guidance if f.guidance is not None else f.z.new_zeros(f.rows) for f in flights])
         n, step = z.shape[0], self.buckets[-1]
         out = torch.cat([self._unet_rows(pool, owners[a : a + step], z[a : a + step], t[a : a + step].to(z.device),
-                                         text[a : a + step], cond[a : a + step]) for a in range(0, n, step)])
+                                         text[a : a + step], cond[a : a + step], w[a : a + step])
+                         for a in range(0, n, step)])
         a = 0
         for f in flights:
             x_hat, eps_hat = self.schedule.to_x_eps(out[a : a + f.rows].float(), f.z, f.timesteps[f.i])
@@ -273,7 +284,7 @@ class Executor:
             f.company = max(f.company, n)
             a += f.rows
 
-    def _unet_rows(self, pool: AdapterPool, owners: list[str], z, t, text, cond) -> torch.Tensor:
+    def _unet_rows(self, pool: AdapterPool, owners: list[str], z, t, text, cond, w) -> torch.Tensor:
         """The backbone's raw output for up to one bucket of rows; `owners[i]` is row i's adapter."""
         dtype = self.backbone.dtype
         z = z.to(dtype)
@@ -284,7 +295,7 @@ class Executor:
             while b < len(owners) and owners[b] == owners[a]:
                 b += 1
             slot, reg = pool.activate(owners[a])  # copies its weights into the slot when another held it
-            parts.append((b - a, self._adapter_rows(slot, reg, z[a:b], t[a:b], text[a:b], cond[a:b])))
+            parts.append((b - a, self._adapter_rows(slot, reg, z[a:b], t[a:b], text[a:b], cond[a:b], w[a:b])))
             a = b
         residuals = _merge_residuals(parts)
         n = z.shape[0]
@@ -304,14 +315,18 @@ class Executor:
         key = StepGraphKey("unet:" + ",".join(sorted(residuals)), lora, size, tuple(z.shape[1:]))
         return self.graphs.run(key, fn, values, {})[:n]
 
-    def _adapter_rows(self, slot: LiveSlot, reg: Registered, z, t, text, cond) -> dict:
-        """One adapter's residuals for its rows (padded to their bucket for a captured graph, then cut)."""
+    def _adapter_rows(self, slot: LiveSlot, reg: Registered, z, t, text, cond, w) -> dict:
+        """One adapter's residuals for its rows (padded to their bucket for a captured graph, then cut); `w` is
+        each row's guidance weight, read only by adapters that take one."""
         unet, adapter = self.backbone.unet, slot.adapter
         n = z.shape[0]
         size = self.bucket(n)
         values = {"z": _pad(z, size), "t": _pad(t, size), "text_emb": _pad(text, size), "cond": _pad(cond, size)}
+        if takes_guidance(adapter):
+            values["guidance"] = _pad(w, size)
 
-        def fn(z, t, text_emb, cond):
+        def fn(z, t, text_emb, cond, guidance=None):
+            with_guidance(adapter, guidance)
             return adapter.unet_kwargs(unet, z, t, text_emb, cond)
 
         if self.graphs is None:
@@ -356,6 +371,18 @@ class Executor:
         """A backbone LoRA left the UNet: graphs that read its tensors are invalid."""
         if self.graphs is not None:
             self.graphs.drop(lambda key: key.backbone_lora == lora)
+
+
+def takes_guidance(adapter) -> bool:
+    """Whether an adapter reads a per-row classifier-free guidance weight w (controlnet-guided)."""
+    return hasattr(adapter, "set_guidance")
+
+
+def with_guidance(adapter, w: torch.Tensor | None) -> None:
+    """Point a guided adapter at this batch's per-row w (a device tensor, so a captured graph reads it where it
+    is); None leaves other adapters alone and a guided one at its entry's default."""
+    if takes_guidance(adapter):
+        adapter.set_guidance(w)
 
 
 def _pad(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -107,6 +107,7 @@ class Work:
     fresh: list[torch.Tensor] | None = None  # cm: per step [rows, C, R/f, R/f]
     layout: TileLayout | None = None  # super-resolution
     resized: str | None = None  # "WxH->wxh" when the condition was resized
+    guidance: float | None = None  # w for a controlnet-guided adapter; None: the entry's default
     info: dict = field(default_factory=dict)
 
     @property
@@ -149,10 +150,12 @@ def prepare(
     width: int | None = None,
     height: int | None = None,
     size_factor: int | None = None,
+    guidance: float | None = None,
 ) -> Work:
     """The condition rows and noise for `image` ([c, H, W] in [0, 1]) under `task`'s semantics. `width` and
     `height` (tasks other than super-resolution) must be multiples of `size_factor` (default: scale_factor)."""
-    common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution)
+    common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution,
+                  guidance=guidance)
     c, in_height, in_width = image.shape
     if task == SUPER_RESOLUTION:
         if width is not None or height is not None:
@@ -191,6 +194,19 @@ def prepare(
     z_T = initial_noise([seed], shape)
     fresh = fresh_noise(sampler, [seed], shape, steps)
     return Work(**common, cond=image[None].contiguous(), z_T=z_T, fresh=fresh, resized=resized)
+
+
+def check_guidance(name: str, range_: tuple[float, float, float] | None, guidance: float | None) -> None:
+    """ValueError naming the entry and its range when a request's guidance weight w cannot be served:
+    `range_` is the entry's Manifest.guidance, (default, w_min, w_max), or None for an entry that takes no w."""
+    if guidance is None:
+        return
+    if range_ is None:
+        raise ValueError(f"adapter {name!r} takes no guidance weight (only controlnet-guided entries do); "
+                         "leave guidance out")
+    if not math.isfinite(guidance) or not range_[1] <= guidance <= range_[2]:
+        raise ValueError(f"guidance {guidance:g} is outside adapter {name!r}'s range [{range_[1]:g}, {range_[2]:g}] "
+                         f"(default {range_[0]:g})")
 
 
 def blank_work(adapter: str, task: str, resolution: int, channels: int, model_channels: int, scale_factor: int,

@@ -302,3 +302,60 @@ def test_changed_region_weight_by_hand():
     torch.testing.assert_close(w[1], torch.ones(1, 2, 2))  # no change: the plain loss
     torch.testing.assert_close(w[2], torch.ones(1, 2, 2))  # all changed: the plain loss too
     assert changed_region_weight(target, source, (4, 4), weight=0.0).eq(1).all()
+
+
+class TextTeacher:
+    """A teacher whose prediction depends on the text: x_hat = a(text) z_t, eps_hat = b(text) z_t, with
+    a = 1 + mean|text| and b = 2 - mean|text| per sample (the empty text, zeros, gives a = 1, b = 2)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, z_t, t, c, text):
+        self.calls.append((z_t, t, c, text))
+        m = text.abs().mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+        return (1 + m) * z_t, (2 - m) * z_t
+
+
+@pytest.mark.parametrize("predictor", ["prev", "teacher"])
+def test_guided_codi_steps_with_the_classifier_free_guided_teacher(schedule, batch, predictor):
+    x, c, text = batch
+    empty = torch.zeros(1, *text.shape[1:])
+    seen_w = []
+    student, target, teacher = Recorder(1), Recorder(2), TextTeacher()
+    loss = CoDiLoss(schedule, N=N, prev_predictor=predictor, guidance=(0.5, 3.0), empty_text=empty,
+                    set_w=lambda w: seen_w.append(None if w is None else w.clone()))
+    loss(student, target, teacher, x, c, text, torch.Generator().manual_seed(7))
+    # draws: n, eps, then w ~ U[0.5, 3] per sample
+    g = torch.Generator().manual_seed(7)
+    n = torch.randint(1, N + 1, (1,), generator=g).repeat(B)
+    eps = torch.randn(SHAPE, generator=g)
+    w = 0.5 + 2.5 * torch.rand(B, generator=g)
+    assert len(seen_w) == 2 and torch.equal(seen_w[0], w) and seen_w[1] is None  # w set for student and theta^-, then cleared
+    t = n * (T // N) - 1
+    s = (t - T // N).clamp(min=0)
+    alpha_t, sigma_t = reference_alpha_sigma(t)
+    alpha_s, sigma_s = reference_alpha_sigma(s)
+    z_t = alpha_t * x + sigma_t * eps
+    # both branches in one call: the caption, then the empty text; the condition image goes to both
+    (z_both, t_both, c_both, text_both), = teacher.calls
+    torch.testing.assert_close(z_both, torch.cat([z_t, z_t]))
+    assert torch.equal(t_both, torch.cat([t, t])) and torch.equal(c_both, torch.cat([c, c]))
+    assert torch.equal(text_both, torch.cat([text, empty.expand(B, -1, -1)]))
+    # by hand: (1 + w) f(text) - w f("") with f(text) = (1 + m) z_t, f("") = z_t for x; (2 - m) z_t and 2 z_t for eps
+    m = text.abs().mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+    ww = w.reshape(-1, 1, 1, 1)
+    x_w = (1 + ww) * (1 + m) * z_t - ww * z_t
+    eps_w = (1 + ww) * (2 - m) * z_t - ww * 2 * z_t
+    expected = alpha_s * x_w + sigma_s * (eps if predictor == "prev" else eps_w)
+    torch.testing.assert_close(target.calls[0][0], expected)
+    # the loss is still eq. 11 on the student, the target and the data
+    terms = loss(Recorder(1), Recorder(2), TextTeacher(), x, c, text, torch.Generator().manual_seed(7))
+    assert set(terms.parts) == {"distillation", "guidance"}
+
+
+def test_guided_codi_needs_its_inputs(schedule):
+    with pytest.raises(ValueError, match="empty_text"):
+        CoDiLoss(schedule, guidance=(0.0, 2.0))
+    with pytest.raises(ValueError, match="not ddim"):
+        CoDiLoss(schedule, guidance=(0.0, 2.0), prev_predictor="ddim", empty_text=torch.zeros(1, 2, 3), set_w=print)

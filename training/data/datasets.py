@@ -193,7 +193,8 @@ class ScenesDataset(IterableDataset):
             edited = scenes.render(edit.spec, self.size, self.supersample)
             return {"condition": _to_tensor(source.image),
                     "target": _to_tensor(edited.image) * 2 - 1,
-                    "text": edit.instruction}
+                    "text": edit.instruction,
+                    "caption": scenes.caption(edit.spec)}  # the edited scene's (cdd-eval's caption agreement)
         text = scenes.caption(spec)
         if self.task == "depth":
             cond = np.repeat(scenes.depth_to_condition(source.depth)[..., None], 3, axis=-1)

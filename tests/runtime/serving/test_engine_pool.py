@@ -478,3 +478,47 @@ def test_keep_edit_serves_as_the_library_sampler_in_both_batching_modes(zoo, tmp
     finally:
         step.stop()
         batch.stop()
+
+
+def test_guidance_is_per_row_and_batches_in_both_modes(zoo, tmp_path):
+    """A controlnet-guided entry serves each request at its own w (the entry's default when none is given), in
+    one adapter pass per step: a request's image is the same alone and batched with requests at other w, in
+    step-level and in per-adapter batching; w changes the image; a w outside the entry's range, or a w for an
+    entry that takes none, is a ValueError naming it."""
+    root, _ = zoo
+    bb = fresh_backbone(root)
+    adapter = perturb(build_adapter("controlnet-guided", bb.unet, bb.vae_scale_factor, guidance=1.5), 0.03, 9)
+    with torch.no_grad():  # a w branch strong enough to see in two steps of a random network
+        adapter.controlnet.time_embedding.cond_proj.weight.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+    save_entry(tmp_path / "gw", adapter, name="gw", task="depth", backbone_fingerprint=bb.fingerprint,
+               condition={"channels": 3, "range": [0, 1], "resolution": RES})
+    common = dict(backbone=root / "backbone", zoo=root / "zoo", max_batch=4, warmup=False)
+    engines = [Engine(ServeSettings(batching=mode, **common)).start() for mode in ("step", "request")]
+    try:
+        for engine in engines:
+            reg = engine.register(tmp_path / "gw")
+            default, w_min, w_max = reg.manifest.guidance
+            assert (default, w_min, w_max) == (1.5, 0.0, 2.0)
+            cond = torch.rand(3, RES, RES, generator=torch.Generator().manual_seed(3))
+
+            def work(w):
+                return engine.prepare(reg, cond, steps=2, sampler="prev", seed=5, prompt="a cube", guidance=w)
+
+            ws = [0.0, 2.0, None, default, 0.5]
+            alone = [engine.run(work(w), timeout=300).rows for w in ws]
+            engine.pause()
+            jobs = [engine.submit(work(w)) for w in ws]
+            engine.resume()
+            together = [j.future.result(timeout=300) for j in jobs]
+            assert max(r.batch_rows for r in together) > 1  # they did share evaluations
+            for a, r in zip(alone, together):
+                assert (a - r.rows).abs().max() < 1e-4
+            assert (alone[0] - alone[1]).abs().max() > 1e-2  # w is read
+            assert torch.equal(alone[2], alone[3])  # no w: the entry's default
+            with pytest.raises(ValueError, match=r"outside adapter 'gw'.s range \[0, 2\]"):
+                work(2.5)
+            with pytest.raises(ValueError, match="takes no guidance"):
+                engine.prepare(engine.pool.get("a"), cond, steps=1, sampler="prev", seed=1, prompt="", guidance=1.0)
+    finally:
+        for engine in engines:
+            engine.stop()
