@@ -107,6 +107,17 @@ class Candidate:
 # Command-line values
 
 
+def parse_guidance(text: str) -> list[float]:
+    """--guidance: one w or a comma-separated list of them."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"--guidance takes numbers separated by commas, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise EvalError(f"--guidance takes finite numbers, got {text!r}")
+    return values
+
+
 def parse_steps(text: str) -> list[int]:
     steps = []
     for item in text.split(","):
@@ -495,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", action="store_true", help="write each entry's rows into its manifest's metrics")
     p.add_argument("--attributes", default="default", help="the scenes-attribute classifier folder for KID-attr, FID-attr "
                    "and caption agreement (default: the shipped one; 'none': skip them)")
-    p.add_argument("--guidance", type=float, default=None, help="serve controlnet-guided (GD) entries at this w instead "
-                   "of their manifest's; their rows are labelled 'METHOD w=W'")
+    p.add_argument("--guidance", default=None, metavar="W[,W...]",
+                   help="sample controlnet-guided entries at each of these w instead of their manifest's; their rows "
+                        "are labelled 'METHOD w=W' (e.g. 0,0.5,1,2,3 for rows over the trained range)")
     p.add_argument("--probes", action="store_true", help="also measure the probe sets (truth, noisy, blurred, other "
                    "scenes) as rows with sampler 'probe'")
     p.add_argument("--text-only", action="store_true", help=f"also sample the backbone with no adapter (the prompt alone) "
@@ -510,6 +522,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.task not in TASKS:
         raise EvalError(f"--task: unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
     steps = parse_steps(args.steps)
+    args.guidance = parse_guidance(args.guidance) if args.guidance is not None else None
     chosen = [check_sampler(s.strip(), "--samplers", args.task) for s in args.samplers.split(",")] if args.samplers else None
     sr = args.task == SUPER_RESOLUTION
     for flag, given in (("--bicubic", args.bicubic), ("--dataset photos", args.dataset == "photos"),
@@ -588,7 +601,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
 
     # 4. One row per (method, sampler, steps), every row from the same conditions and noise.
-    total = (sum(len(c.samplers) for c in candidates) + len(text_only_samplers)) * len(steps)
+    ws = lambda c: len(args.guidance) if args.guidance is not None and c.manifest.kind == "controlnet-guided" else 1
+    total = (sum(len(c.samplers) * ws(c) for c in candidates) + len(text_only_samplers)) * len(steps)
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
           f"{args.num_images} held-out {args.dataset} at {resolution} px on {device}, prompt {prompt}", flush=True)
     rows: list[dict] = []
@@ -633,12 +647,14 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                      {"adapter": None, "name": TEXT_ONLY, "training_method": None, "kind": None, "mode": None})
     for index, c in enumerate(candidates):
         with entry_model(c, backbone, index) as model:
+            entry = {"adapter": str(c.path), "name": c.manifest.name, "training_method": c.manifest.training.get("method"),
+                     "kind": c.manifest.kind, "mode": c.manifest.mode}
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
-                model.adapter.set_default_guidance(float(args.guidance))
-                c.method = f"{c.method} w={args.guidance:g}"
-            sampled_rows(model, c.method, c.samplers, {
-                "adapter": str(c.path), "name": c.manifest.name, "training_method": c.manifest.training.get("method"),
-                "kind": c.manifest.kind, "mode": c.manifest.mode})
+                for w in args.guidance:
+                    model.adapter.set_default_guidance(w)
+                    sampled_rows(model, f"{c.method} w={w:g}", c.samplers, {**entry, "guidance": w})
+            else:
+                sampled_rows(model, c.method, c.samplers, entry)
 
     # 5. Merge (--append), write, record.
     results["notes"] = {m: why for m, why in optional.status.items() if why}

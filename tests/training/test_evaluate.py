@@ -126,15 +126,15 @@ def test_results_schema_outputs_and_null_lpips_fid(first, empty_hub):
 
     md = (out / "results.md").read_text()
     assert ("| method | sampler | steps | KID-attr ↓ | FID-attr ↓ | SWD ↓ | PSNR ↑ | SSIM ↑ | caption ↑ | edges own ↑ "
-            "| edges other | edge match ↑ | LPIPS ↓ | FID ↓ | s/image ↓ |") in md
+            "| edges other | edge match ↑ | obj recall ↑ | obj precision ↑ | floor ↑ | time ↑ | LPIPS ↓ | FID ↓ | s/image ↓ |") in md
     assert "edge match (depth)" in md and "PSNR in" not in md
     assert str(empty_hub / "hub" / "checkpoints" / ev.FID_INCEPTION_FILE) in md and "LPIPS is empty" in md
     assert "[1/4] a prev x1: KID-attr" in stdout and "[4/4] b prev x2" in stdout and "| b | prev | 2 |" in stdout
 
-    assert sorted(p.name for p in out.glob("plot_*.png")) == ["plot_attr_all.png", "plot_depth_edge_corr.png",
-                                                              "plot_depth_edge_match.png", "plot_fid_attr.png",
-                                                              "plot_kid_attr.png", "plot_psnr.png",
-                                                              "plot_seconds_per_image.png", "plot_ssim.png", "plot_swd.png"]
+    assert sorted(p.name for p in out.glob("plot_*.png")) == sorted(
+        ["plot_attr_all.png", "plot_depth_edge_corr.png", "plot_depth_edge_match.png", "plot_fid_attr.png",
+         "plot_kid_attr.png", "plot_psnr.png", "plot_seconds_per_image.png", "plot_ssim.png", "plot_swd.png",
+         "plot_attr_recall.png", "plot_attr_precision.png", "plot_attr_floor.png", "plot_attr_time.png"])
     assert Image.open(out / "plot_psnr.png").format == "PNG"
     grid = Image.open(out / "grid.png")
     assert grid.format == "PNG" and grid.size == ((2 + 5) * 16, 3 * 16)  # condition, probe + 4 rows, truth; 3 examples
@@ -223,9 +223,25 @@ def test_lora_full_and_guided_entries_are_sampled_as_trained(pixel_backbone_dir,
     assert rows["lora", "cm", 1]["mode"] == "lora" and rows["full", "cm", 1]["mode"] == "full"
 
 
+def test_guided_entry_rows_at_each_guidance(pixel_backbone_dir, pixel_backbone, tmp_path, empty_hub):
+    """--guidance W,W: one row per w for a controlnet-guided entry (each sampled at that w), other entries once."""
+    entry(pixel_backbone, tmp_path / "plain", seed=3, sampler="prev")
+    entry(pixel_backbone, tmp_path / "guided", seed=3, sampler="prev", kind="controlnet-guided")
+    rc, _, err = run("--task", "depth", "--backbone", pixel_backbone_dir, "--num-images", 2, "--steps", "1",
+                     "--adapters", f"{tmp_path / 'plain'},{tmp_path / 'guided'}", "--guidance", "0,3",
+                     "--out", tmp_path / "out", "--attributes", "none")
+    assert rc == 0, err
+    rows = rows_by_key(tmp_path / "out")
+    assert {k for k in rows if k[1] != ev.PROBE} == {("plain", "prev", 1), ("guided w=0", "prev", 1),
+                                                     ("guided w=3", "prev", 1)}
+    assert rows["guided w=0", "prev", 1]["guidance"] == 0 and rows["guided w=3", "prev", 1]["guidance"] == 3
+    assert rows["guided w=0", "prev", 1]["psnr"] != rows["guided w=3", "prev", 1]["psnr"]  # w was applied
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
+        (["--guidance", "1,x"], "--guidance takes numbers separated by commas"),
         (["--samplers", "euler"], "unknown sampler 'euler'"),
         (["--steps", "1,0"], "--steps: '0' is not a positive integer"),
         (["--steps", "two"], "--steps: 'two' is not a positive integer"),
@@ -346,6 +362,15 @@ def test_probe_rows_and_a_missing_classifier(tmp_path, zoo, pixel_backbone_dir, 
         if name != "probe: truth":
             assert r["fid_attr"] > truth["fid_attr"] and r["swd"] > truth["swd"], name
     assert ("a", "prev", 1) in rows and sorted(p.name for p in out.glob("plot_*.png"))  # probes are not plotted
+    # caption following, read by the classifier against the captions: the same numbers as attributes.agreement
+    from cdd.training import attributes
+
+    data = ev.held_out("depth", 3, 16)
+    agree = attributes.caption_agreement(attributes.load(classifier), ev.quantise(data["target"]), data["text"])
+    assert truth["attr_recall"] == pytest.approx(agree["objects_recall"])
+    assert truth["attr_precision"] == pytest.approx(agree["objects_precision"])
+    assert (truth["attr_floor"], truth["attr_time"]) == pytest.approx((agree["floor"], agree["time"]))
+    assert all(k in rows["a", "prev", 1] for k in ("attr_recall", "attr_precision", "attr_floor", "attr_time"))
     assert "probe rows" in (out / "results.md").read_text()
 
     rc, _, stderr = run(*common(zoo, pixel_backbone_dir), "--adapters", "a", "--steps", "1", "--out", tmp_path / "none",
@@ -377,7 +402,15 @@ def test_edit_rows_score_the_changed_region_beside_copy_input(tmp_path, pixel_ba
     assert set(cm.EDIT_FIELDS) | {"edit_kinds"} <= set(generated) and "depth_edge_corr" not in generated
     assert sum(v["n"] for v in generated["edit_kinds"].values()) == 3
     md = (out / "results.md").read_text()
-    assert "| caption ↑ | PSNR in ↑ | PSNR out ↑ | LPIPS ↓ |" in md and "'probe: copy input'" in md and "edges own" not in md
+    assert ("| caption ↑ | obj recall ↑ | obj precision ↑ | floor ↑ | time ↑ | PSNR in ↑ | PSNR out ↑ | LPIPS ↓ |" in md
+            and "'probe: copy input'" in md and "edges own" not in md)
+    # per kind, the share of images nearer the target than the unedited input: none for the input itself
+    assert all(v["closer"] == 0 for v in copy["edit_kinds"].values())
+    images = torch.stack([torch.zeros(3, 16, 16), source[1] * 0.5 + truth[1] * 0.5, truth[2]])  # in [0, 1]
+    by_hand = [float(ev.psnr(images[i : i + 1], truth[i : i + 1])) > float(ev.psnr(source[i : i + 1], truth[i : i + 1]))
+               for i in range(3)]
+    kinds = cm.edit_follow(images, source, truth, data["text"])["edit_kinds"]
+    assert sum(v["closer"] * v["n"] for v in kinds.values()) == pytest.approx(sum(by_hand)) and by_hand[2]
     assert "probe copy input: " in stdout and "[1/1] edit prev x1" in stdout
 
 

@@ -231,6 +231,33 @@ def test_a_super_resolution_manifest_may_default_to_ilvr_and_other_tasks_may_not
         AdapterPool(bb, budget_bytes=1 << 30).register(bad)
 
 
+def test_guidance_per_request_for_a_guided_entry(world, tmp_path):
+    """`guidance` reaches a controlnet-guided entry (headers, JSON, GET /v1/tasks' range, the OpenAPI form); no
+    guidance is the entry's default; out of range, not a number, or for an entry that takes none is a 422 naming it."""
+    bb, zoo = world["backbone"], tmp_path / "zoo"
+    adapter = save_adapter(bb, zoo, "depth-g", "depth", "controlnet-guided", 6, steps=2, sampler="prev")
+    save_adapter(bb, zoo, "edit", "edit", "controlnet", 7, steps=1, sampler="prev")
+    app = create_app(ServeSettings(backbone=world["backbone_dir"], zoo=zoo, warmup=False, max_wait_ms=5))
+    with TestClient(app) as c:
+        assert app.state.engine.wait_ready(120)
+        info = next(a for t in c.get("/v1/tasks").json()["tasks"] for a in t["adapters"] if a["name"] == "depth-g")
+        assert info["guidance"] == [1.0, 0.0, 2.0]  # architectures' default w, the training range's defaults
+        assert "guidance" in str(c.get("/openapi.json").json()["components"])
+        default, one, two = (post(c, "depth", png(8, 8), seed=3, prompt="a red cube", **g)
+                             for g in ({}, {"guidance": 1}, {"guidance": 2}))
+        assert default.status_code == one.status_code == two.status_code == 200
+        assert default.headers["x-cdd-guidance"] == "1" and two.headers["x-cdd-guidance"] == "2"
+        assert default.content == one.content
+        j = c.post("/v1/tasks/depth", files={"image": ("in.png", png(8, 8), "image/png")},
+                   data={"guidance": "0.5", "seed": "3"}, headers={"accept": "application/json"}).json()
+        assert j["guidance"] == 0.5
+        assert "range [0, 2]" in error(post(c, "depth", png(8, 8), guidance=2.5), 422, "invalid_parameter")
+        error(post(c, "depth", png(8, 8), guidance="lots"), 422, "invalid_parameter")
+        assert "takes no guidance" in error(post(c, "edit", png(8, 8), prompt="make it red", guidance=1), 422,
+                                            "invalid_parameter")
+    assert adapter.exists()
+
+
 def test_same_request_same_seed_same_bytes_and_random_seed_is_returned(client):
     r1 = post(client, "super-resolution", png(6, 6, seed=3))
     seed = int(r1.headers["x-cdd-seed"])
