@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("adapters", "runtime", "training", "docs", "benchmarks", "deploy", "tests")
+FOLDERS = ("adapters", "runtime", "training", "docs", "benchmarks", "experiments", "deploy", "tests")
 SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".sh", ".html", ".txt", ".cfg"}
 OUTSIDE = re.compile(r"design\.md|design card|\bseeds? 0\d\d\b", re.IGNORECASE)
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
+# Experiment script. Produced the latent zoo's runs, Table 1 (docs/results/super-resolution) and the tables
+# under docs/results/zoo-v2 (docs/results.md, docs/history.md); `zoo` installs adapters/embedded/zoo.
 # Rebuild the default zoo on the latent backbone (issue 16): the teachers, the CoDi students, the baselines
 # distilled from the same teacher at the same budget, Table 1 over three noise seeds, and the zoo itself.
 #
-#     bash benchmarks/zoo_v2.sh [train [RUN...]|eval|zoo|all]     (default all)
+#     bash experiments/zoo_v2.sh [train [RUN...]|eval|zoo|all]     (default all)
 #
 # `train sr-finetune depth-finetune` runs only those (two streams can share a machine); the run names are
 # in ALL_RUNS below.
@@ -23,7 +25,7 @@
 #
 # The super-resolution adapters train on scenes and the backbone's photo patches (held-out photos never
 # seen), with the mild-64px degradation and the prompt dropped half of the time, and are measured as a user
-# sends the request: no prompt. Long on a CPU: the budgets above are sized for a GPU or several sessions.
+# sends the request: no prompt. Long on a CPU: the budgets above are sized for a GPU or many hours of CPU.
 set -euo pipefail
 
 BACKBONE=${BACKBONE:-adapters/embedded/backbone}
@@ -200,7 +202,7 @@ eval_all() {
     wanted "$table" || continue
     dirs=()
     for s in $SEEDS; do dirs+=("$out/$table/seed$s"); done
-    python benchmarks/seed_table.py "${dirs[@]}" --metrics "${metrics[$table]}" --out "$out/$table/seeds.md"
+    python experiments/seed_table.py "${dirs[@]}" --metrics "${metrics[$table]}" --out "$out/$table/seeds.md"
   done
 }
 
@@ -211,7 +213,7 @@ eval_all() {
 build_zoo() {
   local out="$RUNS/results" s0
   s0=$(echo "$SEEDS" | awk '{print $1}')
-  python benchmarks/build_default_zoo.py --zoo "${ZOO:-$RUNS/zoo}" \
+  python experiments/build_default_zoo.py --zoo "${ZOO:-$RUNS/zoo}" \
     --entry "super-resolution=$RUNS/sr-codi/entry" \
     --entry "super-resolution-controlnet-lora=$RUNS/sr-controlnet-lora-codi/entry" \
     --entry "super-resolution-t2i=$RUNS/sr-t2i-codi/entry" \
@@ -228,5 +230,5 @@ case "${1:-all}" in
   eval) eval_all ;;
   zoo) build_zoo ;;
   all) train_all; eval_all; build_zoo ;;
-  *) echo "usage: bash benchmarks/zoo_v2.sh [train [RUN...]|eval|zoo|all]" >&2; exit 2 ;;
+  *) echo "usage: bash experiments/zoo_v2.sh [train [RUN...]|eval|zoo|all]" >&2; exit 2 ;;
 esac

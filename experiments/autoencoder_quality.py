@@ -1,3 +1,4 @@
+# Experiment script. Produced the autoencoder's reconstruction numbers (PSNR, SWD) and sheets of docs/backbone.md, under docs/backbone-latent/.
 """Reconstruction quality of an AutoencoderKL (the latent backbone's first stage) on held-out data.
 
 PSNR (dB, mean over images) and the sliced Wasserstein distance (x 1e3, Laplacian-pyramid patches)
@@ -5,7 +6,7 @@ between the reconstructions (encode to the latent mean, decode) and the original
 scenes and on N patches of the held-out photographs (training/data/photos.py HELD_OUT), plus a PNG
 of originals (odd rows) above their reconstructions (even rows).
 
-    python benchmarks/autoencoder_quality.py --vae runs/autoencoder/vae [--n 256] [--out docs/backbone-latent]
+    python experiments/autoencoder_quality.py --vae runs/autoencoder/vae [--n 256] [--out docs/backbone-latent]
 """
 
 from __future__ import annotations

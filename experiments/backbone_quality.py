@@ -1,3 +1,4 @@
+# Experiment script. Produced the backbone quality tables and contact sheets of docs/backbone.md (docs/backbone/, docs/backbone-latent/).
 """Quality of a text-to-image backbone on the scenes world.
 
 1. A contact sheet: 8 fixed captions x 8 seeds, 50 DDIM steps (rows = captions).
@@ -14,7 +15,7 @@
 With --guidance W > 1 the samples use classifier-free guidance (the backbone is trained with 10%
 of its captions dropped); the default 1 is the plain conditional model.
 
-    python benchmarks/backbone_quality.py [--backbone DIR] [--n 512] [--steps 50] [--guidance 1] [--out docs/backbone]
+    python experiments/backbone_quality.py [--backbone DIR] [--n 512] [--steps 50] [--guidance 1] [--out docs/backbone]
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
+# Experiment script. Produced docs/images/degradations_64px.png, the degradation presets' contact sheet in docs/data.md.
 """A contact sheet of the super-resolution degradation presets at 64 -> 16 px.
 
-    python benchmarks/degradation_sheet.py --out docs/images/degradations_64px.png [--scenes 8] [--photos 4]
+    python experiments/degradation_sheet.py --out docs/images/degradations_64px.png [--scenes 8] [--photos 4]
 
 One tile per image: HR (64 px) | the published `realesrgan` preset's LR | the `mild-64px` preset's LR, each
 LR image (16 px) enlarged x4 with nearest neighbours so its pixels stay visible. Scenes are the

@@ -1,6 +1,7 @@
+# Experiment script. Produced docs/images/serve_default_zoo.png, the default zoo through cdd-serve (docs/results.md).
 """A contact sheet of what `cdd-serve` with no settings answers, one request per task, through its HTTP API.
 
-    python benchmarks/serve_default_zoo_sheet.py --out docs/images/serve_default_zoo.png [--scenes 3]
+    python experiments/serve_default_zoo_sheet.py --out docs/images/serve_default_zoo.png [--scenes 3]
 
 The app is the real one (`create_app` with no settings: the embedded backbone and zoo), driven in-process
 by FastAPI's TestClient. Per scene (one row): the SR input (degraded to 16 px with --degradation,

@@ -1,4 +1,4 @@
-"""benchmarks/seed_table.py: the mean and spread over noise-seed runs, and the share of a gap each row closes."""
+"""experiments/seed_table.py: the mean and spread over noise-seed runs, and the share of a gap each row closes."""
 
 import importlib.util
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "seed_table.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "seed_table.py"
 spec = importlib.util.spec_from_file_location("seed_table", SCRIPT)
 seed_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(seed_table)

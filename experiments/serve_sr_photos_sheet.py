@@ -1,6 +1,7 @@
+# Experiment script. Produced docs/images/serve_sr_photos_default_zoo.png, held-out photographs through cdd-serve (docs/results.md).
 """What `cdd-serve` answers for super-resolution of held-out photographs, through its HTTP API.
 
-    python benchmarks/serve_sr_photos_sheet.py [--backbone adapters/embedded/backbone] \
+    python experiments/serve_sr_photos_sheet.py [--backbone adapters/embedded/backbone] \
         [--zoo adapters/embedded/zoo] --out docs/images/serve_sr_photos.png [--patches 6] [--samplers prev,prev+ilvr]
 
 The app is the real one (`create_app` with the given backbone and zoo), driven in-process by FastAPI's
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from serve_default_zoo_sheet import png, save_sheet, u8  # the sibling script (benchmarks/ is sys.path[0])
+from serve_default_zoo_sheet import png, save_sheet, u8  # the sibling script (experiments/ is sys.path[0])
 
 from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir
 from cdd.runtime.serving.app import create_app

@@ -1,8 +1,9 @@
+# Experiment script. Produced every seeds.md (mean and spread over noise seeds) under docs/results/, e.g. Table 1's docs/results/super-resolution/seeds.md.
 """One table from several cdd-eval runs that differ only in their noise seed (--seed): for each row
 (method, sampler, steps) the mean of every metric over the runs and its spread (max - min), so that a
 difference between rows can be read against the noise-seed spread.
 
-    python benchmarks/seed_table.py docs/results/super-resolution-n64-codi-3000-fixed/seed{0,1000,2000} \
+    python experiments/seed_table.py docs/results/super-resolution-n64-codi-3000-fixed/seed{0,1000,2000} \
         [--metrics kid_attr,fid_attr,swd,psnr,ssim,attr_all] [--out table.md] \
         [--gap finetune/ddim/4:finetune/ddim/50 --gap-metrics kid_attr,swd] [--plot kid_attr.png --plot-metric kid_attr]
 

@@ -1,6 +1,7 @@
+# Experiment script. Produced the noise-removed tables of docs/history.md (what a CoDi student removes against its teacher's ODE end).
 """The fraction of the noise removed (cdd.training.codi.noise_removed) by zoo entries, at t = 19, 99, 249.
 
-    python benchmarks/noise_removed.py ENTRY [ENTRY ...] [--num-images 16] [--ode-steps 50]
+    python experiments/noise_removed.py ENTRY [ENTRY ...] [--num-images 16] [--ode-steps 50]
 
 On the first N super-resolution samples of cdd-eval's held-out stream, with noise from
 torch.Generator().manual_seed(0): 1 = x_hat holds none of the added noise, 0 = all of it.

@@ -1,3 +1,4 @@
+# Experiment script. Produced docs/results/zoo-v2/edit-composite and edit-composite-keep (docs/history.md, the edit entries).
 """Can an edit keep its source's pixels where it changes nothing? The served edit entry's output composited with
 its source under masks of decreasing knowledge, per instruction kind, against copying the source unchanged.
 
@@ -26,7 +27,7 @@ The mask settings were chosen on --data-seed 7 (a tuning stream) and are then me
 (--data-seed 20261125, cdd-eval's). One noise seed per run (--seed). Writes a JSON table and a contact sheet of the
 colour and removal edits: source | target | raw | keep | vs-empty composite | its mask | the true region.
 
-    OMP_NUM_THREADS=1 python benchmarks/edit_composite.py --data-seed 20261125 --out docs/results/zoo-v2/edit-composite
+    OMP_NUM_THREADS=1 python experiments/edit_composite.py --data-seed 20261125 --out docs/results/zoo-v2/edit-composite
 """
 
 from __future__ import annotations

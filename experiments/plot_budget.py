@@ -1,6 +1,7 @@
+# Experiment script. Produced the SWD-against-training-budget plot of the pixel backbone's history (docs/history.md).
 """Plot a metric against training budget from cdd-eval results (one sampling step count, several runs).
 
-    python benchmarks/plot_budget.py --results docs/results/super-resolution/results.json --steps 1,2,4 \
+    python experiments/plot_budget.py --results docs/results/super-resolution/results.json --steps 1,2,4 \
         --series "codi-ft=0:finetune/prev,400:codi-ft,1000:codi-ft-1000" \
         --reference finetune/ddim/4 --reference finetune/ddim/50 --out docs/results/super-resolution/budget_swd.png
 

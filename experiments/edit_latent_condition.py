@@ -1,3 +1,4 @@
+# Experiment script. Produced docs/results/zoo-v2/edit-latent-condition/heldout.txt (docs/history.md, a prototype not kept).
 """Prototype experiment, not a product feature: does the edit adapter redraw the source's objects because its copy
 path is weak? An edit ControlNet whose condition is the source's VAE latent (InstructPix2Pix feeds the source
 latent to its UNet; here at the latent's resolution, through a condition embedding with no downsampling) against
@@ -12,9 +13,9 @@ output convolution at zero as in every ControlNet). Its exported entry is labell
 starts with `latent` as this prototype) on the edit stream DATA_SEED and prints PSNR (whole, inside / outside the
 changed region, per kind) and SWD, beside copying the source.
 
-    python benchmarks/edit_latent_condition.py train --task edit --method finetune --caption-dropout 0.1 \\
+    python experiments/edit_latent_condition.py train --task edit --method finetune --caption-dropout 0.1 \\
       --init-from runs/zoo-v2/sr-finetune/entry --max-train-steps 3000 --lr 3e-4 --output runs/edit-finetune-latent
-    python benchmarks/edit_latent_condition.py eval 7 64 0 control=runs/zoo-v2/edit-finetune-sr/entry \\
+    python experiments/edit_latent_condition.py eval 7 64 0 control=runs/zoo-v2/edit-finetune-sr/entry \\
       latent=runs/edit-finetune-latent/entry
 """
 

@@ -1,6 +1,7 @@
+# Experiment script. Produced the chosen-row sample grids, e.g. docs/results/super-resolution/grid_4_steps.png (docs/results.md, Table 1).
 """A sample grid of chosen rows of a cdd-eval results folder (its grid.png holds every row, which gets wide).
 
-    python benchmarks/results_grid.py docs/results/super-resolution --name grid_4_steps.png \
+    python experiments/results_grid.py docs/results/super-resolution --name grid_4_steps.png \
         --rows codi/prev/4,finetune/ddim/4,finetune/ddim/200,cm/cm/4,gd/gd/4
 
 Columns: condition, the rows in the order given, ground truth; the images are the ones cdd-eval saved.

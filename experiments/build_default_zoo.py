@@ -1,6 +1,7 @@
+# Experiment script. Produced the embedded default zoo, adapters/embedded/zoo (each manifest with its cdd-eval rows and served default).
 """Build the embedded default zoo (adapters/embedded/zoo) from trained runs and their cdd-eval results.
 
-    python benchmarks/build_default_zoo.py --entry super-resolution=runs/sr-controlnet-codi/entry \
+    python experiments/build_default_zoo.py --entry super-resolution=runs/sr-controlnet-codi/entry \
         --entry depth=runs/depth-controlnet-codi-z/entry ... \
         --results docs/results/super-resolution/results.json --results docs/results/depth/results.json ...
 
