@@ -80,7 +80,7 @@ run_one() {
       --output "$RUNS/$1" ;;
     edit-codi-sr) train --task edit --method codi --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" --ema 0.99 \
         --max-train-steps "$STUDENT_STEPS" $C --output "$RUNS/$1" ;;
-    # the edit teacher four times as long (session 10): the transfer teacher continued for 3 x TEACHER_STEPS more,
+    # the edit teacher four times as long (12k steps, badb535): the transfer teacher continued for 3 x TEACHER_STEPS more,
     # plainly (-long) or with the loss weighted toward the region each edit changes (-long-w: an object's colour or
     # a removal changes 7-8% of the picture, so the plain loss hardly asks for it), and their CoDi students
     edit-finetune-sr-long) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" \
@@ -89,13 +89,13 @@ run_one() {
         --changed-weight 9 --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
     edit-finetune-sr-long-w3) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr/entry" \
         --changed-weight 3 --max-train-steps $(( 3 * TEACHER_STEPS )) $C --output "$RUNS/$1" ;;
-    # the plain teacher continued for 16k more steps (session 11: 28k in all, 2.3 times the 12k), for the slope of
+    # the plain teacher continued for 16k more steps (28k in all, 2.3 times the 12k; 262a6cd), for the slope of
     # the per-kind PSNR against budget, and its student (the run was started for 24k and stopped at 16k for time)
     edit-finetune-sr-xl) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr-long/entry" \
         --max-train-steps $(( 16 * TEACHER_STEPS / 3 )) $C --output "$RUNS/$1" ;;
-    # ... continued again (session 11: stopped for time at a checkpoint, 11,500 steps, exported with
-    # --max-train-steps at that step; session 12 continued it with --resume to XXL_STEPS=23500), and its student.
-    # EDIT_TEACHER picks the teacher a student starts from (session 12 also distilled the 11,500-step export, kept
+    # ... continued again (stopped for time at a checkpoint, 11,500 steps, exported with --max-train-steps at that
+    # step; then continued with --resume to XXL_STEPS=23500, 3e97efa), and its student.
+    # EDIT_TEACHER picks the teacher a student starts from (the 11,500-step export was distilled too, kept
     # as edit-finetune-sr-xxl-39k, into edit-codi-sr-xxl-39k)
     edit-finetune-sr-xxl) train --task edit --method finetune --caption-dropout 0.1 --init-from "$RUNS/edit-finetune-sr-xl/entry" \
         --max-train-steps "${XXL_STEPS:-$(( 16 * TEACHER_STEPS / 3 ))}" $C --output "$RUNS/$1" ;;
@@ -183,8 +183,8 @@ eval_all() {
       wanted "$task" || continue
       local student o="$out/$task/seed$s" D=(--task "$task" --backbone "$BACKBONE" --num-images "$N_IMAGES" --batch-size 32 --seed "$s")
       teacher=$RUNS/$task-finetune/entry student=$RUNS/$task-codi/entry
-      if [[ $task == edit ]]; then  # the served edit entry: the teacher from the SR teacher (session 9), four times
-        teacher=$RUNS/edit-finetune-sr-long/entry student=$RUNS/edit-codi-sr-long/entry  # as long (session 10)
+      if [[ $task == edit ]]; then  # the edit entry of badb535: the teacher from the SR teacher, four times
+        teacher=$RUNS/edit-finetune-sr-long/entry student=$RUNS/edit-codi-sr-long/entry  # as long
       fi
       if [[ $task == depth ]]; then
         teacher=$RUNS/depth-finetune-2/entry
