@@ -1,9 +1,10 @@
 # Experiment script. Produced the embedded default zoo, adapters/embedded/zoo (each manifest with its cdd-eval rows and served default).
 """Build the embedded default zoo (adapters/embedded/zoo) from trained runs and their cdd-eval results.
 
-    python experiments/build_default_zoo.py --entry super-resolution=runs/sr-controlnet-codi/entry \
-        --entry depth=runs/depth-controlnet-codi-z/entry ... \
-        --results docs/results/super-resolution/results.json --results docs/results/depth/results.json ...
+    python experiments/build_default_zoo.py --entry super-resolution=runs/zoo-v2/sr-codi/entry \
+        --entry depth=runs/zoo-v2/depth-codi/entry ... \
+        --results runs/zoo-v2/results/super-resolution-scenes/seed0/results.json \
+        --results runs/zoo-v2/results/depth/seed0/results.json ...
 
 For each NAME=ENTRY: the rows that cdd-eval measured for that entry (matched by its folder) become the
 manifest's `metrics["cdd-eval"]` (rows of a second held-out set, e.g. super-resolution's photographs, under

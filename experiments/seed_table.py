@@ -3,7 +3,7 @@
 (method, sampler, steps) the mean of every metric over the runs and its spread (max - min), so that a
 difference between rows can be read against the noise-seed spread.
 
-    python experiments/seed_table.py docs/results/super-resolution-n64-codi-3000-fixed/seed{0,1000,2000} \
+    python experiments/seed_table.py docs/results/super-resolution docs/results/super-resolution/seed{1000,2000} \
         [--metrics kid_attr,fid_attr,swd,psnr,ssim,attr_all] [--out table.md] \
         [--gap finetune/ddim/4:finetune/ddim/50 --gap-metrics kid_attr,swd] [--plot kid_attr.png --plot-metric kid_attr]
 
