@@ -95,7 +95,7 @@ def test_resume_latest_of_a_distillation_run_finds_its_checkpoint(method, adapte
 
 
 def test_resume_of_a_gd_run_with_no_checkpoint_yet_starts_fresh_as_controlnet_guided(tmp_path, monkeypatch, capsys):
-    """Scripts pass --resume to every run (benchmarks/zoo_v2.sh): a first GD run must still get GD's adapter."""
+    """Scripts pass --resume to every run (experiments/zoo_v2.sh): a first GD run must still get GD's adapter."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher").mkdir()
     config = _dry(["--task", "depth", "--method", "gd", "--init-from", "teacher", "--resume"], capsys)
