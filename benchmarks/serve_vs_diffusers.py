@@ -95,9 +95,10 @@ def diffusers_images(pipe, conds: torch.Tensor, seeds: list[int], idx: list[int]
     return (out * 255).round().astype("uint8")
 
 
-def start_engine(bb, zoo: Path, device: str, dtype: str, max_batch: int, queue_size: int = 64, **settings) -> Engine:
+def start_engine(bb, zoo: Path, device: str, dtype: str, max_batch: int, queue_size: int = 64, max_wait_ms: float = 2,
+                 **settings) -> Engine:
     """Our engine on the in-memory backbone `bb` serving `zoo`, warmed up (CUDA graphs captured on a GPU)."""
-    s = ServeSettings(zoo=zoo, device=device, dtype=dtype, max_batch=max_batch, max_wait_ms=2,
+    s = ServeSettings(zoo=zoo, device=device, dtype=dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
                       queue_size=max(64, queue_size), **settings)
     e = Engine(s, backbone=bb).start()
     if not e.wait_ready(600) or e.warmup_error:
