@@ -206,6 +206,7 @@ class Run:
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": dry_run,
                         "limit_s": limit_s, "shapes": asdict(shapes), "device": {}, "parts": {}}
         self.current: str | None = None
+        self.child: subprocess.Popen | None = None  # the tests part's pytest, killed with a cut run
         self._lock = threading.Lock()
         self._world = None
 
@@ -234,15 +235,21 @@ class Run:
 
     def cut(self) -> None:
         """The watchdog: the run is past its limit. Mark the running part cut, write the summary, exit 124."""
-        part = self.current
+        part, limit = self.current, self.summary["limit_s"]
+        if self.child is not None:
+            self.child.kill()
         if part is not None:
-            self.summary["parts"].setdefault(part, {})["status"] = "cut"
-            self.summary["parts"][part].setdefault("notes", []).append(
-                f"cut at the run's limit of {self.summary['limit_s']:.0f} s")
-        log.error(f"the run reached its limit of {self.summary['limit_s']:.0f} s; cut during part {part}")
+            self.summary["parts"][part].update(status="cut")
+            self.summary["parts"][part]["notes"].append(f"cut at the run's limit of {limit:.0f} s")
+        for name in PARTS:
+            if name not in self.summary["parts"]:
+                self.summary["parts"][name] = {"status": "skipped", "budget_s": self.shapes.budgets[name],
+                                               "notes": [f"not reached: the run was cut at its limit of {limit:.0f} s"]}
+        log.error(f"the run reached its limit of {limit:.0f} s; cut {f'during part {part}' if part else 'between parts'}")
         self.write()
-        logging.shutdown()
-        os._exit(124)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os._exit(124)  # a part may be inside a device call that cannot be interrupted: exit the process
 
 
 @dataclass
@@ -305,12 +312,17 @@ def part_tests(run: Run) -> dict:
             with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
                 rc = int(pytest.main([f"--rootdir={REPO}", *options, *[str(REPO / f) for f in files]]))
         else:
+            run.child = subprocess.Popen([sys.executable, "-m", "pytest", *options, *files], cwd=REPO, stdout=f,
+                                         stderr=subprocess.STDOUT)
             try:
-                rc = subprocess.run([sys.executable, "-m", "pytest", *options, *files], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                    timeout=timeout).returncode
+                rc = run.child.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                run.child.kill()
+                run.child.wait()
                 notes.append(f"pytest stopped at the part's budget ({timeout:.0f} s)")
                 return {"status": "partial", "notes": notes, "figures": junit(xml_path)}
+            finally:
+                run.child = None
     figures = junit(xml_path)
     figures["exit_code"] = rc
     if not torch.cuda.is_available():
@@ -538,7 +550,7 @@ def part_train(run: Run) -> dict:
 
     w, s, device, notes = run.world(), run.shapes, run.device, []
     bb = w.bb  # frozen, already in the run's dtype (the loop casts the frozen backbone to the mixed precision)
-    autocast = device.type == "cuda" and bb.dtype != torch.float32
+    autocast = bb.dtype != torch.float32  # the loop: bf16 autocast over the frozen bf16 backbone
     h = bb.resolution // bb.vae_scale_factor
     g = torch.Generator().manual_seed(0)
     x = torch.randn(s.train_batch, bb.model_channels, h, h, generator=g).to(device)  # model space (the loop: float32)
@@ -619,7 +631,7 @@ def markdown(summary: dict) -> str:
     out = [f"# GPU check, {summary['date']}{' (dry run)' if summary['dry_run'] else ''}\n",
            f"`{summary['command']}`: {d.get('name', '?')}, torch {d.get('torch', '?')}, {summary['shapes']['backbone']} "
            f"backbone, {summary['shapes']['dtype']}; matmul peak {fmt(d.get('matmul_peak', {}).get('tflops'))} TFLOP/s; "
-           f"wall {fmt(summary.get('wall_s'))} s of {fmt(summary['limit_s'])}\n",
+           f"wall {fmt(summary.get('wall_s'))} s of {fmt(summary['limit_s'])}\n\n",
            table(["part", "status", "seconds", "budget s", "notes"],
                  [[name, p.get("status"), p.get("seconds"), p.get("budget_s"),
                   "; ".join(p.get("notes", []) + ([p["error"]] if p.get("error") else []))]

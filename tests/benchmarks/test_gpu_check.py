@@ -94,6 +94,27 @@ def test_budget_skips_with_a_note_and_parts_are_checked(tmp_path):
         gpu_check.main(["--dry-run", "--out", str(tmp_path), "--parts", "serve,nope"])
 
 
+def test_a_run_cut_at_its_limit_keeps_what_it_measured(tmp_path, monkeypatch):
+    gpu_check = _module()
+    run = gpu_check.Run(tmp_path, gpu_check.DRY, limit_s=60, dry_run=True)
+    run.summary["parts"]["tests"] = {"status": "ok", "budget_s": 60, "notes": [], "figures": {"tests": 3}}
+    run.summary["parts"]["serve"] = {"status": "skipped", "budget_s": 30, "notes": []}
+    run.current = "serve"
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(gpu_check.os, "_exit", exit_)
+    with pytest.raises(SystemExit) as stop:
+        run.cut()
+    assert stop.value.code == 124
+    parts = json.loads((tmp_path / "summary.json").read_text())["parts"]
+    assert parts["tests"] == {"status": "ok", "budget_s": 60, "notes": [], "figures": {"tests": 3}}
+    assert parts["serve"]["status"] == "cut" and "cut at the run's limit of 60 s" in parts["serve"]["notes"]
+    assert [parts[p]["status"] for p in ("mixed", "swap", "train")] == ["skipped"] * 3
+    assert "not reached" in parts["train"]["notes"][0]
+
+
 @pytest.mark.slow
 def test_full_backbone_has_sd15_shapes_and_flops():
     gpu_check = _module()
