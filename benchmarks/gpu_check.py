@@ -46,6 +46,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -775,6 +776,8 @@ def check(args, parts: list[str], shapes: Shapes, out: Path) -> int:
             torch.cuda.empty_cache()
         run.write()
     watchdog.cancel()
+    if run._world is not None:
+        shutil.rmtree(run._world.folder, ignore_errors=True)  # the zoo and the exported ControlNet (GBs at SD-1.5)
     run.write()
     print("\n" + (out / "summary.md").read_text(), flush=True)
     return 1 if any(r["status"] in ("failed", "cut") for r in run.summary["parts"].values()) else 0
