@@ -50,6 +50,73 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_on(device: torch.device, fn, *a) -> tuple[float, object]:
+    """(seconds, fn(*a)), the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn(*a)
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def add_entry(bb, zoo: Path, name: str, steps: int, seed: int = 0) -> Path:
+    """A random ControlNet zoo entry `zoo/name` for `bb` (zero convolutions perturbed too, so it changes the
+    output), condition RGB [0, 1] at the backbone's resolution, served with `steps` DDIM steps."""
+    adapter = build_adapter("controlnet", bb.unet, bb.vae_scale_factor)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in adapter.parameters():
+            prm.add_((torch.randn(prm.shape, generator=g) * 0.02).to(prm.device, prm.dtype))
+    save_entry(zoo / name, adapter, name=name, task="depth", backbone_fingerprint=bb.fingerprint,
+               condition={"channels": 3, "range": [0, 1], "resolution": bb.resolution}, sampler="ddim", steps=steps)
+    return zoo / name
+
+
+def diffusers_pipeline(bb, entry: Path, folder: Path, device: torch.device, dtype: torch.dtype):
+    """diffusers' StableDiffusionControlNetPipeline on `bb`'s modules and `entry`'s ControlNet, exported as a
+    diffusers folder under `folder` and loaded back (the path a user of the zoo's export takes)."""
+    export_entry(load_entry(entry, bb.unet, bb.fingerprint), folder)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, unet=bb.unet,
+        controlnet=ControlNetModel.from_pretrained(folder, torch_dtype=dtype).to(device),
+        scheduler=DDIMScheduler.from_config(bb.scheduler_config, timestep_spacing="trailing"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_images(pipe, conds: torch.Tensor, seeds: list[int], idx: list[int], steps: int) -> np.ndarray:
+    """One pipeline call for the requests `idx` (a list of prompts and generators): uint8 [len(idx), H, W, 3]."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    out = pipe([PROMPT] * len(idx), image=conds[idx].to(device, dtype), num_inference_steps=steps,
+               guidance_scale=1.0, generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in idx],
+               output_type="np").images
+    return (out * 255).round().astype("uint8")
+
+
+def start_engine(bb, zoo: Path, device: str, dtype: str, max_batch: int, queue_size: int = 64, max_wait_ms: float = 2,
+                 **settings) -> Engine:
+    """Our engine on the in-memory backbone `bb` serving `zoo`, warmed up (CUDA graphs captured on a GPU)."""
+    s = ServeSettings(zoo=zoo, device=device, dtype=dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                      queue_size=max(64, queue_size), **settings)
+    e = Engine(s, backbone=bb).start()
+    if not e.wait_ready(600) or e.warmup_error:
+        raise RuntimeError(f"engine warm-up failed: {e.warmup_error}")
+    return e
+
+
+def submit_together(e: Engine, name: str, conds: torch.Tensor, seeds: list[int], idx: list[int],
+                    steps: int) -> list[np.ndarray]:
+    """The requests `idx` arrive together: admit them all, then let the scheduler batch them. uint8 images."""
+    reg = e.pool.get(name)
+    e.pause()
+    jobs = [e.submit(e.prepare(reg, conds[i], steps=steps, sampler="ddim", seed=seeds[i], prompt=PROMPT))
+            for i in idx]
+    e.resume()
+    return [to_uint8(j.future.result().rows)[0] for j in jobs]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", help="a diffusers backbone folder (default: a random latent backbone, see --resolution)")
@@ -74,55 +141,23 @@ def main() -> None:
                            text_hidden=64, seed=0).to(device, dtype)
     res = bb.resolution
     tmp = Path(tempfile.mkdtemp(prefix="cdd-bench-"))
-    adapter = build_adapter("controlnet", bb.unet, bb.vae_scale_factor)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for prm in adapter.parameters():
-            prm.add_((torch.randn(prm.shape, generator=g) * 0.02).to(prm.device, prm.dtype))
-    save_entry(tmp / "zoo" / "depth", adapter, name="depth", task="depth", backbone_fingerprint=bb.fingerprint,
-               condition={"channels": 3, "range": [0, 1], "resolution": res}, sampler="ddim", steps=args.steps)
-    export_entry(load_entry(tmp / "zoo" / "depth", bb.unet, bb.fingerprint), tmp / "controlnet")
-    del adapter
-
-    pipe = StableDiffusionControlNetPipeline(
-        vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, unet=bb.unet,
-        controlnet=ControlNetModel.from_pretrained(tmp / "controlnet", torch_dtype=dtype).to(device),
-        scheduler=DDIMScheduler.from_config(bb.scheduler_config, timestep_spacing="trailing"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    entry = add_entry(bb, tmp / "zoo", "depth", args.steps)
+    pipe = diffusers_pipeline(bb, entry, tmp / "controlnet", device, dtype)
 
     conds = torch.rand(args.requests, 3, res, res, generator=torch.Generator().manual_seed(1))
     seeds = list(range(args.requests))
 
     def diffusers_batch(idx: list[int]) -> np.ndarray:
-        out = pipe([PROMPT] * len(idx), image=conds[idx].to(device, dtype), num_inference_steps=args.steps,
-                   guidance_scale=1.0, generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in idx],
-                   output_type="np").images
-        return (out * 255).round().astype("uint8")
+        return diffusers_images(pipe, conds, seeds, idx, args.steps)
 
     def engine(max_batch: int) -> Engine:
-        settings = ServeSettings(zoo=tmp / "zoo", device=args.device, dtype=args.dtype, max_batch=max_batch,
-                                 max_wait_ms=2, queue_size=max(64, args.requests))
-        e = Engine(settings, backbone=bb).start()
-        e.wait_ready()
-        return e
+        return start_engine(bb, tmp / "zoo", args.device, args.dtype, max_batch, args.requests)
 
     def ours_submit(e: Engine, idx: list[int]) -> list[np.ndarray]:
-        # the requests arrive together: admit them all, then let the scheduler batch them
-        reg = e.pool.get("depth")
-        e.pause()
-        jobs = [e.submit(e.prepare(reg, conds[i], steps=args.steps, sampler="ddim", seed=seeds[i], prompt=PROMPT))
-                for i in idx]
-        e.resume()
-        return [to_uint8(j.future.result().rows)[0] for j in jobs]
+        return submit_together(e, "depth", conds, seeds, idx, args.steps)
 
     def timed(fn, *a) -> tuple[float, object]:
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn(*a)
-        sync(device)
-        return time.perf_counter() - t0, out
+        return timed_on(device, fn, *a)
 
     print(f"backbone: {'random latent ' + args.channels if not args.backbone else args.backbone}, {res}px, "
           f"UNet {sum(p.numel() for p in bb.unet.parameters()) / 1e6:.1f}M params; device {device} {args.dtype}; "
