@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Guidance-aware CoDi (docs/training.md, docs/results.md "Guidance-aware CoDi"), 2026-12-06: the depth student trained
+# with the guided teacher against plain CoDi at the same budget (both continued 1500 steps from the served depth
+# entry), the edit student against the served edit entry (both 2000 steps from the edit teacher), measured at
+# three noise seeds on the held-out scenes, with the caption and with the empty prompt.
+#
+#     bash experiments/guided_codi.sh [train-depth|train-edit|eval-depth|eval-edit]...
+#
+#   RUNS   where runs and tables go (runs/guided)
+#   SEEDS  noise seeds ("0 1000 2000")
+#   W      the w of the guided rows ("0,0.5,1,2,3")
+set -euo pipefail
+RUNS=${RUNS:-runs/guided}
+SEEDS=${SEEDS:-"0 1000 2000"}
+W=${W:-0,0.5,1,2,3}
+C="--ema 0.99 --lr 3e-4 --batch-size 4 --checkpoint-every 100 --keep-checkpoints 2 --num-workers 1 --sample-every 0 --resume"
+DEPTH="--task depth --method codi --init-from adapters/embedded/zoo/depth --caption-dropout 0.5 --max-train-steps 1500 $C"
+EDIT="--task edit --method codi --caption-dropout 0.1 --max-train-steps 2000 $C"
+for what in "$@"; do
+  case "$what" in
+    train-depth)
+      cdd-train-adapter $DEPTH --adapter controlnet-guided --guidance-min 0 --guidance-max 3 --guidance 1 --output "$RUNS/depth-gcodi"
+      cdd-train-adapter $DEPTH --adapter controlnet --output "$RUNS/depth-codi-ctl" ;;
+    train-edit)  # the control is the served edit entry: plain CoDi, 2000 steps from the same teacher
+      cdd-train-adapter $EDIT --adapter controlnet-guided --init-from docs/results/zoo-v2/entries/edit-teacher-xxl \
+        --guidance-min 0 --guidance-max 3 --guidance 1 --output "$RUNS/edit-gcodi" ;;
+    eval-depth|eval-edit)
+      task=${what#eval-}
+      if [[ $task == depth ]]; then
+        A="served=adapters/embedded/zoo/depth,codi-1500=$RUNS/depth-codi-ctl/entry,guided=$RUNS/depth-gcodi/entry"
+      else
+        A="served=adapters/embedded/zoo/edit,guided=$RUNS/edit-gcodi/entry"
+      fi
+      for prompt in caption none; do
+        for s in $SEEDS; do
+          cdd-eval --task "$task" --num-images 64 --batch-size 32 --seed "$s" --prompt "$prompt" --adapters "$A" \
+            --guidance "$W" --steps 1,2,4 --out "$RUNS/eval/$task-$prompt/seed$s"
+        done
+      done ;;
+    *) echo "unknown: $what" >&2; exit 2 ;;
+  esac
+done
