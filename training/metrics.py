@@ -92,8 +92,10 @@ def _swd(a: torch.Tensor, b: torch.Tensor, directions: int, repeats: int, genera
     for _ in range(repeats):
         dirs = torch.randn(a.shape[1], directions, generator=generator, dtype=torch.float64)
         dirs = dirs / dirs.norm(dim=0, keepdim=True)
-        pa = torch.sort(a.double() @ dirs, dim=0).values
-        pb = torch.sort(b.double() @ dirs, dim=0).values
+        # each direction's projections sorted along a contiguous row: the same values as sorting the [N, D]
+        # projections along dim 0, 4x faster on a CPU (a strided sort dominated cdd-eval's time)
+        pa = torch.sort((a.double() @ dirs).T.contiguous(), dim=1).values
+        pb = torch.sort((b.double() @ dirs).T.contiguous(), dim=1).values
         results.append((pa - pb).abs().mean().item())
     return sum(results) / len(results)
 
