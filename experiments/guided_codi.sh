@@ -8,11 +8,13 @@
 #
 #   RUNS   where runs and tables go (runs/guided)
 #   SEEDS  noise seeds ("0 1000 2000")
-#   W      the w of the guided rows ("0,0.5,1,2,3")
+#   W      the w of the guided rows with the caption ("0,1,2,3")
+#   W0     the w of the guided rows with the empty prompt, one noise seed ("1")
 set -euo pipefail
 RUNS=${RUNS:-runs/guided}
 SEEDS=${SEEDS:-"0 1000 2000"}
-W=${W:-0,0.5,1,2,3}
+W=${W:-0,1,2,3}
+W0=${W0:-1}
 C="--ema 0.99 --lr 3e-4 --batch-size 4 --checkpoint-every 100 --keep-checkpoints 2 --num-workers 1 --sample-every 0 --resume"
 DEPTH="--task depth --method codi --init-from adapters/embedded/zoo/depth --caption-dropout 0.5 --max-train-steps 1500 $C"
 EDIT="--task edit --method codi --caption-dropout 0.1 --max-train-steps 2000 $C"
@@ -31,12 +33,12 @@ for what in "$@"; do
       else
         A="served=adapters/embedded/zoo/edit,guided=$RUNS/edit-gcodi/entry"
       fi
-      for prompt in caption none; do
-        for s in $SEEDS; do
-          cdd-eval --task "$task" --num-images 64 --batch-size 32 --seed "$s" --prompt "$prompt" --adapters "$A" \
-            --guidance "$W" --steps 1,2,4 --out "$RUNS/eval/$task-$prompt/seed$s"
-        done
-      done ;;
+      for s in $SEEDS; do
+        cdd-eval --task "$task" --num-images 64 --batch-size 32 --seed "$s" --prompt caption --adapters "$A" \
+          --guidance "$W" --steps 1,2,4 --out "$RUNS/eval/$task-caption/seed$s"
+      done
+      cdd-eval --task "$task" --num-images 64 --batch-size 32 --seed 0 --prompt none --adapters "$A" \
+        --guidance "$W0" --steps 4 --out "$RUNS/eval/$task-none/seed0" ;;
     *) echo "unknown: $what" >&2; exit 2 ;;
   esac
 done
