@@ -248,10 +248,12 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     def check_work(width: int, height: int) -> None:  # on the header: before a pixel is decoded
         rows = task_rows(task, width, height, reg.resolution, scale_factor, settings.sr_tile_overlap)
         if rows * steps > settings.max_work:
+            fewer = f"steps={settings.max_work // rows} or fewer, or " if rows <= settings.max_work else ""
             raise ImageError(
                 413, "too_much_work",
                 f"a {width}x{height} image is {rows} row(s) for {task} at {reg.resolution} px, x {steps} step(s) = "
-                f"{rows * steps} row-steps; the limit per request (max_work) is {settings.max_work}",
+                f"{rows * steps} row-steps; the limit per request (max_work) is {settings.max_work}: send {fewer}"
+                "a smaller image, or raise the limit on the server (cdd-serve --max-work N, or CDD_MAX_WORK=N)",
             )
 
     check_output_size(task, form.width, form.height, settings.max_pixels)
