@@ -639,12 +639,32 @@ def _install_error_handlers(app: FastAPI, known_tasks: Callable[[], dict | None]
         for e in err.errors():
             where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "header", "query", "path"))
             parts.append(f"{where or 'request'}: {e.get('msg')}" + (f" (got {e['input']!r})" if _short(e.get("input")) else ""))
-        return error_response(422, "invalid_parameter", "; ".join(parts))
+        message = "; ".join(parts)
+        if task is not None and any(tuple(e.get("loc", ()))[-1:] == ("image",) for e in err.errors()):
+            message += ". " + await _form_hint(request)
+        return error_response(422, "invalid_parameter", message)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=err)
         return error_response(500, "internal", f"internal error: {type(err).__name__}")
+
+
+TASK_FORM_FIELDS = ("prompt", "steps", "seed", "sampler", "adapter", "width", "height")
+
+
+async def _form_hint(request: Request) -> str:
+    """What POST /v1/tasks/{task} takes, beside what this request sent: for a missing or misnamed image."""
+    expected = (f"{request.url.path} takes a multipart/form-data form with the condition image as a file field "
+                f"named 'image' (optional fields: {', '.join(TASK_FORM_FIELDS)}), e.g. "
+                f"curl -F image=@condition.png {request.url.path}")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        return f"{expected}; this request's body is {kind or 'untyped'}" + (
+            " (a JSON body is not read)" if kind == "application/json" else "")
+    form = await request.form()  # parsed already for the route: this is FastAPI's cached copy
+    fields = [f"{k!r} ({'text' if isinstance(v, str) else 'file'})" for k, v in form.multi_items()]
+    return f"{expected}; this form has " + (", ".join(fields) if fields else "no fields")
 
 
 def _short(value) -> bool:

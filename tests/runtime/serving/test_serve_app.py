@@ -423,6 +423,21 @@ def test_missing_image_is_422(client):
     assert "image" in message
 
 
+@pytest.mark.parametrize("request_kw, sent", [
+    (dict(files={"file": ("in.png", b"x", "image/png")}, data={"seed": "1"}), "this form has 'seed' (text), 'file' (file)"),
+    (dict(json={"image": "aGVsbG8=", "seed": 1}), "body is application/json (a JSON body is not read)"),
+    (dict(data={"image": "in.png"}), "body is application/x-www-form-urlencoded"),
+    (dict(files={"image": (None, "in.png")}), "this form has 'image' (text)"),
+    (dict(), "body is untyped"),
+])
+def test_a_form_without_an_image_file_says_what_the_api_takes(client, request_kw, sent):
+    """A wrong field name, a JSON body, a text field for the file, no body: the 422 says what the route takes
+    and what this request sent."""
+    message = error(client.post("/v1/tasks/depth", **request_kw), 422, "invalid_parameter")
+    assert "multipart/form-data form with the condition image as a file field named 'image'" in message
+    assert "curl -F image=@condition.png /v1/tasks/depth" in message and sent in message, message
+
+
 def test_bad_deadline_header_is_422(client):
     error(post(client, "depth", png(RES, RES), headers={"X-CDD-Deadline-Ms": "-5"}), 422, "invalid_parameter")
 
