@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -36,15 +36,16 @@ from .engine import Engine
 from .imaging import ImageError, decode_image, encode_png
 from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
-from ..diffusion.samplers import split_sampler, step_task
+from ..diffusion.samplers import servable_samplers, split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import SUPER_RESOLUTION, assemble, blank_work, prompt_required, task_rows
+from .tasks import SR_SCALE, SUPER_RESOLUTION, assemble, blank_work, prompt_required, task_rows
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
 MAX_SEED = 2**63 - 2  # `cm` noise uses seed + 1
 MAX_PROMPT = 2000
+MAX_STEPS = 4  # few-step sampling: what the adapters are distilled for
 
 
 # -- response models (the OpenAPI schema at /docs) ------------------------------------------
@@ -70,18 +71,31 @@ class AdapterInfo(BaseModel):
     channels: int
     backbone_lora: bool
     resident: bool
-    manifest: dict[str, Any]
+    manifest: dict[str, Any] | None = Field(None, description="the whole manifest (GET /v1/tasks?detail=true)")
 
 
 class TaskInfo(BaseModel):
     task: str
     default_adapter: str
     prompt_required: bool
+    samplers: list[str] = Field(description="the samplers this task takes")
+    steps: list[int] = Field(description="the step counts a request may ask for")
+    upscale: int | None = Field(None, description="output size / input size (super-resolution), when fixed")
+    takes_width_height: bool = Field(description="whether width and height set the output size")
     adapters: list[AdapterInfo]
+
+
+class Limits(BaseModel):
+    max_pixels: int = Field(description="most pixels a task computes on (super-resolution: its input)")
+    max_decode_pixels: int = Field(description="largest image decoded (depth and edit resize it)")
+    max_work: int = Field(description="most row-steps per request: rows (super-resolution tiles, else 1) x steps")
+    max_upload_mb: float
+    max_prompt: int = Field(description="characters")
 
 
 class TasksResponse(BaseModel):
     tasks: list[TaskInfo]
+    limits: Limits
 
 
 class Timings(BaseModel):
@@ -163,7 +177,7 @@ class TaskForm:
 def task_form(
     image: UploadFile = File(..., description="the condition image (PNG, JPEG, WebP, BMP, GIF, TIFF)"),
     prompt: str | None = Form(None, max_length=MAX_PROMPT, description="text; for edit the instruction (required)"),
-    steps: int | None = Form(None, ge=1, le=4, description="sampling steps (default: the manifest's)"),
+    steps: int | None = Form(None, ge=1, le=MAX_STEPS, description="sampling steps (default: the manifest's)"),
     seed: int | None = Form(None, ge=0, le=MAX_SEED, description="noise seed (random when absent; returned)"),
     sampler: Literal["prev", "ddim", "cm", "gd", "prev+ilvr", "ddim+ilvr", "cm+ilvr", "gd+ilvr",
                      "prev+keep", "ddim+keep", "cm+keep", "gd+keep"] | None = Form(
@@ -330,12 +344,20 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-def tasks_response(tasks: dict[str, list[Registered]], resident: set[str]) -> TasksResponse:
+def tasks_response(tasks: dict[str, list[Registered]], resident: set[str], settings: ServeSettings,
+                   detail: bool = False) -> JSONResponse:
+    """What a client needs to build a request (names, tasks, steps, samplers, sizes, limits); `detail` adds
+    each adapter's whole manifest (its diffusers architecture config: tens of KB)."""
     out = []
     for task, regs in sorted(tasks.items()):
-        infos = [_info(r, r.name in resident) for r in regs]
-        out.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task), adapters=infos))
-    return TasksResponse(tasks=out)
+        infos = [_info(r, r.name in resident, detail) for r in regs]
+        sr = task == SUPER_RESOLUTION
+        out.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task),
+                            samplers=list(servable_samplers(task)), steps=list(range(1, MAX_STEPS + 1)),
+                            upscale=SR_SCALE if sr else None, takes_width_height=not sr, adapters=infos))
+    limits = Limits(max_pixels=settings.max_pixels, max_decode_pixels=settings.max_decode_pixels,
+                    max_work=settings.max_work, max_upload_mb=settings.max_upload_mb, max_prompt=MAX_PROMPT)
+    return JSONResponse(TasksResponse(tasks=out, limits=limits).model_dump(exclude_none=True))
 
 
 def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable[[], dict | None], *, title: str,
@@ -443,10 +465,11 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
 
     # -- tasks ---------------------------------------------------------------------------
 
-    @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters and manifests")
-    async def list_tasks() -> TasksResponse:
+    @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters, samplers, steps, sizes and the limits",
+             response_model=TasksResponse, response_model_exclude_none=True)
+    async def list_tasks(detail: bool = Query(False, description="add each adapter's whole manifest")) -> JSONResponse:
         e = engine()
-        return tasks_response(e.tasks(), set(e.pool.resident_names()))
+        return tasks_response(e.tasks(), set(e.pool.resident_names()), settings, detail)
 
     @app.post("/v1/tasks/{task}", **TASK_ROUTE)
     async def run_task(request: Request, task: str, form: TaskForm = Depends(task_form)) -> Response:
@@ -599,11 +622,11 @@ async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] 
         raise APIError(410, "adapter_gone", f"adapter {work.adapter!r} was unregistered while the request waited") from err
 
 
-def _info(reg: Registered, resident: bool) -> AdapterInfo:
+def _info(reg: Registered, resident: bool, detail: bool = True) -> AdapterInfo:
     m = reg.manifest
     return AdapterInfo(name=reg.name, task=reg.task, kind=m.kind, mode=m.mode, steps=m.steps, sampler=m.sampler,
                        resolution=reg.resolution, channels=reg.channels, backbone_lora=m.backbone_lora is not None,
-                       resident=resident, manifest=m.public())
+                       resident=resident, manifest=m.public() if detail else None)
 
 
 def _version() -> str:

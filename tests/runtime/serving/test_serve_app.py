@@ -163,14 +163,33 @@ def test_docs_page_loads_only_assets_the_server_serves(client):
 
 
 def test_tasks_list_adapters_and_manifests(client):
-    tasks = {t["task"]: t for t in client.get("/v1/tasks").json()["tasks"]}
+    r = client.get("/v1/tasks")
+    body = r.json()
+    tasks = {t["task"]: t for t in body["tasks"]}
     assert set(tasks) == {"super-resolution", "depth", "edit"}
     assert [a["name"] for a in tasks["depth"]["adapters"]] == ["depth", "depth-t2i"]
     assert tasks["depth"]["default_adapter"] == "depth"
     assert tasks["edit"]["prompt_required"] and not tasks["depth"]["prompt_required"]
     edit = tasks["edit"]["adapters"][0]
     assert edit["kind"] == "controlnet-lora" and edit["mode"] == "lora" and edit["backbone_lora"]
-    assert edit["manifest"]["files"][ADAPTER_FILE] and edit["manifest"]["condition"]["resolution"] == RES
+    # the summary a client builds a request from: no manifests (their architecture configs are tens of KB)
+    assert "manifest" not in edit and len(r.content) < 4000
+    assert (edit["steps"], edit["sampler"], edit["resolution"]) == (2, "prev", RES)
+    assert tasks["depth"]["samplers"] == ["prev", "ddim", "cm", "gd"] and tasks["depth"]["steps"] == [1, 2, 3, 4]
+    assert "prev+ilvr" in tasks["super-resolution"]["samplers"] and "prev+keep" not in tasks["super-resolution"]["samplers"]
+    assert "prev+keep" in tasks["edit"]["samplers"] and "prev+ilvr" not in tasks["edit"]["samplers"]
+    assert tasks["super-resolution"]["upscale"] == 4 and not tasks["super-resolution"]["takes_width_height"]
+    assert "upscale" not in tasks["depth"] and tasks["depth"]["takes_width_height"]
+    assert body["limits"] == {"max_pixels": 64 * 64, "max_decode_pixels": 512 * 512, "max_work": 64,
+                              "max_upload_mb": 1.0, "max_prompt": 2000}
+    # every sampler a task lists is one it takes
+    for task, t in tasks.items():
+        for sampler in t["samplers"]:
+            assert post(client, task, png(4, 4) if task == "super-resolution" else png(RES, RES), seed=1, steps=1,
+                        sampler=sampler, prompt="make it red").status_code == 200, (task, sampler)
+    detail = {t["task"]: t for t in client.get("/v1/tasks", params={"detail": "true"}).json()["tasks"]}
+    manifest = detail["edit"]["adapters"][0]["manifest"]
+    assert manifest["files"][ADAPTER_FILE] and manifest["condition"]["resolution"] == RES
 
 
 def test_metrics_exposition(client):
