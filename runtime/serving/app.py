@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...adapters.zoo import MANIFEST, ZooError, list_entries
 from ..diffusion.backbone import Backbone
+from .conditions import condition_warning
 from .engine import Engine
 from .imaging import ImageError, decode_image, encode_png
 from .metrics import Metrics
@@ -117,6 +118,7 @@ class TaskResult(BaseModel):
     height: int
     resized: str | None = Field(None, description="WxH->wxh when the condition was resized")
     tiles: int = Field(description="tiles sampled (super-resolution), else 1")
+    warning: str | None = Field(None, description="why the input is most likely not the task's condition")
     timings: Timings
 
 
@@ -221,6 +223,7 @@ class TaskCall:
     budget_s: float  # from arrival: not started by then is 504
     width: int | None = None
     height: int | None = None
+    warning: str | None = None  # X-CDD-Warning: the input is most likely not the task's condition
 
 
 @dataclass
@@ -279,10 +282,11 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
                                        settings.max_decode_pixels if downscale else None, check_work)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err
+    warning = await run_in_threadpool(condition_warning, task, cond, data)
     budget = settings.request_deadline_s
     if form.deadline_ms is not None:
         budget = min(budget, form.deadline_ms / 1000)
-    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height)
+    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height, warning)
 
 
 def check_output_size(task: str, width: int | None, height: int | None, max_pixels: int) -> None:
@@ -330,10 +334,12 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
         headers["X-CDD-Resized"] = out.resized
     if out.tiled:
         headers["X-CDD-Tiles"] = str(out.rows)
+    if call.warning:
+        headers["X-CDD-Warning"] = call.warning
     if "application/json" in request.headers.get("accept", ""):
         body = TaskResult(image=base64.b64encode(out.png).decode(), task=call.task, adapter=call.reg.name,
                           steps=call.steps, seed=call.seed, sampler=call.sampler, width=out.width, height=out.height,
-                          resized=out.resized, tiles=out.rows, timings=timings)
+                          resized=out.resized, tiles=out.rows, warning=call.warning, timings=timings)
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(out.png, media_type="image/png", headers=headers)
 
@@ -375,11 +381,29 @@ def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AccessLog, metrics=metrics)
     _install_error_handlers(app, known_tasks)
-    playground = (files("cdd.runtime.serving") / "static" / "index.html").read_text()
+    static = files("cdd.runtime.serving") / "static"
+    playground = (static / "index.html").read_text()
+    examples = json.loads((static / "examples.json").read_text())
+    example_files = {e["image"] for e in examples["examples"].values()}
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(playground)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response((static / "favicon.png").read_bytes(), media_type="image/png",
+                        headers={"Cache-Control": "max-age=86400"})
+
+    @app.get("/examples", include_in_schema=False)
+    async def example_list() -> JSONResponse:  # the playground's "Use an example": an input per task
+        return JSONResponse(examples)
+
+    @app.get("/examples/{name}", include_in_schema=False)
+    async def example(name: str) -> Response:
+        if name not in example_files:
+            raise APIError(404, "not_found", f"no example {name!r}; GET /examples lists them")
+        return Response((static / name).read_bytes(), media_type="image/png")
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:

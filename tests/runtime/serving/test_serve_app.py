@@ -457,6 +457,60 @@ def test_a_form_without_an_image_file_says_what_the_api_takes(client, request_kw
     assert "curl -F image=@condition.png /v1/tasks/depth" in message and sent in message, message
 
 
+def test_a_colour_or_raw_depth_image_for_depth_is_served_with_a_warning(client):
+    """A depth condition is grey: a colour photograph or a 16-bit raw depth map (cdd-scenes' depth/) gets a 200 with
+    X-CDD-Warning (and `warning` in JSON) saying what the task takes; a grey image, or colour for another task, none."""
+    r = post(client, "depth", png(RES, RES), seed=1, headers={"Accept": "application/json"})
+    assert r.status_code == 200 and "depth condition is grey" in r.headers["x-cdd-warning"]
+    assert r.json()["warning"] == r.headers["x-cdd-warning"] and "example-depth.png" in r.json()["warning"]
+    grey = png(RES, RES, mode="L")
+    r = post(client, "depth", grey, seed=1)
+    assert r.status_code == 200 and "x-cdd-warning" not in r.headers
+    jpeg = io.BytesIO()  # JPEG's chroma error on a grey picture is no colour
+    Image.open(io.BytesIO(grey)).convert("RGB").save(jpeg, format="JPEG", quality=75)
+    assert "x-cdd-warning" not in post(client, "depth", jpeg.getvalue(), seed=1).headers
+    raw = io.BytesIO()
+    Image.fromarray((np.arange(RES * RES).reshape(RES, RES) * 40).astype(np.uint16)).save(raw, format="PNG")
+    r = post(client, "depth", raw.getvalue(), seed=1)
+    assert r.status_code == 200 and "16-bit" in r.headers["x-cdd-warning"] and "depth_condition/" in r.headers["x-cdd-warning"]
+    assert "x-cdd-warning" not in post(client, "super-resolution", png(4, 4), seed=1).headers
+
+
+def test_favicon_and_the_playground_examples(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (32, 32)
+    examples = client.get("/examples").json()["examples"]
+    assert set(examples) == {"super-resolution", "depth", "edit"}
+    for task, ex in examples.items():
+        image = client.get(f"/examples/{ex['image']}")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        if task in ("depth", "edit"):  # this test's zoo has them; the example is the task's input, with no warning
+            r = post(client, task, image.content, seed=1, steps=1, prompt=ex["prompt"])
+            assert r.status_code == 200 and "x-cdd-warning" not in r.headers, r.text
+    error(client.get("/examples/..%2Fapp.py"), 404, "not_found")
+    error(client.get("/examples/index.html"), 404, "not_found")
+
+
+def test_the_playground_examples_are_the_scenes_world_as_cdd_scenes_writes_it(tmp_path):
+    from importlib.resources import files
+
+    from cdd.training.data import cli as scenes_cli
+
+    static = files("cdd.runtime.serving") / "static"
+    shipped = json.loads((static / "examples.json").read_text())
+    assert "--n 2 --seed 0 --sr" in shipped["source"]
+    assert scenes_cli.main(["--n", "2", "--seed", "0", "--sr", "--out", str(tmp_path / "scenes")]) == 0
+    scene = [json.loads(line) for line in (tmp_path / "scenes" / "metadata.jsonl").read_text().splitlines()][1]
+    for task, folder, prompt in (("super-resolution", "lr", "text"), ("depth", "depth_condition", "text"),
+                                 ("edit", "images", "instruction")):
+        ex = shipped["examples"][task]
+        ours = np.asarray(Image.open(io.BytesIO((static / ex["image"]).read_bytes())))
+        theirs = np.asarray(Image.open(tmp_path / "scenes" / folder / "000001.png"))
+        np.testing.assert_array_equal(ours, theirs)
+        assert ex["prompt"] == scene[prompt]
+
+
 def test_bad_deadline_header_is_422(client):
     error(post(client, "depth", png(RES, RES), headers={"X-CDD-Deadline-Ms": "-5"}), 422, "invalid_parameter")
 
