@@ -704,7 +704,7 @@ async def _form_hint(request: Request) -> str:
     """What POST /v1/tasks/{task} takes, beside what this request sent: for a missing or misnamed image."""
     expected = (f"{request.url.path} takes a multipart/form-data form with the condition image as a file field "
                 f"named 'image' (optional fields: {', '.join(TASK_FORM_FIELDS)}), e.g. "
-                f"curl -F image=@condition.png {request.url.path}")
+                f"curl -F image=@condition.png http://SERVER{request.url.path}")
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "multipart/form-data":
         return f"{expected}; this request's body is {kind or 'untyped'}" + (

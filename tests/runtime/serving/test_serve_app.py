@@ -454,7 +454,7 @@ def test_a_form_without_an_image_file_says_what_the_api_takes(client, request_kw
     and what this request sent."""
     message = error(client.post("/v1/tasks/depth", **request_kw), 422, "invalid_parameter")
     assert "multipart/form-data form with the condition image as a file field named 'image'" in message
-    assert "curl -F image=@condition.png /v1/tasks/depth" in message and sent in message, message
+    assert "curl -F image=@condition.png http://SERVER/v1/tasks/depth" in message and sent in message, message
 
 
 def test_a_colour_or_raw_depth_image_for_depth_is_served_with_a_warning(client):
