@@ -4,15 +4,18 @@
 #   docker build -t cdd-serve:cpu --build-arg BASE_IMAGE=python:3.11-slim-bookworm .     CPU only
 # or through deploy/docker-compose.yml, which does both (the `cdd` service and the `cpu` profile).
 #
-# BASE_IMAGE: any image with `python` (3.11+) and `pip` on PATH. One that brings torch keeps it (pip keeps a
-# torch that satisfies torch>=2.3); one without gets torch from a wheel in deploy/pip/ when there is one,
-# else from TORCH_INDEX_URL (PyTorch's CPU index: PyPI's torch for Linux is the multi-GB CUDA build).
+# BASE_IMAGE: any image with `python` (3.11+) and `pip` on PATH. One that brings torch keeps it, and the build
+# says so loudly when it is not TORCH_VERSION (the release the test suite passes on). One without gets
+# torch==TORCH_VERSION from a wheel in deploy/pip/ when there is one, else from TORCH_INDEX_URL; left empty,
+# that is PyTorch's CPU index on a base without CUDA (PyPI's torch for Linux is the multi-GB CUDA build),
+# and on a CUDA base the build stops and asks for the CUDA index (never a silent CPU torch on a GPU image).
 # deploy/pip/ (kept out of git and out of the image) may also hold cert.pem, a CA bundle for pip, for a
 # network whose proxy re-signs TLS. Without a registry, deploy/base-images.sh makes a Python base from
 # Debian packages.
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -29,12 +32,21 @@ WORKDIR /opt/cdd
 # 1. torch, unless the base image has it.
 RUN --mount=type=bind,source=deploy/pip,target=/tmp/pip \
     if [ -f /tmp/pip/cert.pem ]; then export PIP_CERT=/tmp/pip/cert.pem; fi \
- && if python -c "import torch" 2>/dev/null; then \
-      echo "torch $(python -c 'import torch; print(torch.__version__)') from the base image"; \
+ && if have=$(python -c "import torch; print(torch.__version__)" 2>/dev/null); then \
+      echo "torch $have from the base image"; \
+      case "$have" in "${TORCH_VERSION}"|"${TORCH_VERSION}"+*) ;; *) \
+        echo "WARNING: the base image's torch is $have, not ${TORCH_VERSION} (the release the tests pass on);" \
+             "pass --build-arg BASE_IMAGE=<an image with torch ${TORCH_VERSION}> to align them" ;; esac; \
     elif ls /tmp/pip/torch-*.whl >/dev/null 2>&1; then \
       pip install /tmp/pip/torch-*.whl; \
     else \
-      pip install --index-url "${TORCH_INDEX_URL}" torch; \
+      index="${TORCH_INDEX_URL}"; \
+      if [ -z "$index" ] && { [ -n "${CUDA_VERSION:-}" ] || [ -d /usr/local/cuda ]; }; then \
+        echo "this base image has CUDA ${CUDA_VERSION:-} but no torch: pass --build-arg TORCH_INDEX_URL=" \
+             "https://download.pytorch.org/whl/cuXYZ (the CUDA build matching it), or put a wheel in deploy/pip/" >&2; \
+        exit 1; \
+      fi; \
+      pip install --index-url "${index:-https://download.pytorch.org/whl/cpu}" "torch==${TORCH_VERSION}"; \
     fi
 
 # 2. The project's dependencies (cached until pyproject.toml changes): installed from an empty package

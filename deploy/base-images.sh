@@ -12,13 +12,15 @@
 #     docker compose -f deploy/docker-compose.yml --profile cpu up --build cdd-cpu prometheus
 #
 # Needs root, debootstrap and a running Docker engine. Usage: deploy/base-images.sh [python|prometheus]...
-# (both by default). MIRROR (default http://deb.debian.org/debian) and WORK (default /var/tmp/cdd-base-images,
-# the package cache, kept between runs) can be set.
+# (both by default). MIRROR (default http://deb.debian.org/debian) and CACHE (default
+# /var/tmp/cdd-base-images/cache, the downloaded packages, kept between runs) can be set. Each run builds its
+# root filesystems in a folder of its own (under TMPDIR, default /var/tmp), removed when it ends (a failed
+# run keeps its debootstrap logs there and says where), so two runs at once do not overwrite each other.
 set -euo pipefail
 
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
-WORK=${WORK:-/var/tmp/cdd-base-images}
+CACHE=${CACHE:-/var/tmp/cdd-base-images/cache}
 PYTHON_IMAGE=${PYTHON_IMAGE:-cdd-python:3.11-bookworm}
 PROM_IMAGE=${PROM_IMAGE:-cdd-prometheus:bookworm}
 PATH_IN_IMAGE=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -29,14 +31,23 @@ die() { echo "base-images: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "debootstrap needs root"
 command -v debootstrap >/dev/null || die "debootstrap not found (apt-get install debootstrap)"
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start dockerd first)"
-mkdir -p "$WORK/cache"
+mkdir -p "$CACHE"
+WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/cdd-base-images.XXXXXX")
+finish() {
+  local rc=$?
+  if [ $rc -eq 0 ]; then rm -rf "$WORK"; else
+    find "$WORK" -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +  # the root filesystems; the logs stay
+    echo "base-images: this run's logs are in $WORK" >&2
+  fi
+}
+trap finish EXIT
 
 # rootfs NAME PACKAGES: a minimal Debian root filesystem with PACKAGES, in $WORK/NAME (made afresh).
 rootfs() {
   local dir="$WORK/$1"
   rm -rf "$dir"
   say "debootstrap $SUITE ($2) into $dir"
-  debootstrap --variant=minbase --include="$2" --cache-dir="$WORK/cache" "$SUITE" "$dir" "$MIRROR" \
+  debootstrap --variant=minbase --include="$2" --cache-dir="$CACHE" "$SUITE" "$dir" "$MIRROR" \
     > "$WORK/$1.log" 2>&1 || { tail -n 20 "$WORK/$1.log" >&2; die "debootstrap failed (log: $WORK/$1.log)"; }
 }
 

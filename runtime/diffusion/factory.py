@@ -134,12 +134,17 @@ def make_backbone(
 
 
 def save_backbone(backbone: Backbone, path: str | Path, fp16: bool = False) -> Path:
-    """Write a diffusers-format folder atomically; a latent backbone gets Stable Diffusion's layout."""
+    """Write a diffusers-format folder atomically; a latent backbone gets Stable Diffusion's layout.
+
+    `fp16` stores the UNet and VAE in float16; the text encoder is always stored in float32, because
+    transformers loads a model in the dtype it was saved in while diffusers loads its models in float32,
+    so a float16 text encoder breaks a plain `StableDiffusionPipeline.from_pretrained(path)` (no
+    `torch_dtype`) on its first call with a Half / Float mismatch."""
     path = Path(path)
     with atomic_directory(path) as tmp:
-        dtype = torch.float16 if fp16 else torch.float32
         for name in ("unet", "text_encoder", "vae"):
             module = getattr(backbone, name)
+            dtype = torch.float16 if fp16 and name != "text_encoder" else torch.float32
             if module is not None:
                 saved_dtype = module.dtype
                 if saved_dtype != dtype:

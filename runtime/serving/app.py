@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -32,19 +32,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...adapters.zoo import MANIFEST, ZooError, list_entries
 from ..diffusion.backbone import Backbone
+from .conditions import condition_warning
 from .engine import Engine
 from .imaging import ImageError, decode_image, encode_png
 from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
-from ..diffusion.samplers import split_sampler, step_task
+from ..diffusion.samplers import servable_samplers, split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import SUPER_RESOLUTION, assemble, blank_work, check_guidance, prompt_required, task_rows
+from .tasks import SR_SCALE, SUPER_RESOLUTION, assemble, blank_work, check_guidance, prompt_required, task_rows
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
 MAX_SEED = 2**63 - 2  # `cm` noise uses seed + 1
 MAX_PROMPT = 2000
+MAX_STEPS = 4  # few-step sampling: what the adapters are distilled for
 
 
 # -- response models (the OpenAPI schema at /docs) ------------------------------------------
@@ -72,18 +74,31 @@ class AdapterInfo(BaseModel):
     resident: bool
     guidance: list[float] | None = Field(None, description="[default, min, max] of the classifier-free guidance "
                                          "weight w the entry takes (controlnet-guided); null: it takes none")
-    manifest: dict[str, Any]
+    manifest: dict[str, Any] | None = Field(None, description="the whole manifest (GET /v1/tasks?detail=true)")
 
 
 class TaskInfo(BaseModel):
     task: str
     default_adapter: str
     prompt_required: bool
+    samplers: list[str] = Field(description="the samplers this task takes")
+    steps: list[int] = Field(description="the step counts a request may ask for")
+    upscale: int | None = Field(None, description="output size / input size (super-resolution), when fixed")
+    takes_width_height: bool = Field(description="whether width and height set the output size")
     adapters: list[AdapterInfo]
+
+
+class Limits(BaseModel):
+    max_pixels: int = Field(description="most pixels a task computes on (super-resolution: its input)")
+    max_decode_pixels: int = Field(description="largest image decoded (depth and edit resize it)")
+    max_work: int = Field(description="most row-steps per request: rows (super-resolution tiles, else 1) x steps")
+    max_upload_mb: float
+    max_prompt: int = Field(description="characters")
 
 
 class TasksResponse(BaseModel):
     tasks: list[TaskInfo]
+    limits: Limits
 
 
 class Timings(BaseModel):
@@ -106,6 +121,7 @@ class TaskResult(BaseModel):
     resized: str | None = Field(None, description="WxH->wxh when the condition was resized")
     tiles: int = Field(description="tiles sampled (super-resolution), else 1")
     guidance: float | None = Field(None, description="the guidance weight w served (controlnet-guided entries)")
+    warning: str | None = Field(None, description="why the input is most likely not the task's condition")
     timings: Timings
 
 
@@ -167,7 +183,7 @@ class TaskForm:
 def task_form(
     image: UploadFile = File(..., description="the condition image (PNG, JPEG, WebP, BMP, GIF, TIFF)"),
     prompt: str | None = Form(None, max_length=MAX_PROMPT, description="text; for edit the instruction (required)"),
-    steps: int | None = Form(None, ge=1, le=4, description="sampling steps (default: the manifest's)"),
+    steps: int | None = Form(None, ge=1, le=MAX_STEPS, description="sampling steps (default: the manifest's)"),
     seed: int | None = Form(None, ge=0, le=MAX_SEED, description="noise seed (random when absent; returned)"),
     sampler: Literal["prev", "ddim", "cm", "gd", "prev+ilvr", "ddim+ilvr", "cm+ilvr", "gd+ilvr",
                      "prev+keep", "ddim+keep", "cm+keep", "gd+keep"] | None = Form(
@@ -215,6 +231,7 @@ class TaskCall:
     width: int | None = None
     height: int | None = None
     guidance: float | None = None  # w; None: the entry's default (or an entry that takes none)
+    warning: str | None = None  # X-CDD-Warning: the input is most likely not the task's condition
 
 
 @dataclass
@@ -261,10 +278,12 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     def check_work(width: int, height: int) -> None:  # on the header: before a pixel is decoded
         rows = task_rows(task, width, height, reg.resolution, scale_factor, settings.sr_tile_overlap)
         if rows * steps > settings.max_work:
+            fewer = f"steps={settings.max_work // rows} or fewer, or " if rows <= settings.max_work else ""
             raise ImageError(
                 413, "too_much_work",
                 f"a {width}x{height} image is {rows} row(s) for {task} at {reg.resolution} px, x {steps} step(s) = "
-                f"{rows * steps} row-steps; the limit per request (max_work) is {settings.max_work}",
+                f"{rows * steps} row-steps; the limit per request (max_work) is {settings.max_work}: send {fewer}"
+                "a smaller image, or raise the limit on the server (cdd-serve --max-work N, or CDD_MAX_WORK=N)",
             )
 
     check_output_size(task, form.width, form.height, settings.max_pixels)
@@ -276,10 +295,11 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
                                        settings.max_decode_pixels if downscale else None, check_work)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err
+    warning = await run_in_threadpool(condition_warning, task, cond, data)
     budget = settings.request_deadline_s
     if form.deadline_ms is not None:
         budget = min(budget, form.deadline_ms / 1000)
-    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height, guidance)
+    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height, guidance, warning)
 
 
 def check_output_size(task: str, width: int | None, height: int | None, max_pixels: int) -> None:
@@ -330,10 +350,13 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
         headers["X-CDD-Resized"] = out.resized
     if out.tiled:
         headers["X-CDD-Tiles"] = str(out.rows)
+    if call.warning:
+        headers["X-CDD-Warning"] = call.warning
     if "application/json" in request.headers.get("accept", ""):
         body = TaskResult(image=base64.b64encode(out.png).decode(), task=call.task, adapter=call.reg.name,
                           steps=call.steps, seed=call.seed, sampler=call.sampler, width=out.width, height=out.height,
-                          resized=out.resized, tiles=out.rows, guidance=call.guidance, timings=timings)
+                          resized=out.resized, tiles=out.rows, guidance=call.guidance, warning=call.warning,
+                          timings=timings)
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(out.png, media_type="image/png", headers=headers)
 
@@ -344,12 +367,20 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-def tasks_response(tasks: dict[str, list[Registered]], resident: set[str]) -> TasksResponse:
+def tasks_response(tasks: dict[str, list[Registered]], resident: set[str], settings: ServeSettings,
+                   detail: bool = False) -> JSONResponse:
+    """What a client needs to build a request (names, tasks, steps, samplers, sizes, limits); `detail` adds
+    each adapter's whole manifest (its diffusers architecture config: tens of KB)."""
     out = []
     for task, regs in sorted(tasks.items()):
-        infos = [_info(r, r.name in resident) for r in regs]
-        out.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task), adapters=infos))
-    return TasksResponse(tasks=out)
+        infos = [_info(r, r.name in resident, detail) for r in regs]
+        sr = task == SUPER_RESOLUTION
+        out.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task),
+                            samplers=list(servable_samplers(task)), steps=list(range(1, MAX_STEPS + 1)),
+                            upscale=SR_SCALE if sr else None, takes_width_height=not sr, adapters=infos))
+    limits = Limits(max_pixels=settings.max_pixels, max_decode_pixels=settings.max_decode_pixels,
+                    max_work=settings.max_work, max_upload_mb=settings.max_upload_mb, max_prompt=MAX_PROMPT)
+    return JSONResponse(TasksResponse(tasks=out, limits=limits).model_dump(exclude_none=True))
 
 
 def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable[[], dict | None], *, title: str,
@@ -367,11 +398,29 @@ def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AccessLog, metrics=metrics)
     _install_error_handlers(app, known_tasks)
-    playground = (files("cdd.runtime.serving") / "static" / "index.html").read_text()
+    static = files("cdd.runtime.serving") / "static"
+    playground = (static / "index.html").read_text()
+    examples = json.loads((static / "examples.json").read_text())
+    example_files = {e["image"] for e in examples["examples"].values()}
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(playground)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response((static / "favicon.png").read_bytes(), media_type="image/png",
+                        headers={"Cache-Control": "max-age=86400"})
+
+    @app.get("/examples", include_in_schema=False)
+    async def example_list() -> JSONResponse:  # the playground's "Use an example": an input per task
+        return JSONResponse(examples)
+
+    @app.get("/examples/{name}", include_in_schema=False)
+    async def example(name: str) -> Response:
+        if name not in example_files:
+            raise APIError(404, "not_found", f"no example {name!r}; GET /examples lists them")
+        return Response((static / name).read_bytes(), media_type="image/png")
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
@@ -457,10 +506,11 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
 
     # -- tasks ---------------------------------------------------------------------------
 
-    @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters and manifests")
-    async def list_tasks() -> TasksResponse:
+    @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters, samplers, steps, sizes and the limits",
+             response_model=TasksResponse, response_model_exclude_none=True)
+    async def list_tasks(detail: bool = Query(False, description="add each adapter's whole manifest")) -> JSONResponse:
         e = engine()
-        return tasks_response(e.tasks(), set(e.pool.resident_names()))
+        return tasks_response(e.tasks(), set(e.pool.resident_names()), settings, detail)
 
     @app.post("/v1/tasks/{task}", **TASK_ROUTE)
     async def run_task(request: Request, task: str, form: TaskForm = Depends(task_form)) -> Response:
@@ -613,11 +663,12 @@ async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] 
         raise APIError(410, "adapter_gone", f"adapter {work.adapter!r} was unregistered while the request waited") from err
 
 
-def _info(reg: Registered, resident: bool) -> AdapterInfo:
+def _info(reg: Registered, resident: bool, detail: bool = True) -> AdapterInfo:
     m = reg.manifest
     return AdapterInfo(name=reg.name, task=reg.task, kind=m.kind, mode=m.mode, steps=m.steps, sampler=m.sampler,
                        resolution=reg.resolution, channels=reg.channels, backbone_lora=m.backbone_lora is not None,
-                       resident=resident, guidance=list(m.guidance) if m.guidance else None, manifest=m.public())
+                       resident=resident, guidance=list(m.guidance) if m.guidance else None,
+                       manifest=m.public() if detail else None)
 
 
 def _version() -> str:
@@ -653,12 +704,32 @@ def _install_error_handlers(app: FastAPI, known_tasks: Callable[[], dict | None]
         for e in err.errors():
             where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "header", "query", "path"))
             parts.append(f"{where or 'request'}: {e.get('msg')}" + (f" (got {e['input']!r})" if _short(e.get("input")) else ""))
-        return error_response(422, "invalid_parameter", "; ".join(parts))
+        message = "; ".join(parts)
+        if task is not None and any(tuple(e.get("loc", ()))[-1:] == ("image",) for e in err.errors()):
+            message += ". " + await _form_hint(request)
+        return error_response(422, "invalid_parameter", message)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=err)
         return error_response(500, "internal", f"internal error: {type(err).__name__}")
+
+
+TASK_FORM_FIELDS = ("prompt", "steps", "seed", "sampler", "adapter", "width", "height", "guidance")
+
+
+async def _form_hint(request: Request) -> str:
+    """What POST /v1/tasks/{task} takes, beside what this request sent: for a missing or misnamed image."""
+    expected = (f"{request.url.path} takes a multipart/form-data form with the condition image as a file field "
+                f"named 'image' (optional fields: {', '.join(TASK_FORM_FIELDS)}), e.g. "
+                f"curl -F image=@condition.png http://SERVER{request.url.path}")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        return f"{expected}; this request's body is {kind or 'untyped'}" + (
+            " (a JSON body is not read)" if kind == "application/json" else "")
+    form = await request.form()  # parsed already for the route: this is FastAPI's cached copy
+    fields = [f"{k!r} ({'text' if isinstance(v, str) else 'file'})" for k, v in form.multi_items()]
+    return f"{expected}; this form has " + (", ".join(fields) if fields else "no fields")
 
 
 def _short(value) -> bool:

@@ -26,7 +26,7 @@ from collections import Counter
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -195,10 +195,11 @@ class Gateway:
             return JSONResponse({"status": "ready", "adapters": sum(len(r) for r in self.tasks.values()),
                                  "device": self.device, "replicas": s.num_replicas})
 
-        @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters and manifests (resident: on any replica)")
-        async def list_tasks() -> TasksResponse:
+        @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters, samplers, steps, sizes and the limits "
+                 "(resident: on any replica)", response_model=TasksResponse, response_model_exclude_none=True)
+        async def list_tasks(detail: bool = Query(False, description="add each adapter's whole manifest")) -> JSONResponse:
             records = await self.ledger.records.remote()
-            return tasks_response(self.tasks, {name for r in records.values() for name in r["loaded"]})
+            return tasks_response(self.tasks, {name for r in records.values() for name in r["loaded"]}, s, detail)
 
         @app.post("/v1/tasks/{task}", **TASK_ROUTE)
         async def run_task(request: Request, task: str, form: TaskForm = Depends(task_form)) -> Response:

@@ -47,7 +47,10 @@ def test_cpu_profile_builds_a_slim_cpu_image(compose, dockerfile):
     assert re.fullmatch(r"\$\{CDD_CPU_BASE_IMAGE:-python:3\.1[1-9]-slim-\w+\}", args["BASE_IMAGE"])
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:\S+cuda", dockerfile, re.M)  # the GPU default
-    assert re.search(r"^ARG TORCH_INDEX_URL=", dockerfile, re.M) and "--index-url \"${TORCH_INDEX_URL}\" torch" in dockerfile
+    # torch is the release the suite passes on (README), from the CPU index only on a base without CUDA
+    readme_torch = re.search(r"pip install torch==(\S+) && pip install -e \.", (ROOT / "README.md").read_text()).group(1)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(readme_torch)}$", dockerfile, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=$", dockerfile, re.M) and '"torch==${TORCH_VERSION}"' in dockerfile
     # two builds, two names: building one must not replace the other's image
     assert cpu["image"] != gpu["image"]
 
@@ -68,6 +71,8 @@ def test_prometheus_scrapes_metrics(compose):
     prom = compose["services"]["prometheus"]
     assert prom["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.0}"  # deploy/base-images.sh makes one
     assert any(v.startswith("./prometheus.yml:/etc/prometheus/prometheus.yml") for v in prom["volumes"])
+    # its data is a named volume (an anonymous one would be left behind by `down`)
+    assert "prometheus-data:/prometheus" in prom["volumes"] and "prometheus-data" in compose["volumes"]
     cfg = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     job = cfg["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["cdd:8000"]
@@ -213,3 +218,54 @@ def test_entrypoint_refuses_a_mounted_zoo_it_cannot_read(models, unreadable):
     mode = stat.S_IMODE(private.stat().st_mode)
     assert f"mode {mode:o})" in out.stderr
     private.chmod(0o755 if private.is_dir() else 0o644)
+
+
+def _torch_step(dockerfile: str) -> str:
+    """The Dockerfile's torch step as a plain shell script (its RUN line without the mount)."""
+    run = re.search(r"^# 1\. torch.*?\nRUN (.*?)\n\n", dockerfile, re.M | re.S).group(1)
+    return run.split("\\\n", 1)[1]
+
+
+@pytest.mark.parametrize("base, env, expect", [
+    ("2.13.0+cpu", {}, "torch 2.13.0+cpu from the base image"),
+    ("2.7.1", {}, "WARNING: the base image's torch is 2.7.1, not 2.13.0"),
+    (None, {"CUDA_VERSION": "12.8.1"}, "has CUDA 12.8.1 but no torch: pass --build-arg TORCH_INDEX_URL"),
+    (None, {}, "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0"),
+    (None, {"CUDA_VERSION": "12.8.1", "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu128"},
+     "--index-url https://download.pytorch.org/whl/cu128 torch==2.13.0"),
+])
+def test_torch_step_keeps_warns_stops_or_installs(dockerfile, tmp_path, base, env, expect):
+    """The torch step run with a fake python (a base image's torch, or none) and a fake pip that prints its
+    arguments: a CUDA base without torch stops instead of getting the CPU build."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python").write_text(f"#!/bin/sh\n{'echo ' + base if base else 'exit 1'}\n")
+    (bin_ / "pip").write_text('#!/bin/sh\necho "pip $*"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    script = _torch_step(dockerfile).replace("/tmp/pip", str(tmp_path / "pip")).replace("[ -d /usr/local/cuda ]", "false")
+    environ = {"PATH": f"{bin_}:/usr/bin:/bin", "TORCH_VERSION": re.search(r"^ARG TORCH_VERSION=(\S+)", dockerfile, re.M).group(1),
+               "TORCH_INDEX_URL": "", **env}
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=environ)
+    assert expect in out.stdout + out.stderr, out.stdout + out.stderr
+    assert (out.returncode != 0) == ("but no torch" in expect)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="base-images.sh needs root")
+def test_base_images_runs_apart(tmp_path):
+    """Two runs of deploy/base-images.sh use folders of their own (a fake docker and a failing debootstrap)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "docker").write_text("#!/bin/sh\nexit 0\n")
+    (bin_ / "debootstrap").write_text("#!/bin/sh\necho 'no mirror here'\nexit 1\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "TMPDIR": str(tmp_path), "CACHE": str(tmp_path / "cache")}
+    folders = []
+    for _ in range(2):
+        out = subprocess.run([str(DEPLOY / "base-images.sh"), "python"], capture_output=True, text=True, env=env)
+        assert out.returncode != 0 and "no mirror here" in out.stderr
+        folders.append(re.search(r"this run's logs are in (\S+)", out.stderr).group(1))
+    assert folders[0] != folders[1]
+    for folder in folders:  # the logs stay, the root filesystem does not
+        assert [p.name for p in Path(folder).iterdir()] == ["python.log"]

@@ -110,8 +110,8 @@ def test_latent_pretraining_resumes_exports_and_runs_in_plain_diffusers(tiny_vae
                     initial_noise([seed], (4, 8, 8)), bb.schedule.trailing_timesteps(4), bb.schedule)
     with torch.no_grad():
         ours = (bb.from_model_space(z) / 2 + 0.5).clamp(0, 1)
-    # float16 files: name the dtype (transformers 5 would keep the text encoder's float16, diffusers casts to float32)
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "shipped", torch_dtype=torch.float32, safety_checker=None,
+    # float16 UNet and VAE files, float32 text encoder: plain diffusers with no torch_dtype loads all three in float32
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "shipped", safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(prompt, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(seed),

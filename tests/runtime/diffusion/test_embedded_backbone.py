@@ -49,3 +49,16 @@ def test_plain_stable_diffusion_folder_equal_to_our_sampler():
                output_type="pt").images
     assert ref.shape == (1, 3, 64, 64)
     torch.testing.assert_close(ref, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_from_pretrained_without_dtype_samples():
+    """The README's claim as a newcomer types it: no torch_dtype. transformers loads the text encoder in the dtype
+    it was saved in and diffusers loads the UNet and VAE in float32, so all three must be stored to agree."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    images = pipe("a blue cube on a striped floor at sunset", num_inference_steps=2, height=32, width=32,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all() and images.std() > 0.01

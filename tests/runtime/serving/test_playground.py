@@ -226,3 +226,111 @@ def test_playground_shows_a_client_error(server, tmp_path):
         assert js("document.getElementById('error').textContent").startswith("415 unsupported_media_type")
     finally:
         browser.close()
+
+
+class Page:
+    """One tab of `browser` on `url`, with JavaScript evaluation and waiting."""
+
+    def __init__(self, browser: DevTools, url: str):
+        self.browser = browser
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        browser.send("Page.enable", session=self.session)
+        browser.send("Emulation.setDeviceMetricsOverride",
+                     {"width": 1100, "height": 760, "deviceScaleFactor": 1, "mobile": False}, self.session)
+        browser.send("Page.navigate", {"url": url}, self.session)
+        browser.wait_event("Page.loadEventFired")
+        self.wait_for("document.body.dataset.state === 'loaded'")
+
+    def js(self, expression):
+        r = self.browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True},
+                              self.session)
+        return r["result"].get("value")
+
+    def wait_for(self, expression, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not self.js(expression):
+            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+            time.sleep(0.1)
+
+    def choose(self, select_id: str, value: str):
+        self.js(f"{{ const s = document.getElementById({select_id!r}); s.value = {value!r}; "
+                "s.dispatchEvent(new Event('change')); }")
+
+    def upload(self, path: Path):
+        root = self.browser.send("DOM.getDocument", session=self.session)["root"]["nodeId"]
+        node = self.browser.send("DOM.querySelector", {"nodeId": root, "selector": "#image"}, self.session)["nodeId"]
+        self.browser.send("DOM.setFileInputFiles", {"files": [str(path)], "nodeId": node}, self.session)
+
+    def run(self) -> str:
+        self.js("document.body.dataset.state = 'running'; document.getElementById('run').click()")
+        self.wait_for("['done', 'error'].includes(document.body.dataset.state)")
+        return self.js("document.body.dataset.state")
+
+    def options(self, select_id: str) -> list[str]:
+        return self.js(f"[...document.querySelectorAll('#{select_id} option')].map(o => o.value)")
+
+    def result_shown(self) -> bool:
+        return self.js("!document.getElementById('result').hidden || document.getElementById('result-size').textContent "
+                       "!== '' || document.getElementById('timings').innerText.trim() !== ''")
+
+
+def test_playground_offers_each_task_its_samplers_an_example_and_clears_a_stale_result(server, tmp_path):
+    browser = DevTools(tmp_path / "profile")
+    try:
+        page = Page(browser, server + "/")
+        assert page.js("fetch('/favicon.ico').then(r => r.status + ' ' + r.headers.get('content-type'))") == "200 image/png"
+        # the samplers the server takes for each task, from GET /v1/tasks; "default" names the adapter's own
+        page.choose("task", "depth")
+        assert page.options("sampler") == ["", "prev", "ddim", "cm", "gd"]
+        assert page.js("document.querySelector('#sampler option').textContent") == "default (prev)"
+        page.choose("task", "super-resolution")
+        samplers = page.options("sampler")
+        assert "prev+ilvr" in samplers and "gd+ilvr" in samplers and not any(s.endswith("+keep") for s in samplers)
+        assert page.options("steps") == ["", "1", "2", "3", "4"]
+
+        # "Use an example" puts the task's example input (and its prompt) in the form; it runs
+        page.choose("task", "depth")
+        assert "depth_condition/" in page.js("document.getElementById('image-hint').textContent")
+        page.js("document.getElementById('example').click()")
+        page.wait_for("document.getElementById('input').naturalWidth === 64")
+        assert "on a plain floor at noon" in page.js("document.getElementById('prompt').value")
+        page.js("document.getElementById('seed').value = '3'")
+        assert page.run() == "done" and page.result_shown()
+        assert page.js("document.getElementById('warning').textContent") == ""
+
+        # an error clears the result that belonged to the previous request
+        page.js("document.getElementById('prompt').value = 'x'.repeat(3000)")
+        assert page.run() == "error" and not page.result_shown()
+        assert page.js("document.getElementById('error').textContent").startswith("422 invalid_parameter")
+
+        # a colour photograph as a depth map: served, with the server's warning shown
+        photo = _input_image(tmp_path / "photo.png")
+        page.js("document.getElementById('prompt').value = ''")
+        page.upload(photo)
+        page.wait_for("document.getElementById('input').naturalWidth === 16")
+        assert page.js("document.getElementById('error').textContent") == ""  # a new upload clears the old error
+        assert page.run() == "done" and page.result_shown()
+        assert "depth condition is grey" in page.js("document.getElementById('warning').textContent")
+
+        # a new upload clears the result of the previous input (its size label would disagree with the new input)
+        page.choose("task", "super-resolution")
+        assert not page.result_shown()
+        page.upload(photo)
+        page.wait_for("document.getElementById('input').naturalWidth === 16")
+        assert page.run() == "done" and page.js("document.getElementById('result-size').textContent") == "64×64"
+        page.js("document.getElementById('example').click()")
+        page.wait_for("document.getElementById('input-size').textContent === '16×16' && "
+                      "document.getElementById('image').files[0].name === 'example-super-resolution.png'")
+        assert not page.result_shown()
+        page.choose("task", "depth")
+        page.js("document.getElementById('example').click()")
+        page.wait_for("document.getElementById('input').naturalWidth === 64")
+        assert page.run() == "done"
+        shot = base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"}, page.session)["data"])
+    finally:
+        browser.close()
+    (tmp_path / "playground-example.png").write_bytes(shot)
+    keep = os.environ.get("CDD_PLAYGROUND_EXAMPLE_SCREENSHOT")
+    if keep:
+        shutil.copyfile(tmp_path / "playground-example.png", keep)

@@ -163,14 +163,33 @@ def test_docs_page_loads_only_assets_the_server_serves(client):
 
 
 def test_tasks_list_adapters_and_manifests(client):
-    tasks = {t["task"]: t for t in client.get("/v1/tasks").json()["tasks"]}
+    r = client.get("/v1/tasks")
+    body = r.json()
+    tasks = {t["task"]: t for t in body["tasks"]}
     assert set(tasks) == {"super-resolution", "depth", "edit"}
     assert [a["name"] for a in tasks["depth"]["adapters"]] == ["depth", "depth-t2i"]
     assert tasks["depth"]["default_adapter"] == "depth"
     assert tasks["edit"]["prompt_required"] and not tasks["depth"]["prompt_required"]
     edit = tasks["edit"]["adapters"][0]
     assert edit["kind"] == "controlnet-lora" and edit["mode"] == "lora" and edit["backbone_lora"]
-    assert edit["manifest"]["files"][ADAPTER_FILE] and edit["manifest"]["condition"]["resolution"] == RES
+    # the summary a client builds a request from: no manifests (their architecture configs are tens of KB)
+    assert "manifest" not in edit and len(r.content) < 4000
+    assert (edit["steps"], edit["sampler"], edit["resolution"]) == (2, "prev", RES)
+    assert tasks["depth"]["samplers"] == ["prev", "ddim", "cm", "gd"] and tasks["depth"]["steps"] == [1, 2, 3, 4]
+    assert "prev+ilvr" in tasks["super-resolution"]["samplers"] and "prev+keep" not in tasks["super-resolution"]["samplers"]
+    assert "prev+keep" in tasks["edit"]["samplers"] and "prev+ilvr" not in tasks["edit"]["samplers"]
+    assert tasks["super-resolution"]["upscale"] == 4 and not tasks["super-resolution"]["takes_width_height"]
+    assert "upscale" not in tasks["depth"] and tasks["depth"]["takes_width_height"]
+    assert body["limits"] == {"max_pixels": 64 * 64, "max_decode_pixels": 512 * 512, "max_work": 64,
+                              "max_upload_mb": 1.0, "max_prompt": 2000}
+    # every sampler a task lists is one it takes
+    for task, t in tasks.items():
+        for sampler in t["samplers"]:
+            assert post(client, task, png(4, 4) if task == "super-resolution" else png(RES, RES), seed=1, steps=1,
+                        sampler=sampler, prompt="make it red").status_code == 200, (task, sampler)
+    detail = {t["task"]: t for t in client.get("/v1/tasks", params={"detail": "true"}).json()["tasks"]}
+    manifest = detail["edit"]["adapters"][0]["manifest"]
+    assert manifest["files"][ADAPTER_FILE] and manifest["condition"]["resolution"] == RES
 
 
 def test_metrics_exposition(client):
@@ -448,6 +467,75 @@ def test_bad_parameters_are_422(client, form, field):
 def test_missing_image_is_422(client):
     message = error(client.post("/v1/tasks/depth", data={"seed": "1"}), 422, "invalid_parameter")
     assert "image" in message
+
+
+@pytest.mark.parametrize("request_kw, sent", [
+    (dict(files={"file": ("in.png", b"x", "image/png")}, data={"seed": "1"}), "this form has 'seed' (text), 'file' (file)"),
+    (dict(json={"image": "aGVsbG8=", "seed": 1}), "body is application/json (a JSON body is not read)"),
+    (dict(data={"image": "in.png"}), "body is application/x-www-form-urlencoded"),
+    (dict(files={"image": (None, "in.png")}), "this form has 'image' (text)"),
+    (dict(), "body is untyped"),
+])
+def test_a_form_without_an_image_file_says_what_the_api_takes(client, request_kw, sent):
+    """A wrong field name, a JSON body, a text field for the file, no body: the 422 says what the route takes
+    and what this request sent."""
+    message = error(client.post("/v1/tasks/depth", **request_kw), 422, "invalid_parameter")
+    assert "multipart/form-data form with the condition image as a file field named 'image'" in message
+    assert "curl -F image=@condition.png http://SERVER/v1/tasks/depth" in message and sent in message, message
+
+
+def test_a_colour_or_raw_depth_image_for_depth_is_served_with_a_warning(client):
+    """A depth condition is grey: a colour photograph or a 16-bit raw depth map (cdd-scenes' depth/) gets a 200 with
+    X-CDD-Warning (and `warning` in JSON) saying what the task takes; a grey image, or colour for another task, none."""
+    r = post(client, "depth", png(RES, RES), seed=1, headers={"Accept": "application/json"})
+    assert r.status_code == 200 and "depth condition is grey" in r.headers["x-cdd-warning"]
+    assert r.json()["warning"] == r.headers["x-cdd-warning"] and "example-depth.png" in r.json()["warning"]
+    grey = png(RES, RES, mode="L")
+    r = post(client, "depth", grey, seed=1)
+    assert r.status_code == 200 and "x-cdd-warning" not in r.headers
+    jpeg = io.BytesIO()  # JPEG's chroma error on a grey picture is no colour
+    Image.open(io.BytesIO(grey)).convert("RGB").save(jpeg, format="JPEG", quality=75)
+    assert "x-cdd-warning" not in post(client, "depth", jpeg.getvalue(), seed=1).headers
+    raw = io.BytesIO()
+    Image.fromarray((np.arange(RES * RES).reshape(RES, RES) * 40).astype(np.uint16)).save(raw, format="PNG")
+    r = post(client, "depth", raw.getvalue(), seed=1)
+    assert r.status_code == 200 and "16-bit" in r.headers["x-cdd-warning"] and "depth_condition/" in r.headers["x-cdd-warning"]
+    assert "x-cdd-warning" not in post(client, "super-resolution", png(4, 4), seed=1).headers
+
+
+def test_favicon_and_the_playground_examples(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (32, 32)
+    examples = client.get("/examples").json()["examples"]
+    assert set(examples) == {"super-resolution", "depth", "edit"}
+    for task, ex in examples.items():
+        image = client.get(f"/examples/{ex['image']}")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        if task in ("depth", "edit"):  # this test's zoo has them; the example is the task's input, with no warning
+            r = post(client, task, image.content, seed=1, steps=1, prompt=ex["prompt"])
+            assert r.status_code == 200 and "x-cdd-warning" not in r.headers, r.text
+    error(client.get("/examples/..%2Fapp.py"), 404, "not_found")
+    error(client.get("/examples/index.html"), 404, "not_found")
+
+
+def test_the_playground_examples_are_the_scenes_world_as_cdd_scenes_writes_it(tmp_path):
+    from importlib.resources import files
+
+    from cdd.training.data import cli as scenes_cli
+
+    static = files("cdd.runtime.serving") / "static"
+    shipped = json.loads((static / "examples.json").read_text())
+    assert "--n 2 --seed 0 --sr" in shipped["source"]
+    assert scenes_cli.main(["--n", "2", "--seed", "0", "--sr", "--out", str(tmp_path / "scenes")]) == 0
+    scene = [json.loads(line) for line in (tmp_path / "scenes" / "metadata.jsonl").read_text().splitlines()][1]
+    for task, folder, prompt in (("super-resolution", "lr", "text"), ("depth", "depth_condition", "text"),
+                                 ("edit", "images", "instruction")):
+        ex = shipped["examples"][task]
+        ours = np.asarray(Image.open(io.BytesIO((static / ex["image"]).read_bytes())))
+        theirs = np.asarray(Image.open(tmp_path / "scenes" / folder / "000001.png"))
+        np.testing.assert_array_equal(ours, theirs)
+        assert ex["prompt"] == scene[prompt]
 
 
 def test_bad_deadline_header_is_422(client):

@@ -169,6 +169,17 @@ def test_cdd_serve_process_serves_logs_json_and_drains_on_sigterm(tmp_path):
     access = [x for x in lines if x["logger"] == "cdd.serve.access" and x["path"] == "/v1/tasks/depth"]
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["seed"] == 5
     assert any(x["logger"] == "cdd.serve" and x["msg"] == "serving" for x in lines)
+    ready = [x for x in lines if x["msg"].startswith("cdd-serve ready: ")]
+    assert len(ready) == 1 and ready[0]["url"] == f"{base}/" and f"open {base}/ (playground)" in ready[0]["msg"]
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("[CDD_PORT; default 8000]", "[CDD_HOST; default 127.0.0.1]", "[CDD_MAX_WORK; default 64]",
+                 "[CDD_WARMUP; default True]"):
+        assert text in out
 
 
 def test_warnings_and_uncaught_exceptions_are_json_log_lines():

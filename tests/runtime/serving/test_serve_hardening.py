@@ -97,9 +97,12 @@ def test_work_over_the_budget_is_413_from_the_header(client):
     message = error(post(client, "super-resolution", header_only_png(4096, 1)), 413, "too_much_work")
     assert time.monotonic() - t0 < 5
     assert "max_work" in message and "is 8" in message and "row-steps" in message
+    assert "--max-work" in message and "CDD_MAX_WORK" in message and "steps=" not in message  # 1 step is too much
     # a 4x4 input is one 16-px tile: 1 row x 2 steps fits; 8 steps would not, but steps are at most 4
     assert post(client, "super-resolution", png(4, 4), seed=1).status_code == 200
-    assert post(client, "super-resolution", png(8, 8), seed=1, steps=2).status_code == 413  # 9 tiles x 2
+    message = error(post(client, "super-resolution", png(7, 7), seed=1, steps=4), 413, "too_much_work")  # 4 tiles x 4
+    assert "steps=2 or fewer" in message and "CDD_MAX_WORK" in message
+    assert post(client, "super-resolution", png(7, 7), seed=1, steps=2).status_code == 200
 
 
 def test_overloaded_queue_refuses_with_429_and_an_honest_retry_after(app):
@@ -182,9 +185,9 @@ def test_a_bad_entry_in_the_zoo_is_skipped_and_named(world, caplog):
 
 
 def test_tasks_list_shows_no_server_paths(client, world):
-    text = client.get("/v1/tasks").text
+    text = client.get("/v1/tasks?detail=true").text
     assert "/secret/server/path" not in text and str(world["root"]) not in text
-    sr = next(t for t in client.get("/v1/tasks").json()["tasks"] if t["task"] == "super-resolution")
+    sr = next(t for t in client.get("/v1/tasks?detail=true").json()["tasks"] if t["task"] == "super-resolution")
     assert sr["adapters"][0]["manifest"]["training"] == {"method": "codi"}
 
 
