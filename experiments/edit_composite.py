@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir
 from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.diffusion.denoiser import ClassifierFreeGuided
 from cdd.runtime.diffusion.samplers import keep_source, source_roundtrip, split_sampler
 from cdd.training import evaluate as ev
 from cdd.training.condition_metrics import changed_region, edit_follow
@@ -63,24 +64,6 @@ def composite(out: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> to
 def mask_vs_empty(out: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     m = ramp(smooth3((out - empty).abs().mean(1, keepdim=True)), 0.08, 0.16)
     return smooth3(F.max_pool2d(m, 3, 1, 1))
-
-
-class Guided:
-    """The entry with text guidance at scale `s`, as `generate` binds a model."""
-
-    def __init__(self, model, empty_emb: torch.Tensor, s: float):
-        self.model, self.empty_emb, self.s = model, empty_emb, s
-
-    def bind(self, cond: torch.Tensor, text_emb: torch.Tensor):
-        b, s = len(text_emb), self.s
-
-        def f(z, t):
-            t = torch.as_tensor(t)
-            t = torch.cat([t, t]) if t.ndim else t
-            x, e = self.model(torch.cat([z, z]), t, torch.cat([cond, cond]), torch.cat([text_emb, self.empty_emb[:b]]))
-            return x[b:] + s * (x[:b] - x[b:]), e[b:] + s * (e[:b] - e[b:])
-
-        return f
 
 
 class ScaledResiduals:
@@ -150,7 +133,9 @@ def main() -> None:
     with ev.entry_model(candidate, backbone, 0) as model:
         out, _ = ev.generate(model, backbone, data, text_emb, sampler, args.steps, args.seed, 8)
         empty, _ = ev.generate(model, backbone, data, empty_emb, sampler, args.steps, args.seed, 8)
-        guided, _ = ev.generate(Guided(model, empty_emb, 2.0), backbone, data, text_emb, sampler, args.steps, args.seed, 8)
+        # text guidance at guidance_scale 2 (w = 1)
+        guided, _ = ev.generate(ClassifierFreeGuided(model, empty_emb, 1.0), backbone, data, text_emb, sampler, args.steps,
+                                args.seed, 8)
         with ScaledResiduals(model, 1.5) as scaled:
             strong, _ = ev.generate(scaled, backbone, data, text_emb, sampler, args.steps, args.seed, 8)
         m_diffedit = mask_diffedit(model, backbone, data["condition"], text_emb, empty_emb, source.shape[-1])

@@ -75,6 +75,10 @@ class CoDiLoss:
     guidance: tuple[float, float] | None = None
     empty_text: torch.Tensor | None = None  # [1, L, D]: the embedding of "" (guided only)
     set_w: Callable[[torch.Tensor | None], None] | None = None  # passes w to the student's (and EMA's) adapter
+    # guided only: the conditional guidance term's target is the data moved along the teacher's guidance direction,
+    # x + w (x_c - x_u) (the data itself at w = 0); False: the data at every w, which anchors every w to the
+    # unguided data (measured: the student then ignored w)
+    guided_cond_term: bool = True
 
     def __post_init__(self) -> None:
         if self.guidance is not None and (self.empty_text is None or self.set_w is None):
@@ -112,9 +116,12 @@ class CoDiLoss:
             w = w_min + (w_max - w_min) * torch.rand(x.shape[0], generator=generator)   # w ~ U[w_min, w_max]
             self.set_w(w)                                                        # the student and theta^- take w
         x_hat_t, eps_hat_t = student(z_t, t, c, text)                            # with grad
+        truth = x
         if self.guidance is not None:
-            x_w, eps_w = self.guided_teacher(teacher, z_t, t, c, text, w)
+            x_w, eps_w, shift = self.guided_teacher(teacher, z_t, t, c, text, w)
             x_step, eps_step = (x_w, eps) if self.prev_predictor == "prev" else (x_w, eps_w)   # eq. 12 / eq. 6
+            if self.guided_cond_term:
+                truth = x + shift                                                # x + w (x_c - x_u)
         elif self.prev_predictor == "prev":
             x_step, eps_step = x_hat_t.detach(), eps                            # eq. 12: PREv, the real noise
         elif self.prev_predictor == "ddim":
@@ -135,10 +142,10 @@ class CoDiLoss:
             c_skip_t, c_out_t = boundary_scalings(t, x)
             c_skip_s, c_out_s = boundary_scalings(s, x)
             distillation = self.d(c_skip_t * z_t + c_out_t * x_hat_t, c_skip_s * z_hat_s + c_out_s * x_tgt_s)
-        guess, truth = x_hat_t, x
+        guess = x_hat_t
         if weight is not None:  # l2: the squared difference times the weight (huber: the difference by its root)
             root = weight.to(x_hat_t.dtype).sqrt()
-            guess, truth = root * x_hat_t, root * x
+            guess, truth = root * x_hat_t, root * truth
         if self.cond_weighting == "x":
             guidance = self.d(guess, truth)                                      # d_x(x_hat_t, x)
         else:
@@ -155,13 +162,15 @@ class CoDiLoss:
     @torch.no_grad()
     def guided_teacher(self, teacher: Denoiser, z_t, t, c, text, w: torch.Tensor):
         """The classifier-free-guided teacher at (z_t, t): (1 + w) f(c, text) - w f(c, ""), for x_hat and eps_hat
-        alike (the map from the raw output to both is linear), both branches in one batch; c goes to both."""
+        alike (the map from the raw output to both is linear), both branches in one batch; c goes to both. Also
+        the guidance shift of x_hat, w (x_c - x_u)."""
         B = z_t.shape[0]
         empty = self.empty_text.to(text).expand(B, -1, -1)
         x_both, eps_both = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c, c]), torch.cat([text, empty]))
         ww = w.to(z_t.device, z_t.dtype).reshape(-1, *([1] * (z_t.ndim - 1)))
         (x_c, x_u), (eps_c, eps_u) = x_both.chunk(2), eps_both.chunk(2)
-        return (1 + ww) * x_c - ww * x_u, (1 + ww) * eps_c - ww * eps_u
+        shift = ww * (x_c - x_u)
+        return x_c + shift, (1 + ww) * eps_c - ww * eps_u, shift
 
 
 def noise_removed(model: Denoiser, x: torch.Tensor, c: torch.Tensor | None, text: torch.Tensor, t: int,
@@ -327,6 +336,7 @@ def build_objective(config, schedule: NoiseSchedule, *, empty_text: torch.Tensor
         guidance=(config.guidance_min, config.guidance_max) if guided else None,
         empty_text=empty_text if guided else None,
         set_w=set_w if guided else None,
+        guided_cond_term=config.guided_cond_term,
         N=config.steps,
         r=config.cond_weight,
         cond_weighting=config.cond_weighting,

@@ -90,6 +90,7 @@ class TrainConfig:
     guidance_min: float = 0.0  # w ~ U[guidance_min, guidance_max] during training
     guidance_max: float = 2.0
     guidance: float = 0.0  # the w the entry is served with: 0 is the conditional teacher's own distribution
+    guided_cond_term: bool = True  # guidance-aware codi: the r d_x term's target is x + w (x_c - x_u), not x alone
 
     caption_dropout: float = 0.0  # the probability of training on the empty caption instead of the sample's: a
     # teacher meant for Guided Distillation needs it (0.1), since GD's unconditional branch runs it on "" (On Distillation of Guided Diffusion Models)

@@ -52,7 +52,7 @@ from ..adapters.zoo import (
 )
 from ..runtime.diffusion import samplers
 from ..runtime.diffusion.backbone import Backbone, BackboneError, load_backbone
-from ..runtime.diffusion.denoiser import ConditionedDenoiser
+from ..runtime.diffusion.denoiser import ClassifierFreeGuided, ConditionedDenoiser
 from .condition_metrics import CAPTION_FIELDS, ConditionMetrics
 from .data.datasets import TASKS, DataError, _sr_from_hr, build_dataset
 from .data.degradations import DEGRADATION_PRESETS, degradation_preset
@@ -107,14 +107,14 @@ class Candidate:
 # Command-line values
 
 
-def parse_guidance(text: str) -> list[float]:
-    """--guidance: one w or a comma-separated list of them."""
+def parse_guidance(text: str, flag: str = "--guidance") -> list[float]:
+    """--guidance, --cfg: one w or a comma-separated list of them."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise EvalError(f"--guidance takes numbers separated by commas, got {text!r}") from None
+        raise EvalError(f"{flag} takes numbers separated by commas, got {text!r}") from None
     if not values or not all(math.isfinite(v) for v in values):
-        raise EvalError(f"--guidance takes finite numbers, got {text!r}")
+        raise EvalError(f"{flag} takes finite numbers, got {text!r}")
     return values
 
 
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", default=None, metavar="W[,W...]",
                    help="sample controlnet-guided entries at each of these w instead of their manifest's; their rows "
                         "are labelled 'METHOD w=W' (e.g. 0,0.5,1,2,3 for rows over the trained range)")
+    p.add_argument("--cfg", default=None, metavar="W[,W...]",
+                   help="also sample each entry with classifier-free guidance at each w, two passes per step "
+                        "((1 + w) f(text) - w f(\"\"); diffusers' guidance_scale 1 + w): rows 'METHOD cfg=W'")
     p.add_argument("--probes", action="store_true", help="also measure the probe sets (truth, noisy, blurred, other "
                    "scenes) as rows with sampler 'probe'")
     p.add_argument("--text-only", action="store_true", help=f"also sample the backbone with no adapter (the prompt alone) "
@@ -523,6 +526,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
         raise EvalError(f"--task: unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
     steps = parse_steps(args.steps)
     args.guidance = parse_guidance(args.guidance) if args.guidance is not None else None
+    args.cfg = parse_guidance(args.cfg, "--cfg") if args.cfg is not None else None
     chosen = [check_sampler(s.strip(), "--samplers", args.task) for s in args.samplers.split(",")] if args.samplers else None
     sr = args.task == SUPER_RESOLUTION
     for flag, given in (("--bicubic", args.bicubic), ("--dataset photos", args.dataset == "photos"),
@@ -601,7 +605,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
 
     # 4. One row per (method, sampler, steps), every row from the same conditions and noise.
-    ws = lambda c: len(args.guidance) if args.guidance is not None and c.manifest.kind == "controlnet-guided" else 1
+    ws = lambda c: ((len(args.guidance) if args.guidance is not None and c.manifest.kind == "controlnet-guided" else 1)
+                    + len(args.cfg or ()))
     total = (sum(len(c.samplers) * ws(c) for c in candidates) + len(text_only_samplers)) * len(steps)
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
           f"{args.num_images} held-out {args.dataset} at {resolution} px on {device}, prompt {prompt}", flush=True)
@@ -649,6 +654,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
         with entry_model(c, backbone, index) as model:
             entry = {"adapter": str(c.path), "name": c.manifest.name, "training_method": c.manifest.training.get("method"),
                      "kind": c.manifest.kind, "mode": c.manifest.mode}
+            for w in args.cfg or ():  # the entry with real classifier-free guidance: two passes per step
+                sampled_rows(ClassifierFreeGuided(model, backbone.encode_text([""]), w), f"{c.method} cfg={w:g}",
+                             c.samplers, {**entry, "cfg": w})
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
                 for w in args.guidance:
                     model.adapter.set_default_guidance(w)

@@ -35,8 +35,8 @@ from .data.degradations import DEFAULT_TRAINING_PRESET, DEGRADATION_PRESETS
 
 CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "cond_weighting", "same_t",
                 "steps")
-GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance")
-GUIDED_CODI_OPTIONS = ("guidance_min", "guidance_max", "guidance")  # codi with --adapter controlnet-guided
+GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance", "guided_cond_term")
+GUIDED_CODI_OPTIONS = ("guidance_min", "guidance_max", "guidance", "guided_cond_term")  # codi with --adapter controlnet-guided
 # Options a method has no use for (given anyway, they are refused rather than silently ignored).
 EDIT_WEIGHT = ("changed_weight",)  # finetune's diffusion loss and codi's guidance term
 UNUSED = {
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-min", type=float, help=f"w ~ U[min, max] in training (default {d.guidance_min})")
     g.add_argument("--guidance-max", type=float, help=f"(default {d.guidance_max})")
     g.add_argument("--guidance", type=float, help=f"the w the entry is served with (default {d.guidance})")
+    g.add_argument("--plain-cond-term", dest="guided_cond_term", action="store_false",
+                   help="guidance-aware CoDi: the conditional term's target is the data at every w (ablation); by "
+                        "default it is x + w (x_c - x_u), the data moved along the guided teacher's direction")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help=f"constant learning rate (default {d.lr}; SD-class: 1e-5)")

@@ -42,6 +42,27 @@ class ConditionedDenoiser(nn.Module):
         return lambda z_t, t: self(z_t, t, cond, text_emb)
 
 
+class ClassifierFreeGuided:
+    """A denoiser sampled with classifier-free guidance at weight w: (1 + w) f(z_t, t, c, text) - w f(z_t, t, c, "")
+    for x_hat and eps_hat alike (the map from the network's output to both is linear), both branches in one batch;
+    diffusers' guidance_scale is 1 + w. Two passes per step: the slow teacher rows a w-conditioned student (one pass)
+    is compared with. `empty_emb`: the embedding of "" ([1, L, D] or one row per sample)."""
+
+    def __init__(self, model: ConditionedDenoiser, empty_emb: torch.Tensor, w: float):
+        self.model, self.empty_emb, self.w = model, empty_emb, float(w)
+
+    def __call__(self, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_emb: torch.Tensor):
+        b, w = z_t.shape[0], self.w
+        t = _timesteps(t, z_t)
+        empty = self.empty_emb.to(text_emb).expand(b, -1, -1) if self.empty_emb.shape[0] == 1 else self.empty_emb[:b]
+        x, eps = self.model(torch.cat([z_t, z_t]), torch.cat([t, t]), None if cond is None else torch.cat([cond, cond]),
+                            torch.cat([text_emb, empty.to(text_emb)]))
+        return (1 + w) * x[:b] - w * x[b:], (1 + w) * eps[:b] - w * eps[b:]
+
+    def bind(self, cond: torch.Tensor | None, text_emb: torch.Tensor):
+        return lambda z_t, t: self(z_t, t, cond, text_emb)
+
+
 def _timesteps(t, z_t: torch.Tensor) -> torch.Tensor:
     """An int or [B] timestep tensor on z_t's device."""
     t = torch.as_tensor(t, device=z_t.device)

@@ -349,9 +349,18 @@ def test_guided_codi_steps_with_the_classifier_free_guided_teacher(schedule, bat
     eps_w = (1 + ww) * (2 - m) * z_t - ww * 2 * z_t
     expected = alpha_s * x_w + sigma_s * (eps if predictor == "prev" else eps_w)
     torch.testing.assert_close(target.calls[0][0], expected)
-    # the loss is still eq. 11 on the student, the target and the data
-    terms = loss(Recorder(1), Recorder(2), TextTeacher(), x, c, text, torch.Generator().manual_seed(7))
-    assert set(terms.parts) == {"distillation", "guidance"}
+    # eq. 11, its conditional term's target the data moved along the teacher's guidance direction (x at w = 0) ...
+    student, target = Recorder(1), Recorder(2)
+    terms = loss(student, target, TextTeacher(), x, c, text, torch.Generator().manual_seed(7))
+    shift = ww * m * z_t  # w (x_c - x_u): x_c = (1 + m) z_t, x_u = z_t
+    torch.testing.assert_close(terms.parts["guidance"], ((student.x_hat - (x + shift)) ** 2).mean())
+    torch.testing.assert_close(terms.parts["distillation"], ((student.eps_hat - target.eps_hat) ** 2).mean())
+    # ... or the data itself with guided_cond_term=False (the ablation)
+    plain = CoDiLoss(schedule, N=N, prev_predictor=predictor, guidance=(0.5, 3.0), empty_text=empty,
+                     set_w=lambda w: None, guided_cond_term=False)
+    student = Recorder(1)
+    terms = plain(student, Recorder(2), TextTeacher(), x, c, text, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(terms.parts["guidance"], ((student.x_hat - x) ** 2).mean())
 
 
 def test_guided_codi_needs_its_inputs(schedule):
