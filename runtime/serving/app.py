@@ -33,13 +33,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ...adapters.zoo import MANIFEST, ZooError, list_entries
 from ..diffusion.backbone import Backbone
 from .engine import Engine
-from .imaging import ImageError, decode_image, encode_png
+from .imaging import ImageError, decode, encode_png, open_image
 from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
 from ..diffusion.samplers import split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import SUPER_RESOLUTION, assemble, blank_work, prompt_required, task_rows
+from .tasks import SUPER_RESOLUTION, admit, assemble, blank_work, prompt_required
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -207,6 +207,7 @@ class TaskCall:
     budget_s: float  # from arrival: not started by then is 504
     width: int | None = None
     height: int | None = None
+    source: tuple[int, int] | None = None  # the upload's (width, height), before any downscale on decoding
 
 
 @dataclass
@@ -226,7 +227,7 @@ class TaskOutput:
 
 
 async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[str, list[Registered]],
-                     settings: ServeSettings, scale_factor: int = 8) -> TaskCall:
+                     settings: ServeSettings, scale_factor: int = 8, size_factor: int | None = None) -> TaskCall:
     """Pick the adapter, fill in the manifest's defaults, check the work it asks for on the image header,
     decode the image: every 4xx a client can cause before the engine sees the request."""
     reg = pick_adapter(tasks, task, form.adapter)
@@ -245,37 +246,21 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     seed = form.seed if form.seed is not None else secrets.randbelow(2**32)
     log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler)
 
-    def check_work(width: int, height: int) -> None:  # on the header: before a pixel is decoded
-        rows = task_rows(task, width, height, reg.resolution, scale_factor, settings.sr_tile_overlap)
-        if rows * steps > settings.max_work:
-            raise ImageError(
-                413, "too_much_work",
-                f"a {width}x{height} image is {rows} row(s) for {task} at {reg.resolution} px, x {steps} step(s) = "
-                f"{rows * steps} row-steps; the limit per request (max_work) is {settings.max_work}",
-            )
-
-    check_output_size(task, form.width, form.height, settings.max_pixels)
     data = await form.image.read()
-    # tasks that resize their input accept any image up to the decode-safety limit, downscaled on decoding
-    downscale = task != SUPER_RESOLUTION
-    try:
-        cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels,
-                                       settings.max_decode_pixels if downscale else None, check_work)
+    try:  # one admission check, on the header and the form, before anything is decoded or allocated
+        upload = await run_in_threadpool(open_image, data)
+        plan = admit(task, upload, width=form.width, height=form.height, steps=steps, resolution=reg.resolution,
+                     scale_factor=scale_factor, size_factor=size_factor or scale_factor, max_pixels=settings.max_pixels,
+                     max_decode_pixels=settings.max_decode_pixels, max_work=settings.max_work,
+                     overlap_fraction=settings.sr_tile_overlap)
+        cond = await run_in_threadpool(decode, upload, reg.channels, plan.decode_pixels)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err
     budget = settings.request_deadline_s
     if form.deadline_ms is not None:
         budget = min(budget, form.deadline_ms / 1000)
-    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height)
-
-
-def check_output_size(task: str, width: int | None, height: int | None, max_pixels: int) -> None:
-    if width is None and height is None:
-        return
-    if task == SUPER_RESOLUTION:
-        raise APIError(422, "invalid_parameter", "super-resolution's output is 4x its input: it takes no width or height")
-    if (width or 1) * (height or 1) > max_pixels:
-        raise APIError(422, "invalid_parameter", f"width x height is over the limit of {max_pixels} pixels")
+    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height,
+                    (upload.width, upload.height))
 
 
 async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
@@ -291,6 +276,8 @@ async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
     if work.layout is None and work.size[0] * work.size[1] > e.settings.max_pixels:
         raise APIError(422, "invalid_parameter", f"the output {work.size[1]}x{work.size[0]} is over the limit of "
                        f"{e.settings.max_pixels} pixels")
+    if work.layout is None and call.source is not None and call.source != work.size[::-1]:
+        work.resized = f"{call.source[0]}x{call.source[1]}->{work.size[1]}x{work.size[0]}"  # what the client sent
     log_fields["rows"] = work.rows
     result = await _run(e, work, deadline, client_gone)
     png = await run_in_threadpool(lambda: encode_png(assemble(work, result.rows)))
@@ -450,7 +437,8 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
     async def run_task(request: Request, task: str, form: TaskForm = Depends(task_form)) -> Response:
         arrival = time.monotonic()
         e = engine()
-        call = await parse_task(request, task, form, e.tasks(), settings, e.backbone.vae_scale_factor)
+        call = await parse_task(request, task, form, e.tasks(), settings, e.backbone.vae_scale_factor,
+                                e.backbone.size_factor)
         out = await execute(e, call, arrival + call.budget_s, request.scope["cdd"], lambda: disconnected(request))
         return task_response(request, call, out, arrival)
 
@@ -574,7 +562,9 @@ async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] 
         gone.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         try:
-            waiting = {asyncio.shield(fut)} | ({gone} if gone else set())
+            shielded = asyncio.shield(fut)  # its own exception, when it has one, is retrieved too
+            shielded.add_done_callback(lambda f: f.cancelled() or f.exception())
+            waiting = {shielded} | ({gone} if gone else set())
             done, _ = await asyncio.wait(waiting, timeout=max(deadline - time.monotonic(), 0.0),
                                          return_when=asyncio.FIRST_COMPLETED)
             if gone is not None and gone in done and not fut.done():
