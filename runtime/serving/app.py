@@ -80,8 +80,15 @@ class TaskInfo(BaseModel):
     adapters: list[AdapterInfo]
 
 
+class UnavailableInfo(BaseModel):
+    name: str
+    task: str | None
+    reason: str
+
+
 class TasksResponse(BaseModel):
     tasks: list[TaskInfo]
+    unavailable: list[UnavailableInfo] = Field(default_factory=list, description="zoo entries not served, and why")
 
 
 class Timings(BaseModel):
@@ -227,10 +234,11 @@ class TaskOutput:
 
 
 async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[str, list[Registered]],
-                     settings: ServeSettings, scale_factor: int = 8, size_factor: int | None = None) -> TaskCall:
+                     settings: ServeSettings, scale_factor: int = 8, size_factor: int | None = None,
+                     unavailable: dict | None = None) -> TaskCall:
     """Pick the adapter, fill in the manifest's defaults, check the work it asks for on the image header,
     decode the image: every 4xx a client can cause before the engine sees the request."""
-    reg = pick_adapter(tasks, task, form.adapter)
+    reg = pick_adapter(tasks, task, form.adapter, unavailable)
     log_fields = request.scope.setdefault("cdd", {})
     log_fields["task"] = task
     prompt = form.prompt or ""
@@ -315,12 +323,13 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-def tasks_response(tasks: dict[str, list[Registered]], resident: set[str]) -> TasksResponse:
+def tasks_response(tasks: dict[str, list[Registered]], resident: set[str], unavailable=()) -> TasksResponse:
     out = []
     for task, regs in sorted(tasks.items()):
         infos = [_info(r, r.name in resident) for r in regs]
         out.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task), adapters=infos))
-    return TasksResponse(tasks=out)
+    gone = [UnavailableInfo(name=u.name, task=u.task, reason=u.reason) for u in unavailable]
+    return TasksResponse(tasks=out, unavailable=gone)
 
 
 def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable[[], dict | None], *, title: str,
@@ -388,9 +397,11 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = Engine(settings, backbone=backbone, metrics=metrics)
-        await run_in_threadpool(engine.start)
-        app.state.engine = engine
+        engine = getattr(app.state, "engine", None)  # started already by start_engine (cdd-serve)
+        if engine is None:
+            engine = Engine(settings, backbone=backbone, metrics=metrics)
+            await run_in_threadpool(engine.start)
+            app.state.engine = engine
         log.info("serving", extra={"fields": {"settings": settings.public()}})
         try:
             yield
@@ -410,6 +421,7 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
         summary="Conditional diffusion distillation adapters on one resident backbone: few-step conditional sampling.",
         lifespan=lifespan,
     )
+    app.state.new_engine = lambda: Engine(settings, backbone=backbone, metrics=metrics)
 
     def engine() -> Engine:
         return app.state.engine
@@ -420,25 +432,29 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
              responses={503: {"description": "starting or warm-up failed"}})
     async def readyz() -> JSONResponse:
         e = engine()
+        unavailable = {u.name: u.reason for u in e.unavailable.values()}
         if e.warmup_error:
             return JSONResponse({"status": "warm-up failed", "error": e.warmup_error}, status_code=503)
         if not e.ready:
             return JSONResponse({"status": "warming up"}, status_code=503)
-        return JSONResponse({"status": "ready", "adapters": len(e.pool.entries()), "device": str(e.backbone.device)})
+        if not e.servable():
+            return JSONResponse({"status": "no servable adapters", "unavailable": unavailable}, status_code=503)
+        return JSONResponse({"status": "ready", "adapters": len(e.pool.entries()), "device": str(e.backbone.device),
+                             "unavailable": unavailable})
 
     # -- tasks ---------------------------------------------------------------------------
 
     @app.get("/v1/tasks", tags=["tasks"], summary="tasks, their adapters and manifests")
     async def list_tasks() -> TasksResponse:
         e = engine()
-        return tasks_response(e.tasks(), set(e.pool.resident_names()))
+        return tasks_response(e.tasks(), set(e.pool.resident_names()), e.unavailable.values())
 
     @app.post("/v1/tasks/{task}", **TASK_ROUTE)
     async def run_task(request: Request, task: str, form: TaskForm = Depends(task_form)) -> Response:
         arrival = time.monotonic()
         e = engine()
         call = await parse_task(request, task, form, e.tasks(), settings, e.backbone.vae_scale_factor,
-                                e.backbone.size_factor)
+                                e.backbone.size_factor, e.unavailable)
         out = await execute(e, call, arrival + call.budget_s, request.scope["cdd"], lambda: disconnected(request))
         return task_response(request, call, out, arrival)
 
@@ -492,7 +508,11 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
             try:  # loaded and run once before it is announced: an entry that cannot serve is refused now
                 await run_in_threadpool(_run_once, e, reg, settings.request_deadline_s)
             except Exception as err:  # noqa: BLE001 - whatever it is, the entry cannot serve
-                await run_in_threadpool(e.unregister, reg.name)
+                e.unavailable.pop(reg.name, None)  # refused, not part of the zoo served
+                try:  # with what it allocated (its architecture's module, when it was the only one)
+                    await run_in_threadpool(e.unregister, reg.name)
+                except AdapterGone:
+                    pass  # the engine has already isolated it
                 raise APIError(422, "invalid_zoo_entry", f"zoo entry {p.name} ({reg.name}) was verified but does not "
                                f"run: {type(err).__name__}: {str(err)[:500]}") from err
             registered.append(reg)
@@ -513,6 +533,16 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
     return app
 
 
+def start_engine(app: FastAPI) -> Engine:
+    """Load the backbone and the zoo of a `create_app` app before its server starts (its lifespan then
+    uses this engine): a zoo that cannot be served is an EngineError to report in one line, not a
+    traceback from the server's startup."""
+    engine = app.state.new_engine()
+    engine.start()
+    app.state.engine = engine
+    return engine
+
+
 def _run_once(e: Engine, reg: Registered, timeout: float) -> None:
     """Sample one blank row with the entry (through the queue, like any request); raise when that fails
     or gives non-finite values."""
@@ -528,8 +558,15 @@ def _run_once(e: Engine, reg: Registered, timeout: float) -> None:
         raise ValueError("its output has non-finite values")
 
 
-def pick_adapter(tasks: dict[str, list[Registered]], task: str, name: str | None) -> Registered:
+def pick_adapter(tasks: dict[str, list[Registered]], task: str, name: str | None,
+                 unavailable: dict | None = None) -> Registered:
+    """The adapter that serves `task` (`name`, or the task's default); 503 `adapter_unavailable` when the
+    entry asked for, or every entry of the task, is in the zoo but cannot be served (engine.Unavailable)."""
     regs = tasks.get(task)
+    down = [u for u in (unavailable or {}).values() if u.task == task and (name is None or u.name == name)]
+    if down and (not regs or name is not None and all(r.name != name for r in regs)):
+        raise APIError(503, "adapter_unavailable", "; ".join(f"zoo entry {u.name} of task {task!r} is not served: "
+                                                              f"{u.reason}" for u in down))
     if not regs:
         known = ", ".join(sorted(tasks)) or "none"
         raise APIError(404, "unknown_task", f"no adapter serves task {task!r}; tasks: {known}")
@@ -585,6 +622,8 @@ async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] 
         raise APIError(504, "deadline_exceeded", str(err)) from err
     except AdapterGone as err:
         raise APIError(410, "adapter_gone", f"adapter {work.adapter!r} was unregistered while the request waited") from err
+    except ZooError as err:  # its weights failed to load: the engine no longer serves the entry
+        raise APIError(503, "adapter_unavailable", f"zoo entry {work.adapter} is not served: it failed to load") from err
 
 
 def _info(reg: Registered, resident: bool) -> AdapterInfo:

@@ -1,6 +1,7 @@
 """The HTTP server under `cdd-serve`: uvicorn with limits that hold whatever HTTP parser is installed.
 
-- The socket is bound before the model loads, so a port in use fails in a second, not after warm-up.
+- The socket is bound and listening before the model loads, so a port in use fails in a second (status
+  2), not after warm-up.
 - The h11 parser always (httptools, when installed, has no header size limit), and a request head
   (request line and headers) over `max_header_kb` is refused with 431 and the connection closed,
   counted here as the bytes arrive (h11's own limit only applies to a head that arrives in pieces).
@@ -100,12 +101,16 @@ class Server(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), not yet listening; OSError when the address is in use."""
+    """A socket bound to (host, port) and listening; OSError when the address is in use. Listening is what
+    holds the port: with SO_REUSEADDR two sockets can both be bound to it (a second server started while
+    the first loads), and only the second `listen` fails. Connections made before the server runs wait in
+    the backlog."""
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(info[0], socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(info[4])
+        sock.listen(2048)  # uvicorn's backlog
     except OSError:
         sock.close()
         raise

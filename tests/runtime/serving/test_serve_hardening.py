@@ -312,3 +312,20 @@ def test_a_client_that_leaves_logs_no_unretrieved_future(app, caplog):
     finally:
         engine.resume()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_refused_registration_frees_its_architecture(app, world, tmp_path):
+    _, client = app
+    engine = app[0].state.engine
+    bb = world["backbone"]
+    bad = save(bb, tmp_path, "t2i-bad", "colorize", kind="t2i")  # an architecture no served entry has
+    other = save(bb, tmp_path, "cn", "depth")
+    (bad / ADAPTER_FILE).write_bytes((other / ADAPTER_FILE).read_bytes())  # weights of another architecture
+    m = json.loads((bad / MANIFEST).read_text())
+    m["files"][ADAPTER_FILE] = sha256_file(bad / ADAPTER_FILE)
+    (bad / MANIFEST).write_text(json.dumps(m))
+    before = set(engine.pool.slots())
+    for _ in range(3):
+        error(client.post("/v1/adapters", json={"path": str(bad)}, headers=AUTH), 422, "invalid_zoo_entry")
+        assert set(engine.pool.slots()) == before  # the module built for it is gone with it
+    assert "t2i-bad" not in {u["name"] for u in client.get("/v1/tasks").json()["unavailable"]}
