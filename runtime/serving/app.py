@@ -622,6 +622,8 @@ async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] 
         raise APIError(504, "deadline_exceeded", str(err)) from err
     except AdapterGone as err:
         raise APIError(410, "adapter_gone", f"adapter {work.adapter!r} was unregistered while the request waited") from err
+    except SchedulerClosed as err:  # still queued when the shutdown drain ended
+        raise APIError(503, "shutting_down", str(err), headers={"Retry-After": "5"}) from err
     except ZooError as err:  # its weights failed to load: the engine no longer serves the entry
         raise APIError(503, "adapter_unavailable", f"zoo entry {work.adapter} is not served: it failed to load") from err
 

@@ -33,7 +33,7 @@ from .executor import Batch, Executor, Flight
 from .metrics import Metrics
 from .pool import AdapterGone, AdapterPool, Registered
 from ..diffusion.samplers import is_stochastic
-from .scheduler import Job, Scheduler
+from .scheduler import Job, Scheduler, SchedulerClosed
 from .settings import ServeSettings
 from .tasks import Work, blank_work, prepare
 
@@ -191,11 +191,30 @@ class Engine:
         """Admit nothing more, finish what was admitted (or, drain=False, fail it), stop the worker."""
         self.scheduler.close()
         if not drain:
-            while (batch := self.scheduler.next_batch(timeout=0)) is not None:
-                for job in batch:
-                    job.future.set_exception(RuntimeError("the server stopped before this request ran"))
+            self.fail_queued()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def drain(self, seconds: float) -> threading.Timer:
+        """Shutdown begins: admit nothing more, and `seconds` from now refuse what is still queued
+        (SchedulerClosed: 503 shutting_down); what is running then finishes."""
+        self.scheduler.close()
+        timer = threading.Timer(seconds, self.fail_queued)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def fail_queued(self) -> int:
+        """Refuse every queued request that has not started (SchedulerClosed); how many there were."""
+        n = 0
+        while (batch := self.scheduler.next_batch(timeout=0)) is not None:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(SchedulerClosed())
+                    n += 1
+        if n:
+            log.warning(f"shutting down: {n} queued request(s) refused with 503 shutting_down")
+        return n
 
     @property
     def ready(self) -> bool:

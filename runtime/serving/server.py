@@ -7,7 +7,8 @@
   counted here as the bytes arrive (h11's own limit only applies to a head that arrives in pieces).
 - A read deadline per request: a connection that has not sent a whole request (head and body)
   `read_timeout_s` after it opened, or after its last answer, is closed (slowloris).
-- A clean drain after SIGTERM or SIGINT exits with status 0 (uvicorn re-raises the signal: 143).
+- A clean drain after SIGTERM or SIGINT exits with status 0 (uvicorn re-raises the signal: 143). Requests
+  still queued `drain_s` after the signal get 503 shutting_down with Retry-After; those running finish.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import json
 import logging
 import socket
+from collections.abc import Callable
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -24,6 +26,7 @@ from .settings import ServeSettings
 
 log = logging.getLogger("cdd.serve")
 STARTUP_FAILURE = 3
+RUNNING_GRACE_S = 5.0
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -93,6 +96,13 @@ class GuardedH11Protocol(H11Protocol):
 
 
 class Server(uvicorn.Server):
+    on_shutdown: Callable[[], object] | None = None  # called as the shutdown begins, before connections drain
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        await super().shutdown(sockets)
+
     @contextlib.contextmanager
     def capture_signals(self):
         with super().capture_signals():
@@ -118,6 +128,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def drain(app, settings: ServeSettings) -> None:
+    """The shutdown of a cdd-serve app: its engine admits nothing more and refuses, after drain_s, what is
+    still queued with 503 shutting_down (Retry-After), rather than leave uvicorn to cancel it (a 500)."""
+    engine = getattr(app.state, "engine", None)
+    if engine is not None:
+        engine.drain(settings.drain_s)
+
+
 def config(app, settings: ServeSettings) -> uvicorn.Config:
     protocol = type("GuardedH11Protocol", (GuardedH11Protocol,),
                     {"read_timeout": settings.read_timeout_s, "max_head_bytes": settings.max_header_kb * 1024})
@@ -127,12 +145,14 @@ def config(app, settings: ServeSettings) -> uvicorn.Config:
         h11_max_incomplete_event_size=settings.max_header_kb * 1024,
         log_config=None,
         access_log=False,  # one JSON line per request comes from the app itself
-        timeout_graceful_shutdown=max(1, round(settings.drain_s)),
+        # queued requests are refused at drain_s (Engine.drain); the ones running then get as long again and 5 s
+        timeout_graceful_shutdown=max(1, round(2 * settings.drain_s + RUNNING_GRACE_S)),
     )
 
 
 def serve(app, settings: ServeSettings, sock: socket.socket) -> int:
     """Run until SIGTERM/SIGINT (then drain); the exit status."""
     server = Server(config(app, settings))
+    server.on_shutdown = lambda: drain(app, settings)
     server.run(sockets=[sock])
     return 0 if server.started else STARTUP_FAILURE
