@@ -6,7 +6,9 @@
   (request line and headers) over `max_header_kb` is refused with 431 and the connection closed,
   counted here as the bytes arrive (h11's own limit only applies to a head that arrives in pieces).
 - A read deadline per request: a connection that has not sent a whole request (head and body)
-  `read_timeout_s` after it opened, or after its last answer, is closed (slowloris).
+  `read_timeout_s` after it opened, or after its last answer, is closed (slowloris). A write deadline: a
+  client that reads nothing of its answer for `write_timeout_s` (the send buffer full) is dropped, with
+  what was buffered for it. An idle keep-alive connection is closed after `idle_timeout_s`.
 - A clean drain after SIGTERM or SIGINT exits with status 0 (uvicorn re-raises the signal: 143). Requests
   still queued `drain_s` after the signal get 503 shutting_down with Retry-After; those running finish.
 """
@@ -33,8 +35,10 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for reading each request and a bound on its head."""
 
     read_timeout: float = 20.0
+    write_timeout: float = 30.0
     max_head_bytes: int = 32 * 1024
     _read_deadline = None
+    _write_deadline = None
     _head: bytearray | None = None  # the request head so far, until its blank line
 
     def connection_made(self, transport) -> None:
@@ -63,7 +67,30 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        self._resume_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:  # the send buffer is full: the client reads nothing of the answer
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.write_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._resume_timer()
+        super().resume_writing()
+
+    def _resume_timer(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_timed_out(self) -> None:
+        self._write_deadline = None
+        if not self.transport.is_closing():
+            client = self.client[0] if self.client else None
+            log.info("dropped a client that read nothing of its answer in time",
+                     extra={"fields": {"client": client, "write_timeout_s": self.write_timeout}})
+            self.transport.abort()  # the buffered answer goes too
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -138,12 +165,14 @@ def drain(app, settings: ServeSettings) -> None:
 
 def config(app, settings: ServeSettings) -> uvicorn.Config:
     protocol = type("GuardedH11Protocol", (GuardedH11Protocol,),
-                    {"read_timeout": settings.read_timeout_s, "max_head_bytes": settings.max_header_kb * 1024})
+                    {"read_timeout": settings.read_timeout_s, "write_timeout": settings.write_timeout_s,
+                     "max_head_bytes": settings.max_header_kb * 1024})
     return uvicorn.Config(
         app,
         http=protocol,
         h11_max_incomplete_event_size=settings.max_header_kb * 1024,
         log_config=None,
+        timeout_keep_alive=settings.idle_timeout_s,
         access_log=False,  # one JSON line per request comes from the app itself
         # queued requests are refused at drain_s (Engine.drain); the ones running then get as long again and 5 s
         timeout_graceful_shutdown=max(1, round(2 * settings.drain_s + RUNNING_GRACE_S)),

@@ -40,9 +40,11 @@ def world(tmp_path_factory):
 class Running:
     """cdd-serve's server on a free port, in a thread (no signal handlers: `stop()` is what SIGTERM does)."""
 
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, send_buffer: int | None = None):
         self.app = create_app(settings)
         self.sock = bind("127.0.0.1", 0)
+        if send_buffer is not None:  # accepted sockets inherit it
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self.port = self.sock.getsockname()[1]
         self.server = Server(config(self.app, settings))
         self.server.on_shutdown = lambda: drain(self.app, settings)
@@ -112,3 +114,29 @@ def test_shutdown_under_a_backlog_answers_every_queued_request_with_503(world):
     assert len(answers) == 12
     assert all(retry == "5" and b"shutting_down" in text for status, retry, text in answers if status == 503)
     assert time.monotonic() - t0 < 15
+
+
+def test_a_client_that_reads_nothing_is_dropped_after_the_write_timeout(world):
+    s = ServeSettings(backbone=world / "backbone", zoo=world / "zoo", warmup=False, write_timeout_s=1,
+                      idle_timeout_s=60)
+    server = Running(s, send_buffer=16384)
+    try:
+        clients = []
+        for _ in range(5):  # ask for the 1.5 MB Swagger bundle and never read a byte
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.connect(("127.0.0.1", server.port))
+            c.sendall(b"GET /docs/assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(c)
+        t0 = time.monotonic()
+        while len(server.server.server_state.connections) < 5 and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+        assert len(server.server.server_state.connections) == 5
+        while server.server.server_state.connections and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert not server.server.server_state.connections  # dropped: no answer is held for them
+        assert time.monotonic() - t0 < 5
+        for c in clients:
+            c.close()
+    finally:
+        server.stop()
