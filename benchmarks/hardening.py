@@ -458,15 +458,19 @@ def start_server(args: list[str], env: dict | None = None, wait: bool = True):
     import os
     import subprocess
 
+    import tempfile
+
     port = free_port()
+    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads would block the server once its logs fill it
     proc = subprocess.Popen([sys.executable, "-m", "cdd.runtime.serving.cli", "--port", str(port), "--threads", "1",
-                             *args], env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                             *args], env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while wait:
         if proc.poll() is not None:
-            raise RuntimeError(f"cdd-serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"cdd-serve exited with {proc.returncode}: {log.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=5).status_code in (200, 503) and httpx.get(
                     f"{url}/readyz", timeout=5).json().get("status") != "warming up":
@@ -489,7 +493,7 @@ def stop_server(proc) -> int:
     except Exception:  # noqa: BLE001
         proc.kill()
         proc.wait()
-    proc.stderr.close()
+    proc.log.close()
     return proc.returncode
 
 
@@ -576,7 +580,7 @@ async def backlog(url: str, n: int, proc, after_s: float) -> tuple[Counter, list
 
     image = image_bytes(64, 64, seed=9)
     statuses, retry = Counter(), []
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=n + 10)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=n + 10)) as client:
 
         async def one(i: int):
             try:
@@ -584,8 +588,8 @@ async def backlog(url: str, n: int, proc, after_s: float) -> tuple[Counter, list
                 statuses[r.status_code] += 1
                 if r.status_code == 503:
                     retry.append(r.headers.get("retry-after"))
-            except httpx.HTTPError:
-                statuses[0] += 1  # a connection closed without an answer
+            except httpx.HTTPError as e:
+                statuses[0 if not isinstance(e, httpx.TimeoutException) else -1] += 1  # closed, or no answer in 120 s
 
         async def term():
             await asyncio.sleep(after_s)
@@ -603,7 +607,8 @@ def shutdown(clients: int, drain_s: float) -> dict:
     code = stop_server(proc)
     return {"clients": clients, "drain_s": drain_s, "by_status": {str(k): v for k, v in sorted(statuses.items())},
             "5xx_other_than_503": sum(v for k, v in statuses.items() if k >= 500 and k != 503),
-            "closed_without_answer": statuses.get(0, 0), "retry_after": sorted(set(retry)),
+            "closed_without_answer": statuses.get(0, 0), "no_answer_in_120_s": statuses.get(-1, 0),
+            "retry_after": sorted(set(retry)),
             "seconds": round(time.monotonic() - t0, 1), "exit_status": code}
 
 
