@@ -124,7 +124,16 @@ def _count_frames(img: Image.Image, limit: int) -> int:
         except EOFError:
             pass
         img.seek(0)
-    else:  # WebP keeps the count in its header; TIFF walks its page directories (small reads)
+    elif img.format == "TIFF":  # `n_frames` walks every page directory: stop one past the limit
+        n = 1
+        try:
+            while n <= limit:
+                img.seek(n)  # reads the page's directory only
+                n += 1
+        except EOFError:
+            pass
+        img.seek(0)
+    else:  # WebP keeps the count in its header
         n = img.n_frames
     if n > limit:
         raise ImageError(400, "too_many_frames", f"the image has more than {limit} frames; at most {limit} are read")
