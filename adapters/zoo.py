@@ -381,6 +381,8 @@ def list_entries(zoo: str | Path) -> list[tuple[Path, Manifest | ZooError]]:
             out.append((d, Manifest.from_file(d / MANIFEST)))
         except ZooError as e:
             out.append((d, e))
+        except OSError as e:  # unreadable: that entry, not the zoo
+            out.append((d, ZooError(f"{d / MANIFEST} cannot be read: {e.strerror or type(e).__name__}")))
     return out
 
 

@@ -10,8 +10,21 @@
              whether every answer came within its deadline (plus one batch)
   slowloris  C connections that send their headers a byte at a time, while /healthz is timed
   soak       N requests cycling every task and adapter; the server's resident memory (--pid) sampled
+  admission  requests whose cost is in the header or the form (a lone width=65536, a 64-frame GIF of a
+             4096x4096 screen, a GIF of 300k frames, a 1x100000 strip, a 0x0 PNG): status, time and the
+             server's peak resident memory growth per request (--pid; the point: refused from the header)
+  slowread   C clients that ask for the 1.5 MB Swagger bundle and never read: how soon the server drops
+             them (write_timeout_s) and its memory meanwhile (--pid)
+  port       a second cdd-serve on the --url server's port: how soon it exits, its status and message
+  zoo        its own cdd-serve on a zoo of the embedded entries plus broken copies (a flipped byte,
+             weights that do not load, NaN weights): what /readyz and GET /v1/tasks say, each task's status
+  shutdown   its own cdd-serve (--drain-s 5): SIGTERM under a backlog of 40 concurrent requests; the
+             count of answers by status (0: a connection closed without one) and the exit status
+  register   its own cdd-serve with an API key: refused registrations of an entry of a new architecture,
+             the server's resident memory before and after
 
-Loopback only, bounded: every phase has a request count or a duration. Start a server first, e.g.
+Loopback only, bounded: every phase has a request count or a duration. The first six phases probe the
+server at --url; the last three start their own (on the embedded backbone, --threads 1). Start one first, e.g.
 
   nice -n 10 python -m cdd.runtime.serving.cli --port 18017 --threads 1 &
   nice -n 10 python benchmarks/hardening.py --url http://127.0.0.1:18017 --pid $! all
@@ -36,6 +49,10 @@ from urllib.parse import quote, urlparse
 import httpx
 import numpy as np
 from PIL import Image
+
+
+PHASES = ("fuzz", "amplify", "overload", "slowloris", "soak", "admission", "slowread", "port", "zoo", "shutdown",
+          "register")
 
 
 def image_bytes(w: int, h: int, fmt: str = "PNG", seed: int = 0, **kw) -> bytes:
@@ -336,9 +353,297 @@ def soak(url: str, n: int, pid: int | None, concurrency: int = 4) -> dict:
             "samples": [(i, round(m, 1)) for i, m in samples if m is not None]}
 
 
+# -- admission: what a request costs, from its header and form -------------------------------------
+
+
+def gif_screen(frames: int, size: int) -> bytes:
+    """A GIF whose logical screen is size x size, with `frames` frames of one pixel each: a few bytes per
+    frame, but each frame decodes onto the whole screen."""
+    head = b"GIF89a" + struct.pack("<HHBBB", size, size, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00"  # LZW: clear, 0, end
+    return head + frame * frames + b";"
+
+
+def peak_reset(pid: int | None) -> float | None:
+    """Reset the server's peak resident memory (VmHWM) and return its current RSS in MB."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return rss_mb(pid)
+
+
+def peak_mb(pid: int | None) -> float | None:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, TypeError):
+        return None
+    return None
+
+
+def admission(url: str, pid: int | None) -> dict:
+    small = image_bytes(64, 64)
+    zero = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)
+            + struct.pack(">I", zlib.crc32(b"IHDR" + struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0))))
+    probes = {
+        "width_65536": (small, {"width": "65536"}), "width_16384": (small, {"width": "16384"}),
+        "height_4096_alone": (small, {"height": "4096"}), "gif_64_frames_4096x4096": (gif_screen(64, 4096), {}),
+        "gif_300k_frames": (gif_screen(300_000, 16), {}), "png_1x100000": (image_bytes(100_000, 1), {}),
+        "png_0x0": (zero, {}), "png_64x64_valid": (small, {"steps": "1"}),
+    }
+    out = {}
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for name, (data, form) in probes.items():
+            before = peak_reset(pid)
+            t0 = time.perf_counter()
+            r = client.post("/v1/tasks/depth", files={"image": ("a", data)}, data=form)
+            ms = (time.perf_counter() - t0) * 1e3
+            peak = peak_mb(pid)
+            out[name] = {"status": r.status_code, "code": r.json().get("error", {}).get("code") if r.status_code != 200
+                         else None, "ms": round(ms, 1), "bytes": len(data),
+                         "peak_rss_growth_mb": round(peak - before, 1) if peak is not None and before else None}
+    out["5xx"] = sum(v["status"] >= 500 for v in out.values())
+    return out
+
+
+# -- slow readers ------------------------------------------------------------------------------
+
+
+def slowread(url: str, clients: int, seconds: float, pid: int | None) -> dict:
+    u = urlparse(url)
+    socks = []
+    rss0 = rss_mb(pid) if pid else None
+    for _ in range(clients):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((u.hostname, u.port))
+        s.sendall(b"GET /docs/assets/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n")
+        socks.append(s)
+    time.sleep(1.0)
+    rss_held = rss_mb(pid) if pid else None
+    time.sleep(max(0.0, seconds - 1.0))
+    dropped, received = 0, []
+    for s in socks:  # now read: a dropped client ends before the whole answer (reset or EOF)
+        s.settimeout(5)
+        n = 0
+        try:
+            while chunk := s.recv(65536):
+                n += len(chunk)
+        except OSError:
+            pass
+        received.append(n)
+        dropped += n < 1_526_593
+        s.close()
+    return {"clients": clients, "held_s": seconds, "dropped_before_the_whole_answer": dropped,
+            "received_kb_max": round(max(received) / 1024, 1),
+            "rss_mb": {"before": rss0, "while_held": rss_held, "after": rss_mb(pid) if pid else None}}
+
+
+# -- servers of its own ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], env: dict | None = None, wait: bool = True):
+    """A cdd-serve process on a free port (its url, its process); waits until /healthz answers."""
+    import os
+    import subprocess
+
+    import tempfile
+
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads would block the server once its logs fill it
+    proc = subprocess.Popen([sys.executable, "-m", "cdd.runtime.serving.cli", "--port", str(port), "--threads", "1",
+                             *args], env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while wait:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"cdd-serve exited with {proc.returncode}: {log.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code in (200, 503) and httpx.get(
+                    f"{url}/readyz", timeout=5).json().get("status") != "warming up":
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("cdd-serve did not start in 600 s")
+        time.sleep(0.5)
+    return url, proc
+
+
+def stop_server(proc) -> int:
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except Exception:  # noqa: BLE001
+        proc.kill()
+        proc.wait()
+    proc.log.close()
+    return proc.returncode
+
+
+def port_probe(url: str) -> dict:
+    import subprocess
+
+    port = urlparse(url).port
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cdd.runtime.serving.cli", "--port", str(port)],
+                          capture_output=True, text=True, timeout=600)
+    lines = done.stderr.strip().splitlines()
+    return {"exit_status": done.returncode, "seconds": round(time.monotonic() - t0, 2), "stderr_lines": len(lines),
+            "message": lines[-1] if lines else None}
+
+
+def zoo_with_broken_entries(folder) -> None:
+    """The embedded zoo's entries, and broken copies of its depth entry."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cdd.adapters.zoo import ADAPTER_FILE, MANIFEST, default_zoo_dir, sha256_file
+
+    folder = Path(folder)
+    for e in default_zoo_dir().iterdir():
+        if (e / MANIFEST).is_file():
+            shutil.copytree(e, folder / e.name)
+
+    def copy(name, task):
+        shutil.copytree(folder / "depth", folder / name)
+        m = json.loads((folder / name / MANIFEST).read_text())
+        m.update(name=name, task=task)
+        return folder / name, m
+
+    def rehash(entry, m):
+        m["files"][ADAPTER_FILE] = sha256_file(entry / ADAPTER_FILE)
+        (entry / MANIFEST).write_text(json.dumps(m))
+
+    entry, m = copy("flipped-byte", "flipped")
+    (entry / MANIFEST).write_text(json.dumps(m))
+    data = bytearray((entry / ADAPTER_FILE).read_bytes())
+    data[len(data) // 2] ^= 1
+    (entry / ADAPTER_FILE).write_bytes(bytes(data))
+    entry, m = copy("unloadable", "unloadable")
+    (entry / ADAPTER_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a safetensors header")
+    rehash(entry, m)
+    entry, m = copy("nan-weights", "nan")
+    state = load_file(entry / ADAPTER_FILE)
+    first = sorted(state)[0]
+    state[first] = state[first].clone().view(-1).index_fill_(0, torch.tensor([0]), float("nan")).view(state[first].shape)
+    save_file(state, entry / ADAPTER_FILE)
+    rehash(entry, m)
+
+
+def zoo(tmp: str) -> dict:
+    from pathlib import Path
+
+    zoo_dir = Path(tmp) / "zoo"
+    zoo_with_broken_entries(zoo_dir)
+    t0 = time.monotonic()
+    url, proc = start_server(["--zoo", str(zoo_dir)])
+    try:
+        started = round(time.monotonic() - t0, 1)
+        ready = httpx.get(f"{url}/readyz", timeout=30)
+        listing = httpx.get(f"{url}/v1/tasks", timeout=30).json()
+        statuses = {}
+        for task in ("depth", "edit", "super-resolution", "flipped", "unloadable", "nan"):
+            data = {"steps": "1", "seed": "1", **({"prompt": "make it blue"} if task == "edit" else {})}
+            r = httpx.post(f"{url}/v1/tasks/{task}", files={"image": ("a.png", image_bytes(16, 16))}, data=data,
+                           timeout=300)
+            statuses[task] = r.status_code if r.status_code == 200 else f"{r.status_code} {r.json()['error']['code']}"
+    finally:
+        code = stop_server(proc)
+    return {"start_s": started, "readyz": ready.status_code, "readyz_unavailable": sorted(ready.json().get("unavailable", {})),
+            "served_tasks": sorted(t["task"] for t in listing["tasks"]),
+            "unavailable": {u["name"]: u["reason"][:90] for u in listing["unavailable"]}, "requests": statuses,
+            "exit_status": code}
+
+
+async def backlog(url: str, n: int, proc, after_s: float) -> tuple[Counter, list]:
+    import signal
+
+    image = image_bytes(64, 64, seed=9)
+    statuses, retry = Counter(), []
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=n + 10)) as client:
+
+        async def one(i: int):
+            try:
+                r = await client.post("/v1/tasks/depth", files={"image": ("a.png", image)}, data={"seed": str(i)})
+                statuses[r.status_code] += 1
+                if r.status_code == 503:
+                    retry.append(r.headers.get("retry-after"))
+            except httpx.HTTPError as e:
+                statuses[0 if not isinstance(e, httpx.TimeoutException) else -1] += 1  # closed, or no answer in 120 s
+
+        async def term():
+            await asyncio.sleep(after_s)
+            proc.send_signal(signal.SIGTERM)
+
+        await asyncio.gather(*[one(i) for i in range(n)], term())
+    return statuses, retry
+
+
+def shutdown(clients: int, drain_s: float) -> dict:
+    url, proc = start_server(["--drain-s", str(drain_s), "--max-batch", "2", "--queue-size", str(clients * 2),
+                              "--no-warmup"])
+    t0 = time.monotonic()
+    statuses, retry = asyncio.run(backlog(url, clients, proc, after_s=2.0))
+    code = stop_server(proc)
+    return {"clients": clients, "drain_s": drain_s, "by_status": {str(k): v for k, v in sorted(statuses.items())},
+            "5xx_other_than_503": sum(v for k, v in statuses.items() if k >= 500 and k != 503),
+            "closed_without_answer": statuses.get(0, 0), "no_answer_in_120_s": statuses.get(-1, 0),
+            "retry_after": sorted(set(retry)),
+            "seconds": round(time.monotonic() - t0, 1), "exit_status": code}
+
+
+def register(tmp: str, tries: int) -> dict:
+    import shutil
+    from pathlib import Path
+
+    from cdd.adapters.zoo import ADAPTER_FILE, MANIFEST, default_zoo_dir, sha256_file
+
+    zoo_dir, bad = Path(tmp) / "zoo", Path(tmp) / "bad"
+    zoo_dir.mkdir()
+    shutil.copytree(default_zoo_dir() / "depth", zoo_dir / "depth")
+    # an entry of an architecture the server does not serve, with weights of another (their sha256 listed)
+    shutil.copytree(default_zoo_dir() / "super-resolution-t2i", bad)
+    (bad / ADAPTER_FILE).write_bytes((zoo_dir / "depth" / ADAPTER_FILE).read_bytes())
+    m = json.loads((bad / MANIFEST).read_text())
+    m["files"][ADAPTER_FILE] = sha256_file(bad / ADAPTER_FILE)
+    (bad / MANIFEST).write_text(json.dumps(m))
+    url, proc = start_server(["--zoo", str(zoo_dir)], env={"CDD_API_KEY": "bench-key"})
+    try:
+        statuses, rss = Counter(), [rss_mb(proc.pid)]
+        for _ in range(tries):
+            r = httpx.post(f"{url}/v1/adapters", json={"path": str(bad)}, headers={"Authorization": "Bearer bench-key"},
+                           timeout=300)
+            statuses[r.status_code] += 1
+            rss.append(rss_mb(proc.pid))
+    finally:
+        stop_server(proc)
+    return {"tries": tries, "by_status": dict(statuses), "rss_mb": [round(x, 1) for x in rss],
+            "growth_after_first_mb": round(rss[-1] - rss[1], 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("phase", choices=["fuzz", "amplify", "overload", "slowloris", "soak", "all"])
+    p.add_argument("phase", choices=[*PHASES, "all"])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--pid", type=int, help="the server's process id (soak: resident memory)")
     p.add_argument("--fuzz-requests", type=int, default=5000)
@@ -350,13 +655,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-connections", type=int, default=20)
     p.add_argument("--slow-seconds", type=float, default=30.0)
     p.add_argument("--soak-requests", type=int, default=300)
+    p.add_argument("--slow-readers", type=int, default=100)
+    p.add_argument("--slow-read-seconds", type=float, default=40.0, help="how long the slow readers hold on")
+    p.add_argument("--shutdown-clients", type=int, default=40)
+    p.add_argument("--shutdown-drain-s", type=float, default=5.0)
+    p.add_argument("--register-tries", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
     url = a.url.rstrip("/")
     if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         p.error("loopback only: --url must be a local server")
-    phases = ["fuzz", "amplify", "overload", "slowloris", "soak"] if a.phase == "all" else [a.phase]
+    phases = list(PHASES) if a.phase == "all" else [a.phase]
     report = {}
     for phase in phases:
         t0 = time.monotonic()
@@ -368,8 +678,21 @@ def main(argv: list[str] | None = None) -> int:
             report[phase] = asyncio.run(overload(url, a.overload_factor, a.overload_seconds, a.deadline_ms, a.calibrate))
         elif phase == "slowloris":
             report[phase] = slowloris(url, a.slow_connections, a.slow_seconds)
-        else:
+        elif phase == "soak":
             report[phase] = soak(url, a.soak_requests, a.pid)
+        elif phase == "admission":
+            report[phase] = admission(url, a.pid)
+        elif phase == "slowread":
+            report[phase] = slowread(url, a.slow_readers, a.slow_read_seconds, a.pid)
+        elif phase == "port":
+            report[phase] = port_probe(url)
+        elif phase == "shutdown":
+            report[phase] = shutdown(a.shutdown_clients, a.shutdown_drain_s)
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                report[phase] = zoo(tmp) if phase == "zoo" else register(tmp, a.register_tries)
         print(json.dumps({phase: report[phase], "wall_s": round(time.monotonic() - t0, 1)}), flush=True)
     if a.out:
         with open(a.out, "w") as f:

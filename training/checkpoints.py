@@ -1,6 +1,8 @@
 """Checksummed checkpoints: every file of a checkpoint folder has its sha256 in `state.json`, verified
 before anything is loaded on resume, as zoo entries are. A failure names the checkpoint, the file and
-what is wrong with it, and the newest older checkpoint that is intact (to resume from instead)."""
+what is wrong with it, and the newest older checkpoint that is intact (to resume from instead). Also what
+stopping a run needs: the SIGINT / SIGTERM handlers that let it checkpoint first, and one-line errors for
+files it cannot write."""
 
 from __future__ import annotations
 
@@ -74,3 +76,63 @@ def with_fallback(err: CheckpointError, older: Iterable[Path]) -> CheckpointErro
             continue
         return CheckpointError(f"{err}; the newest intact checkpoint is {folder}: resume from it with --resume {folder}")
     return CheckpointError(f"{err}; no older checkpoint is intact")
+
+
+class OutputWriteError(RuntimeError):
+    """A file of the run cannot be written (a full disk, a read-only or missing folder): names the path."""
+
+
+def writing(path: Path, write: Callable[[], T]) -> T:
+    """`write()` a file or folder of the run; an OS error, or torch's serializer failing on a full disk
+    (`RuntimeError: [enforce fail at inline_container.cc] ... file write failed`), becomes an
+    OutputWriteError that names `path`."""
+    try:
+        return write()
+    except OSError as e:
+        raise OutputWriteError(f"cannot write {e.filename or path}: {e.strerror or e}") from e
+    except RuntimeError as e:
+        if "write" not in str(e).lower():
+            raise
+        raise OutputWriteError(f"cannot write {path}: {str(e).strip().splitlines()[0][:200]}") from e
+
+
+def incomplete_checkpoints(folders: Iterable[Path], newest_complete: Path | None) -> list[Path]:
+    """Checkpoint folders newer than `newest_complete` (all, when None) that have no state.json: a resume
+    uses an older one, and says so."""
+    return [f for f in folders if not (f / STATE).is_file() and (newest_complete is None or f.name > newest_complete.name)]
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the training loop to stop: the first sets `signal` (the loop finishes the step
+    in progress, writes a checkpoint and stops); a second SIGINT stops at once (KeyboardInterrupt). Handlers
+    are installed only from the main thread, and the previous ones restored on exit."""
+
+    def __init__(self, announce: Callable[[str], None] = print):
+        self.signal: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signal is None:
+            self.signal = signum
+            self.announce(f"\n{signal.Signals(signum).name}: finishing the step in progress and writing a checkpoint "
+                          "(Ctrl-C again to stop at once)")

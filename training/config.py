@@ -30,7 +30,7 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 # the checkpoint's config (see `TrainConfig.resume_conflicts`). A moved backbone folder is allowed: the
 # loop checks the backbone fingerprint instead of its path.
 RESUMABLE_CHANGES = frozenset(
-    {"max_train_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every", "num_workers", "resume",
+    {"max_train_steps", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "sample_every", "log_every", "num_workers", "resume",
      "zoo_out", "output", "backbone", "mixed_precision"}
 )
 
@@ -125,7 +125,8 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader workers rendering / reading data ahead of the model
 
     # long runs
-    checkpoint_every: int = 250
+    checkpoint_every: int = 0  # steps between checkpoints; 0: by time only (checkpoint_minutes)
+    checkpoint_minutes: float = 10.0  # minutes between checkpoints, whatever a step takes; 0: by steps only
     keep_checkpoints: int = 2
     sample_every: int = 250  # 0: only at the end
     log_every: int = 10
@@ -194,10 +195,11 @@ class TrainConfig:
                "must be two numbers in [0, 1)")
         _check("adam_eps", self.adam_eps, self.adam_eps > 0, "must be > 0")
         _check("grad_clip", self.grad_clip, self.grad_clip > 0, "must be > 0")
-        for name in ("batch_size", "grad_accum", "max_train_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+        for name in ("batch_size", "grad_accum", "max_train_steps", "keep_checkpoints", "log_every",
                      "adapter_rank", "lora_rank"):
             _check(name, getattr(self, name), int(getattr(self, name)) >= 1, "must be >= 1")
-        for name in ("sample_every", "num_workers"):
+        _check("checkpoint_minutes", self.checkpoint_minutes, self.checkpoint_minutes >= 0, "must be >= 0")
+        for name in ("sample_every", "num_workers", "checkpoint_every"):
             _check(name, getattr(self, name), int(getattr(self, name)) >= 0, "must be >= 0")
         _check("resolution", self.resolution, self.resolution is None or self.resolution >= 8, "must be >= 8")
         if self.name is not None and (not self.name or "/" in self.name):

@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -46,18 +47,43 @@ from ..adapters.atomic import atomic_directory, write_text
 from ..adapters.zoo import Manifest, load_entry, save_entry, save_file
 from ..runtime.diffusion.backbone import Backbone, load_backbone
 from ..runtime.diffusion.denoiser import ConditionedDenoiser
-from .checkpoints import CheckpointError, loading, read_state, with_fallback, write_state
+from .checkpoints import (
+    CheckpointError,
+    StopSignals,
+    incomplete_checkpoints,
+    loading,
+    read_state,
+    with_fallback,
+    write_state,
+    writing,
+)
 from .codi import build_objective, changed_region_weight, noise_removed
 from .config import ConfigError, TrainConfig
 
 CHECKPOINTS = "checkpoints"
 NOISE_REMOVED_AT = (19, 99, 249)  # timesteps at which the EMA weights' noise-removed fraction is logged
 ETA_STEPS = 3  # steps timed (after the first, which pays one-off costs) before the ETA is printed
+ETA_SMOOTHING = 0.1  # weight of the newest step in the moving average of seconds per step
 GRID_ROWS = 4
 
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after the step in progress, with a checkpoint of that step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        import signal
+
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        if checkpoint is None:
+            super().__init__(f"{name} before the first step: nothing to save")
+        else:
+            super().__init__(f"{name} at step {step}: checkpoint {checkpoint}; continue the run with "
+                             f"cdd-train-adapter --resume {checkpoint}")
 
 
 @dataclass
@@ -175,20 +201,33 @@ def first_samples(dataset, n: int) -> dict[str, Any]:
 # Checkpoints: one folder per saved step, written to a temporary folder and renamed into place
 
 
-def checkpoint_dirs(output: Path) -> list[Path]:
+def checkpoint_dirs(output: Path, complete: bool = True) -> list[Path]:
+    """The checkpoint folders of a run, oldest first: those with a state.json, or (complete=False) all."""
     root = output / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                  and (not complete or (p / "state.json").is_file()))
+
+
+def incomplete_report(output: Path, chosen: Path | None) -> str | None:
+    """What to say when checkpoints newer than `chosen` lack their state.json (a resume does not use them)."""
+    bad = incomplete_checkpoints(checkpoint_dirs(output, complete=False), chosen)
+    if not bad:
+        return None
+    names = ", ".join(str(b) for b in bad)
+    return (f"checkpoint(s) {names} have no state.json (incomplete or damaged) and are not used; "
+            + (f"resuming from {chosen}" if chosen is not None else "no complete checkpoint: starting a new run"))
 
 
 def resolve_resume(config: TrainConfig) -> Path | None:
     """The checkpoint folder to continue from (None: a fresh run)."""
     existing = checkpoint_dirs(config.output_dir)
     if config.resume is None:
-        if existing:
+        if existing or checkpoint_dirs(config.output_dir, complete=False):
             raise ConfigError(
-                f"output folder {config.output_dir} already holds checkpoints ({existing[-1].name}); "
+                f"output folder {config.output_dir} already holds checkpoints "
+                f"({checkpoint_dirs(config.output_dir, complete=False)[-1].name}); "
                 "pass --resume to continue that run, or choose another --output"
             )
         return None
@@ -215,26 +254,32 @@ def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, 
     """Every process contributes its RNG state; the main process writes the folder atomically."""
     rng = _gather_objects(accelerator, _rng_state(generator))
     if accelerator.is_main_process:
-        with atomic_directory(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-            save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-            torch.save(rng, tmp / "rng.pt")
-            (tmp / "config.json").write_text(config.to_json())
-            state = {  # with the sha256 of every file, verified on resume
-                "step": step,
-                "micro_batches": step * config.grad_accum,
-                "num_processes": accelerator.num_processes,
-                "seed": config.seed,
-                "backbone_fingerprint": fingerprint,
-                "loss": loss,
-            }
-            write_state(tmp, state)
+        writing(path, lambda: _write_checkpoint(accelerator, path, step=step, config=config, trainable=trainable,
+                                                ema=ema, optimizer=optimizer, rng=rng, fingerprint=fingerprint, loss=loss))
         for old in checkpoint_dirs(path.parent.parent)[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, trainable, ema: EMA, optimizer,
+                      rng: list, fingerprint: str, loss: dict[str, float]) -> None:
+    with atomic_directory(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "config.json").write_text(config.to_json())
+        state = {  # with the sha256 of every file, verified on resume
+            "step": step,
+            "micro_batches": step * config.grad_accum,
+            "num_processes": accelerator.num_processes,
+            "seed": config.seed,
+            "backbone_fingerprint": fingerprint,
+            "loss": loss,
+        }
+        write_state(tmp, state)
 
 
 def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
@@ -460,6 +505,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     main, device = accelerator.is_main_process, accelerator.device
     out = config.output_dir
     resume_from = resolve_resume(config)
+    if config.resume is not None and (report := incomplete_report(out, resume_from)):
+        accelerator.print(f"warning: {report}")
     if resume_from is not None:
         saved = TrainConfig.from_file(resume_from / "config.json")
         conflicts = config.resume_conflicts(saved)
@@ -516,8 +563,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
 
     writer = None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", config.to_json())
+        writing(out, lambda: (out.mkdir(parents=True, exist_ok=True), write_text(out / "config.json", config.to_json())))
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "logs"), purge_step=step + 1 if step else None)
@@ -574,82 +620,105 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
             writer.add_image("samples", image, step, dataformats="HWC")
         accelerator.wait_for_everyone()
 
-    # 5. The loop. One iteration = one micro-batch; an optimizer step every grad_accum of them.
+    # 5. The loop. One iteration = one micro-batch; an optimizer step every grad_accum of them. SIGINT and
+    # SIGTERM let the step in progress finish, then write a checkpoint of it and stop (TrainingInterrupted).
     last_ckpt = checkpoint_dirs(out)[-1] if checkpoint_dirs(out) else None
     window: dict[str, list[float]] = {}
     first_loss: dict[str, float] = {}
     last_loss: dict[str, float] = {}
     grad_norm = torch.tensor(0.0)
-    timer, seconds_per_step = None, None
+    seconds_per_step, tick = None, None
+    postfix: dict[str, str] = {}  # the progress bar's loss and time left
+    last_save = time.monotonic()
     start_step = step
     bar = tqdm(total=config.max_train_steps, initial=step, disable=not main, desc=f"{config.method} {config.task}",
                dynamic_ncols=True)
     data = iter(loader)
-    while step < config.max_train_steps:
-        batch = next(data)
-        x, c, text_emb = encode(batch, config.caption_dropout)
-        extra = {}
-        if config.changed_weight:  # edit teachers: the source is the condition, in [0, 1]
-            extra["weight"] = changed_region_weight(batch["target"].to(device), c * 2 - 1, x.shape[-2:],
-                                                    config.changed_weight)
-        with accelerator.accumulate(student):
-            with accelerator.autocast():
-                terms = objective(student, ema_target, teacher, x, c, text_emb, generator, **extra)
-            _stop_if_not_finite(accelerator, terms.loss, "loss", step + 1, terms.parts, last_ckpt)
-            accelerator.backward(terms.loss)
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), config.grad_clip)
-                if precision != "fp16":  # fp16's grad scaler skips overflowing steps by design
-                    _stop_if_not_finite(accelerator, grad_norm, "gradient norm", step + 1, terms.parts, last_ckpt)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        for k, v in {"total": terms.loss.detach(), **terms.parts}.items():
-            window.setdefault(k, []).append(float(v))
-        if not accelerator.sync_gradients:
-            continue
+    stop = StopSignals(announce=accelerator.print)
+    with stop, bar:  # the bar is closed before any error is printed
+        while step < config.max_train_steps:
+            if _any_process(accelerator, stop.signal is not None) and accelerator.sync_gradients:
+                if step > start_step:
+                    last_ckpt = checkpoint(last_loss)
+                raise TrainingInterrupted(stop.signal or signal.SIGTERM, step, last_ckpt)
+            try:
+                batch = next(data)
+            except Exception:  # noqa: BLE001 - a DataLoader worker that took the signal too: stop above
+                if stop.signal is None:
+                    raise
+                continue
+            x, c, text_emb = encode(batch, config.caption_dropout)
+            extra = {}
+            if config.changed_weight:  # edit teachers: the source is the condition, in [0, 1]
+                extra["weight"] = changed_region_weight(batch["target"].to(device), c * 2 - 1, x.shape[-2:],
+                                                        config.changed_weight)
+            with accelerator.accumulate(student):
+                with accelerator.autocast():
+                    terms = objective(student, ema_target, teacher, x, c, text_emb, generator, **extra)
+                _stop_if_not_finite(accelerator, terms.loss, "loss", step + 1, terms.parts, last_ckpt)
+                accelerator.backward(terms.loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), config.grad_clip)
+                    if precision != "fp16":  # fp16's grad scaler skips overflowing steps by design
+                        _stop_if_not_finite(accelerator, grad_norm, "gradient norm", step + 1, terms.parts, last_ckpt)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in {"total": terms.loss.detach(), **terms.parts}.items():
+                window.setdefault(k, []).append(float(v))
+            if not accelerator.sync_gradients:
+                continue
 
-        ema.update(trainable, step + 1)  # theta^- <- mu theta^- + (1 - mu) theta
-        step += 1
-        bar.update(1)
+            ema.update(trainable, step + 1)  # theta^- <- mu theta^- + (1 - mu) theta
+            step += 1
+            bar.update(1)
 
-        # Logging: means over the window and over processes.
-        if step % config.log_every == 0 or step == start_step + 1 or step == config.max_train_steps:
-            means = accelerator.reduce(torch.tensor([np.mean(v) for v in window.values()], device=device), "mean")
-            last_loss = dict(zip(window, means.tolist()))
-            first_loss = first_loss or last_loss
-            window = {}
-            if main:
-                scalars = {f"loss/{k}": v for k, v in last_loss.items()}
-                scalars.update({"train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm)})
-                scalars.update(removed())
-                for k, v in scalars.items():
-                    writer.add_scalar(k, v, step)
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **scalars, "time": time.time()}) + "\n")
-                bar.set_postfix(loss=f"{last_loss['total']:.4f}")
+            # Logging: means over the window and over processes.
+            if step % config.log_every == 0 or step == start_step + 1 or step == config.max_train_steps:
+                means = accelerator.reduce(torch.tensor([np.mean(v) for v in window.values()], device=device), "mean")
+                last_loss = dict(zip(window, means.tolist()))
+                first_loss = first_loss or last_loss
+                window = {}
+                if main:
+                    scalars = {f"loss/{k}": v for k, v in last_loss.items()}
+                    scalars.update({"train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": float(grad_norm)})
+                    scalars.update(removed())
+                    for k, v in scalars.items():
+                        writer.add_scalar(k, v, step)
+                    writing(out / "metrics.jsonl", lambda: _append_line(out / "metrics.jsonl",
+                                                                        {"step": step, **scalars, "time": time.time()}))
+                    postfix["loss"] = f"{last_loss['total']:.4f}"
 
-        # The ETA: time a few steps after the first (which pays for warm-up) and say how long the run takes.
-        if step == start_step + 1:
-            timer = time.perf_counter()
-        elif timer is not None and seconds_per_step is None and (
-            step == start_step + 1 + ETA_STEPS or step == config.max_train_steps
-        ):
-            seconds_per_step = (time.perf_counter() - timer) / (step - start_step - 1)
-            remaining = seconds_per_step * (config.max_train_steps - step)
-            if remaining > 0:
+            # The ETA: a moving average of the seconds per step, from the second step on (the first pays for
+            # warm-up), checkpoints and sample grids left out; printed once after a few steps, then in the bar.
+            now = time.perf_counter()
+            if tick is not None:
+                spent = now - tick
+                seconds_per_step = spent if seconds_per_step is None else (
+                    ETA_SMOOTHING * spent + (1 - ETA_SMOOTHING) * seconds_per_step)
+            tick = now
+            remaining = (seconds_per_step or 0) * (config.max_train_steps - step)
+            if seconds_per_step is not None and step == min(start_step + 1 + ETA_STEPS, config.max_train_steps) \
+                    and remaining > 0:
                 accelerator.print(
                     f"\n{seconds_per_step:.2f} s/step on this machine: {config.max_train_steps - start_step} steps take about "
                     f"{_duration(seconds_per_step * (config.max_train_steps - start_step))} "
                     f"(done around {time.strftime('%H:%M', time.localtime(time.time() + remaining))}; "
                     "checkpoints and sample grids not counted)"
                 )
+            if seconds_per_step is not None:
+                postfix["left"] = _duration(remaining)
+            bar.set_postfix(postfix, refresh=False)
 
-        if step % config.checkpoint_every == 0 or step == config.max_train_steps:
-            last_ckpt = checkpoint(last_loss)
-        if (config.sample_every and step % config.sample_every == 0) or step == config.max_train_steps:
-            grid()
-        if on_step is not None:
-            on_step(step)
+            timed = bool(config.checkpoint_minutes) and time.monotonic() - last_save >= config.checkpoint_minutes * 60
+            if (_any_process(accelerator, timed) or (config.checkpoint_every and step % config.checkpoint_every == 0)
+                    or step == config.max_train_steps):
+                last_ckpt = checkpoint(last_loss)
+                last_save = time.monotonic()
+            if (config.sample_every and step % config.sample_every == 0) or step == config.max_train_steps:
+                grid()
+            if on_step is not None:
+                on_step(step)
+            tick = time.perf_counter() if tick is not None else None  # checkpoint and grid time is not a step's
     bar.close()
 
     # 6. The zoo entry: the EMA weights, the config, the backbone fingerprint, the default sampler.
@@ -711,6 +780,18 @@ def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, 
     kept = (f"the last good checkpoint {last_ckpt} is intact; continue from it with --resume (e.g. with a lower --lr)"
             if last_ckpt is not None else "no checkpoint had been written yet")
     raise TrainingStopped(f"{what} is {float(value):.4g} at step {step} ({terms}); training stopped: {kept}")
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True when `flag` is true on any process (every process takes the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", help="run folder (default runs/<task>-<adapter>-<method>)")
     g.add_argument("--zoo-out", help="zoo entry folder (default <output>/entry)")
     g.add_argument("--name", help="zoo entry name (default <task>-<adapter>-<method>[-<mode>])")
-    g.add_argument("--checkpoint-every", type=int, help=f"steps between checkpoints (default {d.checkpoint_every})")
+    g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 0: by time, "
+                   "--checkpoint-minutes)")
+    g.add_argument("--checkpoint-minutes", type=float, help=f"minutes between checkpoints, whatever a step takes; "
+                   f"0: by --checkpoint-every only (default {d.checkpoint_minutes:g}); Ctrl-C and SIGTERM also "
+                   "write one, after the step in progress")
     g.add_argument("--keep-checkpoints", type=int, help=f"newest checkpoints kept (default {d.keep_checkpoints})")
     g.add_argument("--sample-every", type=int, help=f"steps between sample grids, 0: only at the end (default {d.sample_every})")
     g.add_argument("--log-every", type=int, help=f"steps between logged scalars (default {d.log_every})")
@@ -203,6 +207,12 @@ def _checkpoint_for(given: dict) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_dirs(output: Path) -> list[Path]:
+    from .loop import checkpoint_dirs as dirs
+
+    return dirs(output)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     given = vars(parser.parse_args(argv))
@@ -219,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
+        from .checkpoints import OutputWriteError
         from .data.datasets import DataError
-        from .loop import TrainingStopped, train
+        from .loop import TrainingInterrupted, TrainingStopped, train
 
         diffusers_logging.disable_progress_bar()  # one progress bar: the training loop's
         transformers_logging.disable_progress_bar()
@@ -231,6 +242,21 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(str(e)) from e
         except TrainingStopped as e:
             print(f"cdd-train-adapter: stopped: {e}", file=sys.stderr)
+            return 1
+        except TrainingInterrupted as e:  # SIGINT / SIGTERM: the step in progress was finished and saved
+            print(f"cdd-train-adapter: {e}", file=sys.stderr)
+            return 128 + e.signum
+        except KeyboardInterrupt:  # before the loop, or a second Ctrl-C: nothing more was saved
+            last = checkpoint_dirs(config.output_dir)
+            print("cdd-train-adapter: interrupted; " + (f"the last checkpoint is {last[-1]}: continue the run with "
+                  f"cdd-train-adapter --resume {last[-1]}" if last else "no checkpoint was written"), file=sys.stderr)
+            return 130
+        except (OutputWriteError, OSError) as e:  # a full disk, an unwritable --output: the path, in one line
+            if isinstance(e, OSError):
+                e = f"cannot write {e.filename or config.output_dir}: {e.strerror or e}"
+            last = checkpoint_dirs(config.output_dir) if config.output_dir.is_dir() else []
+            hint = f"; the last checkpoint is {last[-1]} (--resume it once there is room)" if last else ""
+            print(f"cdd-train-adapter: error: {e}{hint}", file=sys.stderr)
             return 1
     except ConfigError as e:
         print(f"cdd-train-adapter: error: {e}", file=sys.stderr)

@@ -34,13 +34,13 @@ from ...adapters.zoo import MANIFEST, ZooError, list_entries
 from ..diffusion.backbone import Backbone
 from .conditions import condition_warning
 from .engine import Engine
-from .imaging import ImageError, decode_image, encode_png
+from .imaging import ImageError, decode, encode_png, open_image
 from .metrics import Metrics
 from .pool import AdapterConflict, AdapterGone, Registered
 from ..diffusion.samplers import servable_samplers, split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import SR_SCALE, SUPER_RESOLUTION, assemble, blank_work, check_guidance, prompt_required, task_rows
+from .tasks import SR_SCALE, SUPER_RESOLUTION, admit, assemble, blank_work, check_guidance, prompt_required
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -96,9 +96,16 @@ class Limits(BaseModel):
     max_prompt: int = Field(description="characters")
 
 
+class UnavailableInfo(BaseModel):
+    name: str
+    task: str | None
+    reason: str
+
+
 class TasksResponse(BaseModel):
     tasks: list[TaskInfo]
     limits: Limits
+    unavailable: list[UnavailableInfo] = Field(default_factory=list, description="zoo entries not served, and why")
 
 
 class Timings(BaseModel):
@@ -232,6 +239,7 @@ class TaskCall:
     height: int | None = None
     guidance: float | None = None  # w; None: the entry's default (or an entry that takes none)
     warning: str | None = None  # X-CDD-Warning: the input is most likely not the task's condition
+    source: tuple[int, int] | None = None  # the upload's (width, height), before any downscale on decoding
 
 
 @dataclass
@@ -251,10 +259,11 @@ class TaskOutput:
 
 
 async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[str, list[Registered]],
-                     settings: ServeSettings, scale_factor: int = 8) -> TaskCall:
+                     settings: ServeSettings, scale_factor: int = 8, size_factor: int | None = None,
+                     unavailable: dict | None = None) -> TaskCall:
     """Pick the adapter, fill in the manifest's defaults, check the work it asks for on the image header,
     decode the image: every 4xx a client can cause before the engine sees the request."""
-    reg = pick_adapter(tasks, task, form.adapter)
+    reg = pick_adapter(tasks, task, form.adapter, unavailable)
     log_fields = request.scope.setdefault("cdd", {})
     log_fields["task"] = task
     prompt = form.prompt or ""
@@ -275,40 +284,22 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     guidance = form.guidance if form.guidance is not None else (reg.manifest.guidance or (None,))[0]
     log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler, guidance=guidance)
 
-    def check_work(width: int, height: int) -> None:  # on the header: before a pixel is decoded
-        rows = task_rows(task, width, height, reg.resolution, scale_factor, settings.sr_tile_overlap)
-        if rows * steps > settings.max_work:
-            fewer = f"steps={settings.max_work // rows} or fewer, or " if rows <= settings.max_work else ""
-            raise ImageError(
-                413, "too_much_work",
-                f"a {width}x{height} image is {rows} row(s) for {task} at {reg.resolution} px, x {steps} step(s) = "
-                f"{rows * steps} row-steps; the limit per request (max_work) is {settings.max_work}: send {fewer}"
-                "a smaller image, or raise the limit on the server (cdd-serve --max-work N, or CDD_MAX_WORK=N)",
-            )
-
-    check_output_size(task, form.width, form.height, settings.max_pixels)
     data = await form.image.read()
-    # tasks that resize their input accept any image up to the decode-safety limit, downscaled on decoding
-    downscale = task != SUPER_RESOLUTION
-    try:
-        cond = await run_in_threadpool(decode_image, data, settings.max_pixels, reg.channels,
-                                       settings.max_decode_pixels if downscale else None, check_work)
+    try:  # one admission check, on the header and the form, before anything is decoded or allocated
+        upload = await run_in_threadpool(open_image, data)
+        plan = admit(task, upload, width=form.width, height=form.height, steps=steps, resolution=reg.resolution,
+                     scale_factor=scale_factor, size_factor=size_factor or scale_factor, max_pixels=settings.max_pixels,
+                     max_decode_pixels=settings.max_decode_pixels, max_work=settings.max_work,
+                     overlap_fraction=settings.sr_tile_overlap)
+        cond = await run_in_threadpool(decode, upload, reg.channels, plan.decode_pixels)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err
     warning = await run_in_threadpool(condition_warning, task, cond, data)
     budget = settings.request_deadline_s
     if form.deadline_ms is not None:
         budget = min(budget, form.deadline_ms / 1000)
-    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height, guidance, warning)
-
-
-def check_output_size(task: str, width: int | None, height: int | None, max_pixels: int) -> None:
-    if width is None and height is None:
-        return
-    if task == SUPER_RESOLUTION:
-        raise APIError(422, "invalid_parameter", "super-resolution's output is 4x its input: it takes no width or height")
-    if (width or 1) * (height or 1) > max_pixels:
-        raise APIError(422, "invalid_parameter", f"width x height is over the limit of {max_pixels} pixels")
+    return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height, guidance=guidance,
+                    warning=warning, source=(upload.width, upload.height))
 
 
 async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
@@ -325,6 +316,8 @@ async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
     if work.layout is None and work.size[0] * work.size[1] > e.settings.max_pixels:
         raise APIError(422, "invalid_parameter", f"the output {work.size[1]}x{work.size[0]} is over the limit of "
                        f"{e.settings.max_pixels} pixels")
+    if work.layout is None and call.source is not None and call.source != work.size[::-1]:
+        work.resized = f"{call.source[0]}x{call.source[1]}->{work.size[1]}x{work.size[0]}"  # what the client sent
     log_fields["rows"] = work.rows
     result = await _run(e, work, deadline, client_gone)
     png = await run_in_threadpool(lambda: encode_png(assemble(work, result.rows)))
@@ -368,9 +361,9 @@ async def disconnected(request: Request) -> None:
 
 
 def tasks_response(tasks: dict[str, list[Registered]], resident: set[str], settings: ServeSettings,
-                   detail: bool = False) -> JSONResponse:
-    """What a client needs to build a request (names, tasks, steps, samplers, sizes, limits); `detail` adds
-    each adapter's whole manifest (its diffusers architecture config: tens of KB)."""
+                   detail: bool = False, unavailable=()) -> JSONResponse:
+    """What a client needs to build a request (names, tasks, steps, samplers, sizes, limits, entries not served
+    and why); `detail` adds each adapter's whole manifest (its diffusers architecture config: tens of KB)."""
     out = []
     for task, regs in sorted(tasks.items()):
         infos = [_info(r, r.name in resident, detail) for r in regs]
@@ -380,7 +373,8 @@ def tasks_response(tasks: dict[str, list[Registered]], resident: set[str], setti
                             upscale=SR_SCALE if sr else None, takes_width_height=not sr, adapters=infos))
     limits = Limits(max_pixels=settings.max_pixels, max_decode_pixels=settings.max_decode_pixels,
                     max_work=settings.max_work, max_upload_mb=settings.max_upload_mb, max_prompt=MAX_PROMPT)
-    return JSONResponse(TasksResponse(tasks=out, limits=limits).model_dump(exclude_none=True))
+    gone = [UnavailableInfo(name=u.name, task=u.task, reason=u.reason) for u in unavailable]
+    return JSONResponse(TasksResponse(tasks=out, limits=limits, unavailable=gone).model_dump(exclude_none=True))
 
 
 def service_app(settings: ServeSettings, metrics: Metrics, known_tasks: Callable[[], dict | None], *, title: str,
@@ -466,9 +460,11 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = Engine(settings, backbone=backbone, metrics=metrics)
-        await run_in_threadpool(engine.start)
-        app.state.engine = engine
+        engine = getattr(app.state, "engine", None)  # started already by start_engine (cdd-serve)
+        if engine is None:
+            engine = Engine(settings, backbone=backbone, metrics=metrics)
+            await run_in_threadpool(engine.start)
+            app.state.engine = engine
         log.info("serving", extra={"fields": {"settings": settings.public()}})
         try:
             yield
@@ -488,6 +484,7 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
         summary="Conditional diffusion distillation adapters on one resident backbone: few-step conditional sampling.",
         lifespan=lifespan,
     )
+    app.state.new_engine = lambda: Engine(settings, backbone=backbone, metrics=metrics)
 
     def engine() -> Engine:
         return app.state.engine
@@ -498,11 +495,15 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
              responses={503: {"description": "starting or warm-up failed"}})
     async def readyz() -> JSONResponse:
         e = engine()
+        unavailable = {u.name: u.reason for u in e.unavailable.values()}
         if e.warmup_error:
             return JSONResponse({"status": "warm-up failed", "error": e.warmup_error}, status_code=503)
         if not e.ready:
             return JSONResponse({"status": "warming up"}, status_code=503)
-        return JSONResponse({"status": "ready", "adapters": len(e.pool.entries()), "device": str(e.backbone.device)})
+        if not e.servable():
+            return JSONResponse({"status": "no servable adapters", "unavailable": unavailable}, status_code=503)
+        return JSONResponse({"status": "ready", "adapters": len(e.pool.entries()), "device": str(e.backbone.device),
+                             "unavailable": unavailable})
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -510,13 +511,14 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
              response_model=TasksResponse, response_model_exclude_none=True)
     async def list_tasks(detail: bool = Query(False, description="add each adapter's whole manifest")) -> JSONResponse:
         e = engine()
-        return tasks_response(e.tasks(), set(e.pool.resident_names()), settings, detail)
+        return tasks_response(e.tasks(), set(e.pool.resident_names()), settings, detail, e.unavailable.values())
 
     @app.post("/v1/tasks/{task}", **TASK_ROUTE)
     async def run_task(request: Request, task: str, form: TaskForm = Depends(task_form)) -> Response:
         arrival = time.monotonic()
         e = engine()
-        call = await parse_task(request, task, form, e.tasks(), settings, e.backbone.vae_scale_factor)
+        call = await parse_task(request, task, form, e.tasks(), settings, e.backbone.vae_scale_factor,
+                                e.backbone.size_factor, e.unavailable)
         out = await execute(e, call, arrival + call.budget_s, request.scope["cdd"], lambda: disconnected(request))
         return task_response(request, call, out, arrival)
 
@@ -570,7 +572,11 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
             try:  # loaded and run once before it is announced: an entry that cannot serve is refused now
                 await run_in_threadpool(_run_once, e, reg, settings.request_deadline_s)
             except Exception as err:  # noqa: BLE001 - whatever it is, the entry cannot serve
-                await run_in_threadpool(e.unregister, reg.name)
+                e.unavailable.pop(reg.name, None)  # refused, not part of the zoo served
+                try:  # with what it allocated (its architecture's module, when it was the only one)
+                    await run_in_threadpool(e.unregister, reg.name)
+                except AdapterGone:
+                    pass  # the engine has already isolated it
                 raise APIError(422, "invalid_zoo_entry", f"zoo entry {p.name} ({reg.name}) was verified but does not "
                                f"run: {type(err).__name__}: {str(err)[:500]}") from err
             registered.append(reg)
@@ -591,6 +597,16 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
     return app
 
 
+def start_engine(app: FastAPI) -> Engine:
+    """Load the backbone and the zoo of a `create_app` app before its server starts (its lifespan then
+    uses this engine): a zoo that cannot be served is an EngineError to report in one line, not a
+    traceback from the server's startup."""
+    engine = app.state.new_engine()
+    engine.start()
+    app.state.engine = engine
+    return engine
+
+
 def _run_once(e: Engine, reg: Registered, timeout: float) -> None:
     """Sample one blank row with the entry (through the queue, like any request); raise when that fails
     or gives non-finite values."""
@@ -606,8 +622,15 @@ def _run_once(e: Engine, reg: Registered, timeout: float) -> None:
         raise ValueError("its output has non-finite values")
 
 
-def pick_adapter(tasks: dict[str, list[Registered]], task: str, name: str | None) -> Registered:
+def pick_adapter(tasks: dict[str, list[Registered]], task: str, name: str | None,
+                 unavailable: dict | None = None) -> Registered:
+    """The adapter that serves `task` (`name`, or the task's default); 503 `adapter_unavailable` when the
+    entry asked for, or every entry of the task, is in the zoo but cannot be served (engine.Unavailable)."""
     regs = tasks.get(task)
+    down = [u for u in (unavailable or {}).values() if u.task == task and (name is None or u.name == name)]
+    if down and (not regs or name is not None and all(r.name != name for r in regs)):
+        raise APIError(503, "adapter_unavailable", "; ".join(f"zoo entry {u.name} of task {task!r} is not served: "
+                                                              f"{u.reason}" for u in down))
     if not regs:
         known = ", ".join(sorted(tasks)) or "none"
         raise APIError(404, "unknown_task", f"no adapter serves task {task!r}; tasks: {known}")
@@ -640,7 +663,9 @@ async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] 
         gone.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         try:
-            waiting = {asyncio.shield(fut)} | ({gone} if gone else set())
+            shielded = asyncio.shield(fut)  # its own exception, when it has one, is retrieved too
+            shielded.add_done_callback(lambda f: f.cancelled() or f.exception())
+            waiting = {shielded} | ({gone} if gone else set())
             done, _ = await asyncio.wait(waiting, timeout=max(deadline - time.monotonic(), 0.0),
                                          return_when=asyncio.FIRST_COMPLETED)
             if gone is not None and gone in done and not fut.done():
@@ -661,6 +686,10 @@ async def _run(e: Engine, work, deadline: float, client_gone: Callable[[], Any] 
         raise APIError(504, "deadline_exceeded", str(err)) from err
     except AdapterGone as err:
         raise APIError(410, "adapter_gone", f"adapter {work.adapter!r} was unregistered while the request waited") from err
+    except SchedulerClosed as err:  # still queued when the shutdown drain ended
+        raise APIError(503, "shutting_down", str(err), headers={"Retry-After": "5"}) from err
+    except ZooError as err:  # its weights failed to load: the engine no longer serves the entry
+        raise APIError(503, "adapter_unavailable", f"zoo entry {work.adapter} is not served: it failed to load") from err
 
 
 def _info(reg: Registered, resident: bool, detail: bool = True) -> AdapterInfo:

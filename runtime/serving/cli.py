@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
 
-    from .server import bind, serve
+    from .server import STARTUP_FAILURE, bind, serve
 
     try:  # before the model loads: a port in use fails now, not after warm-up
         sock = bind(settings.host, settings.port)
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdd-serve: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}", file=sys.stderr)
         return 2
 
-    from .app import create_app
+    from .app import create_app, start_engine
+    from .engine import EngineError
     from .logs import configure
 
     configure(settings.log_level)
@@ -158,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     # On SIGTERM/SIGINT the server stops accepting, lets in-flight requests finish (at most drain_s), then
     # runs the lifespan shutdown, which lets the engine finish what was admitted (bounded by drain_s too).
     app = create_app(settings)
+    try:
+        start_engine(app)
+    except EngineError as e:  # a zoo none of whose entries can be served, an unreadable folder: one line
+        print(f"cdd-serve: {e}", file=sys.stderr)
+        return STARTUP_FAILURE
     announce_when_ready(app, sock)
     return serve(app, settings, sock)
 

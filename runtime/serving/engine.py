@@ -33,7 +33,7 @@ from .executor import Batch, Executor, Flight
 from .metrics import Metrics
 from .pool import AdapterGone, AdapterPool, Registered
 from ..diffusion.samplers import is_stochastic
-from .scheduler import Job, Scheduler
+from .scheduler import Job, Scheduler, SchedulerClosed
 from .settings import ServeSettings
 from .tasks import Work, blank_work, check_guidance, prepare
 
@@ -43,6 +43,15 @@ TEXT_CACHE = 512
 
 class EngineError(RuntimeError):
     """The engine cannot start (missing folders, an unusable zoo)."""
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A zoo entry that is not served, and why (its hash, manifest, load, warm-up or weights failed)."""
+
+    name: str  # the manifest's name, or the entry folder's when the manifest cannot be read
+    task: str | None
+    reason: str  # without server paths: shown by GET /v1/tasks and /readyz
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Engine:
         self.pool: AdapterPool | None = None
         self.executor: Executor | None = None
         self.warmup_error: str | None = None
+        self.unavailable: dict[str, Unavailable] = {}  # entries not served, by name, with the reason
         self._lock = threading.RLock()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,14 +104,23 @@ class Engine:
         self.executor = Executor(self.backbone, s.batch_buckets(), graphs)
         self.pool = AdapterPool(self.backbone, s.memory_budget_bytes, self.metrics, on_lora_dropped=self.executor.drop_lora)
         self._register_zoos()
+        if s.warmup:  # every entry's weights loaded once now: one that cannot load is isolated before serving
+            for reg in self.pool.entries():
+                try:
+                    self.load(reg.name)
+                except Exception as e:  # noqa: BLE001 - this entry cannot serve; the others can
+                    self.mark_unavailable(reg.name, reg.task, e)
+            self._require_servable()
         self._thread = threading.Thread(target=self._work, name="cdd-engine", daemon=True)
         self._thread.start()
         return self
 
     def _register_zoos(self) -> None:
-        """Register every entry of a named zoo (any that cannot be served is an error), or of the default zoos:
-        the user zoo, then the embedded one, skipping (and saying so) entries made for another backbone and
-        embedded entries a user entry of the same name shadows."""
+        """Register every entry of a named zoo, or of the default zoos: the user zoo, then the embedded one,
+        skipping (and saying so) entries made for another backbone and embedded entries a user entry of the
+        same name shadows. An entry that fails (manifest, hashes, servability) is isolated: marked
+        unavailable with the reason, the rest is served; only a zoo of entries none of which can be served
+        stops the start (EngineError, one line)."""
         s = self.settings
         named = s.zoo is not None
         served: dict[str, int] = {}
@@ -113,9 +132,13 @@ class Engine:
                     "(the embedded default zoo is built by cdd-train-adapter)"
                 )
             served[str(zoo)] = 0
-            for path, manifest in list_entries(zoo):
-                if isinstance(manifest, ZooError):  # one bad entry is skipped, named in the log; the rest serve
-                    log.error(f"zoo entry {path.name} is skipped: {manifest}", extra={"fields": {"entry": path.name}})
+            try:
+                entries = list_entries(zoo)
+            except OSError as e:
+                raise EngineError(f"zoo folder {zoo} cannot be read: {e.strerror or type(e).__name__}") from e
+            for path, manifest in entries:
+                if isinstance(manifest, ZooError):  # one bad entry is named in the log; the rest serve
+                    self.mark_unavailable(path.name, None, manifest, path)
                     continue
                 if not named and manifest.backbone_fingerprint != self.backbone.fingerprint:
                     skipped.append(f"{path} (made for backbone {manifest.backbone_fingerprint[:12]}, not this one)")
@@ -125,28 +148,73 @@ class Engine:
                     continue
                 try:
                     self.pool.register(path)
-                except ZooError as e:  # a readable manifest for something this backbone cannot serve
-                    raise EngineError(f"zoo {zoo}, entry {path.name}: {e}") from e
+                except (ZooError, OSError) as e:  # tampered, unreadable, or something this backbone cannot serve
+                    self.mark_unavailable(manifest.name, manifest.task, e, path)
+                    continue
                 served[str(zoo)] += 1
-        log.info("serving zoo entries", extra={"fields": {"entries_by_zoo": served, "skipped": skipped}})
+        log.info("serving zoo entries", extra={"fields": {"entries_by_zoo": served, "skipped": skipped,
+                                                          "unavailable": sorted(self.unavailable)}})
         for why in skipped:
             log.warning(f"not serving zoo entry {why}")
         if not self.pool.entries():
+            self._require_servable()
             if skipped:
                 raise EngineError(f"no entry of {', '.join(served)} was made for the served backbone "
                                   f"({self.backbone.fingerprint[:12]}); "
                                   "pass --zoo PATH with entries trained on it")
             log.warning(f"zoo {', '.join(served)} has no entries: no task is served until one is registered")
 
+    def _require_servable(self) -> None:
+        if not self.servable():
+            raise EngineError(f"no entry of {', '.join(map(str, self.settings.zoo_dirs()))} can be served: "
+                              + "; ".join(f"{u.name}: {u.reason}" for u in self.unavailable.values()))
+
+    def mark_unavailable(self, name: str, task: str | None, error: BaseException, path: Path | None = None) -> None:
+        """Stop serving entry `name` (unregistered if it was) and record why: the log has the whole reason,
+        GET /v1/tasks and /readyz the reason without server paths."""
+        reason = str(error) if isinstance(error, (ZooError, EngineError)) else f"{type(error).__name__}: {error}"
+        log.error(f"zoo entry {name} is not served: {reason}", extra={"fields": {"entry": name}})
+        if path is not None:
+            for p in {str(path.resolve()), str(path)}:
+                reason = reason.replace(p, path.name)
+        with self._lock:
+            try:
+                reg = self.unregister(name)
+                task = task or reg.task
+                for p in {str(reg.path), str(reg.path.resolve())}:
+                    reason = reason.replace(p, reg.path.name)
+            except AdapterGone:
+                pass
+        self.unavailable[name] = Unavailable(name, task, reason[:1000])
+
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Admit nothing more, finish what was admitted (or, drain=False, fail it), stop the worker."""
         self.scheduler.close()
         if not drain:
-            while (batch := self.scheduler.next_batch(timeout=0)) is not None:
-                for job in batch:
-                    job.future.set_exception(RuntimeError("the server stopped before this request ran"))
+            self.fail_queued()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def drain(self, seconds: float) -> threading.Timer:
+        """Shutdown begins: admit nothing more, and `seconds` from now refuse what is still queued
+        (SchedulerClosed: 503 shutting_down); what is running then finishes."""
+        self.scheduler.close()
+        timer = threading.Timer(seconds, self.fail_queued)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def fail_queued(self) -> int:
+        """Refuse every queued request that has not started (SchedulerClosed); how many there were."""
+        n = 0
+        while (batch := self.scheduler.next_batch(timeout=0)) is not None:
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(SchedulerClosed())
+                    n += 1
+        if n:
+            log.warning(f"shutting down: {n} queued request(s) refused with 503 shutting_down")
+        return n
 
     @property
     def ready(self) -> bool:
@@ -173,6 +241,10 @@ class Engine:
         while True:
             if not self.step(timeout=0.1) and self.scheduler.closed and len(self.scheduler) == 0:
                 return
+
+    def servable(self) -> bool:
+        """Something is served: an entry is registered, or none ever failed (an empty zoo waiting for one)."""
+        return bool(self.pool.entries()) or not self.unavailable
 
     # -- requests ------------------------------------------------------------------------
 
@@ -225,7 +297,9 @@ class Engine:
             try:
                 self._flights.append(self._board(job))
             except Exception as e:  # noqa: BLE001 - the request learns why; the others go on
-                if not isinstance(e, AdapterGone):
+                if isinstance(e, ZooError):  # its entry cannot load: isolated, its later requests are refused
+                    self.mark_unavailable(job.payload.adapter, job.payload.task, e)
+                elif not isinstance(e, AdapterGone):
                     log.exception("request failed to start")
                 job.future.set_exception(e)
         failed: set[int] = set()
@@ -299,7 +373,9 @@ class Engine:
         try:
             rows = self._execute([job.payload for job in batch])
         except Exception as e:  # noqa: BLE001 - every request of the batch learns why
-            if not isinstance(e, AdapterGone):
+            if isinstance(e, ZooError):  # its entry cannot load: isolated, its later requests are refused
+                self.mark_unavailable(batch[0].payload.adapter, batch[0].payload.task, e)
+            elif not isinstance(e, AdapterGone):
                 log.exception("batch failed")
             for job in batch:
                 job.future.set_exception(e)
@@ -346,9 +422,10 @@ class Engine:
         return emb
 
     def warm_up(self, names: Iterable[str] | None = None) -> None:
-        """Run every (architecture, resolution, default steps and sampler) once per batch bucket: loads the
-        adapters, initialises kernels and, on CUDA, captures the graphs before the first request.
-        `names`: only these entries (default: all)."""
+        """Load every entry once (hashes, weights, finite values) and run every (architecture, resolution,
+        default steps and sampler) once per batch bucket: initialises kernels and, on CUDA, captures the
+        graphs before the first request. An entry that fails either is marked unavailable (the others are
+        served). `names`: only these entries (default: all)."""
         seen = set()
         wanted = None if names is None else set(names)
         rows = self.settings.batching_mode == "step"
@@ -358,19 +435,25 @@ class Engine:
             m = reg.manifest
             # step-level: graphs are per (architecture, bucket, size), whatever the steps and sampler
             key = (reg.architecture, reg.lora_name, reg.resolution) + (() if rows else (m.steps, m.sampler))
-            if key in seen:
+            try:
+                self.load(reg.name)
+                if key in seen:
+                    continue
+                for size in self.executor.buckets:
+                    work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, self.backbone.model_channels,
+                                      self.backbone.vae_scale_factor, m.steps, m.sampler)
+                    out = self._warm_rows(reg, work, size) if rows else self._execute([work] * size)
+                    if not torch.isfinite(out).all():
+                        raise ZooError("its warm-up output has non-finite values")
+            except Exception as e:  # noqa: BLE001 - this entry cannot serve; the others can
+                self.mark_unavailable(reg.name, reg.task, e)
+                if wanted is not None:  # asked for by name (a Ray replica loading it): the caller learns why
+                    raise
                 continue
             seen.add(key)
-            for size in self.executor.buckets:
-                work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, self.backbone.model_channels,
-                                  self.backbone.vae_scale_factor, m.steps, m.sampler)
-                if rows:
-                    self._warm_rows(reg, work, size)
-                else:
-                    self._execute([work] * size)
             log.info(f"warmed up {reg.architecture} at {reg.resolution}px, {m.steps} steps {m.sampler}")
 
-    def _warm_rows(self, reg: Registered, work: Work, size: int) -> None:
+    def _warm_rows(self, reg: Registered, work: Work, size: int) -> torch.Tensor:
         """One evaluation and one decode of `size` blank rows of `reg` (step-level batching)."""
         with self._lock:
             text = self._encode("").expand(size, -1, -1)
@@ -378,7 +461,7 @@ class Engine:
                                          text_emb=text, fresh=None, steps=1, sampler="ddim",
                                          guidance=row_guidance(reg, [work] * size))
             self.executor.evaluate(self.pool, [flight])
-            self.executor.decode([flight])
+            return self.executor.decode([flight])[0]
 
     # -- adapters ------------------------------------------------------------------------
 
@@ -387,7 +470,10 @@ class Engine:
 
     def unregister(self, name: str) -> Registered:
         with self._lock:
-            return self.pool.unregister(name)
+            reg = self.pool.unregister(name)
+            if reg.architecture not in self.pool.slots() and self.executor.graphs is not None:
+                self.executor.graphs.drop(lambda key: key.architecture == reg.architecture)
+            return reg
 
     def load(self, name: str) -> Registered:
         """Put a registered adapter's weights on the device ahead of its requests."""

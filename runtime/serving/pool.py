@@ -124,6 +124,14 @@ def _without_bookkeeping(config):
     return config
 
 
+def _check_finite(path: Path, fname: str, state: dict[str, torch.Tensor]) -> None:
+    """ZooError naming the first tensors with NaN or infinite values: such weights only make garbage."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ZooError(f"zoo entry {path}: {fname} has non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                       f"{', '.join(bad[:3])}")
+
+
 def _nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -190,6 +198,8 @@ class AdapterPool:
             for slot in self._slots.values():
                 if slot.current == name:
                     slot.current = None
+            if all(r.architecture != reg.architecture for r in self._registered.values()):
+                self._slots.pop(reg.architecture, None)  # its last entry left: the module's memory goes too
         return reg
 
     def get(self, name: str) -> Registered:
@@ -261,7 +271,11 @@ class AdapterPool:
         manifest = verify_entry(reg.path, self.backbone.fingerprint)  # the files may have changed since register
         if manifest.to_json() != reg.manifest.to_json():
             raise ZooError(f"zoo entry {reg.path} changed on disk since it was registered; register it again")
-        state = load_file(reg.path / ADAPTER_FILE, device="cpu")
+        try:
+            state = load_file(reg.path / ADAPTER_FILE, device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types on a file it cannot parse
+            raise ZooError(f"zoo entry {reg.path}: {ADAPTER_FILE} cannot be loaded: {type(e).__name__}: {e}") from e
+        _check_finite(reg.path, ADAPTER_FILE, state)
         missing, unexpected = sorted(slot.stored_keys - set(state)), sorted(set(state) - slot.stored_keys)
         bad = [k for k in slot.stored_keys & set(state) if tuple(state[k].shape) != tuple(slot.tensors[k].shape)]
         if missing or unexpected or bad:
@@ -274,7 +288,11 @@ class AdapterPool:
         nbytes = _nbytes(state)
         lora = None
         if reg.lora_name is not None:
-            lora_state = load_file(reg.path / BACKBONE_LORA_FILE, device="cpu")
+            try:
+                lora_state = load_file(reg.path / BACKBONE_LORA_FILE, device="cpu")
+            except Exception as e:  # noqa: BLE001
+                raise ZooError(f"zoo entry {reg.path}: {BACKBONE_LORA_FILE} cannot be loaded: {type(e).__name__}: {e}") from e
+            _check_finite(reg.path, BACKBONE_LORA_FILE, lora_state)
             load_backbone_lora(self.backbone.unet, reg.lora_name, manifest.backbone_lora, lora_state)
             _place_lora(self.backbone.unet, reg.lora_name, device, dtype)
             set_backbone_lora(self.backbone.unet, self._active_lora)

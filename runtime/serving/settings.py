@@ -108,6 +108,10 @@ class ServeSettings(ZooSettings):
                                "KiB; more is refused with 431 and the connection closed")
     read_timeout_s: float = Field(20.0, gt=0, description="a connection that has not sent a whole request (head "
                                   "and body) this many seconds after it opened, or after its last answer, is closed")
+    write_timeout_s: float = Field(30.0, gt=0, description="a client that reads none of an answer for this many "
+                                   "seconds (the send buffer full) is disconnected")
+    idle_timeout_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this many "
+                                  "seconds")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("device")

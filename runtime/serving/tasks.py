@@ -127,11 +127,80 @@ class Work:
 
 def output_size(width: int, height: int, resolution: int, factor: int) -> tuple[int, int]:
     """The default (width, height) for an input of width x height: its aspect ratio at resolution^2 pixels,
-    each side rounded to a multiple of `factor` (at least one factor)."""
+    each side rounded to a multiple of `factor` (at least one factor). An input narrower than that allows
+    (a 1x100000 strip) gets the short side one factor and the long side resolution^2 / factor: never more
+    pixels than resolution^2."""
     aspect = width / height
     h = resolution / math.sqrt(aspect)
     w = resolution * math.sqrt(aspect)
-    return max(factor, round(w / factor) * factor), max(factor, round(h / factor) * factor)
+    longest = max(factor, resolution * resolution // factor // factor * factor)
+    w, h = max(factor, round(w / factor) * factor), max(factor, round(h / factor) * factor)
+    return min(w, longest), min(h, longest)
+
+
+def output_dims(in_width: int, in_height: int, width: int | None, height: int | None, resolution: int,
+                factor: int) -> tuple[int, int]:
+    """The output (width, height) of a task other than super-resolution for a `in_width` x `in_height` input:
+    the request's width and height, one side given keeping the input's aspect ratio, or `output_size`.
+    ValueError for a side that is not a positive multiple of `factor`."""
+    if width is not None and height is None:  # one side given: the other keeps the input's aspect ratio
+        height = max(factor, round(width * in_height / in_width / factor) * factor)
+    elif height is not None and width is None:
+        width = max(factor, round(height * in_width / in_height / factor) * factor)
+    if width is None:
+        width, height = output_size(in_width, in_height, resolution, factor)
+    for name, v in (("width", width), ("height", height)):
+        if v < factor or v % factor:
+            raise ValueError(f"{name} {v} must be a positive multiple of {factor} for this backbone")
+    return width, height
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What an admitted request will compute: known from the image header and the form, before decoding."""
+
+    rows: int
+    decode_pixels: int | None  # the decoded image is downscaled to at most this many pixels (None: kept)
+    out: tuple[int, int] | None  # (width, height) of the output; None for super-resolution (4x its input)
+
+
+def admit(task: str, upload, *, width: int | None, height: int | None, steps: int, resolution: int, scale_factor: int,
+          size_factor: int, max_pixels: int, max_decode_pixels: int, max_work: int,
+          overlap_fraction: float = 0.25) -> Admission:
+    """The one admission check of a task request, on the header of `upload` (imaging.Upload) and the form
+    fields, before a pixel is decoded or anything allocated: the pixels decoded (every frame counted), the
+    output size and the work (rows x steps). Raises imaging.ImageError with the HTTP status and code."""
+    from .imaging import ImageError, check_pixels, fit
+
+    if task == SUPER_RESOLUTION:
+        if width is not None or height is not None:
+            raise ImageError(422, "invalid_parameter", "super-resolution's output is 4x its input: it takes no width or height")
+        check_pixels(upload, max_pixels)
+        rows, out, decode_pixels = task_rows(task, upload.width, upload.height, resolution, scale_factor,
+                                             overlap_fraction), None, None
+    else:
+        # tasks that resize their input accept any image up to the decode-safety limit, downscaled on decoding
+        check_pixels(upload, max(max_pixels, max_decode_pixels))
+        for name, v in (("width", width), ("height", height)):
+            if v is not None and v > max_pixels:  # before the other side is derived from it
+                raise ImageError(422, "invalid_parameter", f"{name} {v} is over the limit of {max_pixels} pixels")
+        try:
+            out = output_dims(*fit(upload.width, upload.height, max_pixels), width, height, resolution, size_factor)
+        except ValueError as e:
+            raise ImageError(422, "invalid_parameter", str(e)) from e
+        if out[0] * out[1] > max_pixels:
+            raise ImageError(422, "invalid_parameter", f"the output {out[0]}x{out[1]} is over the limit of "
+                             f"{max_pixels} pixels")
+        rows, decode_pixels = 1, max_pixels
+    if rows * steps > max_work:
+        raise ImageError(
+            413, "too_much_work",
+            f"a {upload.width}x{upload.height} image is {rows} row(s) for {task} at {resolution} px, x {steps} step(s) = "
+            f"{rows * steps} row-steps; the limit per request (max_work) is {max_work}: send "
+            + (f"steps={max_work // rows} or fewer, or " if rows <= max_work else "")
+            + "a smaller image, or raise the limit on the server (cdd-serve --max-work N, or CDD_MAX_WORK=N)",
+        )
+    return Admission(rows, decode_pixels, out)
 
 
 def prepare(
@@ -175,15 +244,7 @@ def prepare(
             fresh = [torch.stack([xi[0, :, y // f : (y + r) // f, x // f : (x + r) // f] for y, x in crop]) for xi in fresh]
         return Work(**common, cond=cond.contiguous(), z_T=z_T.contiguous(), fresh=fresh, layout=layout)
     factor = size_factor or scale_factor
-    out_w, out_h = output_size(in_width, in_height, resolution, factor)
-    if width is not None and height is None:  # one side given: the other keeps the input's aspect ratio
-        height = max(factor, round(width * in_height / in_width / factor) * factor)
-    elif height is not None and width is None:
-        width = max(factor, round(height * in_width / in_height / factor) * factor)
-    out_w, out_h = (out_w if width is None else width), (out_h if height is None else height)
-    for name, v in (("width", out_w), ("height", out_h)):
-        if v < factor or v % factor:
-            raise ValueError(f"{name} {v} must be a positive multiple of {factor} for this backbone")
+    out_w, out_h = output_dims(in_width, in_height, width, height, resolution, factor)
     resized = None
     if (in_height, in_width) != (out_h, out_w):
         image = F.interpolate(

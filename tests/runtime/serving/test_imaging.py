@@ -61,3 +61,13 @@ def test_the_check_runs_on_the_header_before_decoding():
     with pytest.raises(ImageError) as e:
         decode_image(data[:-20], 10_000, check=check)  # truncated: decoding it would be a 400
     assert e.value.status == 413 and seen == [(40, 2)]
+
+
+def test_frames_are_counted_up_to_one_past_the_limit():
+    pages = [Image.fromarray(np.full((2, 2, 3), i, np.uint8)) for i in range(70)]
+    for fmt in ("TIFF", "GIF"):
+        data = encode(pages[0], fmt, save_all=True, append_images=pages[1:])
+        with pytest.raises(ImageError) as e:
+            decode_image(data, 10_000)
+        assert e.value.status == 400 and e.value.code == "too_many_frames"
+        assert decode_image(encode(pages[0], fmt, save_all=True, append_images=pages[1:64]), 10_000).shape == (3, 2, 2)

@@ -198,3 +198,22 @@ def test_warnings_and_uncaught_exceptions_are_json_log_lines():
     assert records[0]["logger"] == "py.warnings" and "an odd image" in records[0]["msg"]
     assert records[1]["logger"] == "cdd.crash" and "worker" in records[1]["msg"] and "ZeroDivisionError" in records[1]["exc"]
     assert "RuntimeError: at exit" in records[2]["exc"]
+
+
+def test_a_port_another_server_has_bound_but_not_yet_listens_on_fails_at_once(tmp_path, capsys):
+    # a second cdd-serve started while the first loads: both can bind with SO_REUSEADDR; listening decides
+    from cdd.runtime.serving.server import bind
+
+    with socket.socket() as first:
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        first.bind(("127.0.0.1", 0))
+        port = first.getsockname()[1]
+        sock = bind("127.0.0.1", port)  # the first server's own bind and listen
+        try:
+            t0 = time.monotonic()
+            code = main(["--port", str(port), "--zoo", str(tmp_path), "--backbone", str(tmp_path)])
+        finally:
+            sock.close()
+    assert code == 2 and time.monotonic() - t0 < 5
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1

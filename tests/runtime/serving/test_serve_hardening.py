@@ -235,3 +235,100 @@ def test_scheduler_admission_estimate():
         s.submit(Job("b", 1, None, deadline=103.5, steps=2))  # another key: its own batch after all of a's
     j = s.submit(Job("b", 1, None, deadline=200.0))
     assert s.cancel(j) and j.cancelled and j not in s._queue
+
+
+# -- one admission path: sizes, frames and work from the header and the form, before any decode --------
+
+
+def test_output_size_is_checked_on_the_header_before_decoding(client):
+    # a lone width derives the height from the aspect ratio: 4096 x 4096 is refused from the header (the
+    # image cannot even be decoded: a check after decoding would answer 400 corrupt_image)
+    t0 = time.monotonic()
+    for form in ({"width": 4096}, {"height": 4096}, {"width": 65536}, {"width": 64, "height": 65536}):
+        message = error(post(client, "depth", header_only_png(64, 64), **form), 422, "invalid_parameter")
+        assert "over the limit of 4096 pixels" in message, message
+    assert time.monotonic() - t0 < 5
+    error(post(client, "depth", header_only_png(64, 64), width=16), 400, "corrupt_image")  # admitted, then decoded
+
+
+def gif_of(frames: int, size: int) -> bytes:
+    """A GIF of `frames` frames, size x size, each one colour (black and white in turn: PIL merges equal frames)."""
+    imgs = [Image.new("P", (size, size), i % 2) for i in range(frames)]
+    for img in imgs:
+        img.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    buf = io.BytesIO()
+    imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=10, disposal=1, optimize=False)
+    return buf.getvalue()
+
+
+def test_all_frames_count_against_the_decode_limit(client):
+    # 32 frames of 768x768 are 18.9 MP decoded (each frame is read, to find truncation): over the 16.7 MP
+    # decode limit, refused from the header; one such frame alone is fine
+    data = gif_of(32, 768)
+    t0 = time.monotonic()
+    message = error(post(client, "depth", data), 413, "too_many_pixels")
+    assert "32 frames" in message and time.monotonic() - t0 < 3
+    assert post(client, "depth", gif_of(1, 768), seed=1).status_code == 200
+
+
+def test_a_gif_of_many_frames_is_refused_without_walking_it(client):
+    one = gif_of(2, 1)
+    start = one.index(b"\x21\xf9")  # graphic control extension + image descriptor + data: one frame
+    frame = one[start : one.index(b"\x21\xf9", start + 1)]
+    data = one[:start] + frame * 300_000 + b";"  # 7 MB
+    assert Image.open(io.BytesIO(one[:start] + frame * 3 + b";")).n_frames == 3
+    t0 = time.monotonic()
+    message = error(post(client, "depth", data), 400, "too_many_frames")
+    assert "more than 64 frames" in message and time.monotonic() - t0 < 1.5
+
+
+def test_an_empty_size_png_is_400_and_a_thin_strip_is_served(client):
+    ihdr = struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    zero = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    error(post(client, "depth", zero), 400, "corrupt_image")
+    error(post(client, "depth", b"not an image at all"), 415, "unsupported_media_type")
+    r = post(client, "depth", png(4000, 1), seed=1)  # default size: the aspect ratio, at most RES^2 pixels
+    assert r.status_code == 200, r.text
+    w, h = Image.open(io.BytesIO(r.content)).size
+    assert w * h <= RES * RES and w > h
+
+
+def test_resized_names_the_size_the_client_sent(client):
+    r = post(client, "depth", png(128, 128), seed=1)  # downscaled to 64x64 on decoding, then to 16x16
+    assert r.status_code == 200 and r.headers["x-cdd-resized"] == f"128x128->{RES}x{RES}"
+
+
+def test_a_client_that_leaves_logs_no_unretrieved_future(app, caplog):
+    import gc
+
+    engine = app[0].state.engine
+    reg = engine.pool.get("depth")
+    work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, engine.backbone.model_channels,
+                      engine.backbone.vae_scale_factor, 1, "prev")
+    engine.pause()
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            with pytest.raises(APIError):
+                asyncio.run(_run(engine, work, time.monotonic() + 30, lambda: asyncio.sleep(0.05)))
+            gc.collect()
+    finally:
+        engine.resume()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_refused_registration_frees_its_architecture(app, world, tmp_path):
+    _, client = app
+    engine = app[0].state.engine
+    bb = world["backbone"]
+    bad = save(bb, tmp_path, "t2i-bad", "colorize", kind="t2i")  # an architecture no served entry has
+    other = save(bb, tmp_path, "cn", "depth")
+    (bad / ADAPTER_FILE).write_bytes((other / ADAPTER_FILE).read_bytes())  # weights of another architecture
+    m = json.loads((bad / MANIFEST).read_text())
+    m["files"][ADAPTER_FILE] = sha256_file(bad / ADAPTER_FILE)
+    (bad / MANIFEST).write_text(json.dumps(m))
+    before = set(engine.pool.slots())
+    for _ in range(3):
+        error(client.post("/v1/adapters", json={"path": str(bad)}, headers=AUTH), 422, "invalid_zoo_entry")
+        assert set(engine.pool.slots()) == before  # the module built for it is gone with it
+    assert "t2i-bad" not in {u["name"] for u in client.get("/v1/tasks").json()["unavailable"]}

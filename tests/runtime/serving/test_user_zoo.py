@@ -97,9 +97,14 @@ def test_serve_without_zoo_serves_the_user_zoo_beside_the_embedded_one(monkeypat
     skipped = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert "for-another-backbone (made for backbone" in skipped and "a user zoo entry is named 'depth'" in skipped
 
-    # A named zoo is served strictly: an entry for another backbone is an error, not a skip.
-    with pytest.raises(EngineError, match="for-another-backbone"):
-        Engine(ServeSettings(backbone=tmp_path / "backbone", zoo=shipped, warmup=False)).start()
+    # In a named zoo an entry for another backbone is an error of that entry: unavailable, with the reason,
+    # and the rest is served (the default zoos skip it as made for another backbone).
+    engine = Engine(ServeSettings(backbone=tmp_path / "backbone", zoo=shipped, warmup=False)).start()
+    try:
+        assert {r.name for r in engine.pool.entries()} == {"depth", "super-resolution"}
+        assert "was made for backbone" in engine.unavailable["for-another-backbone"].reason
+    finally:
+        engine.stop()
     # Defaults with nothing made for the served backbone say so rather than serve nothing.
     save_backbone(other, tmp_path / "other")
     (shipped / "for-another-backbone").rename(tmp_path / "moved")
