@@ -72,7 +72,9 @@ class ServeSettings(ZooSettings):
         "nothing and stretches every request: measured in docs/serving.md)",
     )
     max_batch: int = Field(4, ge=1, le=256, description="rows (images or tiles) per executed batch (rows in flight)")
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits for more requests")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits for more requests, "
+                               "only while fewer are queued than the recent traffic had at once (a lone request on "
+                               "an idle engine starts at once)")
     exact_batching: bool = Field(
         False,
         description="execute every batch at exactly max_batch rows (zero-padded), so a request's bytes do not "

@@ -11,6 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cdd.adapters.architectures import build_adapter
@@ -18,6 +19,7 @@ from cdd.adapters.zoo import save_entry
 from cdd.runtime.diffusion.factory import make_backbone, save_backbone
 from cdd.runtime.serving import server
 from cdd.runtime.serving.app import create_app
+from cdd.runtime.serving.engine import Engine
 from cdd.runtime.serving.settings import ServeSettings
 
 RES = 16
@@ -101,3 +103,17 @@ def test_small_responses_on_a_keep_alive_connection_do_not_wait_for_delayed_acks
     finally:
         srv.should_exit = True
         thread.join(30)
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_a_lone_request_on_an_idle_engine_does_not_wait_for_max_wait(world, batching):
+    engine = Engine(ServeSettings(backbone=world / "backbone", zoo=world / "zoo", max_batch=4, max_wait_ms=2000,
+                                  batching=batching, warmup=False)).start()
+    try:
+        assert engine.wait_ready(60)
+        reg = engine.pool.get("depth")
+        for seed in range(3):  # one client, one request after another
+            work = engine.prepare(reg, torch.rand(3, RES, RES), steps=1, sampler="gd", seed=seed, prompt="")
+            assert engine.run(work, timeout=60).queue_s < 0.5
+    finally:
+        engine.stop()
