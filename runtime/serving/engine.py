@@ -342,9 +342,12 @@ class Engine:
         return emb
 
     def warm_up(self, names: Iterable[str] | None = None) -> None:
-        """Run every (architecture, resolution, default steps and sampler) once per batch bucket: loads the
-        adapters, initialises kernels and, on CUDA, captures the graphs before the first request.
+        """Run every (architecture, resolution, default steps and sampler) once: loads the adapters and
+        initialises kernels before the first request. On CUDA once per batch bucket (each is a graph to
+        capture, or a shape to tune); on a CPU at the smallest bucket only, since the larger ones cost
+        up to max_batch times as much and bought nothing measurable (docs/serving.md, start-up).
         `names`: only these entries (default: all)."""
+        sizes = self.executor.buckets if self.settings.torch_device.type == "cuda" else self.executor.buckets[:1]
         seen = set()
         wanted = None if names is None else set(names)
         rows = self.settings.batching_mode == "step"
@@ -357,7 +360,7 @@ class Engine:
             if key in seen:
                 continue
             seen.add(key)
-            for size in self.executor.buckets:
+            for size in sizes:
                 work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, self.backbone.model_channels,
                                   self.backbone.vae_scale_factor, m.steps, m.sampler)
                 if rows:

@@ -1,17 +1,30 @@
 """Every setting of `cdd-serve`, read here and nowhere else: flags override `CDD_*` environment
-variables, which override the defaults below (pydantic-settings)."""
+variables, which override the defaults below (pydantic-settings).
+
+torch is imported where a setting is resolved, not with this module: `cdd-serve --help` and `cdd-zoo`
+do not pay for it."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":  # {name: torch dtype}, made on first use
+        import torch
+
+        return {n: getattr(torch, n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_user_zoo() -> Path:
@@ -115,6 +128,8 @@ class ServeSettings(ZooSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
+        import torch
+
         try:
             torch.device(value)
         except RuntimeError as e:
@@ -135,10 +150,14 @@ class ServeSettings(ZooSettings):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device(self.device)
 
     @property
