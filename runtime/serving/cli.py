@@ -42,29 +42,19 @@ FLAGS = {
 }
 
 
-def with_default(help_: str, dest: str) -> str:
-    """`help_` with the setting's default inside its trailing [CDD_...] bracket, unless it names one already
-    (the flags default to None so that CDD_* variables are not overridden; the real defaults are the settings')."""
-    default = ServeSettings.model_fields[dest].default
-    if "default" in help_ or default is None or not help_.endswith("]"):
-        return help_
-    return f"{help_[:-1]}; default {default}]"
-
-
 def parse(argv: list[str] | None = None) -> tuple[ServeSettings, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="cdd-serve",
         description="Serve task adapters on one resident backbone: POST /v1/tasks/{task}, playground at /.",
     )
     for flag, (dest, typ, help_) in FLAGS.items():
-        parser.add_argument(flag, dest=dest, type=typ, default=None, help=with_default(help_, dest))
+        parser.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
     for flag, dest, help_ in (
         ("cuda-graphs", "cuda_graphs", "capture sampling as CUDA graphs on CUDA [CDD_CUDA_GRAPHS]"),
         ("exact-batching", "exact_batching", "run every batch at max_batch rows [CDD_EXACT_BATCHING]"),
         ("warmup", "warmup", "warm up before ready [CDD_WARMUP]"),
     ):
-        parser.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                            help=with_default(help_, dest))
+        parser.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
     parser.add_argument("--print-settings", action="store_true", help="print the resolved settings as JSON and exit")
     args = parser.parse_args(argv)
     overrides = {dest: getattr(args, dest) for dest, *_ in FLAGS.values()}
@@ -89,36 +79,6 @@ def device_problem(device) -> str | None:
         first = str(e).strip().splitlines()[0]
         return first if len(first) <= 160 else first.split(". ")[0] + "."
     return None
-
-
-def open_url(sock) -> str:
-    """The URL a browser on this machine opens for the bound socket (the loopback for a wildcard address)."""
-    host, port = sock.getsockname()[:2]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-
-
-def announce_when_ready(app, sock) -> None:
-    """Log one line once the engine is ready (when /readyz turns 200): where to open the playground and API."""
-    import logging
-    import threading
-    import time
-
-    url, listen = open_url(sock), "{}:{}".format(*sock.getsockname()[:2])
-
-    def wait() -> None:
-        while (engine := getattr(app.state, "engine", None)) is None:  # set by the lifespan startup
-            time.sleep(0.1)
-        engine.wait_ready()
-        log = logging.getLogger("cdd.serve")
-        if engine.warmup_error:
-            log.error(f"cdd-serve warm-up failed ({engine.warmup_error}); {url}readyz answers 503",
-                      extra={"fields": {"url": url}})
-        else:
-            log.info(f"cdd-serve ready: open {url} (playground) or {url}docs (API); listening on {listen}",
-                     extra={"fields": {"url": url}})
-
-    threading.Thread(target=wait, name="cdd-serve-ready", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(settings.threads)
     # On SIGTERM/SIGINT the server stops accepting, lets in-flight requests finish (at most drain_s), then
     # runs the lifespan shutdown, which lets the engine finish what was admitted (bounded by drain_s too).
-    app = create_app(settings)
-    announce_when_ready(app, sock)
-    return serve(app, settings, sock)
+    return serve(create_app(settings), settings, sock)
 
 
 if __name__ == "__main__":
