@@ -135,11 +135,87 @@ def keepalive(rounds: int, loop: str) -> None:
     print(f"/healthz round trip {statistics.median(healthz) * 1e3:.1f} ms (max {max(healthz) * 1e3:.1f})")
 
 
+def profile(repeats: int) -> None:
+    """Where one request's time goes, per task at its entry's steps and sampler, one at a time: each
+    module's own calls timed (text encoder, adapter, UNet, VAE encode / decode), the rest of the engine (sampler
+    maths, ILVR's low-pass, copies), and the HTTP layer's CPU work (image decode, rows and noise, PNG)."""
+    import collections
+
+    import torch
+
+    from cdd.runtime.serving.imaging import decode_image, encode_png
+    from cdd.runtime.serving.tasks import assemble
+
+    app = create_app(ServeSettings())
+    with TestClient(app):
+        engine = app.state.engine
+        if not engine.wait_ready(300):
+            raise SystemExit("the engine did not get ready in 300 s")
+        spent: dict[str, float] = collections.defaultdict(float)
+        calls: collections.Counter = collections.Counter()
+
+        def timed(name: str, fn):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[name] += time.perf_counter() - t0
+                    calls[name] += 1
+            return wrapper
+
+        bb = engine.backbone
+        bb.text_encoder.forward = timed("text encoder", bb.text_encoder.forward)
+        bb.unet.forward = timed("UNet", bb.unet.forward)
+        bb.vae.encode = timed("VAE encode", bb.vae.encode)
+        bb.vae.decode = timed("VAE decode", bb.vae.decode)
+        wrapped = set()
+        for reg in engine.pool.entries():
+            slot, _ = engine.pool.activate(reg.name)
+            if id(slot.adapter) not in wrapped:  # the adapter's residuals for the UNet (a ControlNet's forward, ...)
+                slot.adapter.unet_kwargs = timed("adapter", slot.adapter.unet_kwargs)
+                wrapped.add(id(slot.adapter))
+        print(f"one request at a time, {torch.get_num_threads()} thread(s); median of {repeats} (ms, share of "
+              "the request, calls)")
+        for task, (w, h), form in [r for r in REQUESTS if not {"sampler", "steps"} & set(r[2])]:
+            reg = engine.pool.get(task)
+            rows = []
+            for seed in range(repeats + 1):
+                engine._text.clear()  # every prompt encoded, as a new one is
+                spent.clear()
+                calls.clear()
+                data = png(w, h)
+                t0 = time.perf_counter()
+                image = decode_image(data, 256 * 256)
+                work = engine.prepare(reg, image, steps=reg.manifest.steps, sampler=reg.manifest.sampler, seed=seed,
+                                      prompt=form.get("prompt", ""))
+                t1 = time.perf_counter()
+                result = engine.run(work, timeout=300)
+                t2 = time.perf_counter()
+                encode_png(assemble(work, result.rows))
+                t3 = time.perf_counter()
+                models = sum(spent.values())
+                rows.append({**dict(spent), "engine, other": (t2 - t1) - result.queue_s - models,
+                             "HTTP-side CPU (decode, noise, PNG)": (t1 - t0) + (t3 - t2), "total": t3 - t0 - result.queue_s,
+                             "calls": dict(calls)})
+            rows = rows[1:]
+            total = statistics.median(r["total"] for r in rows)
+            print(f"{task} {w}x{h} ({work.rows} rows), {reg.manifest.steps} steps {reg.manifest.sampler}: {total * 1e3:.0f} ms")
+            names = [k for k in rows[0] if k not in ("total", "calls")]
+            for name in sorted(names, key=lambda k: -statistics.median(r.get(k, 0.0) for r in rows)):
+                ms = statistics.median(r.get(name, 0.0) for r in rows)
+                n = rows[0]["calls"].get(name)
+                print(f"    {name:36} {ms * 1e3:7.1f} ms {ms / total:5.0%}" + (f"  {n} calls" if n else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keepalive", type=int, metavar="ROUNDS", help="the keep-alive pattern over the real server")
     p.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="uvicorn's event loop")
+    p.add_argument("--profile", type=int, metavar="REPEATS", help="where one request's time goes, per task")
     args = p.parse_args()
+    if args.profile:
+        return profile(args.profile)
     if args.keepalive:
         return keepalive(args.keepalive, args.loop)
     app = create_app(ServeSettings())
