@@ -55,7 +55,11 @@ class Backbone:
         converts parameters in place, whereas diffusers' `ModelMixin.dtype` / `.device` walk every submodule
         on each read (about 1 ms for the embedded UNet; a served super-resolution request read them 29 times)."""
         held, name, param = self._probes.get(id(module), (None, None, None))
-        if held is not module or module.get_parameter(name) is not param:  # new, or converted out of place
+        try:
+            current = module.get_parameter(name) if held is module else None
+        except AttributeError:  # the parameter moved (a LoRA layer wrapped its module)
+            current = None
+        if current is None or current is not param:  # new, moved, or converted out of place
             name, param = next((n, p) for n, p in module.named_parameters() if p.is_floating_point())
             self._probes[id(module)] = (module, name, param)
         return param

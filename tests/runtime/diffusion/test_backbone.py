@@ -40,6 +40,10 @@ def test_dtype_and_device_follow_every_way_the_modules_move(latent_backbone_dir)
     assert bb.dtype == torch.bfloat16 == bb.unet.dtype
     bb.unet = load_backbone(latent_backbone_dir).unet  # another module altogether
     assert bb.dtype == torch.float32
+    wrapper = torch.nn.Module()  # the probed parameter's module wrapped, as a LoRA layer wraps its base layer
+    wrapper.base_layer = bb.unet.conv_in
+    bb.unet.conv_in = wrapper.to(torch.bfloat16)
+    assert bb.dtype == torch.bfloat16
 
 
 def test_missing_parts_are_named(pixel_backbone_dir, tmp_path):
