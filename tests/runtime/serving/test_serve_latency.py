@@ -1,10 +1,12 @@
-"""Latency the server adds to a request over its own compute: TCP stalls, queue waits."""
+"""Latency the server adds over its own compute: TCP stalls, queue waits, start-up."""
 
 from __future__ import annotations
 
 import http.client
 import io
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,6 +18,7 @@ from PIL import Image
 
 from cdd.adapters.architectures import build_adapter
 from cdd.adapters.zoo import save_entry
+from cdd.runtime.diffusion.backbone import load_backbone
 from cdd.runtime.diffusion.factory import make_backbone, save_backbone
 from cdd.runtime.serving import server
 from cdd.runtime.serving.app import create_app
@@ -33,6 +36,8 @@ def world(tmp_path_factory):
     adapter = build_adapter("controlnet", bb.unet, bb.vae_scale_factor)
     save_entry(root / "zoo" / "depth", adapter, name="depth", task="depth", backbone_fingerprint=bb.fingerprint,
                condition={"channels": 3, "range": [0, 1], "resolution": RES}, steps=1)
+    save_entry(root / "zoo" / "sr", adapter, name="sr", task="super-resolution", backbone_fingerprint=bb.fingerprint,
+               condition={"channels": 3, "range": [0, 1], "resolution": RES}, steps=2, sampler="prev+ilvr")
     return root
 
 
@@ -115,5 +120,50 @@ def test_a_lone_request_on_an_idle_engine_does_not_wait_for_max_wait(world, batc
         for seed in range(3):  # one client, one request after another
             work = engine.prepare(reg, torch.rand(3, RES, RES), steps=1, sampler="gd", seed=seed, prompt="")
             assert engine.run(work, timeout=60).queue_s < 0.5
+    finally:
+        engine.stop()
+
+
+def test_cdd_serve_help_does_not_import_torch():
+    code = "import sys\nfrom cdd.runtime.serving.cli import parse\nassert 'torch' not in sys.modules, 'torch'\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_cpu_warm_up_runs_each_entry_once_at_the_smallest_batch(world):
+    backbone = load_backbone(world / "backbone")
+    batches = []
+    hook = backbone.unet.register_forward_pre_hook(lambda m, args: batches.append(int(args[0].shape[0])))
+    engine = Engine(ServeSettings(backbone=world / "backbone", zoo=world / "zoo", max_batch=3, warmup=True), backbone)
+    try:
+        engine.start()
+        assert engine.wait_ready(120) and engine.warmup_error is None
+        assert batches and set(batches) == {1}  # each entry once, at one row
+    finally:
+        hook.remove()
+        engine.stop()
+
+
+def test_step_level_ilvr_makes_one_vae_round_trip_per_step_for_all_requests(world):
+    """Two super-resolution requests in flight together: ILVR's decode / encode runs on both at once."""
+    engine = Engine(ServeSettings(backbone=world / "backbone", zoo=world / "zoo", max_batch=4, batching="step",
+                                  warmup=False)).start()
+    try:
+        assert engine.wait_ready(60)
+        reg = engine.pool.get("sr")
+        g = torch.Generator().manual_seed(0)
+        works = [engine.prepare(reg, torch.rand(3, RES // 4, RES // 4, generator=g), steps=2, sampler="prev+ilvr",
+                                seed=i, prompt="") for i in range(2)]
+        alone = [engine.run(w, timeout=60).rows for w in works]
+        encodes = []
+        encode = engine.backbone.vae.encode
+        engine.backbone.vae.encode = lambda *a, **k: (encodes.append(a[0].shape[0]), encode(*a, **k))[1]
+        engine.pause()
+        jobs = [engine.submit(w) for w in works]
+        engine.resume()
+        together = [j.future.result(timeout=60).rows for j in jobs]
+        assert encodes == [2, 2]  # one encode of both rows per step
+        for a, b in zip(alone, together):
+            assert (a - b).abs().max() < 1e-4
     finally:
         engine.stop()
