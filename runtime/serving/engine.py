@@ -344,8 +344,9 @@ class Engine:
     def warm_up(self, names: Iterable[str] | None = None) -> None:
         """Run every (architecture, resolution, default steps and sampler) once: loads the adapters and
         initialises kernels before the first request. On CUDA once per batch bucket (each is a graph to
-        capture, or a shape to tune); on a CPU at the smallest bucket only, since the larger ones cost
-        up to max_batch times as much and bought nothing measurable (docs/serving.md, start-up).
+        capture, or a shape to tune); on a CPU at the smallest bucket only: the larger ones cost up to
+        max_batch times as much, and the first requests' gain comes from running each entry at all
+        (docs/serving.md, start-up).
         `names`: only these entries (default: all)."""
         sizes = self.executor.buckets if self.settings.torch_device.type == "cuda" else self.executor.buckets[:1]
         seen = set()
