@@ -23,6 +23,12 @@ shared CPU; compare the two rows of one run. Examples:
 
   nice -n 10 python benchmarks/serve_mixed.py                       # embedded zoo, CPU, 1 thread
   python benchmarks/serve_mixed.py --device cuda --requests 400
+
+`--clients 1,2,4,8,16` measures closed-loop throughput instead (each client sends its next request when its
+last is answered), for every mode and, with `--threads-list 1,2`, every torch thread count, in turn at each
+client count; `--tasks super-resolution --entry-steps` restricts it to one task at its entry's steps:
+
+  python benchmarks/serve_mixed.py --clients 1,2,4,8 --threads-list 1,2 --tasks super-resolution --entry-steps
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cdd-serve sets it (see
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import wait  # noqa: E402
 
@@ -51,17 +58,17 @@ TASKS = {  # task -> (adapter, input side in pixels, prompt)
 STEPS = (1, 2, 4)
 
 
-def requests(engine: Engine, n: int, seed: int) -> list:
-    """n prepared requests (Work), tasks and steps drawn uniformly."""
+def requests(engine: Engine, n: int, seed: int, tasks: list[str] | None = None, steps: tuple[int, ...] = STEPS) -> list:
+    """n prepared requests (Work), tasks and steps drawn uniformly (steps None: each entry's own)."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        task = rng.choice(sorted(TASKS))
+        task = rng.choice(sorted(tasks or TASKS))
         adapter, side, prompt = TASKS[task]
         reg = engine.pool.get(adapter)
         image = torch.rand(3, side, side, generator=g)
-        out.append(engine.prepare(reg, image, steps=rng.choice(STEPS), sampler=reg.manifest.sampler, seed=1000 + i,
+        out.append(engine.prepare(reg, image, steps=rng.choice(steps or (reg.manifest.steps,)), sampler=reg.manifest.sampler, seed=1000 + i,
                                   prompt=prompt))
     return out
 
@@ -112,6 +119,56 @@ def _serve(engine: Engine, works: list, arrivals: list[float]) -> dict:
     }
 
 
+def closed_loop(engine: Engine, works: list, clients: int) -> dict:
+    """`clients` clients, each sending its next request as soon as its last is answered, until every work
+    has been served once: throughput and latency."""
+    lock = threading.Lock()
+    todo = list(range(len(works)))
+    latency = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop(0)
+            t0 = time.perf_counter()
+            engine.run(works[i], timeout=3600)
+            with lock:
+                latency.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    span = time.perf_counter() - t0
+    lat = np.array(latency)
+    return {"clients": clients, "requests": len(works), "seconds": span, "throughput_rps": len(works) / span,
+            "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99))}
+
+
+def clients_table(args, engines: dict, works: list) -> list:
+    """Closed-loop throughput at each --clients count, every (mode, threads) pair measured in turn at each count."""
+    threads = [int(t) for t in args.threads_list.split(",")] if args.threads_list else [args.threads]
+    rows = []
+    print(f"closed loop: {len(works)} requests, tasks {args.tasks}, max_batch {args.max_batch}, {args.device} "
+          f"{args.dtype}; requests/s (p50 s)")
+    head = [f"{mode} {t}t" for t in threads for mode in engines]
+    print(f"{'clients':>8}" + "".join(f"{h:>20}" for h in head))
+    for c in [int(x) for x in args.clients.split(",")]:
+        row = {}
+        for t in threads:
+            torch.set_num_threads(t)
+            for mode, engine in engines.items():
+                row[f"{mode} {t}t"] = closed_loop(engine, works, c)
+        rows.append(row)
+        print(f"{c:8d}" + "".join(f"{row[h]['throughput_rps']:12.2f} ({row[h]['p50_s']:5.2f})" for h in head), flush=True)
+    torch.set_num_threads(args.threads)
+    return rows
+
+
 MODES = {  # name -> settings
     "request-exact": {"batching": "request", "exact_batching": True},  # per-adapter batching as it shipped
     "request": {"batching": "request"},  # per-adapter batching, buckets that fit the device
@@ -146,6 +203,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="repeat both modes' measurements, alternating")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--clients", help="instead of the capacity and open-loop rows: closed-loop throughput at these "
+                   "client counts, e.g. 1,2,4,8,16")
+    p.add_argument("--tasks", default=",".join(sorted(TASKS)), help="tasks to draw from (--clients)")
+    p.add_argument("--entry-steps", action="store_true", help="each entry's own steps instead of 1, 2 or 4 (--clients)")
+    p.add_argument("--threads-list", help="with --clients: torch thread counts to compare, e.g. 1,2")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -154,6 +216,21 @@ def main() -> None:
         raise SystemExit(f"--modes: a comma-separated list of {', '.join(MODES)}, with request and step")
     engines = {mode: engine_for(args, mode) for mode in modes}
     rounds = []
+    if args.clients:
+        try:
+            works = requests(engines["step"], args.requests, args.seed, args.tasks.split(","),
+                             None if args.entry_steps else STEPS)
+            for engine in engines.values():  # every shape once before timing
+                for w in works[:4]:
+                    engine.run(w, timeout=3600)
+            rows = clients_table(args, engines, works)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"args": vars(args), "clients": rows}, f, indent=2)
+        finally:
+            for engine in engines.values():
+                engine.stop()
+        return
     try:
         works = requests(engines["step"], args.requests, args.seed)
         # the modes alternate, measurement by measurement: a shared CPU's load drifts over minutes

@@ -36,6 +36,7 @@ class Backbone:
     path: Path | None = None
     fingerprint: str = ""
     schedule: NoiseSchedule = field(init=False)
+    _probes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.schedule = NoiseSchedule.from_scheduler_config(
@@ -49,13 +50,31 @@ class Backbone:
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.text_encoder, self.vae) if m is not None]
 
+    def _probe(self, module: torch.nn.Module) -> torch.Tensor:
+        """One floating parameter of `module`, found once. Its dtype and device follow `module.to(...)`, which
+        converts parameters in place, whereas diffusers' `ModelMixin.dtype` / `.device` walk every submodule
+        on each read (about 1 ms for the embedded UNet; a served super-resolution request read them 29 times)."""
+        held, name, param = self._probes.get(id(module), (None, None, None))
+        try:
+            current = module.get_parameter(name) if held is module else None
+        except AttributeError:  # the parameter moved (a LoRA layer wrapped its module)
+            current = None
+        if current is None or current is not param:  # new, moved, or converted out of place
+            name, param = next((n, p) for n, p in module.named_parameters() if p.is_floating_point())
+            self._probes[id(module)] = (module, name, param)
+        return param
+
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self._probe(self.unet).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self._probe(self.unet).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self._probe(self.vae).dtype
 
     @property
     def latent(self) -> bool:
@@ -104,14 +123,14 @@ class Backbone:
         """Images in [-1, 1] -> model space (VAE latent mean * scaling factor, or the pixels)."""
         if self.vae is None:
             return images.to(self.device, self.dtype)
-        latent = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.mean
+        latent = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist.mean
         return (latent * self.vae.config.scaling_factor).to(self.dtype)
 
     def from_model_space(self, z: torch.Tensor) -> torch.Tensor:
         """Model space -> images in [-1, 1] (not clamped)."""
         if self.vae is None:
             return z
-        return self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return self.vae.decode(z.to(self.vae_dtype) / self.vae.config.scaling_factor).sample
 
 
 def _missing_components(root: Path) -> tuple[dict, list[str]]:

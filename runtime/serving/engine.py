@@ -423,9 +423,12 @@ class Engine:
 
     def warm_up(self, names: Iterable[str] | None = None) -> None:
         """Load every entry once (hashes, weights, finite values) and run every (architecture, resolution,
-        default steps and sampler) once per batch bucket: initialises kernels and, on CUDA, captures the
-        graphs before the first request. An entry that fails either is marked unavailable (the others are
-        served). `names`: only these entries (default: all)."""
+        default steps and sampler) once: initialises kernels before the first request. On CUDA once per batch
+        bucket (each is a graph to capture, or a shape to tune); on a CPU at the smallest bucket only: the larger
+        ones cost up to max_batch times as much, and the first requests' gain comes from running each entry at all
+        (docs/serving.md, start-up). An entry that fails either is marked unavailable (the others are served).
+        `names`: only these entries (default: all)."""
+        sizes = self.executor.buckets if self.settings.torch_device.type == "cuda" else self.executor.buckets[:1]
         seen = set()
         wanted = None if names is None else set(names)
         rows = self.settings.batching_mode == "step"
@@ -439,7 +442,7 @@ class Engine:
                 self.load(reg.name)
                 if key in seen:
                     continue
-                for size in self.executor.buckets:
+                for size in sizes:
                     work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, self.backbone.model_channels,
                                       self.backbone.vae_scale_factor, m.steps, m.sampler)
                     out = self._warm_rows(reg, work, size) if rows else self._execute([work] * size)

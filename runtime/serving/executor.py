@@ -272,17 +272,26 @@ class Executor:
         out = torch.cat([self._unet_rows(pool, owners[a : a + step], z[a : a + step], t[a : a + step].to(z.device),
                                          text[a : a + step], cond[a : a + step], w[a : a + step])
                          for a in range(0, n, step)])
-        a = 0
+        a, predictions = 0, []
         for f in flights:
-            x_hat, eps_hat = self.schedule.to_x_eps(out[a : a + f.rows].float(), f.z, f.timesteps[f.i])
-            base, step = split_sampler(f.sampler)
-            if step == ILVR:  # as `_loop`: ILVR on this flight's rows, towards its own condition
-                low = self.lowpass(f.cond.shape[-2], f.cond.shape[-1])
-                x_hat = ilvr_correct(x_hat, f.reference_low, low, **self._latent_io())
+            predictions.append(self.schedule.to_x_eps(out[a : a + f.rows].float(), f.z, f.timesteps[f.i]))
+            a += f.rows
+        # as `_loop`: ILVR on each flight's rows, towards its own condition; the flights of one size together,
+        # one VAE round trip per chunk of rows rather than one per flight (most of a super-resolution step)
+        ilvr_rows = [i for i, f in enumerate(flights) if split_sampler(f.sampler)[1] == ILVR]
+        for idx in _by(ilvr_rows, lambda i: tuple(flights[i].cond.shape[-2:])).values():
+            low = self.lowpass(*flights[idx[0]].cond.shape[-2:])
+            x_hat = torch.cat([predictions[i][0] for i in idx])
+            ref = torch.cat([flights[i].reference_low for i in idx])
+            x_hat = torch.cat([ilvr_correct(x_hat[b : b + step], ref[b : b + step], low, **self._latent_io())
+                               for b in range(0, x_hat.shape[0], step)])
+            for i, part in zip(idx, x_hat.split([flights[i].rows for i in idx])):
+                predictions[i] = (part, predictions[i][1])
+        for f, (x_hat, eps_hat) in zip(flights, predictions):
+            base = split_sampler(f.sampler)[0]
             f.z = sampler_step(base, f.i, f.timesteps, f.z, x_hat, eps_hat, self.schedule, f.z_T, f.fresh)
             f.i += 1
             f.company = max(f.company, n)
-            a += f.rows
 
     def _unet_rows(self, pool: AdapterPool, owners: list[str], z, t, text, cond, w) -> torch.Tensor:
         """The backbone's raw output for up to one bucket of rows; `owners[i]` is row i's adapter."""
@@ -343,28 +352,30 @@ class Executor:
 
     @torch.no_grad()
     def decode(self, flights: list[Flight]) -> list[torch.Tensor]:
-        """Finished flights' images ([rows, 3, H, W] in [0, 1], float32 on the CPU), decoded together by size."""
+        """Finished flights' images ([rows, 3, H, W] in [0, 1], float32 on the CPU), decoded together by size and
+        final step: plain; NAME+ilvr (ILVR's last update on its own decoded output); NAME+keep (its own source's
+        detail back where the edit kept it)."""
+        def kind(i: int) -> tuple:
+            f = flights[i]
+            step = "ilvr" if f.reference_low is not None else "keep" if f.roundtrip is not None else ""
+            return (tuple(f.z.shape[1:]), step, tuple(f.cond.shape[-2:]) if step == "ilvr" else ())
+
         out: dict[int, torch.Tensor] = {}
-        by_size: dict[tuple, list[int]] = {}
         step = self.buckets[-1]
-        for i, f in enumerate(flights):
-            if f.reference_low is not None:  # NAME+ilvr: ILVR's last update on its own decoded output
-                low = self.lowpass(f.cond.shape[-2], f.cond.shape[-1])
-                out[i] = torch.cat([self._to_images(f.z[a : a + step], f.reference_low[a : a + step], low)
-                                    for a in range(0, f.rows, step)]).to("cpu", torch.float32)
-            elif f.roundtrip is not None:  # NAME+keep: its own source's detail back where the edit kept it
-                out[i] = torch.cat([self._to_images(f.z[a : a + step], source=f.cond[a : a + step],
-                                                    roundtrip=f.roundtrip[a : a + step])
-                                    for a in range(0, f.rows, step)]).to("cpu", torch.float32)
-            else:
-                by_size.setdefault(tuple(f.z.shape[1:]), []).append(i)
-        for idx in by_size.values():
+        for (_, final, _), idx in _by(range(len(flights)), kind).items():
             z = torch.cat([flights[i].z for i in idx])
-            images = torch.cat([self._to_images(z[a : a + step]) for a in range(0, z.shape[0], step)]).to("cpu", torch.float32)
-            a = 0
-            for i in idx:
-                out[i] = images[a : a + flights[i].rows]
-                a += flights[i].rows
+            extra = {}
+            if final == "ilvr":
+                extra = {"reference_low": torch.cat([flights[i].reference_low for i in idx]),
+                         "low": self.lowpass(*flights[idx[0]].cond.shape[-2:])}
+            elif final == "keep":
+                extra = {"source": torch.cat([flights[i].cond for i in idx]),
+                         "roundtrip": torch.cat([flights[i].roundtrip for i in idx])}
+            images = torch.cat([
+                self._to_images(z[a : a + step], **{k: v if k == "low" else v[a : a + step] for k, v in extra.items()})
+                for a in range(0, z.shape[0], step)]).to("cpu", torch.float32)
+            for i, part in zip(idx, images.split([flights[i].rows for i in idx])):
+                out[i] = part
         return [out[i] for i in range(len(flights))]
 
     def drop_lora(self, lora: str) -> None:
@@ -383,6 +394,14 @@ def with_guidance(adapter, w: torch.Tensor | None) -> None:
     is); None leaves other adapters alone and a guided one at its entry's default."""
     if takes_guidance(adapter):
         adapter.set_guidance(w)
+
+
+def _by(items, key) -> dict:
+    """items grouped by key(item), in order."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
 
 
 def _pad(x: torch.Tensor, size: int) -> torch.Tensor:

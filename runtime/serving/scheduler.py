@@ -2,7 +2,11 @@
 
 Pure Python (no torch, no CUDA), so it is unit-tested on its own. Jobs with the same `key` (task,
 adapter, steps, sampler, resolution) are batched together, oldest first, up to `max_batch` rows;
-a batch waits at most `max_wait` seconds after its oldest job arrived for more to come. A full
+a batch waits at most `max_wait` seconds after its oldest job arrived for more to come, and only while
+fewer jobs are queued than the company the traffic has shown: the most requests queued or running at
+once since the batch before last. A lone client's request on an idle engine starts at once (waiting
+would gain nothing: nobody else is coming), N clients in lock step are batched as soon as the N-th is
+back, and clients that drifted apart wait for each other again (at most `max_wait`). A full
 queue refuses new jobs (`QueueFull`, with a Retry-After estimate), and so does admission when the
 job's estimated answer time is past its deadline (`Overloaded`): overload is shed by honest refusals
 at the door, not by timeouts after a minute in the queue. A job whose deadline passes
@@ -114,6 +118,9 @@ class Scheduler:
         self._seconds_per_row_step = 0.0  # the same per row-step of a full batch, for admission
         self._row_step_spread = 0.0  # moving average of |batch - average|: a busy machine varies
         self._running_until = 0.0  # when the batch handed out last should end (estimate)
+        self._running = 0  # jobs of the batch handed out last, until it is recorded
+        self._peak = 0  # most jobs queued or running at once since the last batch was handed out
+        self._company = 0  # the same over the cycle before: how many a batch may wait for
 
     # -- producers -------------------------------------------------------------------------
 
@@ -134,6 +141,7 @@ class Scheduler:
                 budget = job.deadline - now
                 raise Overloaded(wait, budget, max(1, math.ceil(wait - budget)))
             self._queue.append(job)
+            self._peak = max(self._peak, len(self._queue) + self._running)
             self._cond.notify_all()
         return job
 
@@ -160,11 +168,15 @@ class Scheduler:
             batch = self._gather(head.key)
             ready_at = head.enqueued + self.max_wait
             full = sum(j.rows for j in batch) >= self.max_batch or len(batch) < self._count(head.key)
-            if not (full or self._closed or now >= ready_at):
+            alone = len(self._queue) >= self._company  # everyone the recent traffic had is here
+            if not (full or alone or self._closed or now >= ready_at):
                 return None, ready_at  # wait for the batch's max-wait
             started = self._start(batch, now)
             if started:
                 self._running_until = now + self._batch_seconds(started)
+                self._company = max(self._peak, len(self._queue) + len(started))
+                self._running = len(started)
+                self._peak = len(self._queue) + self._running
                 return started, None
             return None, None  # every waiter was gone: look again
 
@@ -266,6 +278,7 @@ class Scheduler:
                 self._row_step_spread = 0.8 * self._row_step_spread + 0.2 * abs(per_row_step - old)
             self._seconds_per_row_step = per_row_step if old == 0 else 0.8 * old + 0.2 * per_row_step
             self._running_until = 0.0
+            self._running = 0
 
     def _retry_after(self) -> int:
         rows = sum(j.rows for j in self._queue)

@@ -1,17 +1,30 @@
 """Every setting of `cdd-serve`, read here and nowhere else: flags override `CDD_*` environment
-variables, which override the defaults below (pydantic-settings)."""
+variables, which override the defaults below (pydantic-settings).
+
+torch is imported where a setting is resolved, not with this module: `cdd-serve --help` and `cdd-zoo`
+do not pay for it."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":  # {name: torch dtype}, made on first use
+        import torch
+
+        return {n: getattr(torch, n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_user_zoo() -> Path:
@@ -72,7 +85,9 @@ class ServeSettings(ZooSettings):
         "nothing and stretches every request: measured in docs/serving.md)",
     )
     max_batch: int = Field(4, ge=1, le=256, description="rows (images or tiles) per executed batch (rows in flight)")
-    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits for more requests")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long a batch waits for more requests, "
+                               "only while fewer are queued than the recent traffic had at once (a lone request on "
+                               "an idle engine starts at once)")
     exact_batching: bool = Field(
         False,
         description="execute every batch at exactly max_batch rows (zero-padded), so a request's bytes do not "
@@ -117,6 +132,8 @@ class ServeSettings(ZooSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
+        import torch
+
         try:
             torch.device(value)
         except RuntimeError as e:
@@ -137,10 +154,14 @@ class ServeSettings(ZooSettings):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device(self.device)
 
     @property

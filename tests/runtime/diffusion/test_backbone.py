@@ -24,6 +24,28 @@ def test_dtype_does_not_change_fingerprint(pixel_backbone_dir):
     assert b.dtype == torch.bfloat16 and a.fingerprint == b.fingerprint
 
 
+def test_dtype_and_device_follow_every_way_the_modules_move(latent_backbone_dir):
+    bb = load_backbone(latent_backbone_dir)
+    assert (bb.dtype, bb.vae_dtype, bb.device) == (torch.float32, torch.float32, torch.device("cpu"))
+    bb.to(dtype=torch.bfloat16)
+    assert (bb.dtype, bb.vae_dtype) == (torch.bfloat16, torch.bfloat16)
+    bb.unet.to(torch.float32)  # moved directly, as training does
+    bb.vae.float()
+    assert (bb.dtype, bb.vae_dtype) == (torch.float32, torch.float32)
+    try:  # conversion that makes new parameters instead of converting them in place
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        bb.unet.to(torch.bfloat16)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert bb.dtype == torch.bfloat16 == bb.unet.dtype
+    bb.unet = load_backbone(latent_backbone_dir).unet  # another module altogether
+    assert bb.dtype == torch.float32
+    wrapper = torch.nn.Module()  # the probed parameter's module wrapped, as a LoRA layer wraps its base layer
+    wrapper.base_layer = bb.unet.conv_in
+    bb.unet.conv_in = wrapper.to(torch.bfloat16)
+    assert bb.dtype == torch.bfloat16
+
+
 def test_missing_parts_are_named(pixel_backbone_dir, tmp_path):
     with pytest.raises(BackboneError, match="does not exist"):
         load_backbone(tmp_path / "nope")

@@ -41,14 +41,54 @@ def test_rows_count_and_a_large_job_runs_alone():
     assert [j.payload for j in s.next_batch(timeout=1)] == ["nine"]
 
 
-def test_waits_max_wait_for_more_requests():
+def _two_clients(s):
+    """Traffic so far: two requests at once (one batch of both)."""
+    s.submit(job(payload="x"))
+    s.submit(job(payload="y"))
+    assert len(s.next_batch(timeout=1)) == 2
+    s.record_batch(seconds=0.01, rows=2)
+
+
+def test_a_lone_request_on_an_idle_scheduler_starts_at_once():
+    s = Scheduler(max_batch=4, max_wait=5.0, queue_size=10)
+    for i in range(3):  # one client, one request after another: nobody else is coming, so no max_wait
+        s.submit(job(payload=i))
+        t0 = time.monotonic()
+        assert [j.payload for j in s.next_batch(timeout=1)] == [i]
+        assert time.monotonic() - t0 < 0.5
+        s.record_batch(seconds=0.01, rows=1)
+
+
+def test_waits_max_wait_for_more_requests_when_traffic_had_company():
     s = Scheduler(max_batch=4, max_wait=0.3, queue_size=10)
+    _two_clients(s)
+    s.submit(job(payload=0))  # the other client does not come back: max_wait, then alone
+    t0 = time.monotonic()
+    assert [j.payload for j in s.next_batch(timeout=2)] == [0]
+    assert 0.25 <= time.monotonic() - t0 < 1.5
+
+
+def test_a_batch_goes_as_soon_as_the_company_is_back():
+    s = Scheduler(max_batch=4, max_wait=2.0, queue_size=10)
+    _two_clients(s)
     s.submit(job(payload=0))
     threading.Timer(0.05, lambda: s.submit(job(payload=1))).start()
     t0 = time.monotonic()
-    batch = s.next_batch(timeout=2)
-    assert [j.payload for j in batch] == [0, 1]
-    assert 0.25 <= time.monotonic() - t0 < 1.5
+    assert [j.payload for j in s.next_batch(timeout=5)] == [0, 1]
+    assert time.monotonic() - t0 < 1.5  # not the whole max_wait
+
+
+def test_clients_that_drifted_apart_are_batched_again():
+    s = Scheduler(max_batch=4, max_wait=2.0, queue_size=10)
+    s.submit(job(payload="a1"))
+    assert [j.payload for j in s.next_batch(timeout=1)] == ["a1"]  # no history: at once
+    s.submit(job(payload="b1"))  # the second client arrives while a1 runs
+    s.record_batch(seconds=0.01, rows=1)
+    assert [j.payload for j in s.next_batch(timeout=1)] == ["b1"]  # alone as far as the last cycle knew
+    s.submit(job(payload="a2"))  # a1's client is back while b1 runs
+    s.record_batch(seconds=0.01, rows=1)
+    threading.Timer(0.05, lambda: s.submit(job(payload="b2"))).start()
+    assert [j.payload for j in s.next_batch(timeout=5)] == ["a2", "b2"]  # two at once were seen: waits for b2
 
 
 def test_full_queue_refuses_with_retry_after():
