@@ -21,17 +21,17 @@ EDIT="--task edit --method codi --caption-dropout 0.1 --max-train-steps 2000 $C"
 for what in "$@"; do
   case "$what" in
     train-depth)
-      cdd-train-adapter $DEPTH --adapter controlnet-guided --guidance-min 0 --guidance-max 3 --guidance 1 --output "$RUNS/depth-gcodi"
+      cdd-train-adapter $DEPTH --adapter controlnet-guided --guidance-min 0 --guidance-max 3 --guidance 1 --output "$RUNS/depth-gcodi2"
       cdd-train-adapter $DEPTH --adapter controlnet --output "$RUNS/depth-codi-ctl" ;;
     train-edit)  # the control is the served edit entry: plain CoDi, 2000 steps from the same teacher
       cdd-train-adapter $EDIT --adapter controlnet-guided --init-from docs/results/zoo-v2/entries/edit-teacher-xxl \
-        --guidance-min 0 --guidance-max 3 --guidance 1 --output "$RUNS/edit-gcodi" ;;
+        --guidance-min 0 --guidance-max 3 --guidance 1 --output "$RUNS/edit-gcodi2" ;;
     eval-depth|eval-edit)
       task=${what#eval-}
       if [[ $task == depth ]]; then
-        A="served=adapters/embedded/zoo/depth,codi-1500=$RUNS/depth-codi-ctl/entry,guided=$RUNS/depth-gcodi/entry"
+        A="served=adapters/embedded/zoo/depth,codi-1500=$RUNS/depth-codi-ctl/entry,guided=$RUNS/depth-gcodi2/entry"
       else
-        A="served=adapters/embedded/zoo/edit,guided=$RUNS/edit-gcodi/entry"
+        A="served=adapters/embedded/zoo/edit,guided=$RUNS/edit-gcodi2/entry"
       fi
       for s in $SEEDS; do
         cdd-eval --task "$task" --num-images 64 --batch-size 32 --seed "$s" --prompt caption --adapters "$A" \
