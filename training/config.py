@@ -161,9 +161,6 @@ class TrainConfig:
             raise ConfigError(f"init_from is for methods {', '.join(MAY_INIT_FROM)}, not {self.method}")
         if self.init_from and not Path(self.init_from).is_dir():
             raise ConfigError(f"init_from {self.init_from!r} is not a zoo entry folder")
-        if self.method == "codi" and self.adapter == "controlnet-guided" and not self.init_from:
-            raise ConfigError("guidance-aware CoDi (--adapter controlnet-guided) distils a trained controlnet entry "
-                              "with classifier-free guidance: give init_from (--init-from ENTRY), its teacher")
         if self.method == "gd" and self.adapter != "controlnet-guided":
             raise ConfigError(f"method gd trains a controlnet-guided adapter (the student takes w), not {self.adapter!r}")
         if self.init_from and self.mode != "pe" and not (self.method == "codi" and self.mode == "lora"):

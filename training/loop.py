@@ -465,7 +465,9 @@ def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
     unet, schedule = backbone.unet, backbone.schedule
     torch.manual_seed(config.seed)  # adapter initialisation (gates, LoRA) belongs to the run's seed
     adapter = _fresh_adapter(config, backbone)
-    needs_teacher = config.method == "codi" and config.prev_predictor == "teacher"
+    # guidance-aware CoDi from a fresh adapter: the guided teacher is the frozen backbone alone (its text guidance)
+    guided = config.method == "codi" and config.adapter == "controlnet-guided"
+    needs_teacher = config.method == "codi" and (config.prev_predictor == "teacher" or guided)
     teacher = lora = lora_name = None
     if config.mode == "full":
         # The student owns the UNet now; only a teacher needs the original frozen weights kept aside.
@@ -482,7 +484,7 @@ def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
         # mode lora: the shared UNet carries the student's LoRA; a zero lora_B turns it off exactly.
         zeros = {n: torch.zeros_like(p) for n, p in base.named_parameters() if "lora_B" in n}
         teacher = WithWeights(base, zeros) if zeros else base
-    return Roles(student, trainable, teacher, adapter, lora, lora_name)
+    return Roles(student, trainable, teacher, adapter, lora, lora_name, set_w=adapter.set_guidance if guided else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,10 @@ def take(ds, n):
 
 
 def check_sample(x, size=SIZE):
-    assert set(x) == {"condition", "target", "text"}
+    # an edit sample also names the edited scene's caption (cdd-eval's caption agreement)
+    assert set(x) - {"caption"} == {"condition", "target", "text"}
+    if "caption" in x:
+        assert isinstance(x["caption"], str) and x["caption"] != x["text"]
     for key, low in (("condition", 0.0), ("target", -1.0)):
         t = x[key]
         assert t.shape == (3, size, size) and t.dtype == torch.float32, key
