@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..runtime.diffusion.denoiser import both_branches
 from ..runtime.diffusion.schedule import FINAL, NoiseSchedule, boundary_scalings
 from .condition_metrics import changed_region
 
@@ -112,8 +113,7 @@ class CoDiLoss:
         alpha_s, sigma_s = self.schedule.alpha_sigma(s, x)
         z_t = alpha_t * x + sigma_t * eps                                        # eq. 1
         if self.guidance is not None:
-            w_min, w_max = self.guidance
-            w = w_min + (w_max - w_min) * torch.rand(x.shape[0], generator=generator)   # w ~ U[w_min, w_max]
+            w = _draw_w(x.shape[0], *self.guidance, generator)                  # w ~ U[w_min, w_max]
             self.set_w(w)                                                        # the student and theta^- take w
         x_hat_t, eps_hat_t = student(z_t, t, c, text)                            # with grad
         truth = x
@@ -164,11 +164,8 @@ class CoDiLoss:
         """The classifier-free-guided teacher at (z_t, t): (1 + w) f(c, text) - w f(c, ""), for x_hat and eps_hat
         alike (the map from the raw output to both is linear), both branches in one batch; c goes to both. Also
         the guidance shift of x_hat, w (x_c - x_u)."""
-        B = z_t.shape[0]
-        empty = self.empty_text.to(text).expand(B, -1, -1)
-        x_both, eps_both = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c, c]), torch.cat([text, empty]))
+        (x_c, eps_c), (x_u, eps_u) = both_branches(teacher, z_t, t, c, text, self.empty_text)
         ww = w.to(z_t.device, z_t.dtype).reshape(-1, *([1] * (z_t.ndim - 1)))
-        (x_c, x_u), (eps_c, eps_u) = x_both.chunk(2), eps_both.chunk(2)
         shift = ww * (x_c - x_u)
         return x_c + shift, (1 + ww) * eps_c - ww * eps_u, shift
 
@@ -261,9 +258,7 @@ class GuidanceDistillationLoss:
         xi = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)     # xi ~ N(0, I)
         z_t = self.schedule.add_noise(x, xi, t)                                  # z_t = alpha_t x + sigma_t xi
         with torch.no_grad():                                                    # both branches in one batch
-            empty = self.empty_text.to(text).expand(B, -1, -1)
-            x_both, _ = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([c, c]), torch.cat([text, empty]))
-            x_c, x_u = x_both.chunk(2)
+            (x_c, _), (x_u, _) = both_branches(teacher, z_t, t, c, text, self.empty_text)
             ww = w.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
             x_tilde = (1 + ww) * x_c - ww * x_u                                  # the guided teacher
         self.set_w(w)

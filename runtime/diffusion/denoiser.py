@@ -42,6 +42,19 @@ class ConditionedDenoiser(nn.Module):
         return lambda z_t, t: self(z_t, t, cond, text_emb)
 
 
+def both_branches(model, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_emb: torch.Tensor,
+                  empty_emb: torch.Tensor):
+    """`model`'s (x_hat, eps_hat) with the text and with the empty text ("" : [1, L, D] or one row per sample), both
+    in one batch of 2B rows; the condition image goes to both: ((x_c, eps_c), (x_u, eps_u)), the two branches of
+    classifier-free guidance."""
+    b = z_t.shape[0]
+    t = _timesteps(t, z_t)
+    empty = empty_emb.to(text_emb).expand(b, -1, -1) if empty_emb.shape[0] == 1 else empty_emb[:b].to(text_emb)
+    x, eps = model(torch.cat([z_t, z_t]), torch.cat([t, t]), None if cond is None else torch.cat([cond, cond]),
+                   torch.cat([text_emb, empty]))
+    return (x[:b], eps[:b]), (x[b:], eps[b:])
+
+
 class ClassifierFreeGuided:
     """A denoiser sampled with classifier-free guidance at weight w: (1 + w) f(z_t, t, c, text) - w f(z_t, t, c, "")
     for x_hat and eps_hat alike (the map from the network's output to both is linear), both branches in one batch;
@@ -52,12 +65,9 @@ class ClassifierFreeGuided:
         self.model, self.empty_emb, self.w = model, empty_emb, float(w)
 
     def __call__(self, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_emb: torch.Tensor):
-        b, w = z_t.shape[0], self.w
-        t = _timesteps(t, z_t)
-        empty = self.empty_emb.to(text_emb).expand(b, -1, -1) if self.empty_emb.shape[0] == 1 else self.empty_emb[:b]
-        x, eps = self.model(torch.cat([z_t, z_t]), torch.cat([t, t]), None if cond is None else torch.cat([cond, cond]),
-                            torch.cat([text_emb, empty.to(text_emb)]))
-        return (1 + w) * x[:b] - w * x[b:], (1 + w) * eps[:b] - w * eps[b:]
+        w = self.w
+        (x_c, eps_c), (x_u, eps_u) = both_branches(self.model, z_t, t, cond, text_emb, self.empty_emb)
+        return (1 + w) * x_c - w * x_u, (1 + w) * eps_c - w * eps_u
 
     def bind(self, cond: torch.Tensor | None, text_emb: torch.Tensor):
         return lambda z_t, t: self(z_t, t, cond, text_emb)

@@ -238,6 +238,17 @@ def test_guided_entry_rows_at_each_guidance(pixel_backbone_dir, pixel_backbone, 
     assert rows["guided w=0", "prev", 1]["psnr"] != rows["guided w=3", "prev", 1]["psnr"]  # w was applied
 
 
+def test_cfg_rows_are_the_entry_with_two_pass_guidance(pixel_backbone_dir, pixel_backbone, tmp_path, empty_hub):
+    """--cfg W: a row per w of the entry with classifier-free guidance; w = 0 is the entry itself."""
+    entry(pixel_backbone, tmp_path / "plain", seed=3, sampler="prev")
+    rc, _, err = run("--task", "depth", "--backbone", pixel_backbone_dir, "--num-images", 2, "--steps", "1",
+                     "--adapters", tmp_path / "plain", "--cfg", "0,2", "--out", tmp_path / "out", "--attributes", "none")
+    assert rc == 0, err
+    rows = rows_by_key(tmp_path / "out")
+    plain, zero, two = rows["plain", "prev", 1], rows["plain cfg=0", "prev", 1], rows["plain cfg=2", "prev", 1]
+    assert zero["psnr"] == pytest.approx(plain["psnr"], abs=1e-3) and two["psnr"] != plain["psnr"]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
