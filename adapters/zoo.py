@@ -37,6 +37,7 @@ from .architectures import (
     set_backbone_lora,
 )
 from .atomic import atomic_directory, write_text
+from .fidelity import FIDELITY_FILE, FidelityNet
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -80,6 +81,9 @@ class Manifest(BaseModel):
     files: dict[Annotated[str, Field(pattern=FILE_PATTERN)], Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
         default_factory=dict, description="file name -> sha256"
     )
+    # super-resolution's fidelity module (adapters/fidelity.py) in fidelity.safetensors: {"architecture": {...},
+    # "default": w served when a request gives none, "training": {...}}; None: the entry has none
+    fidelity: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     created: str = Field("", max_length=64)
 
@@ -98,6 +102,18 @@ class Manifest(BaseModel):
         config = self.training.get("config", {})
         return (float(self.architecture.get("guidance", 0.0)), float(config.get("guidance_min", 0.0)),
                 float(config.get("guidance_max", 2.0)))
+
+    @field_validator("fidelity")
+    @classmethod
+    def _fidelity(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        w = v.get("default")
+        if type(w) not in (int, float) or not 0 <= w <= 1:
+            raise ValueError(f"'default' must be a number in [0, 1], got {_short(w)}")
+        if not isinstance(v.get("architecture"), dict):
+            raise ValueError("'architecture' must be an object (FidelityNet's config)")
+        return v
 
     @field_validator("kind", "mode")
     @classmethod
@@ -276,6 +292,8 @@ def verify_entry(path: str | Path, backbone_fingerprint: str | None = None) -> M
     manifest = Manifest.from_file(root / MANIFEST)
     if ADAPTER_FILE not in manifest.files:
         raise ZooError(f"{root / MANIFEST} lists no {ADAPTER_FILE}")
+    if manifest.fidelity is not None and FIDELITY_FILE not in manifest.files:
+        raise ZooError(f"{root / MANIFEST} has a fidelity module but lists no {FIDELITY_FILE}")
     inside = root.resolve()
     for fname, expected in manifest.files.items():
         f = root / fname
@@ -302,6 +320,7 @@ class ZooEntry:
     manifest: Manifest
     adapter: Adapter
     unet_state: dict[str, torch.Tensor] | None = None  # mode `full`
+    fidelity: FidelityNet | None = None  # super-resolution's fidelity module, when the entry has one
 
 
 def load_entry(path: str | Path, unet, backbone_fingerprint: str, *, lora_name: str | None = None) -> ZooEntry:
@@ -320,7 +339,44 @@ def load_entry(path: str | Path, unet, backbone_fingerprint: str, *, lora_name: 
         load_backbone_lora(unet, lora_name or backbone_lora_name(manifest.name), manifest.backbone_lora, load_file(root / BACKBONE_LORA_FILE))
         set_backbone_lora(unet, None)
     unet_state = load_file(root / UNET_FILE) if UNET_FILE in manifest.files else None
-    return ZooEntry(root, manifest, adapter, unet_state)
+    return ZooEntry(root, manifest, adapter, unet_state, load_fidelity(root, manifest))
+
+
+def load_fidelity(root: Path, manifest: Manifest) -> FidelityNet | None:
+    """The entry's fidelity module (float32, frozen, on the CPU), or None when it has none."""
+    if manifest.fidelity is None:
+        return None
+    try:
+        net = FidelityNet.from_config(manifest.fidelity["architecture"])
+        net.load_state_dict({k: v.float() for k, v in load_file(root / FIDELITY_FILE, device="cpu").items()})
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise ZooError(f"zoo entry {root}: {FIDELITY_FILE} does not fit its fidelity architecture: {e}") from e
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise ZooError(f"zoo entry {root}: {FIDELITY_FILE} holds non-finite weights")
+    return net.requires_grad_(False).eval()
+
+
+def add_fidelity(src: str | Path, dest: str | Path, net: FidelityNet, *, default: float, training: dict[str, Any],
+                 replace: bool = False) -> Path:
+    """`src` (a super-resolution entry) copied to `dest` with `net` as its fidelity module, atomically: the
+    manifest's `fidelity` records the architecture, the default weight and how it was trained."""
+    src, dest = Path(src), Path(dest)
+    manifest = verify_entry(src)
+    if manifest.task != "super-resolution":
+        raise ZooError(f"{src} is a {manifest.task} entry; a fidelity module is for super-resolution")
+    if dest.exists() and dest.resolve() != src.resolve() and not replace:
+        raise ZooError(f"{dest} already exists (pass replace to overwrite it)")
+    manifest.fidelity = {"architecture": net.config(), "default": float(default),
+                         "training": json.loads(json.dumps(training, default=_jsonable))}
+    with atomic_directory(dest) as tmp:
+        for fname in manifest.files:
+            if fname != FIDELITY_FILE:
+                (tmp / fname).write_bytes((src / fname).read_bytes())
+        save_file(_contiguous({k: v.detach() for k, v in net.state_dict().items()}), tmp / FIDELITY_FILE,
+                  metadata={"format": "pt", "kind": "fidelity"})
+        manifest.files = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    return dest
 
 
 def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, half: bool = False,

@@ -48,6 +48,7 @@ from ..adapters.zoo import (
     default_backbone_dir,
     default_zoo_dir,
     load_entry,
+    load_fidelity,
     verify_entry,
 )
 from ..runtime.diffusion import samplers
@@ -251,11 +252,12 @@ def _full_unet(backbone: Backbone, state: dict, path: Path):
 
 @torch.no_grad()
 def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_emb: torch.Tensor, sampler: str,
-             steps: int, seed: int, batch_size: int, sr_scale: int = 4) -> tuple[torch.Tensor, float]:
+             steps: int, seed: int, batch_size: int, sr_scale: int = 4, fidelity=None) -> tuple[torch.Tensor, float]:
     """All N images for one row, in [0, 1] on the CPU, and the seconds spent sampling them. A `NAME+ilvr` sampler
     runs NAME with the ILVR step towards the condition's low frequencies at down-scale `sr_scale` (on a latent
     backbone x_hat is decoded, corrected and encoded again each step); a `NAME+keep` sampler runs NAME and gives
-    its decoded output the source's detail where the edit kept it (`samplers.keep_source`)."""
+    its decoded output the source's detail where the edit kept it (`samplers.keep_source`). `fidelity`:
+    (FidelityNet, w), a super-resolution entry's fidelity module applied to the decoded output at weight w."""
     device, schedule = backbone.device, backbone.schedule
     sampler, step = samplers.split_sampler(sampler)
     consistent = step == samplers.ILVR
@@ -287,6 +289,9 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         if step == samplers.KEEP:
             source = cond.float() * 2 - 1
             x = samplers.keep_source(x.float(), source, samplers.source_roundtrip(source, backbone))
+        if fidelity is not None:
+            net, w = fidelity
+            x = net.to(device)(x.float().clamp(-1, 1), cond.float() * 2 - 1, w)  # as served: on the clamped output
         _sync(device)
         seconds += time.perf_counter() - t0
         images.append(x.float().cpu())
@@ -512,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", default=None, metavar="W[,W...]",
                    help="also sample each entry with classifier-free guidance at each w, two passes per step "
                         "((1 + w) f(text) - w f(\"\"); diffusers' guidance_scale 1 + w): rows 'METHOD cfg=W'")
+    p.add_argument("--fidelity", default=None, metavar="W[,W...]",
+                   help="super-resolution entries with a fidelity module: rows at each of these weights w instead of "
+                        "the manifest's default, labelled 'METHOD fidelity=W' (0: the module off)")
     p.add_argument("--probes", action="store_true", help="also measure the probe sets (truth, noisy, blurred, other "
                    "scenes) as rows with sampler 'probe'")
     p.add_argument("--text-only", action="store_true", help=f"also sample the backbone with no adapter (the prompt alone) "
@@ -527,6 +535,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     steps = parse_steps(args.steps)
     args.guidance = parse_guidance(args.guidance) if args.guidance is not None else None
     args.cfg = parse_guidance(args.cfg, "--cfg") if args.cfg is not None else None
+    args.fidelity = parse_guidance(args.fidelity, "--fidelity") if args.fidelity is not None else None
+    if args.fidelity is not None and any(not 0 <= w <= 1 for w in args.fidelity):
+        raise EvalError(f"--fidelity: every weight must be in [0, 1], got {args.fidelity}")
     chosen = [check_sampler(s.strip(), "--samplers", args.task) for s in args.samplers.split(",")] if args.samplers else None
     sr = args.task == SUPER_RESOLUTION
     for flag, given in (("--bicubic", args.bicubic), ("--dataset photos", args.dataset == "photos"),
@@ -605,7 +616,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))
 
     # 4. One row per (method, sampler, steps), every row from the same conditions and noise.
-    ws = lambda c: ((len(args.guidance) if args.guidance is not None and c.manifest.kind == "controlnet-guided" else 1)
+    ws = lambda c: ((len(args.guidance) if args.guidance is not None and c.manifest.kind == "controlnet-guided" else
+                     len(args.fidelity) if args.fidelity is not None and c.manifest.fidelity is not None else 1)
                     + len(args.cfg or ()))
     total = (sum(len(c.samplers) * ws(c) for c in candidates) + len(text_only_samplers)) * len(steps)
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
@@ -632,11 +644,11 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
         probes = probe_sets(truth, others[0], other_name) if args.probes else {}
         for name, images in {**probes, **follow.references()}.items():
             reference_row(f"probe: {name}", name, PROBE, images)
-    def sampled_rows(model: ConditionedDenoiser, method: str, names: list[str], entry: dict) -> None:
+    def sampled_rows(model: ConditionedDenoiser, method: str, names: list[str], entry: dict, fidelity=None) -> None:
         warm_up(model, backbone, data, text_emb, args.batch_size)
         for sampler, k in itertools.product(names, steps):
             images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size,
-                                       degradation_preset(degradation).scale if sr else 4)
+                                       degradation_preset(degradation).scale if sr else 4, fidelity)
             row = {"method": method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute, follow),
                    "seconds_per_image": seconds / args.num_images, **entry, "device": str(device)}
             row["image"] = image_name(row)
@@ -657,12 +669,18 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
             for w in args.cfg or ():  # the entry with real classifier-free guidance: two passes per step
                 sampled_rows(ClassifierFreeGuided(model, backbone.encode_text([""]), w), f"{c.method} cfg={w:g}",
                              c.samplers, {**entry, "cfg": w})
+            net = load_fidelity(c.path, c.manifest)
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
                 for w in args.guidance:
                     model.adapter.set_default_guidance(w)
                     sampled_rows(model, f"{c.method} w={w:g}", c.samplers, {**entry, "guidance": w})
-            else:
-                sampled_rows(model, c.method, c.samplers, entry)
+            elif net is not None and args.fidelity is not None:
+                for w in args.fidelity:
+                    sampled_rows(model, f"{c.method} fidelity={w:g}", c.samplers, {**entry, "fidelity": w}, (net, w))
+            else:  # an entry with a fidelity module is measured as served: at its default weight
+                w = c.manifest.fidelity["default"] if net is not None else None
+                sampled_rows(model, c.method, c.samplers, {**entry, **({"fidelity": w} if net is not None else {})},
+                             (net, w) if net is not None else None)
 
     # 5. Merge (--append), write, record.
     results["notes"] = {m: why for m, why in optional.status.items() if why}

@@ -40,7 +40,8 @@ from .pool import AdapterConflict, AdapterGone, Registered
 from ..diffusion.samplers import servable_samplers, split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import SR_SCALE, SUPER_RESOLUTION, admit, assemble, blank_work, check_guidance, prompt_required
+from .tasks import (SR_SCALE, SUPER_RESOLUTION, admit, assemble, blank_work, check_fidelity, check_guidance,
+                    prompt_required)
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -74,6 +75,8 @@ class AdapterInfo(BaseModel):
     resident: bool
     guidance: list[float] | None = Field(None, description="[default, min, max] of the classifier-free guidance "
                                          "weight w the entry takes (controlnet-guided); null: it takes none")
+    fidelity: float | None = Field(None, description="the default fidelity weight in [0, 1] of the entry's fidelity "
+                                   "module (super-resolution); null: it has none")
     manifest: dict[str, Any] | None = Field(None, description="the whole manifest (GET /v1/tasks?detail=true)")
 
 
@@ -128,6 +131,8 @@ class TaskResult(BaseModel):
     resized: str | None = Field(None, description="WxH->wxh when the condition was resized")
     tiles: int = Field(description="tiles sampled (super-resolution), else 1")
     guidance: float | None = Field(None, description="the guidance weight w served (controlnet-guided entries)")
+    fidelity: float | None = Field(None, description="the fidelity weight served (super-resolution entries with a "
+                                   "fidelity module)")
     warning: str | None = Field(None, description="why the input is most likely not the task's condition")
     timings: Timings
 
@@ -185,6 +190,7 @@ class TaskForm:
     width: int | None = None
     height: int | None = None
     guidance: float | None = None
+    fidelity: float | None = None
 
 
 def task_form(
@@ -205,8 +211,11 @@ def task_form(
     guidance: float | None = Form(None, description="classifier-free guidance weight w (0: the conditional model; "
                                   "diffusers' guidance_scale is 1 + w), for entries that take it (GET /v1/tasks: "
                                   "`guidance` [default, min, max]); still one pass per step (default: the entry's)"),
+    fidelity: float | None = Form(None, description="super-resolution entries with a fidelity module (GET /v1/tasks: "
+                                  "`fidelity`, the default): 0 returns the sampler's output as decoded, 1 the module's "
+                                  "full correction towards the input (higher PSNR, fewer invented details); in [0, 1]"),
 ) -> TaskForm:
-    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms, width, height, guidance)
+    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms, width, height, guidance, fidelity)
 
 
 TASK_ROUTE = dict(
@@ -238,6 +247,7 @@ class TaskCall:
     width: int | None = None
     height: int | None = None
     guidance: float | None = None  # w; None: the entry's default (or an entry that takes none)
+    fidelity: float | None = None  # the fidelity weight; None: an entry without the module
     warning: str | None = None  # X-CDD-Warning: the input is most likely not the task's condition
     source: tuple[int, int] | None = None  # the upload's (width, height), before any downscale on decoding
 
@@ -282,7 +292,12 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     except ValueError as err:
         raise APIError(422, "invalid_parameter", str(err)) from err
     guidance = form.guidance if form.guidance is not None else (reg.manifest.guidance or (None,))[0]
-    log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler, guidance=guidance)
+    try:
+        check_fidelity(reg.name, reg.manifest.fidelity, form.fidelity)
+    except ValueError as err:
+        raise APIError(422, "invalid_parameter", str(err)) from err
+    fidelity = form.fidelity if form.fidelity is not None else (reg.manifest.fidelity or {}).get("default")
+    log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler, guidance=guidance, fidelity=fidelity)
 
     data = await form.image.read()
     try:  # one admission check, on the header and the form, before anything is decoded or allocated
@@ -299,7 +314,7 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     if form.deadline_ms is not None:
         budget = min(budget, form.deadline_ms / 1000)
     return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height, guidance=guidance,
-                    warning=warning, source=(upload.width, upload.height))
+                    fidelity=fidelity, warning=warning, source=(upload.width, upload.height))
 
 
 async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
@@ -310,7 +325,7 @@ async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
     try:
         work = await run_in_threadpool(e.prepare, call.reg, call.cond, steps=call.steps, sampler=call.sampler,
                                        seed=call.seed, prompt=call.prompt, width=call.width, height=call.height,
-                                       guidance=call.guidance)
+                                       guidance=call.guidance, fidelity=call.fidelity)
     except ValueError as err:  # a width or height the backbone cannot take
         raise APIError(422, "invalid_parameter", str(err)) from err
     if work.layout is None and work.size[0] * work.size[1] > e.settings.max_pixels:
@@ -339,6 +354,8 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
     }
     if call.guidance is not None:
         headers["X-CDD-Guidance"] = f"{call.guidance:g}"
+    if call.fidelity is not None:
+        headers["X-CDD-Fidelity"] = f"{call.fidelity:g}"
     if out.resized:
         headers["X-CDD-Resized"] = out.resized
     if out.tiled:
@@ -348,7 +365,8 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
     if "application/json" in request.headers.get("accept", ""):
         body = TaskResult(image=base64.b64encode(out.png).decode(), task=call.task, adapter=call.reg.name,
                           steps=call.steps, seed=call.seed, sampler=call.sampler, width=out.width, height=out.height,
-                          resized=out.resized, tiles=out.rows, guidance=call.guidance, warning=call.warning,
+                          resized=out.resized, tiles=out.rows, guidance=call.guidance, fidelity=call.fidelity,
+                          warning=call.warning,
                           timings=timings)
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(out.png, media_type="image/png", headers=headers)
@@ -697,6 +715,7 @@ def _info(reg: Registered, resident: bool, detail: bool = True) -> AdapterInfo:
     return AdapterInfo(name=reg.name, task=reg.task, kind=m.kind, mode=m.mode, steps=m.steps, sampler=m.sampler,
                        resolution=reg.resolution, channels=reg.channels, backbone_lora=m.backbone_lora is not None,
                        resident=resident, guidance=list(m.guidance) if m.guidance else None,
+                       fidelity=m.fidelity["default"] if m.fidelity else None,
                        manifest=m.public() if detail else None)
 
 
@@ -744,7 +763,7 @@ def _install_error_handlers(app: FastAPI, known_tasks: Callable[[], dict | None]
         return error_response(500, "internal", f"internal error: {type(err).__name__}")
 
 
-TASK_FORM_FIELDS = ("prompt", "steps", "seed", "sampler", "adapter", "width", "height", "guidance")
+TASK_FORM_FIELDS = ("prompt", "steps", "seed", "sampler", "adapter", "width", "height", "guidance", "fidelity")
 
 
 async def _form_hint(request: Request) -> str:

@@ -35,7 +35,7 @@ from .pool import AdapterGone, AdapterPool, Registered
 from ..diffusion.samplers import is_stochastic
 from .scheduler import Job, Scheduler, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import Work, blank_work, check_guidance, prepare
+from .tasks import Work, blank_work, check_fidelity, check_guidance, prepare
 
 log = logging.getLogger("cdd.serve")
 TEXT_CACHE = 512
@@ -249,11 +249,13 @@ class Engine:
     # -- requests ------------------------------------------------------------------------
 
     def prepare(self, reg: Registered, image: torch.Tensor, *, steps: int, sampler: str, seed: int, prompt: str,
-                width: int | None = None, height: int | None = None, guidance: float | None = None) -> Work:
+                width: int | None = None, height: int | None = None, guidance: float | None = None,
+                fidelity: float | None = None) -> Work:
         """The request's rows and noise (ValueError for a width or height the backbone cannot take, or a guidance
-        weight the entry does not take)."""
+        or fidelity weight the entry does not take)."""
         check_guidance(reg.name, reg.manifest.guidance, guidance)
-        return prepare(
+        check_fidelity(reg.name, reg.manifest.fidelity, fidelity)
+        work = prepare(
             reg.task,
             image,
             adapter=reg.name,
@@ -270,6 +272,8 @@ class Engine:
             size_factor=self.backbone.size_factor,
             guidance=guidance,
         )
+        work.fidelity = fidelity
+        return work
 
     def submit(self, work: Work, deadline: float = float("inf")) -> Job:
         """Queue a request (raises QueueFull, DeadlineExceeded, SchedulerClosed); its future gives a Result."""
@@ -347,6 +351,12 @@ class Engine:
             if isinstance(out, Exception):
                 job.future.set_exception(out)
                 continue
+            try:
+                out = self._refine(job.payload, out)
+            except Exception as e:  # noqa: BLE001 - this request learns why
+                log.exception("fidelity module failed")
+                job.future.set_exception(e)
+                continue
             m.queue_wait.labels(job.payload.task).observe(job.waited)
             job.future.set_result(Result(out, job.waited, now - f.boarded, f.requests, f.company))
         self._flights = [f for f in self._flights if not f.done and id(f) not in failed]
@@ -372,6 +382,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             rows = self._execute([job.payload for job in batch])
+            rows = torch.cat([self._refine(job.payload, part)
+                              for job, part in zip(batch, rows.split([job.rows for job in batch]))])
         except Exception as e:  # noqa: BLE001 - every request of the batch learns why
             if isinstance(e, ZooError):  # its entry cannot load: isolated, its later requests are refused
                 self.mark_unavailable(batch[0].payload.adapter, batch[0].payload.task, e)
@@ -409,6 +421,25 @@ class Engine:
                 guidance=row_guidance(reg, works),
             )
             return self.executor.run(slot, reg, batch)
+
+    def _refine(self, work: Work, rows: torch.Tensor) -> torch.Tensor:
+        """A super-resolution request's rows through its entry's fidelity module at the request's weight (the
+        entry's default when it gave none); other rows unchanged. Rows [n, 3, H, W] in [0, 1], CPU float32."""
+        reg = self.pool.get(work.adapter)
+        if reg.manifest.fidelity is None:
+            return rows
+        w = reg.manifest.fidelity["default"] if work.fidelity is None else work.fidelity
+        if w == 0:
+            return rows
+        device, dtype = self.backbone.device, self.backbone.dtype
+        out, step = [], self.settings.max_batch
+        with self._lock, torch.no_grad():
+            net = self.pool.fidelity(work.adapter)
+            for a in range(0, rows.shape[0], step):
+                y = rows[a : a + step].to(device, dtype) * 2 - 1
+                c = work.cond[a : a + step].to(device, dtype) * 2 - 1
+                out.append((net(y, c, w).float() * 0.5 + 0.5).clamp(0, 1).to("cpu"))
+        return torch.cat(out)
 
     def _encode(self, prompt: str) -> torch.Tensor:
         """Text embeddings of one prompt, encoded alone (as diffusers does for one image) and cached."""

@@ -35,7 +35,8 @@ from ...adapters.architectures import (
     load_backbone_lora,
     set_backbone_lora,
 )
-from ...adapters.zoo import ADAPTER_FILE, BACKBONE_LORA_FILE, Manifest, ZooError, verify_entry
+from ...adapters.fidelity import FidelityNet
+from ...adapters.zoo import ADAPTER_FILE, BACKBONE_LORA_FILE, Manifest, ZooError, load_fidelity, verify_entry
 from ..diffusion.backbone import Backbone
 from ..diffusion.denoiser import ConditionedDenoiser
 from .metrics import Metrics
@@ -82,6 +83,7 @@ class Resident:
     state: dict[str, torch.Tensor]  # the slot's stored keys, on the device
     nbytes: int
     lora: str | None = None  # peft adapter name on the shared UNet
+    fidelity: FidelityNet | None = None  # super-resolution's fidelity module, on the device
 
 
 @dataclass
@@ -231,6 +233,10 @@ class AdapterPool:
         """Make `name` resident (its weights on the device) without serving it yet."""
         return self._make_resident(name)[0]
 
+    def fidelity(self, name: str) -> FidelityNet | None:
+        """`name`'s fidelity module on the device (loading the entry if it is not resident), None when it has none."""
+        return self._make_resident(name)[2].fidelity
+
     def evict(self, name: str) -> bool:
         """Drop `name`'s weights from the device (it stays registered; serving it loads it again).
         False when it was not resident."""
@@ -297,7 +303,11 @@ class AdapterPool:
             _place_lora(self.backbone.unet, reg.lora_name, device, dtype)
             set_backbone_lora(self.backbone.unet, self._active_lora)
             lora, nbytes = reg.lora_name, nbytes + _nbytes(lora_state)
-        resident = Resident(state, nbytes, lora)
+        fidelity = None
+        if manifest.fidelity is not None:
+            fidelity = load_fidelity(reg.path, manifest).to(device, dtype)
+            nbytes += sum(p.numel() * p.element_size() for p in fidelity.parameters())
+        resident = Resident(state, nbytes, lora, fidelity)
         self._resident[reg.name] = resident
         self._fit_budget(keep=reg.name)
         if self.metrics:

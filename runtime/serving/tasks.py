@@ -108,6 +108,7 @@ class Work:
     layout: TileLayout | None = None  # super-resolution
     resized: str | None = None  # "WxH->wxh" when the condition was resized
     guidance: float | None = None  # w for a controlnet-guided adapter; None: the entry's default
+    fidelity: float | None = None  # super-resolution's fidelity weight; None: the entry's default
     info: dict = field(default_factory=dict)
 
     @property
@@ -268,6 +269,18 @@ def check_guidance(name: str, range_: tuple[float, float, float] | None, guidanc
     if not math.isfinite(guidance) or not range_[1] <= guidance <= range_[2]:
         raise ValueError(f"guidance {guidance:g} is outside adapter {name!r}'s range [{range_[1]:g}, {range_[2]:g}] "
                          f"(default {range_[0]:g})")
+
+
+def check_fidelity(name: str, fidelity: dict | None, w: float | None) -> None:
+    """ValueError naming the entry when a request's fidelity weight cannot be served: `fidelity` is the entry's
+    Manifest.fidelity (None for an entry without the module)."""
+    if w is None:
+        return
+    if fidelity is None:
+        raise ValueError(f"adapter {name!r} has no fidelity module (only super-resolution entries trained with "
+                         "cdd-train-fidelity do); leave fidelity out")
+    if not math.isfinite(w) or not 0 <= w <= 1:
+        raise ValueError(f"fidelity {w:g} is outside [0, 1] (adapter {name!r}'s default {fidelity['default']:g})")
 
 
 def blank_work(adapter: str, task: str, resolution: int, channels: int, model_channels: int, scale_factor: int,

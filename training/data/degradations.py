@@ -27,6 +27,8 @@ Presets (`DEGRADATION_PRESETS`, `degradation_preset(name)`):
   trained on them learns that its input is often useless, and ignores it.
 - `mild-64px`: every range scaled to a 64-pixel image so that the 16-pixel result still shows
   what the scene holds (`mild_64px` says why each number).
+- `bicubic`: no blur, noise or JPEG: the image scaled down x4 with an antialiased bicubic filter (PIL's
+  and most tools' "resize") and rounded to 8 bits: what a user's photograph that was only made smaller is.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class DegradationConfig:
     second_stage_prob: float = 1.0  # of applying stage 2 (blur, resize, noise) at all; published: always
     # final sinc filter
     final_sinc_prob: float = 0.8
+    # True: none of the above, only an antialiased bicubic down-scale (the `bicubic` preset); draws nothing
+    plain: bool = False
 
     def __post_init__(self):
         for f in fields(self):
@@ -157,7 +161,12 @@ def mild_64px() -> DegradationConfig:
     )
 
 
-DEGRADATION_PRESETS = {"realesrgan": DegradationConfig, "mild-64px": mild_64px}
+def plain_bicubic() -> DegradationConfig:
+    """Only the x4 antialiased bicubic down-scale, rounded to 8 bits (`plain`): the other fields are unused."""
+    return DegradationConfig(plain=True)
+
+
+DEGRADATION_PRESETS = {"realesrgan": DegradationConfig, "mild-64px": mild_64px, "bicubic": plain_bicubic}
 DEFAULT_TRAINING_PRESET = "mild-64px"  # what cdd-train-adapter uses for super-resolution unless told
 
 
@@ -363,6 +372,9 @@ def _random_jpeg(g, img, quality_range):
 def _degrade_one(hr: torch.Tensor, g: torch.Generator, cfg: DegradationConfig) -> torch.Tensor:
     h, w = hr.shape[-2:]
     lr_hw = (h // cfg.scale, w // cfg.scale)
+    if cfg.plain:
+        out = F.interpolate(hr, size=lr_hw, mode="bicubic", align_corners=False, antialias=True)
+        return (out * 255).round().clamp(0, 255) / 255
     # Kernels first, as the published dataset draws them before the model degrades.
     kernel1 = _stage_kernel(g, cfg, cfg.sinc_prob, cfg.kernel_list, cfg.kernel_prob,
                             cfg.blur_sigma, cfg.betag_range, cfg.betap_range)
