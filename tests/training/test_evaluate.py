@@ -519,6 +519,36 @@ def test_ilvr_sampler_row_is_the_sampler_with_the_ilvr_step(sr_zoo, pixel_backbo
                                                                rel=1e-4)
 
 
+def test_fidelity_rows_are_the_sample_through_the_entrys_module(sr_zoo, pixel_backbone_dir, pixel_backbone, tmp_path,
+                                                                 empty_hub):
+    """An entry with a fidelity module is measured as served (its default weight) and, with --fidelity, at each w; the
+    row by hand: the decoded sample, clamped, through y + w R(y, c)."""
+    from cdd.adapters.fidelity import FidelityNet
+    from cdd.adapters.zoo import add_fidelity
+
+    zoo = tmp_path / "zoo"
+    net = perturbed(FidelityNet(width=8, blocks=1, head=4), 3)
+    add_fidelity(sr_zoo / "sr", zoo / "sr", net, default=0.5, training={})
+    served, _ = sr_run(zoo, pixel_backbone_dir, tmp_path / "served", "--adapters", "sr")
+    swept, _ = sr_run(zoo, pixel_backbone_dir, tmp_path / "swept", "--adapters", "sr", "--fidelity", "0,1")
+    plain, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "plain", "--adapters", "sr")
+    by = {r["method"]: r for r in swept["rows"]}
+    assert set(by) == {"sr fidelity=0", "sr fidelity=1"} and served["rows"][0]["fidelity"] == 0.5
+    assert by["sr fidelity=0"]["psnr"] == pytest.approx(plain["rows"][0]["psnr"])
+    data = ev.held_out("super-resolution", 3, 16)
+    model = ConditionedDenoiser(pixel_backbone.unet, pixel_backbone.schedule,
+                                load_entry(sr_zoo / "sr", pixel_backbone.unet, pixel_backbone.fingerprint).adapter)
+    y, _ = ev.generate(model, pixel_backbone, data, pixel_backbone.encode_text([""] * 3), "prev", 1, 0, 2)
+    for w, row in ((1.0, by["sr fidelity=1"]), (0.5, served["rows"][0])):
+        with torch.no_grad():  # y is 8-bit in [0, 1] here; the row refines the unrounded decode: a level of rounding
+            mine = ev.quantise(net(y * 2 - 1, data["condition"] * 2 - 1, w))
+        assert row["psnr"] == pytest.approx(float(ev.psnr(mine, ev.quantise(data["target"])).mean()), abs=0.05)
+    assert by["sr fidelity=1"]["psnr"] != pytest.approx(by["sr fidelity=0"]["psnr"])
+    rc, _, err = run("--task", "super-resolution", "--zoo", zoo, "--backbone", pixel_backbone_dir, "--adapters", "sr",
+                     "--fidelity", "2", "--out", tmp_path / "bad")
+    assert rc == 2 and "--fidelity: every weight must be in [0, 1]" in err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--task", "depth", "--adapters", "a", "--bicubic"], "--bicubic is for super-resolution"),
     (["--task", "depth", "--adapters", "a", "--dataset", "photos"], "--dataset photos is for super-resolution"),
