@@ -257,7 +257,8 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
     runs NAME with the ILVR step towards the condition's low frequencies at down-scale `sr_scale` (on a latent
     backbone x_hat is decoded, corrected and encoded again each step); a `NAME+keep` sampler runs NAME and gives
     its decoded output the source's detail where the edit kept it (`samplers.keep_source`). `fidelity`:
-    (FidelityNet, w), a super-resolution entry's fidelity module applied to the decoded output at weight w."""
+    (FidelityNet, [w, ...]), a super-resolution entry's fidelity module applied to the decoded output at each weight
+    w: the images are then [len(ws), N, 3, H, W], one sample through the module at each w."""
     device, schedule = backbone.device, backbone.schedule
     sampler, step = samplers.split_sampler(sampler)
     consistent = step == samplers.ILVR
@@ -289,13 +290,13 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         if step == samplers.KEEP:
             source = cond.float() * 2 - 1
             x = samplers.keep_source(x.float(), source, samplers.source_roundtrip(source, backbone))
-        if fidelity is not None:
-            net, w = fidelity
-            x = net.to(device)(x.float().clamp(-1, 1), cond.float() * 2 - 1, w)  # as served: on the clamped output
+        if fidelity is not None:  # as served: on the clamped output
+            net, ws = fidelity
+            x = torch.stack([net.to(device)(x.float().clamp(-1, 1), cond.float() * 2 - 1, w) for w in ws])
         _sync(device)
         seconds += time.perf_counter() - t0
         images.append(x.float().cpu())
-    return quantise(torch.cat(images)), seconds
+    return quantise(torch.cat(images, dim=1 if fidelity is not None else 0)), seconds
 
 
 @torch.no_grad()
@@ -644,20 +645,30 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
         probes = probe_sets(truth, others[0], other_name) if args.probes else {}
         for name, images in {**probes, **follow.references()}.items():
             reference_row(f"probe: {name}", name, PROBE, images)
-    def sampled_rows(model: ConditionedDenoiser, method: str, names: list[str], entry: dict, fidelity=None) -> None:
+    def sampled_rows(model: ConditionedDenoiser, method: str, names: list[str], entry: dict, fidelity=None,
+                     labels=None) -> None:
+        """A row per (sampler, steps); with `fidelity` (net, [w, ...]) one sample per (sampler, steps) measured at
+        each w, the rows labelled labels[i] and their entry fields entry[i]."""
         warm_up(model, backbone, data, text_emb, args.batch_size)
         for sampler, k in itertools.product(names, steps):
             images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size,
                                        degradation_preset(degradation).scale if sr else 4, fidelity)
-            row = {"method": method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute, follow),
-                   "seconds_per_image": seconds / args.num_images, **entry, "device": str(device)}
-            row["image"] = image_name(row)
-            save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
-            rows.append(row)
-            print(f"[{sum(r['sampler'] not in (PROBE, NO_SAMPLER) for r in rows)}/{total}] {method} {sampler} x{k}: "
-                  + ", ".join(f"{LABELS[m]} {fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
-            if not all(math.isfinite(row[m]) for m in ("psnr", "ssim", "swd")):
-                print(f"warning: {method} {sampler} x{k} gave non-finite metrics", file=sys.stderr)
+            if fidelity is None:
+                one_row(method, sampler, k, images, seconds, entry)
+            else:
+                for i, part in enumerate(images):
+                    one_row(labels[i], sampler, k, part, seconds, entry[i])
+
+    def one_row(method: str, sampler: str, k: int, images: torch.Tensor, seconds: float, entry: dict) -> None:
+        row = {"method": method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute, follow),
+               "seconds_per_image": seconds / args.num_images, **entry, "device": str(device)}
+        row["image"] = image_name(row)
+        save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))
+        rows.append(row)
+        print(f"[{sum(r['sampler'] not in (PROBE, NO_SAMPLER) for r in rows)}/{total}] {method} {sampler} x{k}: "
+              + ", ".join(f"{LABELS[m]} {fmt(row[m], m)}" for m in row_metrics([row])), flush=True)
+        if not all(math.isfinite(row[m]) for m in ("psnr", "ssim", "swd")):
+            print(f"warning: {method} {sampler} x{k} gave non-finite metrics", file=sys.stderr)
 
     if text_only_samplers:  # the backbone alone: the condition image is not used
         sampled_rows(ConditionedDenoiser(backbone.unet, backbone.schedule), TEXT_ONLY, text_only_samplers,
@@ -674,13 +685,12 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                 for w in args.guidance:
                     model.adapter.set_default_guidance(w)
                     sampled_rows(model, f"{c.method} w={w:g}", c.samplers, {**entry, "guidance": w})
-            elif net is not None and args.fidelity is not None:
-                for w in args.fidelity:
-                    sampled_rows(model, f"{c.method} fidelity={w:g}", c.samplers, {**entry, "fidelity": w}, (net, w))
-            else:  # an entry with a fidelity module is measured as served: at its default weight
-                w = c.manifest.fidelity["default"] if net is not None else None
-                sampled_rows(model, c.method, c.samplers, {**entry, **({"fidelity": w} if net is not None else {})},
-                             (net, w) if net is not None else None)
+            elif net is not None:  # measured as served (its default weight), or at each --fidelity weight
+                ws = args.fidelity if args.fidelity is not None else [c.manifest.fidelity["default"]]
+                labels = [f"{c.method} fidelity={w:g}" for w in ws] if args.fidelity is not None else [c.method]
+                sampled_rows(model, c.method, c.samplers, [{**entry, "fidelity": w} for w in ws], (net, ws), labels)
+            else:
+                sampled_rows(model, c.method, c.samplers, entry)
 
     # 5. Merge (--append), write, record.
     results["notes"] = {m: why for m, why in optional.status.items() if why}
