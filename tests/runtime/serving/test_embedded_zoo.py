@@ -98,9 +98,9 @@ def test_super_resolution_follows_its_input(client):
 
 def test_super_resolution_of_a_held_out_photograph_is_the_photograph(client):
     """What a user sends: patches of photographs the backbone never saw, degraded to 16 px as the zoo was
-    trained (mild-64px), no prompt, the manifest's default sampler. Each answer is near its own photograph
-    (within 1.5 dB of bicubic upsampling on average) and far from the other patches: a sharper input, not a
-    scene."""
+    trained (mild-64px), no prompt, the manifest's default sampler and fidelity weight. Each answer is near its own
+    photograph (not under bicubic upsampling on average, to rounding) and far from the other patches: a sharper input,
+    not a scene."""
     from cdd.training.data.degradations import degradation_preset
     from cdd.training.data.photos import PhotoPatches
 
@@ -120,4 +120,5 @@ def test_super_resolution_of_a_held_out_photograph_is_the_photograph(client):
     own = np.mean([psnr(outs[i], hrs[i]) for i in range(4)])
     other = np.mean([psnr(outs[i], hrs[j]) for i in range(4) for j in range(4) if j != i])
     cubic = np.mean([psnr(bicubic[i], hrs[i]) for i in range(4)])
-    assert own > other + 3.0 and own > cubic - 1.5, (own, other, cubic)
+    # 2026-12-06, with the fidelity module: 22.45 dB against bicubic's 22.33 (the entry before it: 1.5 dB allowed)
+    assert own > other + 3.0 and own > cubic - 0.2, (own, other, cubic)

@@ -1,0 +1,49 @@
+# Experiment script. Installed the super-resolution entry with its fidelity module into the embedded zoo (2026-12-06).
+"""Install a super-resolution entry that carries a fidelity module as the embedded zoo's `super-resolution`, with
+the cdd-eval rows measured at the served weight as its manifest's metrics.
+
+    python experiments/install_sr_fidelity.py --entry runs/fidelity/entry --results runs/fidelity/eval [--weight 1]
+
+`--results` holds `scenes-mild-64px/seed0`, `photos-mild-64px/seed0` and `photos-bicubic/seed0` (experiments/
+sr_fidelity.sh eval): the rows of the entry at fidelity `--weight` become metrics["cdd-eval"] (scenes),
+["cdd-eval-photos"] (photographs, mild-64px) and ["cdd-eval-photos-bicubic"]; the entry is installed as float16,
+its served default (sampler, steps) unchanged, the module served at `--weight`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cdd.adapters.zoo import default_zoo_dir, install_entry, write_metrics
+from cdd.training.eval_report import record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--entry", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--zoo", type=Path, default=default_zoo_dir())
+    args = p.parse_args()
+    dest = install_entry(args.entry, args.zoo, name="super-resolution", half=True, replace=True)
+    for folder, key in (("scenes-mild-64px", "cdd-eval"), ("photos-mild-64px", "cdd-eval-photos"),
+                        ("photos-bicubic", "cdd-eval-photos-bicubic")):
+        path = args.results / folder / "seed0" / "results.json"
+        results = json.loads(path.read_text())
+        rows = [r for r in results["rows"] if r.get("fidelity") == args.weight]
+        if not rows:
+            raise SystemExit(f"{path}: no rows at fidelity {args.weight}")
+        record(dest, results, rows, key)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    write_metrics(dest, "default", {**manifest["metrics"].get("default", {}), "fidelity": args.weight,
+                                    "fidelity_chosen_by": "docs/results.md, super-resolution fidelity (2026-12-06)"})
+    m = json.loads((dest / "manifest.json").read_text())
+    m["fidelity"]["default"] = args.weight
+    (dest / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    print(f"installed {dest}")
+
+
+if __name__ == "__main__":
+    main()
