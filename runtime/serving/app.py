@@ -91,7 +91,8 @@ class TaskInfo(BaseModel):
 class Limits(BaseModel):
     max_pixels: int = Field(description="most pixels a task computes on (super-resolution: its input)")
     max_decode_pixels: int = Field(description="largest image decoded (depth and edit resize it)")
-    max_work: int = Field(description="most row-steps per request: rows (super-resolution tiles, else 1) x steps")
+    max_work: int = Field(description="most tile-steps per request: rows x steps, a super-resolution row counted in "
+                          "tiles of the adapter's resolution (tasks.task_work)")
     max_upload_mb: float
     max_prompt: int = Field(description="characters")
 
@@ -290,7 +291,7 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
         plan = admit(task, upload, width=form.width, height=form.height, steps=steps, resolution=reg.resolution,
                      scale_factor=scale_factor, size_factor=size_factor or scale_factor, max_pixels=settings.max_pixels,
                      max_decode_pixels=settings.max_decode_pixels, max_work=settings.max_work,
-                     overlap_fraction=settings.sr_tile_overlap)
+                     overlap_fraction=settings.sr_tile_overlap, tile=settings.sr_tile)
         cond = await run_in_threadpool(decode, upload, reg.channels, plan.decode_pixels)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err
