@@ -1,0 +1,182 @@
+# Benchmark script. Ways of sampling a large super-resolution input through the engine: quality, seams, flat-region HF, cost.
+"""Large super-resolution inputs, four ways, through the real engine (the default backbone and zoo entry).
+
+    OMP_NUM_THREADS=1 python benchmarks/sr_large.py --out experiments/out/sr_large [--seeds 0,1000,2000]
+        [--sizes 32,64,128] [--ways a,b,c64,c128] [--sheet docs/images/sr_large_sheet.png]
+
+Ways (docs/results.md, "Large super-resolution inputs"):
+- a: 64 px tiles (the adapter's resolution), 25% overlap, sampled independently, blended once in pixels (the old way);
+- b: the whole latent as one row (no tiles);
+- c64, c128: 64 / 128 px tiles, 25% overlap, their estimates averaged in latent space every step (MultiDiffusion,
+  `tasks.LatentBlend`), then decoded per tile and blended in pixels.
+
+Inputs per held-out photograph (astronaut, chelsea, flower): the centre 128x128 crop of the photo as the truth
+(a 32 px input), and the centre square of the whole photo resized (area) to 256 / 512 px as the truth (64 / 128 px
+inputs); every input is the truth bicubic-downscaled x4 (antialiased), quantised to uint8 as a PNG would carry it.
+Each row: PSNR / SSIM against the truth (and bicubic's), flat_hf (training/metrics.py flat_hf_energy, x 1e4; the
+truth's own and bicubic's beside it), seam (mean |step| of output - bicubic across the 64 px tile layout's edges over
+its mean across all pixel lines: 1 is no seam), and wall seconds. The cost ratio divides a way's seconds by the
+seconds of the same output pixels as non-overlapping 64 px tiles at batch 16 (`ref16`, timed in the same run).
+Engine: per-adapter batching, max_batch 16, float32 on the CPU, the request's seed per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from cdd.adapters.zoo import default_backbone_dir, default_zoo_dir
+from cdd.runtime.serving.engine import Engine
+from cdd.runtime.serving.settings import ServeSettings
+from cdd.runtime.serving.tasks import LATENT, PIXELS, SUPER_RESOLUTION, assemble, prepare, sr_layout
+from cdd.training.data.photos import HELD_OUT, bundled_photo
+from cdd.training.metrics import flat_hf_energy, psnr, ssim
+
+WAYS = {"a": (64, PIXELS, 0.25), "c64": (64, LATENT, 0.25), "c128": (128, LATENT, 0.25), "c256": (256, LATENT, 0.25),
+        "b": (None, LATENT, 0.25), "ref16": (64, PIXELS, 0.0)}
+
+
+def cases(sizes: list[int]) -> list[tuple[str, np.ndarray]]:
+    """(label, truth uint8 HxWx3) per photo and input size."""
+    out = []
+    for name in HELD_OUT:
+        photo = bundled_photo(name)
+        h, w = photo.shape[:2]
+        side = min(h, w)
+        square = Image.fromarray(photo[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2])
+        for s in sizes:
+            if s == 32:
+                truth = photo[(h - 128) // 2 : (h + 128) // 2, (w - 128) // 2 : (w + 128) // 2]
+                out.append((f"{name.split(':')[1]} crop128 (32 px in)", np.ascontiguousarray(truth)))
+            else:
+                out.append((f"{name.split(':')[1]} whole ({s} px in)", np.asarray(square.resize((4 * s, 4 * s), Image.BOX))))
+    return out
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255
+
+
+def degrade(truth: torch.Tensor) -> torch.Tensor:
+    """Bicubic x4 down (antialiased), quantised to uint8 levels: the input a user sends."""
+    lr = F.interpolate(truth[None], scale_factor=0.25, mode="bicubic", align_corners=False, antialias=True)[0]
+    return (lr.clamp(0, 1) * 255).round() / 255
+
+
+def bicubic_up(lr: torch.Tensor) -> torch.Tensor:
+    h, w = lr.shape[-2:]
+    return F.interpolate(lr[None], size=(4 * h, 4 * w), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+
+
+def seam(out: torch.Tensor, bic: torch.Tensor, edges_x: list[int], edges_y: list[int]) -> float:
+    """Mean |step| of the residual (output - bicubic) across the given pixel lines over its mean across all lines."""
+    r = (out - bic).mean(0)
+    dx, dy = (r[:, 1:] - r[:, :-1]).abs(), (r[1:] - r[:-1]).abs()
+    at = torch.cat([dx[:, [e - 1 for e in edges_x]].flatten(), dy[[e - 1 for e in edges_y]].flatten()])
+    return float(at.mean() / torch.cat([dx.flatten(), dy.flatten()]).mean())
+
+
+def edges(width: int, height: int) -> tuple[list[int], list[int]]:
+    """The 64 px layout's tile edges inside the output (where a tile starts or ends), the lines a seam would follow."""
+    layout = sr_layout(width, height, 64, 4, 0.25)
+    ow, oh = layout.out
+    xs = sorted({e for t in layout.tiles for e in (t.x, t.x + 64)} - {0} - set(range(ow, 10**6)))
+    ys = sorted({e for t in layout.tiles for e in (t.y, t.y + 64)} - {0} - set(range(oh, 10**6)))
+    return xs, ys
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", type=Path, default=default_backbone_dir())
+    p.add_argument("--zoo", type=Path, default=default_zoo_dir())
+    p.add_argument("--adapter", default="super-resolution")
+    p.add_argument("--seeds", default="0,1000,2000")
+    p.add_argument("--sizes", default="32,64,128")
+    p.add_argument("--ways", default="a,b,c64,c128")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--sampler", default="prev+ilvr")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sheet", type=Path, default=None, help="contact sheet of the largest size, first seed")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    ways = args.ways.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    engine = Engine(ServeSettings(backbone=args.backbone, zoo=args.zoo, batching="request", max_batch=16,
+                                  warmup=False, max_work=10**9)).start()
+    reg = engine.pool.get(args.adapter)
+    rows, sheet = [], {}
+    try:
+        for label, truth_u8 in cases(sizes):
+            truth = to_tensor(truth_u8)
+            lr = degrade(truth)
+            bic = bicubic_up(lr)
+            ex, ey = edges(lr.shape[-1], lr.shape[-2])
+            base = {"case": label, "input": f"{lr.shape[-1]}x{lr.shape[-2]}",
+                    "bicubic_psnr": float(psnr(bic[None], truth[None])), "bicubic_ssim": float(ssim(bic[None], truth[None])),
+                    "bicubic_flat_hf": float(flat_hf_energy(bic[None], truth[None])),
+                    "truth_flat_hf": float(flat_hf_energy(truth[None], truth[None]))}
+            sheet.setdefault(label, {"bicubic": bic, "truth": truth})
+            for way in ways + (["ref16"] if lr.shape[-1] == max(sizes) else []):
+                tile, blend, overlap = WAYS[way]
+                tile = tile or 4 * max(lr.shape[-2:])
+                for seed in seeds if way != "ref16" else seeds[:1]:
+                    work = prepare(SUPER_RESOLUTION, lr, adapter=reg.name, resolution=reg.resolution,
+                                   model_channels=engine.backbone.model_channels, scale_factor=engine.backbone.vae_scale_factor,
+                                   steps=args.steps, sampler=args.sampler, seed=seed, prompt="", overlap_fraction=overlap,
+                                   tile=tile, blend=blend)
+                    t0 = time.perf_counter()
+                    result = engine.run(work, timeout=3600)
+                    seconds = time.perf_counter() - t0
+                    out = to_tensor(assemble(work, result.rows))
+                    row = {**base, "way": way, "seed": seed, "tiles": work.rows, "tile": tile, "seconds": seconds,
+                           "psnr": float(psnr(out[None], truth[None])), "ssim": float(ssim(out[None], truth[None])),
+                           "flat_hf": float(flat_hf_energy(out[None], truth[None])), "seam": seam(out, bic, ex, ey)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if seed == seeds[0] and way != "ref16":
+                        sheet[label][way] = out
+                        Image.fromarray(assemble(work, result.rows)).save(
+                            args.out / f"{label.split()[0]}_{lr.shape[-1]}_{way}.png")
+            (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    finally:
+        engine.stop()
+    if args.sheet:
+        save_sheet(args.sheet, {k: v for k, v in sheet.items() if f"({max(sizes)} px in)" in k}, ["bicubic", *ways, "truth"])
+
+
+def save_sheet(path: Path, cases_: dict, columns: list[str]) -> None:
+    """Rows: cases; columns: bicubic, each way, truth; each cell followed by a 2x zoom of its top-left 128 px."""
+    cell = next(iter(cases_.values()))["truth"].shape[-1]
+    zoom = 128
+    width = len(columns) * cell
+    canvas = Image.new("RGB", (width, 14 + len(cases_) * (cell + 2 * zoom + 14)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(columns):
+        draw.text((j * cell + 4, 1), name, fill="black")
+    y = 14
+    for label, images in cases_.items():
+        for j, name in enumerate(columns):
+            arr = (images[name].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            canvas.paste(Image.fromarray(arr), (j * cell, y))
+            crop = Image.fromarray(arr[:zoom, :zoom]).resize((2 * zoom, 2 * zoom), Image.NEAREST)
+            canvas.paste(crop, (j * cell, y + cell))
+        draw.text((4, y + cell + 2 * zoom + 1), f"{label}; below each: its top-left {zoom} px, 2x", fill="black")
+        y += cell + 2 * zoom + 14
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
