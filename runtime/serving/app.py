@@ -40,7 +40,8 @@ from .pool import AdapterConflict, AdapterGone, Registered
 from ..diffusion.samplers import servable_samplers, split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import SR_SCALE, SUPER_RESOLUTION, admit, assemble, blank_work, check_guidance, prompt_required
+from .tasks import (SR_SCALE, SUPER_RESOLUTION, admit, assemble, blank_work, check_guidance, prompt_required,
+                    served_sr_tile)
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -291,7 +292,7 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
         plan = admit(task, upload, width=form.width, height=form.height, steps=steps, resolution=reg.resolution,
                      scale_factor=scale_factor, size_factor=size_factor or scale_factor, max_pixels=settings.max_pixels,
                      max_decode_pixels=settings.max_decode_pixels, max_work=settings.max_work,
-                     overlap_fraction=settings.sr_tile_overlap, tile=settings.sr_tile)
+                     overlap_fraction=settings.sr_tile_overlap, tile=served_sr_tile(settings.sr_tile, reg.resolution))
         cond = await run_in_threadpool(decode, upload, reg.channels, plan.decode_pixels)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err

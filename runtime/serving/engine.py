@@ -35,7 +35,7 @@ from .pool import AdapterGone, AdapterPool, Registered
 from ..diffusion.samplers import is_stochastic
 from .scheduler import Job, Scheduler, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import Work, blank_work, check_guidance, prepare
+from .tasks import Work, blank_work, check_guidance, prepare, served_sr_tile
 
 log = logging.getLogger("cdd.serve")
 TEXT_CACHE = 512
@@ -96,6 +96,9 @@ class Engine:
             self.backbone = load_backbone(folder, s.torch_device, s.torch_dtype)
         else:
             self.backbone.to(s.torch_device, s.torch_dtype)
+        if s.sr_tile is not None and s.sr_tile % self.backbone.size_factor:
+            raise EngineError(f"sr_tile {s.sr_tile} is not a multiple of the backbone's size factor "
+                              f"{self.backbone.size_factor} (CDD_SR_TILE)")
         graphs = None
         if s.use_cuda_graphs:
             from .cuda_graphs import GraphCache
@@ -265,7 +268,7 @@ class Engine:
             seed=seed,
             prompt=prompt,
             overlap_fraction=self.settings.sr_tile_overlap,
-            tile=self.settings.sr_tile,
+            tile=served_sr_tile(self.settings.sr_tile, reg.resolution),
             blend=self.settings.sr_blend,
             width=width,
             height=height,

@@ -110,8 +110,9 @@ class ServeSettings(ZooSettings):
     )
     max_upload_mb: float = Field(16.0, gt=0, description="largest request body in MiB; more gets 413")
     sr_tile_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="super-resolution tile overlap, fraction of a tile")
-    sr_tile: int | None = Field(None, ge=8, le=4096, description="super-resolution tile side in output pixels "
-                                "(default: the adapter's resolution)")
+    sr_tile: int | None = Field(None, ge=8, le=4096, description="super-resolution tile side in output pixels, a "
+                                "multiple of the backbone's size factor (default: twice the adapter's resolution; an "
+                                "output that fits in one adapter-resolution tile is always sampled as one)")
     sr_blend: Literal["latent", "pixels"] = Field(
         "latent", description="how super-resolution tiles of one image are blended: latent, their estimates averaged "
         "where they overlap at every denoising step (one consistent latent, no seams); pixels, sampled independently "

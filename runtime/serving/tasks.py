@@ -30,6 +30,7 @@ from ..diffusion.samplers import fresh_noise, initial_noise
 SUPER_RESOLUTION = "super-resolution"
 EDIT = "edit"
 SR_SCALE = 4
+SERVED_TILE_SCALE = 2  # cdd-serve samples super-resolution in tiles of twice the adapter's resolution (docs/results.md)
 LATENT, PIXELS = "latent", "pixels"  # how super-resolution tiles are blended: every step in latent space, or once
 
 
@@ -131,15 +132,36 @@ def sr_layout(width: int, height: int, tile: int, align: int, overlap_fraction: 
     return TileLayout(tile, overlap, canvas, out, tuple(Tile(x, y) for y in ys for x in xs), blend)
 
 
+def served_sr_tile(setting: int | None, resolution: int) -> int:
+    """The super-resolution tile side cdd-serve asks for: its `sr_tile` setting, else SERVED_TILE_SCALE x the adapter's
+    resolution (measured in docs/results.md, "Large super-resolution inputs": 128 px tiles averaged in latent space
+    invent fewer marks on flat regions than 64 px ones, as few as the whole latent in one row, at bounded shapes)."""
+    return setting if setting is not None else SERVED_TILE_SCALE * resolution
+
+
+def sr_tile(width: int, height: int, resolution: int, tile: int | None, size_factor: int) -> int:
+    """The side of the tiles a `width` x `height` super-resolution input is sampled in: the adapter's `resolution`
+    when the output fits in one such tile (so that input is sampled exactly as a plain sample), else `tile` (None:
+    the adapter's resolution), but no larger than the output's longer side rounded up to the backbone's
+    `size_factor` (an output that fits in one tile is one row, padded as little as the backbone allows)."""
+    out = max(width, height) * SR_SCALE
+    if out <= resolution or tile is None:
+        return resolution
+    if tile % size_factor:
+        raise ValueError(f"a super-resolution tile of {tile} px is not a multiple of the backbone's size factor "
+                         f"{size_factor}")
+    return max(resolution, min(tile, math.ceil(out / size_factor) * size_factor))
+
+
 def task_work(task: str, width: int, height: int, steps: int, resolution: int, align: int, overlap_fraction: float,
-              tile: int | None = None) -> tuple[int, int]:
+              tile: int | None = None, size_factor: int | None = None) -> tuple[int, int]:
     """(rows, work) of a `width` x `height` input: the rows (tiles, or one image) `prepare` makes of it and its
     compute in tile-steps, one tile-step being one denoising step of one row at the adapter's `resolution` (the
     backbone's cost grows with the pixels it computes: a row of `tile` px counts (tile / resolution)^2). Known
     from the image header, before anything is decoded or prepared."""
     if task != SUPER_RESOLUTION:
         return 1, steps
-    tile = tile or resolution
+    tile = sr_tile(width, height, resolution, tile, size_factor or align)
     rows = len(sr_layout(width, height, tile, align, overlap_fraction).tiles)
     return rows, math.ceil(rows * tile * tile / (resolution * resolution)) * steps
 
@@ -244,17 +266,18 @@ def admit(task: str, upload, *, width: int | None, height: int | None, steps: in
             raise ImageError(422, "invalid_parameter", f"the output {out[0]}x{out[1]} is over the limit of "
                              f"{max_pixels} pixels")
         decode_pixels = max_pixels
-    rows, work = task_work(task, upload.width, upload.height, steps, resolution, scale_factor, overlap_fraction, tile)
+    rows, work = task_work(task, upload.width, upload.height, steps, resolution, scale_factor, overlap_fraction, tile,
+                           size_factor)
     if work > max_work:
         per_step = work // steps
         fits = [f"steps={max_work // per_step} or fewer"] if per_step <= max_work else []
         if task == SUPER_RESOLUTION:
-            side = largest_sr_input(steps, max_work, resolution, scale_factor, overlap_fraction, tile)
+            side = largest_sr_input(steps, max_work, resolution, scale_factor, overlap_fraction, tile, size_factor)
             if side:
                 fits.append(f"an input of at most {side}x{side} pixels at {steps} step(s)")
         raise ImageError(
             413, "too_much_work",
-            f"a {upload.width}x{upload.height} image is {rows} row(s) for {task} at {tile or resolution} px, "
+            f"a {upload.width}x{upload.height} image is {rows} row(s) for {task}, "
             f"{per_step} tile-step(s) per step (one tile-step: one step of a {resolution} px tile) x {steps} step(s) = "
             f"{work} tile-steps; the limit per request (max_work) is {max_work}: send "
             + "".join(f"{f}, or " for f in fits)
@@ -264,10 +287,11 @@ def admit(task: str, upload, *, width: int | None, height: int | None, steps: in
 
 
 def largest_sr_input(steps: int, max_work: int, resolution: int, align: int, overlap_fraction: float,
-                     tile: int | None = None) -> int:
+                     tile: int | None = None, size_factor: int | None = None) -> int:
     """The side of the largest square super-resolution input whose `task_work` at `steps` fits `max_work` (0: none)."""
     def fits(side: int) -> bool:
-        return task_work(SUPER_RESOLUTION, side, side, steps, resolution, align, overlap_fraction, tile)[1] <= max_work
+        return task_work(SUPER_RESOLUTION, side, side, steps, resolution, align, overlap_fraction, tile,
+                         size_factor)[1] <= max_work
 
     lo, hi = 0, 1
     while fits(hi) and hi < 1 << 14:
@@ -300,14 +324,15 @@ def prepare(
 ) -> Work:
     """The condition rows and noise for `image` ([c, H, W] in [0, 1]) under `task`'s semantics. `width` and
     `height` (tasks other than super-resolution) must be multiples of `size_factor` (default: scale_factor).
-    Super-resolution: tiles of `tile` px (default: the adapter's resolution), blended `blend` (LATENT, PIXELS)."""
+    Super-resolution: tiles of `sr_tile(..., tile, size_factor)` px, blended `blend` (LATENT, PIXELS)."""
     common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution,
                   guidance=guidance)
     c, in_height, in_width = image.shape
     if task == SUPER_RESOLUTION:
         if width is not None or height is not None:
             raise ValueError("super-resolution's output is 4x its input: it takes no width or height")
-        layout = sr_layout(in_width, in_height, tile or resolution, scale_factor, overlap_fraction, blend)
+        tile = sr_tile(in_width, in_height, resolution, tile, size_factor or scale_factor)
+        layout = sr_layout(in_width, in_height, tile, scale_factor, overlap_fraction, blend)
         (ow, oh), (cw, ch) = layout.out, layout.canvas
         up = F.interpolate(image[None], size=(oh, ow), mode="bicubic", align_corners=False).clamp(0, 1)
         up = F.pad(up, (0, cw - ow, 0, ch - oh), mode="replicate") if (cw, ch) != (ow, oh) else up

@@ -17,7 +17,8 @@ from cdd.runtime.diffusion.factory import make_backbone, save_backbone
 from cdd.runtime.serving.engine import Engine
 from cdd.runtime.serving.imaging import ImageError, open_image
 from cdd.runtime.serving.settings import ServeSettings
-from cdd.runtime.serving.tasks import PIXELS, SUPER_RESOLUTION, LatentBlend, admit, prepare, sr_layout
+from cdd.runtime.serving.tasks import (SUPER_RESOLUTION, LatentBlend, admit, prepare, served_sr_tile, sr_layout, sr_tile,
+                                      task_work)
 
 RES = 16  # the tiny latent backbone: scale factor 2, a tile is 8 x 8 latents
 
@@ -172,16 +173,31 @@ def png(width: int, height: int) -> bytes:
 
 
 def test_the_default_budget_admits_a_128_pixel_input_at_4_steps_and_refuses_far_larger():
+    """The served defaults (the embedded backbone's factors: VAE 4, size factor 16; 64 px adapters): a 128x128
+    input is 25 tiles of 128 px, 4 tile-steps each per step, 400 at 4 steps; a 256x256 one is 413."""
     s = ServeSettings()
-    common = dict(width=None, height=None, steps=4, resolution=64, scale_factor=4, size_factor=32,
+    tile = served_sr_tile(s.sr_tile, 64)
+    assert tile == 128
+    common = dict(width=None, height=None, steps=4, resolution=64, scale_factor=4, size_factor=16,
                   max_pixels=s.max_pixels, max_decode_pixels=s.max_decode_pixels, max_work=s.max_work,
-                  overlap_fraction=s.sr_tile_overlap)
-    assert admit(SUPER_RESOLUTION, open_image(png(128, 128)), **common).rows == 121  # 512 x 512 out
+                  overlap_fraction=s.sr_tile_overlap, tile=tile)
+    assert admit(SUPER_RESOLUTION, open_image(png(128, 128)), **common).rows == 25  # 512 x 512 out
+    assert task_work(SUPER_RESOLUTION, 128, 128, 4, 64, 4, s.sr_tile_overlap, tile, 16) == (25, 400)
+    # the older 64 px tiles: 121 of them, 484 tile-steps, admitted too
+    assert admit(SUPER_RESOLUTION, open_image(png(128, 128)), **{**common, "tile": None}).rows == 121
     with pytest.raises(ImageError) as e:
         admit(SUPER_RESOLUTION, open_image(png(256, 256)), **common)
     assert e.value.status == 413 and e.value.code == "too_much_work"
     message = str(e.value)
-    assert f"max_work) is {s.max_work}" in message and "1764 tile-steps" in message  # 441 tiles x 4
-    assert "an input of at most 136x136 pixels at 4 step(s)" in message and "steps=1 or fewer" in message
-    # larger tiles count their pixels: a 128 px tile is four 64 px tile-steps per step
-    assert admit(SUPER_RESOLUTION, open_image(png(128, 128)), **{**common, "max_work": 25 * 4 * 4}, tile=128).rows == 25
+    assert f"max_work) is {s.max_work}" in message and "1936 tile-steps" in message  # 121 tiles x 4 x 4 steps
+    assert "send steps=1 or fewer, or an input of at most 128x128 pixels at 4 step(s), or a smaller image" in message
+
+
+def test_served_tiles_leave_an_input_of_one_adapter_tile_alone():
+    """sr_tile: the adapter's resolution for an output that fits in one adapter tile (the plain sample, as before);
+    the whole output as one row when it fits in one served tile; tiles of the served size beyond."""
+    assert sr_tile(16, 16, 64, 128, 16) == 64 and sr_tile(16, 10, 64, 128, 16) == 64
+    assert sr_tile(20, 20, 64, 128, 16) == 80 and sr_tile(24, 17, 64, 128, 16) == 96
+    assert sr_tile(128, 128, 64, 128, 16) == 128 and sr_tile(128, 128, 64, None, 16) == 64
+    with pytest.raises(ValueError, match="size factor 16"):
+        sr_tile(128, 128, 64, 120, 16)
