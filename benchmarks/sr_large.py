@@ -2,7 +2,8 @@
 """Large super-resolution inputs, four ways, through the real engine (the default backbone and zoo entry).
 
     OMP_NUM_THREADS=1 python benchmarks/sr_large.py --out experiments/out/sr_large [--seeds 0,1000,2000]
-        [--sizes 32,64,128] [--ways a,b,c64,c128] [--sheet docs/images/sr_large_sheet.png]
+        [--sizes 32,64,128] [--ways a,b,c64,c128] [--photos astronaut] [--sheet docs/images/sr_large_sheet.png]
+    # timing, one photo, alternating: --photos astronaut --sizes 128 --seeds 0 --ways ref16,a,b,c64,c128,ref16,a,b,c64,c128
 
 Ways (docs/results.md, "Large super-resolution inputs"):
 - a: 64 px tiles (the adapter's resolution), 25% overlap, sampled independently, blended once in pixels (the old way);
@@ -15,7 +16,7 @@ Inputs per held-out photograph (astronaut, chelsea, flower): the centre 128x128 
 inputs); every input is the truth bicubic-downscaled x4 (antialiased), quantised to uint8 as a PNG would carry it.
 Each row: PSNR / SSIM against the truth (and bicubic's), flat_hf (training/metrics.py flat_hf_energy, x 1e4; the
 truth's own and bicubic's beside it), seam (mean |step| of output - bicubic across the 64 px tile layout's edges over
-its mean across all pixel lines: 1 is no seam), and wall seconds. The cost ratio divides a way's seconds by the
+its mean across all pixel lines: 1 is no seam) and wall seconds. The cost ratio divides a way's seconds by the
 seconds of the same output pixels as non-overlapping 64 px tiles at batch 16 (`ref16`, timed in the same run).
 Engine: per-adapter batching, max_batch 16, float32 on the CPU, the request's seed per row.
 """
@@ -40,7 +41,22 @@ from cdd.training.data.photos import HELD_OUT, bundled_photo
 from cdd.training.metrics import flat_hf_energy, psnr, ssim
 
 WAYS = {"a": (64, PIXELS, 0.25), "c64": (64, LATENT, 0.25), "c128": (128, LATENT, 0.25), "c256": (256, LATENT, 0.25),
-        "b": (None, LATENT, 0.25), "ref16": (64, PIXELS, 0.0)}
+        "b": (None, LATENT, 0.25)}
+REF = "ref16"  # the same output pixels as non-overlapping 64 px rows, batch 16: the cost unit
+
+
+def ref_work(work, lr: torch.Tensor):
+    """`work`'s output pixels cut into non-overlapping 64 px rows, independent (no layout): what the same pixels
+    cost as plain samples at batch 16 (max_batch 16)."""
+    from cdd.runtime.serving.tasks import Work
+
+    up = bicubic_up(lr)
+    h, w = up.shape[-2:]
+    crops = [(y, x) for y in range(0, h - 63, 64) for x in range(0, w - 63, 64)]
+    z = work.z_T.new_zeros(len(crops), *work.z_T.shape[1:2], 16, 16)
+    z.normal_(generator=torch.Generator().manual_seed(work.seed))
+    return Work(task=work.task, adapter=work.adapter, steps=work.steps, sampler=work.sampler, seed=work.seed, prompt="",
+                resolution=work.resolution, cond=torch.stack([up[:, y : y + 64, x : x + 64] for y, x in crops]), z_T=z)
 
 
 def cases(sizes: list[int]) -> list[tuple[str, np.ndarray]]:
@@ -61,7 +77,7 @@ def cases(sizes: list[int]) -> list[tuple[str, np.ndarray]]:
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(x)).permute(2, 0, 1).float() / 255
 
 
 def degrade(truth: torch.Tensor) -> torch.Tensor:
@@ -100,6 +116,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1000,2000")
     p.add_argument("--sizes", default="32,64,128")
     p.add_argument("--ways", default="a,b,c64,c128")
+    p.add_argument("--photos", default=None, help="only these held-out photos, e.g. astronaut (default: all three)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--sampler", default="prev+ilvr")
     p.add_argument("--out", type=Path, required=True)
@@ -116,6 +133,8 @@ def main() -> None:
     rows, sheet = [], {}
     try:
         for label, truth_u8 in cases(sizes):
+            if args.photos and label.split()[0] not in args.photos.split(","):
+                continue
             truth = to_tensor(truth_u8)
             lr = degrade(truth)
             bic = bicubic_up(lr)
@@ -125,14 +144,22 @@ def main() -> None:
                     "bicubic_flat_hf": float(flat_hf_energy(bic[None], truth[None])),
                     "truth_flat_hf": float(flat_hf_energy(truth[None], truth[None]))}
             sheet.setdefault(label, {"bicubic": bic, "truth": truth})
-            for way in ways + (["ref16"] if lr.shape[-1] == max(sizes) else []):
-                tile, blend, overlap = WAYS[way]
+            extra = [REF] if lr.shape[-1] == max(sizes) and REF not in ways else []
+            for way in ways + extra:  # a way named twice is run (and timed) twice
+                tile, blend, overlap = WAYS.get(way, WAYS["a"])
                 tile = tile or 4 * max(lr.shape[-2:])
-                for seed in seeds if way != "ref16" else seeds[:1]:
+                for seed in seeds if way != REF else seeds[:1]:
                     work = prepare(SUPER_RESOLUTION, lr, adapter=reg.name, resolution=reg.resolution,
                                    model_channels=engine.backbone.model_channels, scale_factor=engine.backbone.vae_scale_factor,
                                    steps=args.steps, sampler=args.sampler, seed=seed, prompt="", overlap_fraction=overlap,
                                    tile=tile, blend=blend)
+                    if way == REF:
+                        t0 = time.perf_counter()
+                        engine.run(ref := ref_work(work, lr), timeout=3600)
+                        rows.append({**base, "way": way, "seed": seed, "tiles": ref.rows, "tile": 64,
+                                     "seconds": time.perf_counter() - t0})
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
                     t0 = time.perf_counter()
                     result = engine.run(work, timeout=3600)
                     seconds = time.perf_counter() - t0
@@ -142,7 +169,7 @@ def main() -> None:
                            "flat_hf": float(flat_hf_energy(out[None], truth[None])), "seam": seam(out, bic, ex, ey)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    if seed == seeds[0] and way != "ref16":
+                    if seed == seeds[0]:
                         sheet[label][way] = out
                         Image.fromarray(assemble(work, result.rows)).save(
                             args.out / f"{label.split()[0]}_{lr.shape[-1]}_{way}.png")
@@ -153,10 +180,11 @@ def main() -> None:
         save_sheet(args.sheet, {k: v for k, v in sheet.items() if f"({max(sizes)} px in)" in k}, ["bicubic", *ways, "truth"])
 
 
-def save_sheet(path: Path, cases_: dict, columns: list[str]) -> None:
-    """Rows: cases; columns: bicubic, each way, truth; each cell followed by a 2x zoom of its top-left 128 px."""
-    cell = next(iter(cases_.values()))["truth"].shape[-1]
-    zoom = 128
+def save_sheet(path: Path, cases_: dict, columns: list[str], cell: int = 192, zoom: int = 96) -> None:
+    """Per case two rows: each column's whole image at `cell` px, then the truth's flattest `zoom` px window of it
+    (where invented marks show) enlarged 2x (nearest); columns: bicubic, each way, truth."""
+    from cdd.training.metrics import flat_mask
+
     width = len(columns) * cell
     canvas = Image.new("RGB", (width, 14 + len(cases_) * (cell + 2 * zoom + 14)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -164,12 +192,17 @@ def save_sheet(path: Path, cases_: dict, columns: list[str]) -> None:
         draw.text((j * cell + 4, 1), name, fill="black")
     y = 14
     for label, images in cases_.items():
+        flat = flat_mask(images["truth"][None])[0, 0].float()
+        score = F.avg_pool2d(flat[None, None], zoom, zoom // 4)[0, 0]  # flat fraction of each window, on a grid
+        i = int(score.flatten().argmax())
+        wy, wx = (i // score.shape[1]) * zoom // 4, (i % score.shape[1]) * zoom // 4
         for j, name in enumerate(columns):
             arr = (images[name].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-            canvas.paste(Image.fromarray(arr), (j * cell, y))
-            crop = Image.fromarray(arr[:zoom, :zoom]).resize((2 * zoom, 2 * zoom), Image.NEAREST)
+            canvas.paste(Image.fromarray(arr).resize((cell, cell), Image.LANCZOS), (j * cell, y))
+            crop = Image.fromarray(arr[wy : wy + zoom, wx : wx + zoom]).resize((2 * zoom, 2 * zoom), Image.NEAREST)
             canvas.paste(crop, (j * cell, y + cell))
-        draw.text((4, y + cell + 2 * zoom + 1), f"{label}; below each: its top-left {zoom} px, 2x", fill="black")
+        draw.text((4, y + cell + 2 * zoom + 1), f"{label}; below: the {zoom} px window at x={wx}, y={wy} "
+                  "(the truth's flattest), 2x", fill="black")
         y += cell + 2 * zoom + 14
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")

@@ -106,7 +106,7 @@ class ServeSettings(ZooSettings):
     max_work: int = Field(
         512, ge=1, description="most work one request may ask for, in tile-steps (one denoising step of one row at the "
         "adapter's resolution: super-resolution tiles x steps, other tasks steps), checked on the image header before "
-        "anything is decoded; more get 413 (512: a 128x128 super-resolution input, 121 tiles, at 4 steps)"
+        "anything is decoded; more get 413 (512: a 128x128 super-resolution input, 25 tiles of 128 px, 400 at 4 steps)"
     )
     max_upload_mb: float = Field(16.0, gt=0, description="largest request body in MiB; more gets 413")
     sr_tile_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="super-resolution tile overlap, fraction of a tile")

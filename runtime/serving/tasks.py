@@ -2,7 +2,8 @@
 
 - super-resolution: the output is 4x the input. The low-resolution image is bicubic-upsampled x4
   exactly as training builds its condition (`F.interpolate(..., mode="bicubic", align_corners=False)`,
-  clamped to [0, 1]), then cut into overlapping tiles at the adapter's resolution, all sampled as one job.
+  clamped to [0, 1]), then cut into overlapping tiles (`sr_tile`: cdd-serve's are twice the adapter's resolution,
+  `served_sr_tile`; an output that fits in one adapter-resolution tile is that one tile), all sampled as one job.
   The noise of every tile is a crop of one noise image drawn from the seed over the whole (padded)
   canvas, so overlapping tiles start from the same noise, and an input that is exactly one tile gets
   exactly the noise of a plain sample (and exactly a plain sample's image). With more than one tile, every
