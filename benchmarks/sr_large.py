@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/sr_large.py --out experiments/out/sr_large [--seeds 0,1000,2000]
         [--sizes 32,64,128] [--ways a,b,c64,c128] [--photos astronaut] [--sheet docs/images/sr_large_sheet.png]
     # timing, one photo, alternating: --photos astronaut --sizes 128 --seeds 0 --ways ref16,a,b,c64,c128,ref16,a,b,c64,c128
+    # a 128x128 request through the app, cdd-serve's defaults against the old way: --served 2
 
 Ways (docs/results.md, "Large super-resolution inputs"):
 - a: 64 px tiles (the adapter's resolution), 25% overlap, sampled independently, blended once in pixels (the old way);
@@ -121,7 +122,11 @@ def main() -> None:
     p.add_argument("--sampler", default="prev+ilvr")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sheet", type=Path, default=None, help="contact sheet of the largest size, first seed")
+    p.add_argument("--served", type=int, default=0, metavar="ROUNDS", help="instead: a 128x128 input through the app "
+                   "(cdd-serve's defaults) against the old 64 px tiles blended in pixels, ROUNDS alternating requests")
     args = p.parse_args()
+    if args.served:
+        return served_latency(args.backbone, args.zoo, args.served)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -178,6 +183,41 @@ def main() -> None:
         engine.stop()
     if args.sheet:
         save_sheet(args.sheet, {k: v for k, v in sheet.items() if f"({max(sizes)} px in)" in k}, ["bicubic", *ways, "truth"])
+
+
+def served_latency(backbone: Path, zoo: Path, rounds: int) -> None:
+    """Wall time of a 128x128 super-resolution request (astronaut, the 128 px case's input) through the app with no
+    settings, against the same app with the old way (CDD_SR_TILE=64, CDD_SR_BLEND=pixels, max_work raised)."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from cdd.runtime.serving.app import create_app
+
+    torch.set_num_threads(1)
+    label, truth = next(c for c in cases([128]) if c[0].startswith("astronaut"))
+    lr = (degrade(to_tensor(truth)).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(lr).save(buf, format="PNG")
+    apps = {"served (c128)": ServeSettings(backbone=backbone, zoo=zoo, warmup=False),
+            "before (a)": ServeSettings(backbone=backbone, zoo=zoo, warmup=False, sr_tile=64, sr_blend="pixels",
+                                        max_work=10**6)}
+    clients = {name: TestClient(create_app(s)).__enter__() for name, s in apps.items()}
+    times: dict[str, list[float]] = {name: [] for name in apps}
+    try:
+        for _ in range(rounds):
+            for name, client in clients.items():
+                t0 = time.perf_counter()
+                r = client.post("/v1/tasks/super-resolution", files={"image": ("in.png", buf.getvalue(), "image/png")},
+                                data={"seed": "0"})
+                times[name].append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    raise SystemExit(f"{name}: HTTP {r.status_code}: {r.text}")
+                print(json.dumps({"way": name, "seconds": times[name][-1], "size": Image.open(io.BytesIO(r.content)).size}),
+                      flush=True)
+    finally:
+        for client in clients.values():
+            client.__exit__(None, None, None)
 
 
 def save_sheet(path: Path, cases_: dict, columns: list[str], cell: int = 192, zoom: int = 96) -> None:

@@ -432,8 +432,8 @@ class Engine:
         """Each work's rows, sampled together one evaluation at a time (as `_step_rows` does, without admitting)."""
         with self._lock:
             reg = self.pool.get(works[0].adapter)
-            flights = [self.executor.board(None, reg, z_T=w.z_T, cond=w.cond, text_emb=self._encode(w.prompt).expand(w.rows, -1, -1),
-                                           fresh=w.fresh, steps=w.steps, sampler=w.sampler,
+            flights = [self.executor.board(None, reg, z_T=w.z_T, cond=w.cond, fresh=w.fresh, steps=w.steps,
+                                           text_emb=self._encode(w.prompt).expand(w.rows, -1, -1), sampler=w.sampler,
                                            guidance=row_guidance(reg, [w]), layout=w.layout) for w in works]
             while not flights[0].done:  # one key: the same steps for all
                 self.executor.evaluate(self.pool, flights)
