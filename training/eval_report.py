@@ -32,12 +32,14 @@ LABELS = {"psnr": "PSNR", "ssim": "SSIM", "swd": "SWD", "lpips": "LPIPS", "fid":
           "kid_attr": "KID-attr", "fid_attr": "FID-attr", "attr_all": "caption",
           "depth_edge_corr": "edges own", "depth_edge_other": "edges other", "depth_edge_match": "edge match",
           "psnr_in": "PSNR in", "psnr_out": "PSNR out", "attr_recall": "obj recall", "attr_precision": "obj precision",
-          "attr_floor": "floor", "attr_time": "time"}
+          "attr_floor": "floor", "attr_time": "time", "flat_hf": "flat HF"}
 FORMATS = {"psnr": ".2f", "ssim": ".4f", "swd": ".2f", "lpips": ".4f", "fid": ".2f", "seconds_per_image": ".4g",
            "kid_attr": ".4g", "fid_attr": ".4g", "attr_all": ".3f", "depth_edge_corr": ".3f", "depth_edge_other": ".3f",
            "depth_edge_match": ".3f", "psnr_in": ".2f", "psnr_out": ".2f", "attr_recall": ".3f", "attr_precision": ".3f",
-           "attr_floor": ".3f", "attr_time": ".3f"}
-UNRANKED = {"depth_edge_other"}  # a reference level for the column beside it, neither better high nor low
+           "attr_floor": ".3f", "attr_time": ".3f", "flat_hf": ".3g"}
+# depth_edge_other: a reference level for the column beside it; flat_hf (super-resolution): invented detail where the
+# truth is flat, read against the truth's own and bicubic's (the blur scores lowest, the truth is no zero either)
+UNRANKED = {"depth_edge_other", "flat_hf"}
 PROBE = "probe"  # the sampler of the probe rows (--probes, and depth / edit references): image sets, not generated
 BICUBIC = "bicubic"  # the method of the --bicubic row (super-resolution): the condition itself, nothing sampled
 NO_SAMPLER = "-"  # its sampler
@@ -100,7 +102,9 @@ def row_metrics(rows: list[dict]) -> list[str]:
     caption column: only depth and edit tables get them."""
     extra = list(dict.fromkeys(m for fields in CONDITION_FIELDS.values() for m in fields if any(m in r for r in rows)))
     at = METRICS.index("attr_all") + 1
-    return [*METRICS[:at], *extra, *METRICS[at:]]
+    sr = ["flat_hf"] if any("flat_hf" in r for r in rows) else []  # super-resolution rows: after SSIM
+    at_sr = METRICS.index("ssim") + 1
+    return [*METRICS[:at_sr], *sr, *METRICS[at_sr:at], *extra, *METRICS[at:]]
 
 
 def _arrow(metric: str) -> str:
@@ -151,6 +155,13 @@ def results_markdown(results: dict) -> str:
         f"- grid.png: the first {min(GRID_EXAMPLES, results['num_images'])} examples; columns: condition, "
         + ", ".join(f"{r['method']} {r['sampler']} {r['steps']}" for r in rows) + ", target (the ground truth).",
     ]
+    if any("flat_hf" in r for r in rows):
+        truth_hf = results.get("flat_hf_truth")
+        lines.append("- flat HF (super-resolution): invented detail, the mean over pixels where the ground truth is flat "
+                     "(luminance std under 0.02 in 7x7, eroded 3 px) of the output's high-frequency energy (luminance minus "
+                     "its Gaussian blur, sigma 1, squared) x 1e4 (training/metrics.py flat_hf_energy); the ground truth's "
+                     "own: " + ("–" if truth_hf is None else f"{truth_hf:.3g}") + ". Read it against that and the "
+                     "bicubic row: above both is speckle or streaks on flat patches; bicubic, a blur, scores lowest.")
     if any(r.get("kid_attr") is not None for r in rows):
         lines.append("- KID-attr (the headline distance) and FID-attr: KID and FID between the generated and the "
                      "ground-truth set on the 64 features of the scenes-attribute classifier (training/attributes.py); "

@@ -84,7 +84,7 @@ from .eval_report import (
     to_uint8,
     write_outputs,
 )
-from .metrics import psnr, sliced_wasserstein, ssim
+from .metrics import flat_hf_energy, psnr, sliced_wasserstein, ssim
 from .sample_grid import save_grid
 
 # Weight files torchmetrics would download into the torch hub cache (torch.hub.get_dir()/checkpoints).
@@ -433,11 +433,14 @@ class AttributeMetrics:
 
 
 def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics,
-            attribute: AttributeMetrics, follow: ConditionMetrics | None = None) -> dict:
+            attribute: AttributeMetrics, follow: ConditionMetrics | None = None, sr: bool = False) -> dict:
+    """A row's metrics; `sr` (super-resolution) adds flat_hf, the mean `flat_hf_energy` over the images that have
+    flat pixels in their truth (None when none has)."""
     swd = sliced_wasserstein(images, truth)
     return {
         "psnr": float(psnr(images, truth).mean()),
         "ssim": float(ssim(images, truth).mean()),
+        **({"flat_hf": mean_flat_hf(images, truth)} if sr else {}),
         "swd": float(swd["swd"]),
         "swd_levels": {k: float(v) for k, v in swd.items() if k != "swd"},  # per pyramid level (resolution in px)
         **attribute(images),
@@ -445,6 +448,12 @@ def measure(images: torch.Tensor, truth: torch.Tensor, optional: OptionalMetrics
         "fid": optional.fid(images),
         **(follow(images) if follow is not None else {}),  # depth / edit: does the output follow its condition
     }
+
+
+def mean_flat_hf(images: torch.Tensor, truth: torch.Tensor) -> float | None:
+    e = flat_hf_energy(images, truth)
+    e = e[torch.isfinite(e)]
+    return float(e.mean()) if len(e) else None
 
 
 def probe_sets(truth: torch.Tensor, other: torch.Tensor, other_name: str = "other scenes") -> dict[str, torch.Tensor]:
@@ -611,6 +620,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     attribute = AttributeMetrics(truth, data["caption"], folder, skip=skip, caption_fields=args.task in ("depth", "edit"))
     follow = ConditionMetrics(args.task, data)
     results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
+    if sr:  # the truth's own high-frequency energy where it is flat: what a faithful output has there
+        results["flat_hf_truth"] = mean_flat_hf(truth, truth)
     others = other_scene_sets(args.task, args.num_images, resolution, args.dataset)
     results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth, others)
     save_grid(out / "images" / "condition.png", to_uint8(data["condition"][:GRID_EXAMPLES]))
@@ -627,7 +638,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
 
     def reference_row(method: str, name: str, sampler: str, images: torch.Tensor) -> None:
         """A row measured on a given image set (bicubic, the probes, the depth / edit references): nothing sampled."""
-        row = {"method": method, "sampler": sampler, "steps": 0, **measure(images, truth, optional, attribute, follow),
+        row = {"method": method, "sampler": sampler, "steps": 0, **measure(images, truth, optional, attribute, follow, sr),
                "seconds_per_image": None, "adapter": None, "name": name, "training_method": None, "kind": None,
                "mode": None, "device": str(device)}
         row["image"] = image_name(row)
@@ -660,7 +671,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                     one_row(labels[i], sampler, k, part, seconds, entry[i])
 
     def one_row(method: str, sampler: str, k: int, images: torch.Tensor, seconds: float, entry: dict) -> None:
-        row = {"method": method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute, follow),
+        row = {"method": method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute, follow, sr),
                "seconds_per_image": seconds / args.num_images, **entry, "device": str(device)}
         row["image"] = image_name(row)
         save_grid(out / row["image"], to_uint8(images[:GRID_EXAMPLES]))

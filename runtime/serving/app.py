@@ -41,7 +41,7 @@ from ..diffusion.samplers import servable_samplers, split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
 from .tasks import (SR_SCALE, SUPER_RESOLUTION, admit, assemble, blank_work, check_fidelity, check_guidance,
-                    prompt_required)
+                    prompt_required, served_sr_tile)
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -94,7 +94,8 @@ class TaskInfo(BaseModel):
 class Limits(BaseModel):
     max_pixels: int = Field(description="most pixels a task computes on (super-resolution: its input)")
     max_decode_pixels: int = Field(description="largest image decoded (depth and edit resize it)")
-    max_work: int = Field(description="most row-steps per request: rows (super-resolution tiles, else 1) x steps")
+    max_work: int = Field(description="most tile-steps per request: rows x steps, a super-resolution row counted in "
+                          "tiles of the adapter's resolution (tasks.task_work)")
     max_upload_mb: float
     max_prompt: int = Field(description="characters")
 
@@ -305,7 +306,7 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
         plan = admit(task, upload, width=form.width, height=form.height, steps=steps, resolution=reg.resolution,
                      scale_factor=scale_factor, size_factor=size_factor or scale_factor, max_pixels=settings.max_pixels,
                      max_decode_pixels=settings.max_decode_pixels, max_work=settings.max_work,
-                     overlap_fraction=settings.sr_tile_overlap)
+                     overlap_fraction=settings.sr_tile_overlap, tile=served_sr_tile(settings.sr_tile, reg.resolution))
         cond = await run_in_threadpool(decode, upload, reg.channels, plan.decode_pixels)
     except ImageError as err:
         raise APIError(err.status, err.code, str(err)) from err

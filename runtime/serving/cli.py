@@ -27,7 +27,7 @@ FLAGS = {
     "--max-wait-ms": ("max_wait_ms", float, "batching wait [CDD_MAX_WAIT_MS]"),
     "--queue-size": ("queue_size", int, "queued requests before 429 [CDD_QUEUE_SIZE]"),
     "--request-deadline-s": ("request_deadline_s", float, "queue deadline before 504 [CDD_REQUEST_DEADLINE_S]"),
-    "--max-work": ("max_work", int, "most row-steps (rows x steps) per request before 413 [CDD_MAX_WORK]"),
+    "--max-work": ("max_work", int, "most tile-steps (tiles x steps) per request before 413 [CDD_MAX_WORK]"),
     "--drain-s": ("drain_s", float, "shutdown drain bound in seconds [CDD_DRAIN_S]"),
     "--batching": ("batching", str, "auto (step on CUDA, request on a CPU), step (step-level, across tasks) or request (per adapter) [CDD_BATCHING]"),
     "--max-pixels": ("max_pixels", int, "most pixels a task computes on (super-resolution: 413 above) [CDD_MAX_PIXELS]"),

@@ -35,7 +35,7 @@ from .pool import AdapterGone, AdapterPool, Registered
 from ..diffusion.samplers import is_stochastic
 from .scheduler import Job, Scheduler, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import Work, blank_work, check_fidelity, check_guidance, prepare
+from .tasks import Work, blank_work, check_fidelity, check_guidance, prepare, served_sr_tile
 
 log = logging.getLogger("cdd.serve")
 TEXT_CACHE = 512
@@ -96,6 +96,9 @@ class Engine:
             self.backbone = load_backbone(folder, s.torch_device, s.torch_dtype)
         else:
             self.backbone.to(s.torch_device, s.torch_dtype)
+        if s.sr_tile is not None and s.sr_tile % self.backbone.size_factor:
+            raise EngineError(f"sr_tile {s.sr_tile} is not a multiple of the backbone's size factor "
+                              f"{self.backbone.size_factor} (CDD_SR_TILE)")
         graphs = None
         if s.use_cuda_graphs:
             from .cuda_graphs import GraphCache
@@ -267,6 +270,8 @@ class Engine:
             seed=seed,
             prompt=prompt,
             overlap_fraction=self.settings.sr_tile_overlap,
+            tile=served_sr_tile(self.settings.sr_tile, reg.resolution),
+            blend=self.settings.sr_blend,
             width=width,
             height=height,
             size_factor=self.backbone.size_factor,
@@ -368,7 +373,8 @@ class Engine:
             reg = self.pool.get(w.adapter)
             text = self._encode(w.prompt).expand(w.rows, -1, -1)
             flight = self.executor.board(job, reg, z_T=w.z_T, cond=w.cond, text_emb=text, fresh=w.fresh,
-                                         steps=w.steps, sampler=w.sampler, guidance=row_guidance(reg, [w]))
+                                         steps=w.steps, sampler=w.sampler, guidance=row_guidance(reg, [w]),
+                                         layout=w.layout)
         flight.boarded = time.perf_counter()
         flight.requests = len(self._flights) + 1
         return flight
@@ -407,6 +413,18 @@ class Engine:
         return True
 
     def _execute(self, works: list[Work]) -> torch.Tensor:
+        """The rows of one batch of one key, in order. Super-resolution images of several tiles averaged every step
+        (`Work.layout.latent_blend`) need all their tiles at each step: they run step by step as step-level
+        batching runs them (`_execute_flights`), the others their whole loop per chunk (`Executor.run`)."""
+        blended = [w.layout is not None and w.layout.latent_blend for w in works]
+        if not any(blended):
+            return self._execute_loop(works)
+        plain = [w for w, b in zip(works, blended) if not b]
+        parts = iter(self._execute_loop(plain).split([w.rows for w in plain])) if plain else iter(())
+        flights = iter(self._execute_flights([w for w, b in zip(works, blended) if b]))
+        return torch.cat([next(flights) if b else next(parts) for b in blended])
+
+    def _execute_loop(self, works: list[Work]) -> torch.Tensor:
         w0 = works[0]
         with self._lock:
             slot, reg = self.pool.activate(w0.adapter)
@@ -421,6 +439,17 @@ class Engine:
                 guidance=row_guidance(reg, works),
             )
             return self.executor.run(slot, reg, batch)
+
+    def _execute_flights(self, works: list[Work]) -> list[torch.Tensor]:
+        """Each work's rows, sampled together one evaluation at a time (as `_step_rows` does, without admitting)."""
+        with self._lock:
+            reg = self.pool.get(works[0].adapter)
+            flights = [self.executor.board(None, reg, z_T=w.z_T, cond=w.cond, fresh=w.fresh, steps=w.steps,
+                                           text_emb=self._encode(w.prompt).expand(w.rows, -1, -1), sampler=w.sampler,
+                                           guidance=row_guidance(reg, [w]), layout=w.layout) for w in works]
+            while not flights[0].done:  # one key: the same steps for all
+                self.executor.evaluate(self.pool, flights)
+            return self.executor.decode(flights)
 
     def _refine(self, work: Work, rows: torch.Tensor) -> torch.Tensor:
         """A super-resolution request's rows through its entry's fidelity module at the request's weight (the

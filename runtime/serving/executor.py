@@ -28,7 +28,7 @@ from .pool import AdapterPool, LiveSlot, Registered
 from ..diffusion.samplers import (ILVR, KEEP, LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, keep_source, sampler_step,
                        source_roundtrip, split_sampler)
 from ..diffusion.schedule import NoiseSchedule
-from .tasks import SR_SCALE
+from .tasks import SR_SCALE, LatentBlend, TileLayout
 
 RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals")
 
@@ -89,6 +89,7 @@ class Flight:
     boarded: float = 0.0  # time.perf_counter() when it boarded
     reference_low: torch.Tensor | None = None  # NAME+ilvr: phi(2 cond - 1), the input's low frequencies, made once
     roundtrip: torch.Tensor | None = None  # NAME+keep: D(E(2 cond - 1)), the source's round trip, made once
+    blend: LatentBlend | None = None  # super-resolution tiles of one image: averaged where they overlap, every step
 
     @property
     def rows(self) -> int:
@@ -233,8 +234,9 @@ class Executor:
     # -- step-level batching -----------------------------------------------------------------
 
     def board(self, payload, reg: Registered, *, z_T, cond, text_emb, fresh, steps: int, sampler: str,
-              guidance: torch.Tensor | None = None) -> Flight:
-        """A request's rows on the device, ready for its first evaluation (CPU tensors in, as `Batch` holds)."""
+              guidance: torch.Tensor | None = None, layout: TileLayout | None = None) -> Flight:
+        """A request's rows on the device, ready for its first evaluation (CPU tensors in, as `Batch` holds);
+        `layout`: the super-resolution tiles the rows are, averaged every step when it says so (`latent_blend`)."""
         device, dtype = self.backbone.device, self.backbone.dtype
         z_T = z_T.to(device, torch.float32)
         cond = cond.to(device, dtype)
@@ -251,6 +253,8 @@ class Executor:
             [xi.to(device, torch.float32) for xi in fresh] if fresh is not None else None,
             reference_low=reference_low, roundtrip=roundtrip,
             guidance=guidance.to(device, torch.float32) if guidance is not None else None,
+            blend=LatentBlend(layout, self.backbone.vae_scale_factor, device)
+            if layout is not None and layout.latent_blend else None,
         )
 
     @torch.no_grad()
@@ -288,6 +292,8 @@ class Executor:
             for i, part in zip(idx, x_hat.split([flights[i].rows for i in idx])):
                 predictions[i] = (part, predictions[i][1])
         for f, (x_hat, eps_hat) in zip(flights, predictions):
+            if f.blend is not None:  # one image's tiles: MultiDiffusion's average where they overlap (after ILVR)
+                x_hat, eps_hat = f.blend(x_hat), f.blend(eps_hat)
             base = split_sampler(f.sampler)[0]
             f.z = sampler_step(base, f.i, f.timesteps, f.z, x_hat, eps_hat, self.schedule, f.z_T, f.fresh)
             f.i += 1

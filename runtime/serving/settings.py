@@ -104,11 +104,19 @@ class ServeSettings(ZooSettings):
     max_decode_pixels: int = Field(4096 * 4096, ge=1, description="decode-safety limit: most pixels an upload may "
                                    "have at all (checked on its header, before decoding); more get 413")
     max_work: int = Field(
-        64, ge=1, description="most work one request may ask for, in row-steps (images or super-resolution tiles x "
-        "steps), checked on the image header before anything is decoded; more get 413"
+        512, ge=1, description="most work one request may ask for, in tile-steps (one denoising step of one row at the "
+        "adapter's resolution: super-resolution tiles x steps, other tasks steps), checked on the image header before "
+        "anything is decoded; more get 413 (512: a 128x128 super-resolution input, 25 tiles of 128 px, 400 at 4 steps)"
     )
     max_upload_mb: float = Field(16.0, gt=0, description="largest request body in MiB; more gets 413")
     sr_tile_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="super-resolution tile overlap, fraction of a tile")
+    sr_tile: int | None = Field(None, ge=8, le=4096, description="super-resolution tile side in output pixels, a "
+                                "multiple of the backbone's size factor (default: twice the adapter's resolution; an "
+                                "output that fits in one adapter-resolution tile is always sampled as one)")
+    sr_blend: Literal["latent", "pixels"] = Field(
+        "latent", description="how super-resolution tiles of one image are blended: latent, their estimates averaged "
+        "where they overlap at every denoising step (one consistent latent, no seams); pixels, sampled independently "
+        "and blended once in pixels (the older way, kept for comparison)")
 
     memory_budget_mb: float = Field(2048.0, ge=0, description="device memory for resident adapters (LRU), MiB")
     cuda_graphs: bool = Field(True, description="capture the sampling loop as CUDA graphs (CUDA devices only)")

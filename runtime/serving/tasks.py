@@ -2,10 +2,15 @@
 
 - super-resolution: the output is 4x the input. The low-resolution image is bicubic-upsampled x4
   exactly as training builds its condition (`F.interpolate(..., mode="bicubic", align_corners=False)`,
-  clamped to [0, 1]), then cut into overlapping tiles at the adapter's resolution; the tile outputs are
-  blended with smooth weights. The noise of every tile is a crop of one noise image drawn from the
-  seed over the whole (padded) canvas, so overlapping tiles start from the same noise, and an input
-  that is exactly one tile gets exactly the noise of a plain sample.
+  clamped to [0, 1]), then cut into overlapping tiles (`sr_tile`: cdd-serve's are twice the adapter's resolution,
+  `served_sr_tile`; an output that fits in one adapter-resolution tile is that one tile), all sampled as one job.
+  The noise of every tile is a crop of one noise image drawn from the seed over the whole (padded)
+  canvas, so overlapping tiles start from the same noise, and an input that is exactly one tile gets
+  exactly the noise of a plain sample (and exactly a plain sample's image). With more than one tile, every
+  denoising step averages the tiles' estimates where they overlap, in latent space (`LatentBlend`,
+  MultiDiffusion), so the tiles stay one consistent latent and no seam can form; the decoded tiles are then
+  blended with smooth weights in pixels (`assemble`: only the decoder's edge effects differ there).
+  `blend="pixels"` keeps the older independent tiles (blended only in pixels) for comparison.
 - depth, edit and any other task: the output is `width` x `height` (multiples of the backbone's size
   factor, as diffusers pipelines take them); by default the input's aspect ratio at the adapter's pixel
   count (a square input: the adapter's resolution). The condition is resized (bicubic, antialiased) to
@@ -26,6 +31,8 @@ from ..diffusion.samplers import fresh_noise, initial_noise
 SUPER_RESOLUTION = "super-resolution"
 EDIT = "edit"
 SR_SCALE = 4
+SERVED_TILE_SCALE = 2  # cdd-serve samples super-resolution in tiles of twice the adapter's resolution (docs/results.md)
+LATENT, PIXELS = "latent", "pixels"  # how super-resolution tiles are blended: every step in latent space, or once
 
 
 def prompt_required(task: str) -> bool:
@@ -48,17 +55,56 @@ class TileLayout:
     canvas: tuple[int, int]
     out: tuple[int, int]
     tiles: tuple[Tile, ...]
+    blend: str = LATENT
 
-    def weights(self) -> torch.Tensor:
-        """[tile, tile] blending weights: a raised-cosine ramp over the overlap, strictly positive so that
-        every canvas pixel has weight (at the canvas border a single tile covers it: weight / weight = 1)."""
-        i = torch.arange(self.tile, dtype=torch.float64)
-        if self.overlap == 0:
-            w = torch.ones(self.tile, dtype=torch.float64)
+    def weights(self, factor: int = 1) -> torch.Tensor:
+        """[tile/factor, tile/factor] blending weights (factor: the latent's, for `LatentBlend`): a raised-cosine
+        ramp over the overlap, strictly positive so that every canvas pixel has weight (at the canvas border a
+        single tile covers it: weight / weight = 1)."""
+        tile, overlap = self.tile // factor, self.overlap // factor
+        i = torch.arange(tile, dtype=torch.float64)
+        if overlap == 0:
+            w = torch.ones(tile, dtype=torch.float64)
         else:
-            d = torch.minimum(i, self.tile - 1 - i) + 0.5
-            w = 0.5 - 0.5 * torch.cos(math.pi * torch.clamp(d / self.overlap, max=1.0))
+            d = torch.minimum(i, tile - 1 - i) + 0.5
+            w = 0.5 - 0.5 * torch.cos(math.pi * torch.clamp(d / overlap, max=1.0))
         return (w[:, None] * w[None, :]).to(torch.float32)
+
+    @property
+    def latent_blend(self) -> bool:
+        """Whether sampling averages the tiles every step (`LatentBlend`): blend "latent" and more than one tile."""
+        return self.blend == LATENT and len(self.tiles) > 1
+
+
+class LatentBlend:
+    """MultiDiffusion's step (Bar-Tal et al., "MultiDiffusion: Fusing Diffusion Paths for Controlled Image
+    Generation", eq. 5) for the tiles of one `TileLayout`: the canvas value that best agrees with every tile's
+    estimate in the weighted least-squares sense, sum_i w_i F_i(x) / sum_i w_i, cropped back into the tiles.
+
+    Applied to each step's (x_hat, eps_hat) of a request's tiles: every few-step sampler's next sample is linear
+    in them with per-step scalars, and z_T, z_t and any fresh noise are crops of one canvas, so averaging the
+    estimates is averaging the next samples and the tiles remain crops of one latent after every step."""
+
+    def __init__(self, layout: TileLayout, factor: int, device=None):
+        self.size = layout.tile // factor
+        self.canvas = (layout.canvas[1] // factor, layout.canvas[0] // factor)  # (h, w)
+        self.starts = [(t.y // factor, t.x // factor) for t in layout.tiles]
+        w = layout.weights(factor)
+        total = torch.zeros(self.canvas)
+        for y, x in self.starts:
+            total[y : y + self.size, x : x + self.size] += w
+        # each tile's share of every canvas pixel it covers: w_i / sum_j w_j (the shares of a pixel sum to 1)
+        self.shares = torch.stack([w / total[y : y + self.size, x : x + self.size] for y, x in self.starts])[:, None]
+        self.shares = self.shares.to(device)
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        """[tiles, C, s, s] estimates -> the same tiles cut from their weighted average over the canvas."""
+        s = self.size
+        canvas = tiles.new_zeros((tiles.shape[1], *self.canvas))
+        weighted = tiles * self.shares.to(tiles.dtype)
+        for (y, x), part in zip(self.starts, weighted):
+            canvas[:, y : y + s, x : x + s] += part
+        return torch.stack([canvas[:, y : y + s, x : x + s] for y, x in self.starts])
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int) -> list[int]:
@@ -72,7 +118,11 @@ def tile_starts(length: int, tile: int, overlap: int, align: int) -> list[int]:
     return starts
 
 
-def sr_layout(width: int, height: int, tile: int, align: int, overlap_fraction: float) -> TileLayout:
+def sr_layout(width: int, height: int, tile: int, align: int, overlap_fraction: float, blend: str = LATENT) -> TileLayout:
+    if blend not in (LATENT, PIXELS):
+        raise ValueError(f"unknown super-resolution blend {blend!r}; choose {LATENT} or {PIXELS}")
+    if tile < align or tile % align:
+        raise ValueError(f"a super-resolution tile of {tile} px is not a multiple of the backbone's factor {align}")
     out = (width * SR_SCALE, height * SR_SCALE)
     canvas = tuple(max(tile, math.ceil(v / align) * align) for v in out)
     overlap = 0
@@ -80,15 +130,41 @@ def sr_layout(width: int, height: int, tile: int, align: int, overlap_fraction: 
         overlap = min(max(align, round(overlap_fraction * tile / align) * align), tile - align)
     xs = tile_starts(canvas[0], tile, overlap, align)
     ys = tile_starts(canvas[1], tile, overlap, align)
-    return TileLayout(tile, overlap, canvas, out, tuple(Tile(x, y) for y in ys for x in xs))
+    return TileLayout(tile, overlap, canvas, out, tuple(Tile(x, y) for y in ys for x in xs), blend)
 
 
-def task_rows(task: str, width: int, height: int, resolution: int, align: int, overlap_fraction: float) -> int:
-    """How many rows (tiles, or one image) `prepare` makes of a `width` x `height` input: known from the
-    image header, before anything is decoded or prepared."""
-    if task == SUPER_RESOLUTION:
-        return len(sr_layout(width, height, resolution, align, overlap_fraction).tiles)
-    return 1
+def served_sr_tile(setting: int | None, resolution: int) -> int:
+    """The super-resolution tile side cdd-serve asks for: its `sr_tile` setting, else SERVED_TILE_SCALE x the adapter's
+    resolution (measured in docs/results.md, "Large super-resolution inputs": 128 px tiles averaged in latent space
+    invent fewer marks on flat regions than 64 px ones, as few as the whole latent in one row, at bounded shapes)."""
+    return setting if setting is not None else SERVED_TILE_SCALE * resolution
+
+
+def sr_tile(width: int, height: int, resolution: int, tile: int | None, size_factor: int) -> int:
+    """The side of the tiles a `width` x `height` super-resolution input is sampled in: the adapter's `resolution`
+    when the output fits in one such tile (so that input is sampled exactly as a plain sample), else `tile` (None:
+    the adapter's resolution), but no larger than the output's longer side rounded up to the backbone's
+    `size_factor` (an output that fits in one tile is one row, padded as little as the backbone allows)."""
+    out = max(width, height) * SR_SCALE
+    if out <= resolution or tile is None:
+        return resolution
+    if tile % size_factor:
+        raise ValueError(f"a super-resolution tile of {tile} px is not a multiple of the backbone's size factor "
+                         f"{size_factor}")
+    return max(resolution, min(tile, math.ceil(out / size_factor) * size_factor))
+
+
+def task_work(task: str, width: int, height: int, steps: int, resolution: int, align: int, overlap_fraction: float,
+              tile: int | None = None, size_factor: int | None = None) -> tuple[int, int]:
+    """(rows, work) of a `width` x `height` input: the rows (tiles, or one image) `prepare` makes of it and its
+    compute in tile-steps, one tile-step being one denoising step of one row at the adapter's `resolution` (the
+    backbone's cost grows with the pixels it computes: a row of `tile` px counts (tile / resolution)^2). Known
+    from the image header, before anything is decoded or prepared."""
+    if task != SUPER_RESOLUTION:
+        return 1, steps
+    tile = sr_tile(width, height, resolution, tile, size_factor or align)
+    rows = len(sr_layout(width, height, tile, align, overlap_fraction).tiles)
+    return rows, math.ceil(rows * tile * tile / (resolution * resolution)) * steps
 
 
 @dataclass
@@ -167,18 +243,17 @@ class Admission:
 
 def admit(task: str, upload, *, width: int | None, height: int | None, steps: int, resolution: int, scale_factor: int,
           size_factor: int, max_pixels: int, max_decode_pixels: int, max_work: int,
-          overlap_fraction: float = 0.25) -> Admission:
+          overlap_fraction: float = 0.25, tile: int | None = None) -> Admission:
     """The one admission check of a task request, on the header of `upload` (imaging.Upload) and the form
     fields, before a pixel is decoded or anything allocated: the pixels decoded (every frame counted), the
-    output size and the work (rows x steps). Raises imaging.ImageError with the HTTP status and code."""
+    output size and the work (`task_work`: tile-steps). Raises imaging.ImageError with the HTTP status and code."""
     from .imaging import ImageError, check_pixels, fit
 
     if task == SUPER_RESOLUTION:
         if width is not None or height is not None:
             raise ImageError(422, "invalid_parameter", "super-resolution's output is 4x its input: it takes no width or height")
         check_pixels(upload, max_pixels)
-        rows, out, decode_pixels = task_rows(task, upload.width, upload.height, resolution, scale_factor,
-                                             overlap_fraction), None, None
+        out, decode_pixels = None, None
     else:
         # tasks that resize their input accept any image up to the decode-safety limit, downscaled on decoding
         check_pixels(upload, max(max_pixels, max_decode_pixels))
@@ -192,16 +267,41 @@ def admit(task: str, upload, *, width: int | None, height: int | None, steps: in
         if out[0] * out[1] > max_pixels:
             raise ImageError(422, "invalid_parameter", f"the output {out[0]}x{out[1]} is over the limit of "
                              f"{max_pixels} pixels")
-        rows, decode_pixels = 1, max_pixels
-    if rows * steps > max_work:
+        decode_pixels = max_pixels
+    rows, work = task_work(task, upload.width, upload.height, steps, resolution, scale_factor, overlap_fraction, tile,
+                           size_factor)
+    if work > max_work:
+        per_step = work // steps
+        fits = [f"steps={max_work // per_step} or fewer"] if per_step <= max_work else []
+        if task == SUPER_RESOLUTION:
+            side = largest_sr_input(steps, max_work, resolution, scale_factor, overlap_fraction, tile, size_factor)
+            if side:
+                fits.append(f"an input of at most {side}x{side} pixels at {steps} step(s)")
         raise ImageError(
             413, "too_much_work",
-            f"a {upload.width}x{upload.height} image is {rows} row(s) for {task} at {resolution} px, x {steps} step(s) = "
-            f"{rows * steps} row-steps; the limit per request (max_work) is {max_work}: send "
-            + (f"steps={max_work // rows} or fewer, or " if rows <= max_work else "")
+            f"a {upload.width}x{upload.height} image is {rows} row(s) for {task}, "
+            f"{per_step} tile-step(s) per step (one tile-step: one step of a {resolution} px tile) x {steps} step(s) = "
+            f"{work} tile-steps; the limit per request (max_work) is {max_work}: send "
+            + "".join(f"{f}, or " for f in fits)
             + "a smaller image, or raise the limit on the server (cdd-serve --max-work N, or CDD_MAX_WORK=N)",
         )
     return Admission(rows, decode_pixels, out)
+
+
+def largest_sr_input(steps: int, max_work: int, resolution: int, align: int, overlap_fraction: float,
+                     tile: int | None = None, size_factor: int | None = None) -> int:
+    """The side of the largest square super-resolution input whose `task_work` at `steps` fits `max_work` (0: none)."""
+    def fits(side: int) -> bool:
+        return task_work(SUPER_RESOLUTION, side, side, steps, resolution, align, overlap_fraction, tile,
+                         size_factor)[1] <= max_work
+
+    lo, hi = 0, 1
+    while fits(hi) and hi < 1 << 14:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # work grows with the side: fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def prepare(
@@ -221,23 +321,27 @@ def prepare(
     height: int | None = None,
     size_factor: int | None = None,
     guidance: float | None = None,
+    tile: int | None = None,
+    blend: str = LATENT,
 ) -> Work:
     """The condition rows and noise for `image` ([c, H, W] in [0, 1]) under `task`'s semantics. `width` and
-    `height` (tasks other than super-resolution) must be multiples of `size_factor` (default: scale_factor)."""
+    `height` (tasks other than super-resolution) must be multiples of `size_factor` (default: scale_factor).
+    Super-resolution: tiles of `sr_tile(..., tile, size_factor)` px, blended `blend` (LATENT, PIXELS)."""
     common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution,
                   guidance=guidance)
     c, in_height, in_width = image.shape
     if task == SUPER_RESOLUTION:
         if width is not None or height is not None:
             raise ValueError("super-resolution's output is 4x its input: it takes no width or height")
-        layout = sr_layout(in_width, in_height, resolution, scale_factor, overlap_fraction)
+        tile = sr_tile(in_width, in_height, resolution, tile, size_factor or scale_factor)
+        layout = sr_layout(in_width, in_height, tile, scale_factor, overlap_fraction, blend)
         (ow, oh), (cw, ch) = layout.out, layout.canvas
         up = F.interpolate(image[None], size=(oh, ow), mode="bicubic", align_corners=False).clamp(0, 1)
         up = F.pad(up, (0, cw - ow, 0, ch - oh), mode="replicate") if (cw, ch) != (ow, oh) else up
         shape = (model_channels, ch // scale_factor, cw // scale_factor)
         noise = initial_noise([seed], shape)
         fresh = fresh_noise(sampler, [seed], shape, steps)
-        r, f = resolution, scale_factor
+        r, f = layout.tile, scale_factor
         crop = [(t.y, t.x) for t in layout.tiles]
         cond = torch.stack([up[0, :, y : y + r, x : x + r] for y, x in crop])
         z_T = torch.stack([noise[0, :, y // f : (y + r) // f, x // f : (x + r) // f] for y, x in crop])

@@ -452,12 +452,16 @@ def test_bicubic_row_is_the_condition_measured_like_every_row(sr_zoo, pixel_back
     assert bicubic["psnr"] == pytest.approx(float(ev.psnr(images, truth).mean()))
     assert bicubic["ssim"] == pytest.approx(float(ev.ssim(images, truth).mean()))
     assert bicubic["seconds_per_image"] is None and ROW_KEYS <= set(bicubic)
+    # invented detail where the truth is flat: a column of every super-resolution row, the truth's own beside them
+    assert bicubic["flat_hf"] == ev.mean_flat_hf(images, truth) and "flat_hf" in rows["sr", "prev", 1]
+    assert results["flat_hf_truth"] == ev.mean_flat_hf(truth, truth)
     # the condition: bicubic (torch, align_corners=False) of the 4x smaller degraded image
     lr = torch.nn.functional.interpolate(data["condition"], size=4, mode="area")
     assert (data["condition"] - torch.nn.functional.interpolate(lr, size=16, mode="bicubic")).abs().mean() < 0.1
     assert results["prompt"] == "none" and results["dataset"] == "scenes" and results["degradation"] == "realesrgan"
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| bicubic | - | 0 |" in md and "Prompt: none (the empty prompt" in md and "realesrgan preset" in md
+    assert "| flat HF |" in md and "- flat HF (super-resolution)" in md
     assert "plot_psnr.png" in {p.name for p in (tmp_path / "out").glob("plot_*.png")}
     # without entries, --bicubic alone is a valid run (given the resolution)
     alone, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "alone", "--bicubic", "--resolution", 16)

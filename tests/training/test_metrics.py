@@ -48,3 +48,28 @@ def test_swd_small_for_same_distribution_large_for_different():
     assert math.isfinite(same) and diff > 2 * same
     with pytest.raises(ValueError, match="equal size"):
         sliced_wasserstein(blobs(4, 40), blobs(5, 40))
+
+
+def test_flat_hf_energy_counts_speckles_on_flat_truth_and_ignores_texture():
+    """By hand: the truth is flat grey on the left half and noise on the right. An output with speckles on the flat
+    half scores higher than the clean output; the same speckles on the textured half are not counted (the mask
+    excludes it, eroded by FLAT_ERODE px from the boundary); the score is the masked mean of (Y - blur(Y))^2 x 1e4."""
+    from cdd.training.metrics import FLAT_ERODE, FLAT_WINDOW, flat_hf_energy, flat_mask, gaussian_blur, luminance
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.full((1, 3, 48, 48), 0.5)
+    truth[..., 24:] = torch.rand(1, 3, 48, 24, generator=g)
+    mask = flat_mask(truth)
+    assert mask[..., : 24 - FLAT_WINDOW // 2 - FLAT_ERODE].all() and not mask[..., 24 - FLAT_WINDOW // 2:].any()
+    speckles = torch.zeros(1, 3, 48, 48)
+    speckles[..., 4:44:5, 4:18:5] = 0.3  # on the flat half
+    textured = torch.zeros(1, 3, 48, 48)
+    textured[..., 4:44:5, 30:44:5] = 0.3  # on the noise
+    clean = float(flat_hf_energy(truth, truth))
+    assert clean < 1e-6
+    assert float(flat_hf_energy(truth + speckles, truth)) > 10
+    assert float(flat_hf_energy(truth + textured, truth)) == pytest.approx(clean, abs=1e-6)
+    y = luminance(truth + speckles)
+    hand = ((y - gaussian_blur(y, 1.0)) ** 2)[mask].mean() * 1e4
+    assert float(flat_hf_energy(truth + speckles, truth)) == pytest.approx(float(hand), rel=1e-5)
+    assert math.isnan(float(flat_hf_energy(truth, torch.rand(1, 3, 48, 48, generator=g))))  # no flat pixel

@@ -180,7 +180,7 @@ def test_tasks_list_adapters_and_manifests(client):
     assert "prev+keep" in tasks["edit"]["samplers"] and "prev+ilvr" not in tasks["edit"]["samplers"]
     assert tasks["super-resolution"]["upscale"] == 4 and not tasks["super-resolution"]["takes_width_height"]
     assert "upscale" not in tasks["depth"] and tasks["depth"]["takes_width_height"]
-    assert body["limits"] == {"max_pixels": 64 * 64, "max_decode_pixels": 512 * 512, "max_work": 64,
+    assert body["limits"] == {"max_pixels": 64 * 64, "max_decode_pixels": 512 * 512, "max_work": 512,
                               "max_upload_mb": 1.0, "max_prompt": 2000}
     # every sampler a task lists is one it takes
     for task, t in tasks.items():

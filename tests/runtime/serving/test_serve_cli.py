@@ -177,7 +177,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("[CDD_PORT; default 8000]", "[CDD_HOST; default 127.0.0.1]", "[CDD_MAX_WORK; default 64]",
+    for text in ("[CDD_PORT; default 8000]", "[CDD_HOST; default 127.0.0.1]", "[CDD_MAX_WORK; default 512]",
                  "[CDD_WARMUP; default True]"):
         assert text in out
 

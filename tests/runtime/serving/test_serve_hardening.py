@@ -96,12 +96,14 @@ def test_work_over_the_budget_is_413_from_the_header(client):
     t0 = time.monotonic()
     message = error(post(client, "super-resolution", header_only_png(4096, 1)), 413, "too_much_work")
     assert time.monotonic() - t0 < 5
-    assert "max_work" in message and "is 8" in message and "row-steps" in message
+    assert "max_work" in message and "is 8" in message and "tile-steps" in message
     assert "--max-work" in message and "CDD_MAX_WORK" in message and "steps=" not in message  # 1 step is too much
     # a 4x4 input is one 16-px tile: 1 row x 2 steps fits; 8 steps would not, but steps are at most 4
     assert post(client, "super-resolution", png(4, 4), seed=1).status_code == 200
-    message = error(post(client, "super-resolution", png(7, 7), seed=1, steps=4), 413, "too_much_work")  # 4 tiles x 4
+    message = error(post(client, "super-resolution", png(7, 7), seed=1, steps=4), 413, "too_much_work")  # 4 x 4
     assert "steps=2 or fewer" in message and "CDD_MAX_WORK" in message
+    # served tiles are 32 px: the 28 px output is one row of 4 tile-steps a step; 5x5 (20 px out) is 2
+    assert "an input of at most 5x5 pixels at 4 step(s)" in message
     assert post(client, "super-resolution", png(7, 7), seed=1, steps=2).status_code == 200
 
 
