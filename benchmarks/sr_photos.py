@@ -11,6 +11,8 @@ on), at their own pixel scale (no resampling of the truth):
   where a photograph is that large; chelsea and flower are cropped to 448 / 424 high), positions from a fixed seed;
 - `--whole`: each whole photograph, its sides cut to multiples of 16 (astronaut 128 x 128 in, chelsea 112 x 75,
   flower 160 x 106).
+Flat HF: the high-frequency energy of the answer on the truth's flat regions (training/metrics.py
+`flat_hf_energy`, x 1e4: invented speckles), averaged over the cases that have flat pixels.
 Each truth is made small by each degradation: `bicubic` (antialiased bicubic x4 down, 8-bit: a photograph only
 made smaller) and `mild-64px` (the served training degradation: blur, noise, JPEG).
 
@@ -42,9 +44,10 @@ from cdd.runtime.serving.app import create_app
 from cdd.runtime.serving.settings import ServeSettings
 from cdd.training.data.degradations import degradation_preset, degrade, upsample
 from cdd.training.data.photos import HELD_OUT, bundled_photo
-from cdd.training.metrics import psnr, ssim
+from cdd.training.metrics import flat_hf_energy, psnr, ssim
 
 SCALE = 4
+METRICS = ("psnr", "ssim", "flat_hf")  # flat_hf: the mean over the cases that have flat pixels
 
 
 def cases(crops64: int, crops128: int, whole: bool) -> list[tuple[str, np.ndarray]]:
@@ -80,8 +83,9 @@ def png(a: np.ndarray) -> bytes:
 
 
 def scores(out: np.ndarray, truth: np.ndarray) -> dict:
+    """PSNR, SSIM and the high-frequency energy on the truth's flat regions (flat_hf, x 1e4; NaN without any)."""
     a, b = to_tensor(out), to_tensor(truth)
-    return {"psnr": float(psnr(a, b)[0]), "ssim": float(ssim(a, b)[0])}
+    return {"psnr": float(psnr(a, b)[0]), "ssim": float(ssim(a, b)[0]), "flat_hf": float(flat_hf_energy(a, b)[0])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,10 +161,10 @@ def summarise(records: list[dict], keys: list[str]) -> list[dict]:
     out = []
     for (deg, kind), rows in groups.items():
         line = {"degradation": deg, "group": kind, "cases": len(rows),
-                "bicubic": {m: float(np.mean([r["bicubic"][m] for r in rows])) for m in ("psnr", "ssim")}}
+                "bicubic": {m: float(np.nanmean([r["bicubic"][m] for r in rows])) for m in METRICS}}
         for key in keys:
-            mean = {m: [float(np.mean([s[m] for s in r[key]])) for r in rows] for m in ("psnr", "ssim")}
-            line[key] = {**{m: float(np.mean(v)) for m, v in mean.items()},
+            mean = {m: [float(np.mean([s[m] for s in r[key]])) for r in rows] for m in METRICS}
+            line[key] = {**{m: float(np.nanmean(v)) for m, v in mean.items()},
                          **{f"{m}_at_or_above_bicubic": float(np.mean([v >= r["bicubic"][m] for v, r in zip(mean[m], rows)]))
                             for m in ("psnr", "ssim")},
                          "seconds": float(np.mean([s["seconds"] for r in rows for s in r[key]]))}
@@ -170,14 +174,14 @@ def summarise(records: list[dict], keys: list[str]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
     keys = [k for k in summary[0] if k not in ("degradation", "group", "cases", "bicubic")]
-    head = "| degradation | inputs | n | bicubic PSNR / SSIM | " + " | ".join(
-        f"{k} PSNR / SSIM (share >= bicubic) | s" for k in keys) + " |"
+    head = "| degradation | inputs | n | bicubic PSNR / SSIM / flat HF | " + " | ".join(
+        f"{k} PSNR / SSIM / flat HF (share of cases >= bicubic: PSNR / SSIM) | s" for k in keys) + " |"
     lines = [head, "| --- " * (4 + 2 * len(keys)) + "|"]
     for s in summary:
-        cells = [f"{s[k]['psnr']:.2f} / {s[k]['ssim']:.3f} ({s[k]['psnr_at_or_above_bicubic']:.0%} / "
+        cells = [f"{s[k]['psnr']:.2f} / {s[k]['ssim']:.3f} / {s[k]['flat_hf']:.3f} ({s[k]['psnr_at_or_above_bicubic']:.0%} / "
                  f"{s[k]['ssim_at_or_above_bicubic']:.0%}) | {s[k]['seconds']:.1f}" for k in keys]
         lines.append(f"| {s['degradation']} | {s['group']} | {s['cases']} | {s['bicubic']['psnr']:.2f} / "
-                     f"{s['bicubic']['ssim']:.3f} | " + " | ".join(cells) + " |")
+                     f"{s['bicubic']['ssim']:.3f} / {s['bicubic']['flat_hf']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
