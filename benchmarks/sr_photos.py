@@ -155,8 +155,7 @@ def summarise(records: list[dict], keys: list[str]) -> list[dict]:
     over seeds) and the share of cases whose PSNR / SSIM is at or above bicubic's."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        kind = "whole" if "whole" in r["case"] else f"{r['input'][0]} px crops" if r["input"][0] == r["input"][1] else (
-            f"{max(r['input'])} px crops")
+        kind = "whole" if "whole" in r["case"] else "64 px crops" if max(r["input"]) <= 64 else "128 px crops"
         groups.setdefault((r["degradation"], kind), []).append(r)
     out = []
     for (deg, kind), rows in groups.items():
