@@ -28,9 +28,11 @@ for what in "$@"; do
             --out "$RUNS/eval/${d%%:*}-${d#*:}/seed$s"
         done
       done ;;
-    serve)
-      python benchmarks/sr_photos.py --zoo "$RUNS/zoo" --fidelity "$FW" --crops64 4 --crops128 1 --whole \
-        --seeds 0 --out "$RUNS/serve" ;;
+    serve)  # the embedded zoo, once experiments/install_sr_fidelity.py has installed the entry
+      for d in bicubic mild-64px; do
+        python benchmarks/sr_photos.py --fidelity 0,1 --crops64 4 --crops128 1 --whole --seeds 0 --degradations "$d" \
+          --out "$RUNS/serve-$d"
+      done ;;
     autoencoder)
       python experiments/autoencoder_quality.py --vae adapters/embedded/backbone/vae --n 256 --out "$RUNS/autoencoder" \
         --fidelity "$RUNS/entry" ;;
