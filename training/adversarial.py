@@ -113,7 +113,7 @@ class AdversarialTerm:
     discriminator: FeatureDiscriminator
     optimizer: torch.optim.Optimizer
     weight: float
-    t_max: int = 499  # t' ~ U{0..t_max}
+    t_max: int = 249  # t' ~ U{0..t_max}
     p_one_step: float = 0.5  # the probability of the 1-step timestep (999) for the student's prediction
 
     def student_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:

@@ -103,8 +103,8 @@ class TrainConfig:
     # the distribution-level term (training/adversarial.py): a discriminator on the frozen backbone's features of
     # the student's re-noised one-step prediction; 0: plain CoDi, bit for bit
     adversarial_weight: float = 0.0  # W, the weight of the student's adversarial term in the loss
-    adversarial_lr: float = 1e-4  # the discriminator heads' AdamW learning rate
-    adversarial_t_max: int = 499  # the discriminator's re-noising timestep t' ~ U{0..t_max}
+    adversarial_lr: float = 1e-3  # the discriminator heads' AdamW learning rate (1e-4: it had not learnt after 530 steps)
+    adversarial_t_max: int = 249  # the discriminator's re-noising timestep t' ~ U{0..t_max}
 
     # super-resolution data
     degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
