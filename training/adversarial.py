@@ -9,7 +9,7 @@ heads; the student's term is -D(features of the re-noised x_hat), added to CoDi'
 
     t_s ~ {999 w.p. 1/2, else U{749, 499, 249}}        the served 1/2/4-step timesteps, 1-step half the time
     z = alpha_ts x + sigma_ts eps;  x_hat = student(z, t_s, c, text)          one more student forward, with grad
-    t' ~ U{0..t_max};  eps' ~ N(0, I)
+    t' ~ U{0..t_max} (249);  eps' ~ N(0, I)
     F(u) = UNet encoder features of (alpha_t' u + sigma_t' eps', t', text)    frozen; grad flows to u only
     D step:  L_D = mean relu(1 - D(F(x), c)) + mean relu(1 + D(F(sg x_hat), c))       (its own AdamW)
     student: L += W * (-mean D(F(x_hat), c))                                   D frozen for this term
