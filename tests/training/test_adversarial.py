@@ -23,15 +23,13 @@ from cdd.training.config import ConfigError, TrainConfig
 from cdd.training.loop import train
 
 from .test_loop import CAPTIONS, TinySet
+from .test_loop import config as loop_config
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/training/conftest.py
 
 
 def config(tmp_path, backbone_dir, **kw):
-    options = dict(task="depth", backbone=str(backbone_dir), output=str(tmp_path / "run"), batch_size=2,
-                   max_train_steps=3, num_workers=0, sample_every=0, checkpoint_every=100, log_every=1)
-    options.update(kw)
-    return TrainConfig(**options)
+    return loop_config(tmp_path, backbone_dir, **{"max_train_steps": 3, **kw})
 
 
 def inputs(backbone, batch=2, seed=0):
