@@ -1,3 +1,4 @@
+# Experiment script. Produced the training cost per step of the adversarial term against plain CoDi (docs/results.md, "A distribution term for one step").
 """Training cost per step of CoDi with the adversarial term against plain CoDi, side by side in one process: short
 runs from the same entry, alternating (plain, term, plain, term, ...), each timed by the loop's own seconds per step
 (its moving average, checkpoints and grids left out).

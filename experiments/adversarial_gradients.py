@@ -1,3 +1,4 @@
+# Experiment script. Produced the gradient-norm ratios that chose the adversarial term's discriminator settings and W (docs/training.md).
 """The gradient norms of CoDi's loss and of the adversarial term on the adapter, after the discriminator alone has
 trained a few hundred steps against the fixed served student: how to choose --adversarial-weight (docs/training.md).
 

@@ -1,3 +1,4 @@
+# Experiment script. Produced docs/images/onestep_sr.png and docs/images/onestep_depth.png (docs/results.md, "A distribution term for one step").
 """A sample sheet from cdd-eval folders (their images/ strips, GRID_EXAMPLES images each): one column per
 (label, row prefix), the condition first and the target last, the examples of every folder stacked, upscaled.
 
