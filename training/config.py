@@ -100,6 +100,12 @@ class TrainConfig:
     # region the edit changes weighs 1 + changed_weight against 1 outside, per image normalised to mean 1
     # (`changed_region_weight`); 0: the plain loss
 
+    # the distribution-level term (training/adversarial.py): a discriminator on the frozen backbone's features of
+    # the student's re-noised one-step prediction; 0: plain CoDi, bit for bit
+    adversarial_weight: float = 0.0  # W, the weight of the student's adversarial term in the loss
+    adversarial_lr: float = 1e-3  # the discriminator heads' AdamW learning rate (1e-4: it had not learnt after 530 steps)
+    adversarial_t_max: int = 249  # the discriminator's re-noising timestep t' ~ U{0..t_max}
+
     # super-resolution data
     degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
     # super-resolution (the published realesrgan leaves many 16 px inputs unrecognisable), unused by the other tasks
@@ -183,6 +189,14 @@ class TrainConfig:
             raise ConfigError(f"changed_weight {self.changed_weight} weighs the region an edit changes in the data "
                               f"term of the loss: it is for --task edit with --method finetune or codi, not "
                               f"{self.task} {self.method}")
+        _check("adversarial_weight", self.adversarial_weight, self.adversarial_weight >= 0, "must be >= 0")
+        _check("adversarial_lr", self.adversarial_lr, self.adversarial_lr > 0, "must be > 0")
+        _check("adversarial_t_max", self.adversarial_t_max, 0 <= self.adversarial_t_max <= 999,
+               "must be in 0..999 (the discriminator's re-noising timesteps)")
+        if self.adversarial_weight and (self.method != "codi" or self.mode != "pe" or self.adapter == "controlnet-guided"):
+            raise ConfigError(f"adversarial_weight {self.adversarial_weight}: the discriminator term is built for "
+                              f"--method codi in mode pe (its features come from the frozen backbone UNet) with an "
+                              f"adapter that takes no w, not {self.method} / mode {self.mode} / {self.adapter}")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
         _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")

@@ -57,6 +57,7 @@ from .checkpoints import (
     write_state,
     writing,
 )
+from .adversarial import build_adversarial
 from .codi import build_objective, changed_region_weight, noise_removed
 from .config import ConfigError, TrainConfig
 
@@ -250,19 +251,20 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 
 def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, trainable, ema: EMA, optimizer,
-                    generator: torch.Generator, fingerprint: str, loss: dict[str, float]) -> None:
+                    generator: torch.Generator, fingerprint: str, loss: dict[str, float], adversarial=None) -> None:
     """Every process contributes its RNG state; the main process writes the folder atomically."""
     rng = _gather_objects(accelerator, _rng_state(generator))
     if accelerator.is_main_process:
         writing(path, lambda: _write_checkpoint(accelerator, path, step=step, config=config, trainable=trainable,
-                                                ema=ema, optimizer=optimizer, rng=rng, fingerprint=fingerprint, loss=loss))
+                                                ema=ema, optimizer=optimizer, rng=rng, fingerprint=fingerprint, loss=loss,
+                                                adversarial=adversarial))
         for old in checkpoint_dirs(path.parent.parent)[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, trainable, ema: EMA, optimizer,
-                      rng: list, fingerprint: str, loss: dict[str, float]) -> None:
+                      rng: list, fingerprint: str, loss: dict[str, float], adversarial=None) -> None:
     with atomic_directory(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
@@ -270,6 +272,8 @@ def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         torch.save(rng, tmp / "rng.pt")
+        if adversarial is not None:  # the discriminator and its optimizer (training/adversarial.py)
+            adversarial.save(tmp)
         (tmp / "config.json").write_text(config.to_json())
         state = {  # with the sha256 of every file, verified on resume
             "step": step,
@@ -283,13 +287,16 @@ def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig
 
 
 def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
-                    fingerprint: str) -> int:
+                    fingerprint: str, adversarial=None) -> int:
     """Restore weights, EMA, optimizer and this process's RNG states; returns the step. Every file is
     checked against its sha256 first; a bad one raises CheckpointError naming it and the newest intact
     older checkpoint."""
     try:
-        return _load_checkpoint(accelerator, path, trainable=trainable, ema=ema, optimizer=optimizer,
+        step = _load_checkpoint(accelerator, path, trainable=trainable, ema=ema, optimizer=optimizer,
                                 generator=generator, fingerprint=fingerprint)
+        if adversarial is not None:
+            adversarial.load(path)
+        return step
     except CheckpointError as e:
         older = [p for p in reversed(checkpoint_dirs(path.parent.parent)) if p.name < path.name]
         raise with_fallback(e, older) from e.__cause__
@@ -538,6 +545,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     guided = config.method == "gd" or config.adapter == "controlnet-guided"
     empty_text = backbone.encode_text([""]) if guided else None
     objective = build_objective(config, backbone.schedule, empty_text=empty_text, set_w=roles.set_w)
+    adversarial = build_adversarial(config, backbone.unet, backbone.schedule, resolution // backbone.vae_scale_factor,
+                                    backbone.unet.config.cross_attention_dim, device)
 
     # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position.
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -545,7 +554,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     step = 0
     if resume_from is not None:
         step = load_checkpoint(accelerator, resume_from, trainable=trainable, ema=ema, optimizer=optimizer,
-                               generator=generator, fingerprint=backbone.fingerprint)
+                               generator=generator, fingerprint=backbone.fingerprint, adversarial=adversarial)
         accelerator.print(f"resumed from {resume_from} at step {step}")
     elif config.resume == "latest":
         accelerator.print(f"--resume: no checkpoint in {out / CHECKPOINTS} yet, starting a new run")
@@ -595,7 +604,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     def checkpoint(loss):
         path = out / CHECKPOINTS / f"step-{step:06d}"
         save_checkpoint(accelerator, path, step=step, config=config, trainable=trainable, ema=ema,
-                        optimizer=optimizer, generator=generator, fingerprint=backbone.fingerprint, loss=loss)
+                        optimizer=optimizer, generator=generator, fingerprint=backbone.fingerprint, loss=loss,
+                        adversarial=adversarial)
         return path
 
     probe = None
@@ -657,6 +667,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
             with accelerator.accumulate(student):
                 with accelerator.autocast():
                     terms = objective(student, ema_target, teacher, x, c, text_emb, generator, **extra)
+                    if adversarial is not None:  # + W x the discriminator term, after one discriminator step
+                        terms = adversarial(terms, student, x, c, text_emb, generator)
                 _stop_if_not_finite(accelerator, terms.loss, "loss", step + 1, terms.parts, last_ckpt)
                 accelerator.backward(terms.loss)
                 if accelerator.sync_gradients:

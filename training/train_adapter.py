@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", type=float, help=f"EMA rate mu of the target theta^- and of the exported weights (default {d.ema})")
     g.add_argument("--steps", type=int, help=f"N, the number of intervals of [0, T) (default {d.steps})")
 
+    g = p.add_argument_group("the distribution-level term (codi, mode pe; training/adversarial.py)")
+    g.add_argument("--adversarial-weight", type=float, help="W: add W x the adversarial term of a discriminator on the "
+                   "frozen backbone's features of the student's re-noised one-step prediction; 0 = plain CoDi "
+                   f"(default {d.adversarial_weight})")
+    g.add_argument("--adversarial-lr", type=float, help=f"the discriminator's learning rate (default {d.adversarial_lr})")
+    g.add_argument("--adversarial-t-max", type=int, help="the discriminator re-noises at t' ~ U{0..t_max} "
+                   f"(default {d.adversarial_t_max})")
+
     g = p.add_argument_group("Guided Distillation (--method gd), and guidance-aware CoDi (--method codi --adapter "
                              "controlnet-guided: the w range and the served w)")
     g.add_argument("--gd-stage", type=int, choices=(1, 2), help="1: distil the guided teacher into a student taking w; "

@@ -1,0 +1,48 @@
+# Experiment script. Produced the training cost per step of the adversarial term against plain CoDi (docs/results.md, "A distribution term for one step").
+"""Training cost per step of CoDi with the adversarial term against plain CoDi, side by side in one process: short
+runs from the same entry, alternating (plain, term, plain, term, ...), each timed by the loop's own seconds per step
+(its moving average, checkpoints and grids left out).
+
+    OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --task super-resolution [--weight 0.05] [--steps 40]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cdd.training.config import TrainConfig
+from cdd.training.loop import train
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("entry")
+    p.add_argument("--task", default="super-resolution")
+    p.add_argument("--weight", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    sr = dict(photo_fraction=0.5, degradation="mild-64px") if a.task == "super-resolution" else {}
+    times: dict[str, list[float]] = {"plain": [], "adversarial": []}
+    root = Path(tempfile.mkdtemp(prefix="adv-cost-"))
+    try:
+        for r in range(a.rounds):
+            for name, w in (("plain", 0.0), ("adversarial", a.weight)):
+                cfg = TrainConfig(task=a.task, init_from=a.entry, ema=0.99, lr=3e-4, batch_size=4, caption_dropout=0.5,
+                                  num_workers=1, sample_every=0, checkpoint_every=0, checkpoint_minutes=0,
+                                  max_train_steps=a.steps, output=str(root / f"{name}-{r}"), adversarial_weight=w, **sr)
+                times[name].append(train(cfg).seconds_per_step)
+                print(f"round {r} {name}: {times[name][-1]:.3f} s/step", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    plain, adv = (sum(v) / len(v) for v in times.values())
+    print(f"plain CoDi {plain:.3f} s/step, with the term {adv:.3f} s/step: ratio {adv / plain:.2f}")
+
+
+if __name__ == "__main__":
+    main()
