@@ -139,7 +139,7 @@ def test_published_settings_and_validation():
 
 
 def test_presets_published_and_mild():
-    assert set(DEGRADATION_PRESETS) == {"realesrgan", "mild-64px"}
+    assert set(DEGRADATION_PRESETS) == {"realesrgan", "mild-64px", "bicubic"}
     assert degradation_preset("realesrgan") == DegradationConfig()
     assert DegradationConfig().second_stage_prob == 1  # published: stage 2 always runs
     mild, pub = degradation_preset("mild-64px"), DegradationConfig()
@@ -148,10 +148,20 @@ def test_presets_published_and_mild():
     assert mild.jpeg_range[0] >= 60 and mild.jpeg_range2[0] >= 60
     assert mild.resize_range[0] * 64 >= 2 * 16  # stage 1 never below twice the 16 px result
     assert mild.second_stage_prob < 1 and mild.final_sinc_prob < pub.final_sinc_prob
-    with pytest.raises(ValueError, match="unknown degradation preset 'harsh'.*realesrgan, mild-64px"):
+    with pytest.raises(ValueError, match="unknown degradation preset 'harsh'.*realesrgan, mild-64px, bicubic"):
         degradation_preset("harsh")
     with pytest.raises(ValueError, match="second_stage_prob"):
         DegradationConfig(second_stage_prob=1.5)
+
+
+def test_bicubic_preset_is_the_antialiased_down_scale_in_8_bits_and_draws_nothing():
+    hr = _images(3, 32, seed=5)
+    g = torch.Generator().manual_seed(7)
+    state = g.get_state()
+    lr = degrade(hr, g, degradation_preset("bicubic"))
+    assert torch.equal(g.get_state(), state)  # no random draw: a photograph only made smaller
+    by_hand = torch.nn.functional.interpolate(hr, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
+    assert torch.equal(lr, (by_hand * 255).round().clamp(0, 255) / 255)
 
 
 def test_mild_preset_keeps_the_input_closer_to_its_source():
