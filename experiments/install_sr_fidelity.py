@@ -7,7 +7,7 @@ the cdd-eval rows measured at the served weight as its manifest's metrics.
 `--results` holds `scenes-mild-64px/seed0`, `photos-mild-64px/seed0` and `photos-bicubic/seed0` (experiments/
 sr_fidelity.sh eval): the rows of the entry at fidelity `--weight` become metrics["cdd-eval"] (scenes),
 ["cdd-eval-photos"] (photographs, mild-64px) and ["cdd-eval-photos-bicubic"]; the entry is installed as float16,
-its served default (sampler, steps) unchanged, the module served at `--weight`.
+its served default (sampler, steps) unchanged; the module's served weight must be `--weight` (the entry's own).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cdd.adapters.zoo import default_zoo_dir, install_entry, write_metrics
+from cdd.adapters.zoo import default_zoo_dir, install_entry, verify_entry, write_metrics
 from cdd.training.eval_report import record
 
 
@@ -27,6 +27,10 @@ def main() -> None:
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--zoo", type=Path, default=default_zoo_dir())
     args = p.parse_args()
+    served = verify_entry(args.entry).fidelity
+    if served is None or served["default"] != args.weight:
+        raise SystemExit(f"{args.entry}: its fidelity module is served at {served and served['default']}, not --weight "
+                         f"{args.weight} (cdd-train-fidelity --fidelity-default sets it)")
     dest = install_entry(args.entry, args.zoo, name="super-resolution", half=True, replace=True)
     for folder, key in (("scenes-mild-64px", "cdd-eval"), ("photos-mild-64px", "cdd-eval-photos"),
                         ("photos-bicubic", "cdd-eval-photos-bicubic")):
@@ -39,9 +43,6 @@ def main() -> None:
     manifest = json.loads((dest / "manifest.json").read_text())
     write_metrics(dest, "default", {**manifest["metrics"].get("default", {}), "fidelity": args.weight,
                                     "fidelity_chosen_by": "docs/results.md, super-resolution fidelity (2026-12-06)"})
-    m = json.loads((dest / "manifest.json").read_text())
-    m["fidelity"]["default"] = args.weight
-    (dest / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
     print(f"installed {dest}")
 
 

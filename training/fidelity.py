@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..adapters.atomic import atomic_file
 from ..adapters.fidelity import FidelityNet
 from .checkpoints import StopSignals
+from .metrics import psnr
 
 POOL_CHUNK = 256
 DEFAULT_PRESETS = ("mild-64px", "bicubic")
@@ -126,12 +127,6 @@ def augment(batch: list[torch.Tensor], g: torch.Generator) -> list[torch.Tensor]
     return out
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per image, both in [-1, 1]."""
-    mse = ((x - y) * 0.5).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return -10 * torch.log10(mse)
-
-
 def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: int, lr: float, seed: int,
           checkpoint_every: int, architecture: dict, resume: bool, holdout: int | None = None, log=print) -> Path:
     """Train R on the pool (its last `holdout` samples, default an eighth up to 256, kept for validation); returns
@@ -165,8 +160,9 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
             y, c, x = _from_u8(val["output"]), val["condition"].float() / 127.5 - 1, _from_u8(val["target"])
             fixed = torch.cat([net(y[a : a + 64], c[a : a + 64]) for a in range(0, holdout, 64)])
         net.train()
-        return {"psnr_output": float(psnr(y, x).mean()), "psnr_bicubic": float(psnr(c, x).mean()),
-                "psnr_fixed": float(psnr(fixed.clamp(-1, 1), x).mean())}
+        truth = (x + 1) / 2  # training/metrics.psnr takes images in [0, 1]
+        return {"psnr_output": float(psnr((y + 1) / 2, truth).mean()), "psnr_bicubic": float(psnr((c + 1) / 2, truth).mean()),
+                "psnr_fixed": float(psnr((fixed.clamp(-1, 1) + 1) / 2, truth).mean())}
 
     def checkpoint() -> None:
         _save({"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(), "step": step,

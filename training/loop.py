@@ -195,10 +195,6 @@ def first_samples(dataset, n: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: one folder per saved step, written to a temporary folder and renamed into place
-
-
-# ---------------------------------------------------------------------------------------------
 # Building the run
 
 

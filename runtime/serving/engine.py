@@ -258,7 +258,7 @@ class Engine:
         or fidelity weight the entry does not take)."""
         check_guidance(reg.name, reg.manifest.guidance, guidance)
         check_fidelity(reg.name, reg.manifest.fidelity, fidelity)
-        work = prepare(
+        return prepare(
             reg.task,
             image,
             adapter=reg.name,
@@ -276,9 +276,8 @@ class Engine:
             height=height,
             size_factor=self.backbone.size_factor,
             guidance=guidance,
+            fidelity=fidelity,
         )
-        work.fidelity = fidelity
-        return work
 
     def submit(self, work: Work, deadline: float = float("inf")) -> Job:
         """Queue a request (raises QueueFull, DeadlineExceeded, SchedulerClosed); its future gives a Result."""

@@ -321,6 +321,7 @@ def prepare(
     height: int | None = None,
     size_factor: int | None = None,
     guidance: float | None = None,
+    fidelity: float | None = None,
     tile: int | None = None,
     blend: str = LATENT,
 ) -> Work:
@@ -328,7 +329,7 @@ def prepare(
     `height` (tasks other than super-resolution) must be multiples of `size_factor` (default: scale_factor).
     Super-resolution: tiles of `sr_tile(..., tile, size_factor)` px, blended `blend` (LATENT, PIXELS)."""
     common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution,
-                  guidance=guidance)
+                  guidance=guidance, fidelity=fidelity)
     c, in_height, in_width = image.shape
     if task == SUPER_RESOLUTION:
         if width is not None or height is not None:
