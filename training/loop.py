@@ -46,7 +46,7 @@ from ..adapters.zoo import Manifest, load_entry, save_entry
 from ..runtime.diffusion.backbone import Backbone, load_backbone
 from ..runtime.diffusion.denoiser import ConditionedDenoiser
 from .checkpoints import StopSignals, writing
-from .run_checkpoints import (  # noqa: F401 - checkpoint_dirs, incomplete_report: the CLI's names, kept here
+from .run_checkpoints import (
     CHECKPOINTS,
     checkpoint_dirs,
     incomplete_report,

@@ -193,7 +193,7 @@ def config_from_args(given: dict) -> TrainConfig:
 
 def _checkpoint_for(given: dict) -> Path | None:
     """The checkpoint `--resume` points at, found before the config is known (None: nothing to resume yet)."""
-    from .loop import checkpoint_dirs
+    from .run_checkpoints import checkpoint_dirs
 
     if given["resume"] != "latest":
         path = Path(given["resume"])
@@ -216,7 +216,7 @@ def _checkpoint_for(given: dict) -> Path | None:
 
 
 def checkpoint_dirs(output: Path) -> list[Path]:
-    from .loop import checkpoint_dirs as dirs
+    from .run_checkpoints import checkpoint_dirs as dirs
 
     return dirs(output)
 
