@@ -185,6 +185,9 @@ def results_markdown(results: dict) -> str:
     if any(samplers.split_sampler(r["sampler"])[1] == samplers.ILVR for r in rows):
         lines.append("- NAME+ilvr samplers: NAME with the ILVR step, each x_hat's low frequencies (block means at the SR "
                      "factor) replaced by the input's before the next noise is added.")
+    if any(samplers.split_sampler(r["sampler"])[1] == samplers.ILVR_OUT for r in rows):
+        lines.append("- NAME+ilvr-out samplers: NAME, then ILVR's update on the decoded output only (its block means at "
+                     "the SR factor set to the input's); no correction between steps.")
     if any(samplers.split_sampler(r["sampler"])[1] == samplers.KEEP for r in rows):
         lines.append("- NAME+keep samplers: NAME, then the autoencoder's error on the source added back to the decoded "
                      "output where it is still the source's round trip (samplers.keep_source).")

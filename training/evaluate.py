@@ -11,7 +11,8 @@ published settings). Every adapter, sampler and step count sees the same N condi
 super-resolution's default is none) and the same initial noise (image i from seed --seed + i), so rows are
 comparable. `--bicubic` (super-resolution) adds the row every SR method must beat: the low-resolution input
 upsampled bicubically, which is the condition itself. A sampler `NAME+ilvr` (super-resolution) runs the
-few-step sampler NAME with the ILVR consistency step (runtime/diffusion/samplers.py `ilvr`). Generated and ground-truth images are quantised to 8 bits (what a saved PNG
+few-step sampler NAME with the ILVR consistency step (runtime/diffusion/samplers.py `ilvr`), `NAME+ilvr-out`
+with ILVR's update on the decoded output only (`ilvr_output`). Generated and ground-truth images are quantised to 8 bits (what a saved PNG
 holds) before measuring: PSNR, SSIM and the sliced Wasserstein distance (training/metrics.py) always;
 LPIPS and FID through torchmetrics only when their weights are already on this disk (nothing is
 downloaded). Depth and edit rows also say whether the output follows its condition (training/condition_metrics.py:
@@ -129,17 +130,16 @@ def parse_steps(text: str) -> list[int]:
 
 
 def known_samplers(task: str | None = None) -> list[str]:
-    """The few-step and teacher samplers; each few-step one also with the task's own step where it has one:
-    ILVR for super-resolution (`prev+ilvr`), the source-keeping step for edit (`prev+keep`)."""
+    """The few-step and teacher samplers; each few-step one also with the task's own steps where it has some:
+    ILVR for super-resolution (`prev+ilvr`, `prev+ilvr-out`), the source-keeping step for edit (`prev+keep`)."""
     names = [*samplers.FEW_STEP, *(s for s in samplers.TEACHER_SAMPLERS if s not in samplers.FEW_STEP)]
-    step = samplers.TASK_STEPS.get(task or "")
-    return names + ([s + step for s in samplers.FEW_STEP] if step else [])
+    return names + [s + step for step in samplers.TASK_STEPS.get(task or "", ()) for s in samplers.FEW_STEP]
 
 
 def check_sampler(name: str, where: str, task: str | None = None) -> str:
     if name not in known_samplers(task):
         base, step = samplers.split_sampler(name)
-        if step == samplers.ILVR and base in samplers.FEW_STEP:
+        if samplers.keeps_low_frequencies(step) and base in samplers.FEW_STEP:
             raise EvalError(f"{where}: {name!r}: the ILVR step keeps a super-resolution input's low frequencies; "
                             f"task {task!r} has no low-resolution input")
         if step == samplers.KEEP and base in samplers.FEW_STEP:
@@ -255,13 +255,14 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
              steps: int, seed: int, batch_size: int, sr_scale: int = 4, fidelity=None) -> tuple[torch.Tensor, float]:
     """All N images for one row, in [0, 1] on the CPU, and the seconds spent sampling them. A `NAME+ilvr` sampler
     runs NAME with the ILVR step towards the condition's low frequencies at down-scale `sr_scale` (on a latent
-    backbone x_hat is decoded, corrected and encoded again each step); a `NAME+keep` sampler runs NAME and gives
+    backbone x_hat is decoded, corrected and encoded again each step), `NAME+ilvr-out` with ILVR's update on the
+    decoded output only; a `NAME+keep` sampler runs NAME and gives
     its decoded output the source's detail where the edit kept it (`samplers.keep_source`). `fidelity`:
     (FidelityNet, [w, ...]), a super-resolution entry's fidelity module applied to the decoded output at each weight
     w: the images are then [len(ws), N, 3, H, W], one sample through the module at each w."""
     device, schedule = backbone.device, backbone.schedule
     sampler, step = samplers.split_sampler(sampler)
-    consistent = step == samplers.ILVR
+    consistent = samplers.keeps_low_frequencies(step)
     n, size = data["condition"].shape[0], data["condition"].shape[-1]
     latent = size // backbone.vae_scale_factor
     shape = (backbone.model_channels, latent, latent)
@@ -274,7 +275,9 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
             latent_io = {"to_pixels": backbone.from_model_space, "to_model": backbone.to_model_space} if backbone.latent else {}
             low = samplers.LowPass(cond.shape[-2], cond.shape[-1], sr_scale)
             reference_low = low(cond.float() * 2 - 1)
-            bound = samplers.ilvr(bound, cond.float() * 2 - 1, sr_scale, low=low, reference_low=reference_low, **latent_io)
+            if step == samplers.ILVR:  # NAME+ilvr-out: only the update on the decoded output below
+                bound = samplers.ilvr(bound, cond.float() * 2 - 1, sr_scale, low=low, reference_low=reference_low,
+                                      **latent_io)
         z_T = samplers.initial_noise(seeds, shape, device, backbone.dtype)
         fresh = samplers.fresh_noise(sampler, seeds, shape, steps, device, backbone.dtype)
         _sync(device)
@@ -499,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(may be left out with --bicubic)")
     p.add_argument("--steps", default="1,2,4", help="comma-separated step counts (default 1,2,4)")
     p.add_argument("--samplers", default=None, help="comma-separated samplers (default: each entry's manifest sampler); "
-                   "super-resolution also takes NAME+ilvr, e.g. prev+ilvr: the few-step sampler with the ILVR step")
+                   "super-resolution also takes NAME+ilvr, e.g. prev+ilvr: the few-step sampler with the ILVR step, and "
+                   "NAME+ilvr-out: ILVR's update on the decoded output only")
     p.add_argument("--bicubic", action="store_true", help="super-resolution: add the 'bicubic' row, the low-resolution "
                    "input upsampled bicubically (sampler '-', steps 0)")
     p.add_argument("--prompt", choices=PROMPTS, default=None, help="caption: each image's ground-truth caption; none: the "

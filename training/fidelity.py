@@ -12,8 +12,12 @@ own served outputs, and install it into the entry.
    drawn from `--pool-steps`, no prompt, as a user sends it. The module learns from what the sampler really
    returns, as StableSR trains its fidelity wrapper on the diffusion model's own latents: trained on the
    autoencoder's round trips of the truth instead, it would learn to trust details the sampler invents.
+   `--sampler` picks another servable super-resolution sampler (the one the entry will serve with); the pool's
+   settings are kept beside it (`pool/settings.json`) and a pool made with other settings is refused.
 2. Training: L1 between y + R(y, c) and the truth (w = 1), random flips and quarter turns of all three images
    together, AdamW; a checkpoint every `--checkpoint-every` steps (atomic; `--resume` continues the newest).
+   `--flat-weight` adds the L1 of the error's high frequencies where the truth is flat (`flat_error`): speckle
+   on a patch of sky is a small share of a per-pixel loss and the most visible thing the decoder invents.
 3. `--install DEST`: the entry copied to DEST with `fidelity.safetensors` and the manifest's `fidelity`
    (architecture, default weight, the run's settings), hashed like its other files.
 """
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from ..adapters.atomic import atomic_file
 from ..adapters.fidelity import FidelityNet
 from .checkpoints import StopSignals
-from .metrics import psnr
+from .metrics import FLAT_STD, HF_SIGMA, flat_mask, gaussian_blur, luminance, psnr
 
 POOL_CHUNK = 256
 DEFAULT_PRESETS = ("mild-64px", "bicubic")
@@ -71,25 +75,46 @@ def pool_items(k0: int, n: int, seed: int, presets: tuple[str, ...], photo_fract
 
 
 def make_pool(entry: Path, backbone_dir: Path | None, out: Path, size: int, seed: int, presets: tuple[str, ...],
-              photo_fraction: float, steps_choices: tuple[int, ...], batch_size: int, log=print) -> list[Path]:
-    """Write the pool's missing chunks; returns every chunk's path."""
+              photo_fraction: float, steps_choices: tuple[int, ...], batch_size: int, log=print,
+              sampler: str | None = None) -> list[Path]:
+    """Write the pool's missing chunks; returns every chunk's path. `sampler`: the one the outputs are sampled with
+    (default: the entry's manifest sampler)."""
     from ..adapters.zoo import Manifest
     from ..runtime.diffusion.backbone import load_backbone
+    from ..runtime.diffusion.samplers import servable_samplers
     from .evaluate import Candidate, entry_model, generate
 
+    manifest = Manifest.from_file(entry / "manifest.json")
+    if manifest.task != "super-resolution":
+        raise FidelityError(f"{entry} is a {manifest.task} entry; the fidelity module is for super-resolution")
+    sampler = sampler or manifest.sampler
+    if sampler not in servable_samplers("super-resolution"):
+        raise FidelityError(f"--sampler {sampler!r} is not a super-resolution sampler; choose one of "
+                            f"{', '.join(servable_samplers('super-resolution'))}")
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"entry": manifest.name, "sampler": sampler, "seed": seed, "presets": list(presets),
+                "photo_fraction": photo_fraction, "steps": list(steps_choices)}
+    settings_file = out / "settings.json"
+    if settings_file.exists():
+        made = json.loads(settings_file.read_text())
+        if made != settings:
+            changed = sorted(k for k in settings if made.get(k) != settings[k])
+            raise FidelityError(f"the pool in {out} was made with other settings ({', '.join(f'{k}: {made.get(k)!r}' for k in changed)}"
+                                f"; this run: {', '.join(f'{k}: {settings[k]!r}' for k in changed)}); give a new --output")
+    elif any(out.glob("chunk-*.pt")):
+        raise FidelityError(f"{out} holds pool chunks without their settings.json; give a new --output")
+    else:
+        with atomic_file(settings_file) as f:
+            f.write((json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
     chunks = [out / f"chunk-{i:03d}.pt" for i in range(math.ceil(size / POOL_CHUNK))]
     missing = [i for i, c in enumerate(chunks) if not c.exists()]
     if not missing:
         return chunks
-    manifest = Manifest.from_file(entry / "manifest.json")
-    if manifest.task != "super-resolution":
-        raise FidelityError(f"{entry} is a {manifest.task} entry; the fidelity module is for super-resolution")
     from ..adapters.zoo import default_backbone_dir
 
     backbone = load_backbone(backbone_dir or default_backbone_dir())
     resolution = int(manifest.condition["resolution"])
-    candidate = Candidate(manifest.name, entry, manifest, [manifest.sampler])
+    candidate = Candidate(manifest.name, entry, manifest, [sampler])
     with entry_model(candidate, backbone, 0) as model:
         for i in missing:
             t0 = time.perf_counter()
@@ -101,7 +126,7 @@ def make_pool(entry: Path, backbone_dir: Path | None, out: Path, size: int, seed
             for a in range(0, n, batch_size):  # one step count per batch, drawn per batch
                 k = int(rng.choice(steps_choices))
                 part = {"condition": data["condition"][a : a + batch_size]}
-                images, _ = generate(model, backbone, part, text[a : a + batch_size], manifest.sampler, k,
+                images, _ = generate(model, backbone, part, text[a : a + batch_size], sampler, k,
                                      seed * 100_003 + i * POOL_CHUNK + a, batch_size)
                 outputs.append(images)
                 steps += [k] * images.shape[0]
@@ -127,10 +152,21 @@ def augment(batch: list[torch.Tensor], g: torch.Generator) -> list[torch.Tensor]
     return out
 
 
+def flat_error(out: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """The mean absolute high-frequency error of the luminance over the pixels where the truth is flat (both
+    [B, 3, H, W] in [-1, 1]): |HP(Y_out - Y_truth)| with HP = 1 - G_sigma, on `metrics.flat_mask(truth)`, the
+    regions and the high-pass `metrics.flat_hf_energy` measures; 0 for a batch with no flat pixel."""
+    mask = flat_mask((truth.detach() + 1) / 2, FLAT_STD).float()
+    d = luminance(out) - luminance(truth)
+    hf = (d - gaussian_blur(d, HF_SIGMA)).abs()
+    return (hf * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: int, lr: float, seed: int,
-          checkpoint_every: int, architecture: dict, resume: bool, holdout: int | None = None, log=print) -> Path:
+          checkpoint_every: int, architecture: dict, resume: bool, holdout: int | None = None, flat_weight: float = 0.0,
+          log=print) -> Path:
     """Train R on the pool (its last `holdout` samples, default an eighth up to 256, kept for validation); returns
-    the final checkpoint."""
+    the final checkpoint. `flat_weight`: the weight of `flat_error` beside the L1."""
     out.mkdir(parents=True, exist_ok=True)
     n = pool["target"].shape[0]
     holdout = min(256, n // 8) if holdout is None else holdout
@@ -178,7 +214,10 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
             lr_now = lr * min(1.0, (step + 1) / min(100, steps // 10 + 1)) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in opt.param_groups:
                 group["lr"] = lr_now
-            loss = F.l1_loss(net(y, c), x)
+            fixed = net(y, c)
+            loss = F.l1_loss(fixed, x)
+            if flat_weight:
+                loss = loss + flat_weight * flat_error(fixed, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -216,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-steps", default="1,2,4", help="step counts the pool's outputs are sampled at (drawn per batch)")
     p.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="degradation presets, comma-separated")
     p.add_argument("--photo-fraction", type=float, default=0.75)
+    p.add_argument("--sampler", default=None, help="the sampler the pool's outputs are made with (default: the entry's; "
+                   "the one it will serve with)")
+    p.add_argument("--flat-weight", type=float, default=0.0,
+                   help="weight of the high-frequency error on the truth's flat regions beside the L1 (default 0)")
     p.add_argument("--max-train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -241,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         steps_choices = tuple(int(s) for s in args.pool_steps.split(","))
         if not args.entry.is_dir():
             raise FidelityError(f"--entry {args.entry} is not a zoo entry folder")
+        if not args.flat_weight >= 0:
+            raise FidelityError(f"--flat-weight must be >= 0, got {args.flat_weight}")
         if not 0 <= args.fidelity_default <= 1:
             raise FidelityError(f"--fidelity-default must be in [0, 1], got {args.fidelity_default}")
         args.output.mkdir(parents=True, exist_ok=True)
@@ -253,10 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             logf.flush()
 
         chunks = make_pool(args.entry, args.backbone, args.output / "pool", args.pool_size, args.seed, presets,
-                           args.photo_fraction, steps_choices, 32, log)
+                           args.photo_fraction, steps_choices, 32, log, sampler=args.sampler)
         ckpt = train(load_pool(chunks), args.output, steps=args.max_train_steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, checkpoint_every=args.checkpoint_every,
-                     architecture={"width": args.width, "blocks": args.blocks, "head": 32}, resume=args.resume, log=log)
+                     architecture={"width": args.width, "blocks": args.blocks, "head": 32}, resume=args.resume,
+                     flat_weight=args.flat_weight, log=log)
         (args.output / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         if args.install is not None:
             dest = install(args.entry, ckpt, args.install, args.fidelity_default, settings)

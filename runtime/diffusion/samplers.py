@@ -175,22 +175,23 @@ def sampler_step(name: str, i: int, timesteps: Sequence[int], z_t: torch.Tensor,
 # ILVR: keep the input's low frequencies (super-resolution)
 
 ILVR = "+ilvr"  # the suffix of a few-step sampler run with the ILVR consistency step, e.g. "prev+ilvr"
+ILVR_OUT = "+ilvr-out"  # ... with ILVR's update on the decoded output only, no per-step round trip, e.g. "prev+ilvr-out"
 KEEP = "+keep"  # ... run with the edit's source-keeping step on the decoded output, e.g. "prev+keep" (`keep_source`)
-TASK_STEPS = {"super-resolution": ILVR, "edit": KEEP}  # the one task each step is for: what its input makes possible
+# the steps each task's input makes possible: ILVR for super-resolution (the only task with a low-resolution input),
+# the source-keeping step for edit (the only task whose input is the picture to keep)
+TASK_STEPS = {"super-resolution": (ILVR, ILVR_OUT), "edit": (KEEP,)}
 
 
 def servable_samplers(task: str) -> tuple[str, ...]:
     """What cdd-serve runs for `task`, as a request's or a manifest's sampler: the few-step samplers, and each
-    of them with the task's own step where it has one: ILVR for super-resolution (the only task with a
-    low-resolution input), the source-keeping step for edit (the only task whose input is the picture to keep)."""
-    step = TASK_STEPS.get(task)
-    return FEW_STEP_SAMPLERS + (tuple(name + step for name in FEW_STEP_SAMPLERS) if step else ())
+    of them with each of the task's own steps (`TASK_STEPS`)."""
+    return FEW_STEP_SAMPLERS + tuple(name + step for step in TASK_STEPS.get(task, ()) for name in FEW_STEP_SAMPLERS)
 
 
 def split_sampler(name: str) -> tuple[str, str]:
-    """The few-step sampler and the task step it runs with: ("prev", "+ilvr") for "prev+ilvr", ("prev", "+keep")
-    for "prev+keep", ("prev", "") for "prev"."""
-    for step in (ILVR, KEEP):
+    """The few-step sampler and the task step it runs with: ("prev", "+ilvr") for "prev+ilvr", ("prev", "+ilvr-out")
+    for "prev+ilvr-out", ("prev", "+keep") for "prev+keep", ("prev", "") for "prev"."""
+    for step in (ILVR, ILVR_OUT, KEEP):
         if name.endswith(step):
             return name[: -len(step)], step
     return name, ""
@@ -199,7 +200,13 @@ def split_sampler(name: str) -> tuple[str, str]:
 def step_task(name: str) -> str | None:
     """The task a sampler's step is for ("super-resolution" for "prev+ilvr"), None for a plain sampler."""
     step = split_sampler(name)[1]
-    return next((task for task, s in TASK_STEPS.items() if s == step), None) if step else None
+    return next((task for task, steps in TASK_STEPS.items() if step in steps), None) if step else None
+
+
+def keeps_low_frequencies(step: str) -> bool:
+    """Whether a task step (`split_sampler(name)[1]`) gives the decoded output the input's block means
+    (`ilvr_output`): both ILVR steps do."""
+    return step in (ILVR, ILVR_OUT)
 
 
 class LowPass:
@@ -253,11 +260,15 @@ def ilvr_correct(x_hat: torch.Tensor, reference_low: torch.Tensor, low: LowPass,
 
 
 def ilvr_output(images: torch.Tensor, reference_low: torch.Tensor, low: LowPass) -> torch.Tensor:
-    """ILVR's last update, on the decoded output of a `NAME+ilvr` sample ([B, 3, H, W] in [-1, 1]): its block
-    means set to the input's. On a pixel backbone the last x_hat already has them (this changes nothing but
-    rounding); on a latent backbone the final decode would otherwise bring back what the autoencoder's round
-    trip loses at low frequencies (measured on the held-out photos: colour shifts), which the per-step
-    correction in latent space cannot hold."""
+    """ILVR's last update, on the decoded output of a `NAME+ilvr` or `NAME+ilvr-out` sample ([B, 3, H, W] in
+    [-1, 1]): its block means set to the input's. On a pixel backbone the last x_hat of `NAME+ilvr` already has
+    them (this changes nothing but rounding); on a latent backbone the final decode would otherwise bring back
+    what the autoencoder's round trip loses at low frequencies (measured on the held-out photos: colour shifts),
+    which the per-step correction in latent space cannot hold.
+
+    `NAME+ilvr-out` is this update alone: no decode-correct-encode round trip at each step. On the latent
+    backbone the round trips cost most of a super-resolution request (a VAE decode and encode per step) and
+    bought nothing measurable over the update on the output (docs/results.md, "ILVR on the output only")."""
     return ilvr_correct(images, reference_low, low)
 
 

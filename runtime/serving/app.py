@@ -113,9 +113,11 @@ def task_form(
     steps: int | None = Form(None, ge=1, le=MAX_STEPS, description="sampling steps (default: the manifest's)"),
     seed: int | None = Form(None, ge=0, le=MAX_SEED, description="noise seed (random when absent; returned)"),
     sampler: Literal["prev", "ddim", "cm", "gd", "prev+ilvr", "ddim+ilvr", "cm+ilvr", "gd+ilvr",
+                     "prev+ilvr-out", "ddim+ilvr-out", "cm+ilvr-out", "gd+ilvr-out",
                      "prev+keep", "ddim+keep", "cm+keep", "gd+keep"] | None = Form(
         None, description="few-step sampler (default: the manifest's); super-resolution also takes NAME+ilvr, the "
-        "sampler with ILVR's step: every x_hat keeps the low-resolution input's block means; edit takes NAME+keep, "
+        "sampler with ILVR's step: every x_hat keeps the low-resolution input's block means, and NAME+ilvr-out: only "
+        "the output keeps them (no autoencoder round trip per step); edit takes NAME+keep, "
         "the sampler whose output gets back the source's detail the autoencoder loses, where the edit kept it"),
     adapter: str | None = Form(None, description="zoo name, when the task has several adapters"),
     x_cdd_deadline_ms: float | None = Header(None, gt=0, description="a deadline shorter than the server's"),

@@ -25,7 +25,8 @@ import torch
 from ..diffusion.backbone import Backbone
 from .cuda_graphs import GraphCache, GraphKey, StepGraphKey
 from .pool import AdapterPool, LiveSlot, Registered
-from ..diffusion.samplers import (ILVR, KEEP, LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, keep_source, sampler_step,
+from ..diffusion.samplers import (ILVR, KEEP, LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, keep_source,
+                                  keeps_low_frequencies, sampler_step,
                        source_roundtrip, split_sampler)
 from ..diffusion.schedule import NoiseSchedule
 from .tasks import SR_SCALE, LatentBlend, TileLayout
@@ -87,7 +88,7 @@ class Flight:
     company: int = 0  # most rows it shared an evaluation with (itself included)
     requests: int = 1  # requests in flight when it boarded (itself included)
     boarded: float = 0.0  # time.perf_counter() when it boarded
-    reference_low: torch.Tensor | None = None  # NAME+ilvr: phi(2 cond - 1), the input's low frequencies, made once
+    reference_low: torch.Tensor | None = None  # NAME+ilvr(-out): phi(2 cond - 1), the input's low frequencies, made once
     roundtrip: torch.Tensor | None = None  # NAME+keep: D(E(2 cond - 1)), the source's round trip, made once
     blend: LatentBlend | None = None  # super-resolution tiles of one image: averaged where they overlap, every step
 
@@ -130,7 +131,7 @@ class Executor:
             if self.graphs is not None:
                 key = GraphKey(slot.key, reg.lora_name, size, reg.resolution, batch.steps, batch.sampler)
                 self._prime(batch.steps, size, values["z_T"])
-                if split_sampler(batch.sampler)[1] == ILVR:
+                if keeps_low_frequencies(split_sampler(batch.sampler)[1]):
                     self.lowpass(*values["cond"].shape[-2:])  # its matrices on the device before the capture
                 fn = self._loop(slot, batch.steps, batch.sampler)
                 watched = slot.live_tensors() if self.graphs.debug else slot.tensors
@@ -208,9 +209,10 @@ class Executor:
                 return schedule.to_x_eps(out.float(), z_t, t)
 
             reference_low = low = roundtrip = None
-            if step == ILVR:  # super-resolution: each x_hat keeps the input's low frequencies (ILVR)
+            if keeps_low_frequencies(step):  # super-resolution: the output keeps the input's low frequencies
                 low = self.lowpass(cond.shape[-2], cond.shape[-1])
                 reference_low = low(cond.float() * 2 - 1)
+            if step == ILVR:  # ... and so does each x_hat (ILVR's step; NAME+ilvr-out only corrects the output)
                 model = ilvr(model, cond.float() * 2 - 1, SR_SCALE, low=low, reference_low=reference_low,
                              **self._latent_io())
             if step == KEEP:  # edit: the decoded output gets back what the autoencoder loses of the source
@@ -222,7 +224,7 @@ class Executor:
 
     def _to_images(self, z_0: torch.Tensor, reference_low: torch.Tensor | None = None, low: LowPass | None = None,
                    source: torch.Tensor | None = None, roundtrip: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoded images in [0, 1]; with `reference_low` (NAME+ilvr) ILVR's last update on the decoded output,
+        """Decoded images in [0, 1]; with `reference_low` (NAME+ilvr, NAME+ilvr-out) ILVR's last update on the decoded output,
         with `source` (the edit's condition in [0, 1]) and its `roundtrip` (NAME+keep) `keep_source`."""
         x = self.backbone.from_model_space(z_0.to(self.backbone.dtype))
         if reference_low is not None:
@@ -242,7 +244,7 @@ class Executor:
         cond = cond.to(device, dtype)
         reference_low = roundtrip = None
         step = split_sampler(sampler)[1]
-        if step == ILVR:
+        if keeps_low_frequencies(step):
             reference_low = self.lowpass(cond.shape[-2], cond.shape[-1])(cond.float() * 2 - 1)
         if step == KEEP:
             roundtrip = torch.cat([source_roundtrip(cond[a : a + self.buckets[-1]].float() * 2 - 1, self.backbone)
@@ -280,7 +282,7 @@ class Executor:
         for f in flights:
             predictions.append(self.schedule.to_x_eps(out[a : a + f.rows].float(), f.z, f.timesteps[f.i]))
             a += f.rows
-        # as `_loop`: ILVR on each flight's rows, towards its own condition; the flights of one size together,
+        # as `_loop`: ILVR on each NAME+ilvr flight's rows, towards its own condition; the flights of one size together,
         # one VAE round trip per chunk of rows rather than one per flight (most of a super-resolution step)
         ilvr_rows = [i for i, f in enumerate(flights) if split_sampler(f.sampler)[1] == ILVR]
         for idx in _by(ilvr_rows, lambda i: tuple(flights[i].cond.shape[-2:])).values():
@@ -359,7 +361,7 @@ class Executor:
     @torch.no_grad()
     def decode(self, flights: list[Flight]) -> list[torch.Tensor]:
         """Finished flights' images ([rows, 3, H, W] in [0, 1], float32 on the CPU), decoded together by size and
-        final step: plain; NAME+ilvr (ILVR's last update on its own decoded output); NAME+keep (its own source's
+        final step: plain; NAME+ilvr and NAME+ilvr-out (ILVR's last update on its own decoded output); NAME+keep (its own source's
         detail back where the edit kept it)."""
         def kind(i: int) -> tuple:
             f = flights[i]

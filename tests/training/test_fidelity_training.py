@@ -45,8 +45,54 @@ def test_pool_holds_served_outputs_of_both_presets(world):
     assert (up - pool["condition"][1:2].float() / 255).abs().max() < 3 / 255
     # resumed: the chunk is not made again
     stamp = (root / "run" / "pool" / "chunk-000.pt").stat().st_mtime_ns
-    fidelity.make_pool(root / "sr", root / "backbone", root / "run" / "pool", 96, 0, ("mild-64px",), 0.5, (1,), 32)
+    fidelity.make_pool(root / "sr", root / "backbone", root / "run" / "pool", 96, 0, ("mild-64px", "bicubic"), 0.5,
+                       (1, 2), 32)
     assert (root / "run" / "pool" / "chunk-000.pt").stat().st_mtime_ns == stamp
+    # a pool made with other settings is not mixed with this run's: refused, naming what differs
+    with pytest.raises(fidelity.FidelityError, match=r"other settings \(presets: \['mild-64px', 'bicubic'\]"):
+        fidelity.make_pool(root / "sr", root / "backbone", root / "run" / "pool", 96, 0, ("mild-64px",), 0.5, (1, 2), 32)
+    with pytest.raises(fidelity.FidelityError, match=r"sampler: 'prev\+ilvr'.*sampler: 'prev\+ilvr-out'"):
+        fidelity.make_pool(root / "sr", root / "backbone", root / "run" / "pool", 96, 0, ("mild-64px", "bicubic"), 0.5,
+                           (1, 2), 32, sampler="prev+ilvr-out")
+    assert (root / "run" / "pool" / "chunk-000.pt").stat().st_mtime_ns == stamp
+
+
+def test_pool_with_another_sampler_holds_its_outputs(world, tmp_path):
+    """`--sampler prev+ilvr-out`: the pool's outputs are that sampler's (ILVR's update on the output only), not the
+    manifest's `prev+ilvr`; a sampler super-resolution does not serve is refused."""
+    from cdd.runtime.diffusion.backbone import load_backbone
+    from cdd.training.evaluate import Candidate, entry_model, generate
+    from cdd.adapters.zoo import Manifest
+
+    root, pool = world
+    chunks = fidelity.make_pool(root / "sr", root / "backbone", tmp_path / "pool", 32, 0, ("mild-64px", "bicubic"),
+                                0.5, (1,), 32, log=lambda m: None, sampler="prev+ilvr-out")
+    out = fidelity.load_pool(chunks)
+    assert torch.equal(out["condition"], pool["condition"][:32])
+    bb = load_backbone(root / "backbone")
+    manifest = Manifest.from_file(root / "sr" / "manifest.json")
+    with entry_model(Candidate("sr", root / "sr", manifest, ["prev+ilvr-out"]), bb, 0) as model:
+        data = {"condition": out["condition"].float() / 255}
+        want, _ = generate(model, bb, data, bb.encode_text([""] * 32), "prev+ilvr-out", 1, 0, 32)
+    assert (out["output"].float() / 255 - want).abs().max() <= 1 / 255 + 1e-6
+    assert not torch.equal(out["output"], pool["output"][:32])  # not the manifest's prev+ilvr outputs
+    with pytest.raises(fidelity.FidelityError, match=r"--sampler 'prev\+keep' is not a super-resolution sampler"):
+        fidelity.make_pool(root / "sr", root / "backbone", tmp_path / "pool2", 32, 0, ("mild-64px",), 0.5, (1,), 32,
+                           sampler="prev+keep")
+
+
+def test_flat_error_counts_high_frequencies_on_the_truths_flat_regions_only():
+    """Speckle added on a flat half of the truth is counted; the same speckle on its textured half is not; a smooth
+    offset (no high frequency) is not."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.zeros(1, 3, 32, 32)
+    truth[..., 16:] = torch.rand(1, 3, 32, 16, generator=g) * 2 - 1  # right half textured
+    speckle = (torch.rand(1, 3, 32, 32, generator=g) - 0.5) * 0.2
+    left, right = speckle.clone(), speckle.clone()
+    left[..., 16:], right[..., :16] = 0, 0
+    assert fidelity.flat_error(truth + left, truth) > 0.01
+    assert fidelity.flat_error(truth + right, truth) < 1e-3
+    assert fidelity.flat_error(truth + 0.1, truth) < 1e-6
 
 
 def test_training_moves_outputs_towards_the_truth_and_resumes_exactly(world, tmp_path):
@@ -72,7 +118,7 @@ def test_cli_installs_and_refuses_bad_settings(world, tmp_path, capsys):
     root, _ = world
     args = ["--entry", str(root / "sr"), "--backbone", str(root / "backbone"), "--output", str(root / "run"),
             "--pool-size", "96", "--max-train-steps", "2", "--batch-size", "4", "--width", "8", "--blocks", "1",
-            "--checkpoint-every", "1"]
+            "--checkpoint-every", "1", "--photo-fraction", "0.5", "--pool-steps", "1,2"]
     assert fidelity.main(args + ["--install", str(tmp_path / "sr-fid"), "--fidelity-default", "0.7"]) == 0
     m = verify_entry(tmp_path / "sr-fid")
     assert m.fidelity["default"] == 0.7 and m.fidelity["training"]["step"] == 2
@@ -80,6 +126,8 @@ def test_cli_installs_and_refuses_bad_settings(world, tmp_path, capsys):
     assert "--presets: unknown ['blurry']" in capsys.readouterr().err
     assert fidelity.main(args + ["--fidelity-default", "2"]) == 2
     assert "--fidelity-default must be in [0, 1]" in capsys.readouterr().err
+    assert fidelity.main(args + ["--flat-weight", "-1"]) == 2
+    assert "--flat-weight must be >= 0" in capsys.readouterr().err
     other = args.copy()
     other[1], other[5] = str(root / "depth"), str(tmp_path / "depth-run")
     assert fidelity.main(other) == 2

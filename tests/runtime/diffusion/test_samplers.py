@@ -179,6 +179,7 @@ def test_ilvr_low_pass_is_a_projection_onto_the_block_means():
     with pytest.raises(ValueError, match="divisible by the factor 4, got 8x10"):
         LowPass(8, 10, 4)
     assert split_sampler("prev+ilvr") == ("prev", "+ilvr") and split_sampler("cm") == ("cm", "")
+    assert split_sampler("gd+ilvr-out") == ("gd", "+ilvr-out")
     assert split_sampler("gd+keep") == ("gd", "+keep")
 
 
@@ -270,3 +271,5 @@ def test_each_task_step_is_servable_for_its_own_task_only():
     assert "gd+keep" in servable_samplers("edit") and "prev+ilvr" not in servable_samplers("edit")
     assert servable_samplers("depth") == ("prev", "ddim", "cm", "gd")
     assert (step_task("cm+keep"), step_task("prev+ilvr"), step_task("prev")) == ("edit", "super-resolution", None)
+    assert "prev+ilvr-out" in servable_samplers("super-resolution") and "prev+ilvr-out" not in servable_samplers("edit")
+    assert step_task("ddim+ilvr-out") == "super-resolution"

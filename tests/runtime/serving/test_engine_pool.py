@@ -440,6 +440,54 @@ def test_ilvr_super_resolution_serves_as_the_library_sampler_in_both_batching_mo
         batch.stop()
 
 
+def test_ilvr_out_corrects_only_the_decoded_output_in_both_batching_modes(zoo):
+    """`prev+ilvr-out` (super-resolution): the plain sampler, then ILVR's update on the decoded output only. A
+    request equals `samplers.ilvr_output` on the library's plain sample, makes no VAE encode (no round trip per
+    step), and step-level and per-adapter batching agree on a four-tile request."""
+    from cdd.runtime.diffusion import samplers
+
+    root, _ = zoo
+    common = dict(backbone=root / "backbone", zoo=root / "zoo", max_batch=8, warmup=False)
+    step = Engine(ServeSettings(batching="step", **common)).start()
+    batch = Engine(ServeSettings(batching="request", **common)).start()
+    try:
+        g = torch.Generator().manual_seed(5)
+        one, four = torch.rand(3, RES // 4, RES // 4, generator=g), torch.rand(3, 6, 6, generator=g)
+
+        def work(image, sampler):
+            return prepare("super-resolution", image, adapter="c", resolution=RES, model_channels=4, scale_factor=2,
+                           steps=2, sampler=sampler, seed=3, prompt="")
+
+        w = work(one, "prev+ilvr-out")
+        encodes = []
+        for engine in (step, batch):
+            encode = engine.backbone.vae.encode
+            engine.backbone.vae.encode = lambda *a, _e=encode, **k: (encodes.append(1), _e(*a, **k))[1]
+        got = step.run(w, timeout=300).rows
+        assert (got - batch.run(w, timeout=300).rows).abs().max() < 1e-4
+        assert encodes == []
+        bb = step.backbone
+        slot, _ = step.pool.activate("c")
+        with torch.no_grad():
+            bound = slot.denoiser.bind(w.cond, bb.encode_text([""]))
+            z_0 = samplers.sample_prev(bound, w.z_T, bb.schedule.trailing_timesteps(2), bb.schedule)
+            low = samplers.LowPass(RES, RES, 4)
+            want = (samplers.ilvr_output(bb.from_model_space(z_0), low(w.cond * 2 - 1), low) * 0.5 + 0.5).clamp(0, 1)
+            plain = (bb.from_model_space(z_0) * 0.5 + 0.5).clamp(0, 1)
+        assert (got - want).abs().max() < 1e-4
+        assert (got - plain).abs().max() > 1e-2  # the update changed the output
+        every = step.run(work(one, "prev+ilvr"), timeout=300).rows
+        assert (got - every).abs().max() > 1e-3  # and it is not ILVR at every step
+
+        w4 = work(four, "cm+ilvr-out")
+        assert w4.rows == 4 and w4.fresh is not None
+        a, b = step.run(w4, timeout=300).rows, batch.run(w4, timeout=300).rows
+        assert (a - b).abs().max() < 1e-4
+    finally:
+        step.stop()
+        batch.stop()
+
+
 def test_keep_edit_serves_as_the_library_sampler_in_both_batching_modes(zoo, tmp_path):
     """`prev+keep` (edit): the decoded output gets back the autoencoder's error on the source where it still is the
     source's round trip. A request equals `samplers.keep_source` on the library's sample of the same denoiser, in
