@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -397,25 +398,36 @@ def test_adapters_in_flight_together_over_a_tight_memory_budget(zoo):
         engine.stop()
 
 
+@contextlib.contextmanager
+def both_batching_modes(zoo):
+    """A step-level and a per-adapter batching engine on the test zoo, stopped afterwards."""
+    root, _ = zoo
+    common = dict(backbone=root / "backbone", zoo=root / "zoo", max_batch=8, warmup=False)
+    step = Engine(ServeSettings(batching="step", **common)).start()
+    batch = Engine(ServeSettings(batching="request", **common)).start()
+    try:
+        yield step, batch
+    finally:
+        step.stop()
+        batch.stop()
+
+
+def sr_work(image, sampler):
+    """A 2-step super-resolution request for entry "c" of the test zoo, seed 3, no prompt."""
+    return prepare("super-resolution", image, adapter="c", resolution=RES, model_channels=4, scale_factor=2,
+                   steps=2, sampler=sampler, seed=3, prompt="")
+
+
 def test_ilvr_super_resolution_serves_as_the_library_sampler_in_both_batching_modes(zoo):
     """`prev+ilvr` (super-resolution): each x_hat keeps the input's low frequencies. On a latent backbone a
     one-tile request equals the library's `samplers.ilvr` around the same denoiser (decode, correct, encode);
     step-level and per-adapter batching agree on a four-tile request; and ILVR changes the image."""
     from cdd.runtime.diffusion import samplers
 
-    root, _ = zoo
-    common = dict(backbone=root / "backbone", zoo=root / "zoo", max_batch=8, warmup=False)
-    step = Engine(ServeSettings(batching="step", **common)).start()
-    batch = Engine(ServeSettings(batching="request", **common)).start()
-    try:
+    with both_batching_modes(zoo) as (step, batch):
         g = torch.Generator().manual_seed(9)
         one, four = torch.rand(3, RES // 4, RES // 4, generator=g), torch.rand(3, 6, 6, generator=g)
-
-        def work(image, sampler):
-            return prepare("super-resolution", image, adapter="c", resolution=RES, model_channels=4, scale_factor=2,
-                           steps=2, sampler=sampler, seed=3, prompt="")
-
-        w = work(one, "prev+ilvr")
+        w = sr_work(one, "prev+ilvr")
         assert w.rows == 1
         got = step.run(w, timeout=300).rows
         bb = step.backbone
@@ -428,16 +440,13 @@ def test_ilvr_super_resolution_serves_as_the_library_sampler_in_both_batching_mo
             x = samplers.ilvr_output(bb.from_model_space(z_0), low(w.cond * 2 - 1), low)  # the decoded output's update
             want = (x * 0.5 + 0.5).clamp(0, 1)
         assert (got - want).abs().max() < 1e-4
-        plain = step.run(work(one, "prev"), timeout=300).rows
+        plain = step.run(sr_work(one, "prev"), timeout=300).rows
         assert (plain - got).abs().max() > 1e-2
 
-        w4 = work(four, "cm+ilvr")  # a stochastic sampler: its fresh noise is drawn for the base sampler
+        w4 = sr_work(four, "cm+ilvr")  # a stochastic sampler: its fresh noise is drawn for the base sampler
         assert w4.rows == 4 and w4.fresh is not None
         a, b = step.run(w4, timeout=300).rows, batch.run(w4, timeout=300).rows
         assert (a - b).abs().max() < 1e-4
-    finally:
-        step.stop()
-        batch.stop()
 
 
 def test_ilvr_out_corrects_only_the_decoded_output_in_both_batching_modes(zoo):
@@ -446,19 +455,10 @@ def test_ilvr_out_corrects_only_the_decoded_output_in_both_batching_modes(zoo):
     step), and step-level and per-adapter batching agree on a four-tile request."""
     from cdd.runtime.diffusion import samplers
 
-    root, _ = zoo
-    common = dict(backbone=root / "backbone", zoo=root / "zoo", max_batch=8, warmup=False)
-    step = Engine(ServeSettings(batching="step", **common)).start()
-    batch = Engine(ServeSettings(batching="request", **common)).start()
-    try:
+    with both_batching_modes(zoo) as (step, batch):
         g = torch.Generator().manual_seed(5)
         one, four = torch.rand(3, RES // 4, RES // 4, generator=g), torch.rand(3, 6, 6, generator=g)
-
-        def work(image, sampler):
-            return prepare("super-resolution", image, adapter="c", resolution=RES, model_channels=4, scale_factor=2,
-                           steps=2, sampler=sampler, seed=3, prompt="")
-
-        w = work(one, "prev+ilvr-out")
+        w = sr_work(one, "prev+ilvr-out")
         encodes = []
         for engine in (step, batch):
             encode = engine.backbone.vae.encode
@@ -476,16 +476,13 @@ def test_ilvr_out_corrects_only_the_decoded_output_in_both_batching_modes(zoo):
             plain = (bb.from_model_space(z_0) * 0.5 + 0.5).clamp(0, 1)
         assert (got - want).abs().max() < 1e-4
         assert (got - plain).abs().max() > 1e-2  # the update changed the output
-        every = step.run(work(one, "prev+ilvr"), timeout=300).rows
+        every = step.run(sr_work(one, "prev+ilvr"), timeout=300).rows
         assert (got - every).abs().max() > 1e-3  # and it is not ILVR at every step
 
-        w4 = work(four, "cm+ilvr-out")
+        w4 = sr_work(four, "cm+ilvr-out")
         assert w4.rows == 4 and w4.fresh is not None
         a, b = step.run(w4, timeout=300).rows, batch.run(w4, timeout=300).rows
         assert (a - b).abs().max() < 1e-4
-    finally:
-        step.stop()
-        batch.stop()
 
 
 def test_keep_edit_serves_as_the_library_sampler_in_both_batching_modes(zoo, tmp_path):
