@@ -45,14 +45,39 @@ def sample_grid(model, backbone: Backbone, batch: dict, sampler: str, steps: Seq
     return _with_header(grid, size, ["condition", *[f"{k} step{'s' if k > 1 else ''}" for k in steps], "target"])
 
 
+LINE = 11  # pixels per header line (PIL's default bitmap font)
+
+
+def _wrap(label: str, width: int, measure) -> list[str]:
+    """`label` in lines no wider than `width` pixels: broken at spaces, a word too long for a line at characters."""
+    lines: list[str] = []
+    for word in label.split():
+        while measure(word) > width and len(word) > 1:  # a long word: as many characters as fit, the rest next
+            cut = max(1, max(n for n in range(1, len(word) + 1) if measure(word[:n]) <= width or n == 1))
+            if lines and measure(lines[-1] + " " + word[:cut]) <= width:
+                lines[-1] += " " + word[:cut]
+            else:
+                lines.append(word[:cut])
+            word = word[cut:]
+        if lines and measure(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def _with_header(grid: np.ndarray, size: int, labels: list[str]) -> np.ndarray:
-    """A strip of column labels above the grid (only when the tiles are wide enough to read)."""
+    """A strip of column labels above the grid, each wrapped to its column (only when the tiles are wide enough
+    to read): labels never run into their neighbours."""
     if size < 48:
         return grid
-    header = Image.new("RGB", (grid.shape[1], 12), (255, 255, 255))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(label, size - 4, draw.textlength) for label in labels]
+    header = Image.new("RGB", (grid.shape[1], LINE * max(map(len, wrapped)) + 1), (255, 255, 255))
     draw = ImageDraw.Draw(header)
-    for i, label in enumerate(labels):
-        draw.text((i * size + 2, 0), label, fill=(0, 0, 0))
+    for i, lines in enumerate(wrapped):
+        for j, line in enumerate(lines):
+            draw.text((i * size + 2, j * LINE), line, fill=(0, 0, 0))
     return np.concatenate([np.asarray(header), grid], axis=0)
 
 
