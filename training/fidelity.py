@@ -48,6 +48,18 @@ class FidelityError(ValueError):
     """A setting or file that cannot be used, with what is wrong."""
 
 
+class FidelityInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped training after the step in progress, with a checkpoint of that step: the module is
+    not finished, so nothing is installed."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        import signal
+
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint {checkpoint}; nothing installed; "
+                         "run the same command with --resume to continue")
+
+
 def _save(obj, path: Path) -> None:
     with atomic_file(path) as f:
         torch.save(obj, f)
@@ -166,7 +178,8 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
           checkpoint_every: int, architecture: dict, resume: bool, holdout: int | None = None, flat_weight: float = 0.0,
           log=print) -> Path:
     """Train R on the pool (its last `holdout` samples, default an eighth up to 256, kept for validation); returns
-    the final checkpoint. `flat_weight`: the weight of `flat_error` beside the L1."""
+    the final checkpoint. `flat_weight`: the weight of `flat_error` beside the L1. SIGINT / SIGTERM: the step in
+    progress is finished, checkpointed, and `FidelityInterrupted` raised."""
     out.mkdir(parents=True, exist_ok=True)
     n = pool["target"].shape[0]
     holdout = min(256, n // 8) if holdout is None else holdout
@@ -232,6 +245,7 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
     if stop.signal is not None:
         checkpoint()
         log(f"stopped by a signal at step {step}; checkpoint written, --resume continues")
+        raise FidelityInterrupted(stop.signal, step, ckpt)
     return ckpt
 
 
@@ -310,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except FidelityError as e:
         print(f"cdd-train-fidelity: {e}", file=sys.stderr)
         return 2
+    except FidelityInterrupted as e:  # the step in progress was finished and saved; an unfinished module is not installed
+        print(f"cdd-train-fidelity: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

@@ -114,6 +114,44 @@ def test_training_moves_outputs_towards_the_truth_and_resumes_exactly(world, tmp
     assert all(torch.equal(state_a["model"][k], state_b["model"][k]) for k in state_a["model"])
 
 
+def test_a_signal_stops_training_with_a_checkpoint_and_installs_nothing(world, tmp_path, capsys):
+    """SIGTERM during training (after step 2): that step is checkpointed, the run says how to continue,
+    exits 128 + 15, and no entry is installed from the unfinished module; --resume then finishes and installs."""
+    import os
+    import signal
+
+    root, _ = world
+    args = ["--entry", str(root / "sr"), "--backbone", str(root / "backbone"), "--output", str(tmp_path / "run"),
+            "--pool-size", "96", "--max-train-steps", "6", "--batch-size", "4", "--width", "8", "--blocks", "1",
+            "--checkpoint-every", "1", "--photo-fraction", "0.5", "--pool-steps", "1,2",
+            "--install", str(tmp_path / "sr-fid")]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "pool").symlink_to(root / "run" / "pool")  # the fixture's pool: same settings
+    real_train = fidelity.train
+
+    def train_then_term(*a, **k):
+        log = k.pop("log")
+
+        def send_at_step_2(message):
+            log(message)
+            if message.startswith("step 2:"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return real_train(*a, log=send_at_step_2, **k)
+
+    fidelity.train = train_then_term
+    try:
+        assert fidelity.main(args) == 128 + signal.SIGTERM
+    finally:
+        fidelity.train = real_train
+    err = capsys.readouterr().err
+    assert "SIGTERM at step 2" in err and "nothing installed" in err and "--resume" in err
+    assert not (tmp_path / "sr-fid").exists()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert fidelity.main(args + ["--resume"]) == 0
+    assert verify_entry(tmp_path / "sr-fid").fidelity["training"]["step"] == 6
+
+
 def test_cli_installs_and_refuses_bad_settings(world, tmp_path, capsys):
     root, _ = world
     args = ["--entry", str(root / "sr"), "--backbone", str(root / "backbone"), "--output", str(root / "run"),
