@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         steps_choices = tuple(int(s) for s in args.pool_steps.split(","))
         if not args.entry.is_dir():
             raise FidelityError(f"--entry {args.entry} is not a zoo entry folder")
+        if args.install is not None and args.install.exists():  # found now, not after the training
+            raise FidelityError(f"--install {args.install} already exists; give a folder that does not")
         if not args.flat_weight >= 0:
             raise FidelityError(f"--flat-weight must be >= 0, got {args.flat_weight}")
         if not 0 <= args.fidelity_default <= 1:

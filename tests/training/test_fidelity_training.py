@@ -166,6 +166,8 @@ def test_cli_installs_and_refuses_bad_settings(world, tmp_path, capsys):
     assert "--fidelity-default must be in [0, 1]" in capsys.readouterr().err
     assert fidelity.main(args + ["--flat-weight", "-1"]) == 2
     assert "--flat-weight must be >= 0" in capsys.readouterr().err
+    assert fidelity.main(args + ["--install", str(tmp_path / "sr-fid")]) == 2  # installed above: refused before training
+    assert f"--install {tmp_path / 'sr-fid'} already exists" in capsys.readouterr().err
     other = args.copy()
     other[1], other[5] = str(root / "depth"), str(tmp_path / "depth-run")
     assert fidelity.main(other) == 2
