@@ -195,6 +195,9 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
         state = torch.load(ckpt, weights_only=False)
         if state["architecture"] != architecture:
             raise FidelityError(f"{ckpt} is of architecture {state['architecture']}, not {architecture}")
+        if state.get("flat_weight", 0.0) != flat_weight:  # one run, one objective
+            raise FidelityError(f"{ckpt} was trained with --flat-weight {state.get('flat_weight', 0.0):g}, not "
+                                f"{flat_weight:g}; resume with the same weight or give a new --output")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
@@ -215,7 +218,7 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
 
     def checkpoint() -> None:
         _save({"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(), "step": step,
-               "history": history, "architecture": architecture}, ckpt)
+               "history": history, "architecture": architecture, "flat_weight": flat_weight}, ckpt)
 
     stop = StopSignals()
     t0 = time.perf_counter()

@@ -112,6 +112,8 @@ def test_training_moves_outputs_towards_the_truth_and_resumes_exactly(world, tmp
     state_b = torch.load(fidelity.train(pool, tmp_path / "b", steps=60, resume=True, **kw), weights_only=False)
     state_a = torch.load(ckpt, weights_only=False)
     assert all(torch.equal(state_a["model"][k], state_b["model"][k]) for k in state_a["model"])
+    with pytest.raises(fidelity.FidelityError, match="trained with --flat-weight 0, not 2"):  # another objective
+        fidelity.train(pool, tmp_path / "b", steps=80, resume=True, **{**kw, "flat_weight": 2.0})
 
 
 def test_a_signal_stops_training_with_a_checkpoint_and_installs_nothing(world, tmp_path, capsys):
