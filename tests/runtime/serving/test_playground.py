@@ -287,6 +287,10 @@ def test_playground_offers_each_task_its_samplers_an_example_and_clears_a_stale_
         page.choose("task", "super-resolution")
         samplers = page.options("sampler")
         assert "prev+ilvr" in samplers and "gd+ilvr" in samplers and not any(s.endswith("+keep") for s in samplers)
+        assert "prev+ilvr-out" in samplers  # each option says what its step does, the longest suffix matched
+        label = "[...document.querySelectorAll('#sampler option')].find(o => o.value === '{}').textContent"
+        assert page.js(label.format("prev+ilvr-out")) == "prev+ilvr-out (keep the input's low frequencies on the output)"
+        assert page.js(label.format("prev+ilvr")) == "prev+ilvr (keep the input's low frequencies at every step)"
         assert page.options("steps") == ["", "1", "2", "3", "4"]
 
         # "Use an example" puts the task's example input (and its prompt) in the form; it runs
