@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             for zoo in zoos:
                 for path, m in list_entries(zoo):
                     if isinstance(m, Manifest):
-                        rows.append([m.name, m.task, m.kind, m.mode, f"{m.sampler}x{m.steps}", str(path)])
+                        rows.append([m.name, m.task, m.kind, m.mode, f"{m.sampler} x {m.steps}", str(path)])
                     else:
                         rows.append([path.name, "INVALID", str(m)])
             print(_table(rows))
