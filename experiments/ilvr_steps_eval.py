@@ -9,13 +9,16 @@ STEPS must equal the single `--steps` value given to cdd-eval (`last` corrects o
 """
 
 import os
+import json
 import sys
+from pathlib import Path
 
 import cdd.runtime.diffusion.samplers as samplers
+from cdd.runtime.diffusion.schedule import NoiseSchedule
 from cdd.training import evaluate
 
 MODE = os.environ["ILVR_STEPS"]
-LAST = -1  # the timestep `last` corrects, set from STEPS below
+LAST = -1  # the timestep `last` corrects, set from the backbone's schedule and STEPS below
 _ilvr = samplers.ilvr
 
 
@@ -36,8 +39,9 @@ def restricted(model, reference, factor, **kw):
 if __name__ == "__main__":
     if MODE not in ("all", "last", "none"):
         raise SystemExit(f"ILVR_STEPS must be all, last or none, not {MODE!r}")
-    steps = int(os.environ.get("STEPS", "4"))
-    T = 1000
-    LAST = int(round(T - (steps - 1) * T / steps)) - 1  # the last of diffusers' trailing timesteps (4 steps: 249)
+    args = evaluate.build_parser().parse_args(sys.argv[1:])
+    config = json.loads((Path(args.backbone) / "scheduler" / "scheduler_config.json").read_text())
+    schedule = NoiseSchedule.from_scheduler_config(config)
+    LAST = schedule.trailing_timesteps(int(os.environ.get("STEPS", "4")))[-1]  # the timestep `last` corrects (4 steps: 249)
     samplers.ilvr = restricted
     sys.exit(evaluate.main(sys.argv[1:]))

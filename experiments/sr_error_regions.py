@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from sr_photos import cases, png, to_tensor, to_u8  # noqa: E402
+from sr_photos import cases, png, scores, to_tensor, to_u8  # noqa: E402
 
 from cdd.runtime.serving.app import create_app  # noqa: E402
 from cdd.runtime.serving.settings import ServeSettings  # noqa: E402
@@ -48,8 +48,8 @@ def main() -> None:
     t, o, b = truth / 255.0, out / 255.0, bic / 255.0
     eo, eb = ((o - t) ** 2).mean(-1), ((b - t) ** 2).mean(-1)
     flat = flat_mask(to_tensor(truth))[0, 0].numpy()
-    psnr = lambda e: 10 * np.log10(1 / e.mean())  # noqa: E731
-    print(f"{args.degradation} {label}: PSNR served {psnr(eo):.2f} dB, bicubic {psnr(eb):.2f} dB")
+    print(f"{args.degradation} {label}: PSNR served {scores(out, truth)['psnr']:.2f} dB, bicubic "
+          f"{scores(bic, truth)['psnr']:.2f} dB")
     print(f"  truth's flat pixels ({flat.mean():.0%}): MSE x 1e4 served {eo[flat].mean() * 1e4:.2f}, bicubic "
           f"{eb[flat].mean() * 1e4:.2f}; the rest: served {eo[~flat].mean() * 1e4:.2f}, bicubic {eb[~flat].mean() * 1e4:.2f}")
     print(f"  served's excess MSE over bicubic x 1e4, from flat pixels {(eo[flat].sum() - eb[flat].sum()) / eo.size * 1e4:.2f}, "

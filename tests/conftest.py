@@ -18,6 +18,16 @@ os.environ.setdefault("CDD_USER_ZOO", os.path.join(tempfile.gettempdir(), f"cdd-
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests, whatever a test before it set, and the count restored afterwards
+    (serving modules use it: `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def pixel_backbone():
     from cdd.runtime.diffusion.factory import make_backbone

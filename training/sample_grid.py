@@ -50,19 +50,19 @@ LINE = 11  # pixels per header line (PIL's default bitmap font)
 
 def _wrap(label: str, width: int, measure) -> list[str]:
     """`label` in lines no wider than `width` pixels: broken at spaces, a word too long for a line at characters."""
-    lines: list[str] = []
+    pieces = []
     for word in label.split():
-        while measure(word) > width and len(word) > 1:  # a long word: as many characters as fit, the rest next
-            cut = max(1, max(n for n in range(1, len(word) + 1) if measure(word[:n]) <= width or n == 1))
-            if lines and measure(lines[-1] + " " + word[:cut]) <= width:
-                lines[-1] += " " + word[:cut]
-            else:
-                lines.append(word[:cut])
-            word = word[cut:]
-        if lines and measure(lines[-1] + " " + word) <= width:
-            lines[-1] += " " + word
+        while len(word) > 1 and measure(word) > width:  # a long word: as many characters as fit, the rest next
+            n = max((k for k in range(1, len(word)) if measure(word[:k]) <= width), default=1)
+            pieces.append(word[:n])
+            word = word[n:]
+        pieces.append(word)
+    lines: list[str] = []
+    for piece in pieces:
+        if lines and measure(lines[-1] + " " + piece) <= width:
+            lines[-1] += " " + piece
         else:
-            lines.append(word)
+            lines.append(piece)
     return lines or [""]
 
 

@@ -116,7 +116,7 @@ def test_training_moves_outputs_towards_the_truth_and_resumes_exactly(world, tmp
         fidelity.train(pool, tmp_path / "b", steps=80, resume=True, **{**kw, "flat_weight": 2.0})
 
 
-def test_a_signal_stops_training_with_a_checkpoint_and_installs_nothing(world, tmp_path, capsys):
+def test_a_signal_stops_training_with_a_checkpoint_and_installs_nothing(world, tmp_path, capsys, monkeypatch):
     """SIGTERM during training (after step 2): that step is checkpointed, the run says how to continue,
     exits 128 + 15, and no entry is installed from the unfinished module; --resume then finishes and installs."""
     import os
@@ -141,11 +141,9 @@ def test_a_signal_stops_training_with_a_checkpoint_and_installs_nothing(world, t
 
         return real_train(*a, log=send_at_step_2, **k)
 
-    fidelity.train = train_then_term
-    try:
-        assert fidelity.main(args) == 128 + signal.SIGTERM
-    finally:
-        fidelity.train = real_train
+    monkeypatch.setattr(fidelity, "train", train_then_term)
+    assert fidelity.main(args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(fidelity, "train", real_train)
     err = capsys.readouterr().err
     assert "SIGTERM at step 2" in err and "nothing installed" in err and "--resume" in err
     assert not (tmp_path / "sr-fid").exists()

@@ -34,13 +34,7 @@ RES = 16
 KEY = "test-key"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is as fast, and immune to a busy machine's oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def perturb(module, std, seed):

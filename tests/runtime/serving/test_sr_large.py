@@ -23,12 +23,7 @@ from cdd.runtime.serving.tasks import (SUPER_RESOLUTION, LatentBlend, admit, pre
 RES = 16  # the tiny latent backbone: scale factor 2, a tile is 8 x 8 latents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
