@@ -80,6 +80,9 @@ class CoDiLoss:
     # x + w (x_c - x_u) (the data itself at w = 0); False: the data at every w, which anchors every w to the
     # unguided data (measured: the student then ignored w)
     guided_cond_term: bool = True
+    # guided only: the teacher's unconditional branch is the backbone alone with "" (no condition image) instead of
+    # the teacher with "" and the condition (denoiser.both_branches)
+    drop_condition: bool = False
 
     def __post_init__(self) -> None:
         if self.guidance is not None and (self.empty_text is None or self.set_w is None):
@@ -162,9 +165,9 @@ class CoDiLoss:
     @torch.no_grad()
     def guided_teacher(self, teacher: Denoiser, z_t, t, c, text, w: torch.Tensor):
         """The classifier-free-guided teacher at (z_t, t): (1 + w) f(c, text) - w f(c, ""), for x_hat and eps_hat
-        alike (the map from the raw output to both is linear), both branches in one batch; c goes to both. Also
-        the guidance shift of x_hat, w (x_c - x_u)."""
-        (x_c, eps_c), (x_u, eps_u) = both_branches(teacher, z_t, t, c, text, self.empty_text)
+        alike (the map from the raw output to both is linear); c goes to both branches, or with `drop_condition` the
+        unconditional branch is the backbone alone with "". Also the guidance shift of x_hat, w (x_c - x_u)."""
+        (x_c, eps_c), (x_u, eps_u) = both_branches(teacher, z_t, t, c, text, self.empty_text, self.drop_condition)
         ww = w.to(z_t.device, z_t.dtype).reshape(-1, *([1] * (z_t.ndim - 1)))
         shift = ww * (x_c - x_u)
         return x_c + shift, (1 + ww) * eps_c - ww * eps_u, shift
@@ -332,6 +335,7 @@ def build_objective(config, schedule: NoiseSchedule, *, empty_text: torch.Tensor
         empty_text=empty_text if guided else None,
         set_w=set_w if guided else None,
         guided_cond_term=config.guided_cond_term,
+        drop_condition=guided and config.guidance_unconditional == "text+condition",
         N=config.steps,
         r=config.cond_weight,
         cond_weighting=config.cond_weighting,

@@ -531,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", default=None, metavar="W[,W...]",
                    help="also sample each entry with classifier-free guidance at each w, two passes per step "
                         "((1 + w) f(text) - w f(\"\"); diffusers' guidance_scale 1 + w): rows 'METHOD cfg=W'")
+    p.add_argument("--cfg-unconditional", choices=("text", "text+condition"), default="text",
+                   help="what --cfg's unconditional branch drops: the text (the condition image goes to both branches) "
+                        "or the text and the condition (the backbone alone with \"\"; rows 'METHOD cfg-both=W')")
     p.add_argument("--fidelity", default=None, metavar="W[,W...]",
                    help="super-resolution entries with a fidelity module: rows at each of these weights w instead of "
                         "the manifest's default, labelled 'METHOD fidelity=W' (0: the module off)")
@@ -693,8 +696,10 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
             entry = {"adapter": str(c.path), "name": c.manifest.name, "training_method": c.manifest.training.get("method"),
                      "kind": c.manifest.kind, "mode": c.manifest.mode}
             for w in args.cfg or ():  # the entry with real classifier-free guidance: two passes per step
-                sampled_rows(ClassifierFreeGuided(model, backbone.encode_text([""]), w), f"{c.method} cfg={w:g}",
-                             c.samplers, {**entry, "cfg": w})
+                both = args.cfg_unconditional == "text+condition"
+                sampled_rows(ClassifierFreeGuided(model, backbone.encode_text([""]), w, drop_condition=both),
+                             f"{c.method} cfg{'-both' if both else ''}={w:g}", c.samplers,
+                             {**entry, "cfg": w, "cfg_unconditional": args.cfg_unconditional})
             net = load_fidelity(c.path, c.manifest)
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
                 for w in args.guidance:

@@ -35,15 +35,17 @@ from .data.degradations import DEFAULT_TRAINING_PRESET, DEGRADATION_PRESETS
 
 CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "cond_weighting", "same_t",
                 "steps")
-GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance", "guided_cond_term")
-GUIDED_CODI_OPTIONS = ("guidance_min", "guidance_max", "guidance", "guided_cond_term")  # codi with --adapter controlnet-guided
+GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance")
+GUIDED_CODI_ONLY = ("guided_cond_term", "guidance_unconditional")  # the guided teacher of CoDi; GD has its own loss
+GUIDED_CODI_OPTIONS = ("guidance_min", "guidance_max", "guidance") + GUIDED_CODI_ONLY  # codi with --adapter controlnet-guided
 # Options a method has no use for (given anyway, they are refused rather than silently ignored).
 EDIT_WEIGHT = ("changed_weight",)  # finetune's diffusion loss and codi's guidance term
 UNUSED = {
-    "codi": GD_OPTIONS,
-    "finetune": CODI_OPTIONS + GD_OPTIONS,
-    "cm": ("prev_predictor", "consistency_space", "cond_weight", "cond_weighting") + GD_OPTIONS + EDIT_WEIGHT,  # fixed by the method
-    "gd": CODI_OPTIONS + EDIT_WEIGHT,
+    "codi": GD_OPTIONS + GUIDED_CODI_ONLY,
+    "finetune": CODI_OPTIONS + GD_OPTIONS + GUIDED_CODI_ONLY,
+    "cm": ("prev_predictor", "consistency_space", "cond_weight", "cond_weighting") + GD_OPTIONS + GUIDED_CODI_ONLY
+          + EDIT_WEIGHT,  # fixed by the method
+    "gd": CODI_OPTIONS + GUIDED_CODI_ONLY + EDIT_WEIGHT,
 }
 
 
@@ -125,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plain-cond-term", dest="guided_cond_term", action="store_false",
                    help="guidance-aware CoDi: the conditional term's target is the data at every w (ablation); by "
                         "default it is x + w (x_c - x_u), the data moved along the guided teacher's direction")
+    g.add_argument("--guidance-unconditional", choices=("text", "text+condition"),
+                   help="guidance-aware CoDi: what the guided teacher's unconditional branch drops: the text (the "
+                        "condition image goes to both branches) or the text and the condition (the backbone alone "
+                        f"with \"\", so the guidance also follows the condition, with the empty prompt too) (default "
+                        f"{d.guidance_unconditional})")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help=f"constant learning rate (default {d.lr}; SD-class: 1e-5)")

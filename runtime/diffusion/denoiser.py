@@ -43,13 +43,19 @@ class ConditionedDenoiser(nn.Module):
 
 
 def both_branches(model, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_emb: torch.Tensor,
-                  empty_emb: torch.Tensor):
-    """`model`'s (x_hat, eps_hat) with the text and with the empty text ("" : [1, L, D] or one row per sample), both
-    in one batch of 2B rows; the condition image goes to both: ((x_c, eps_c), (x_u, eps_u)), the two branches of
-    classifier-free guidance."""
+                  empty_emb: torch.Tensor, drop_condition: bool = False):
+    """`model`'s (x_hat, eps_hat) with the text and with the empty text ("" : [1, L, D] or one row per sample):
+    ((x_c, eps_c), (x_u, eps_u)), the two branches of classifier-free guidance. By default the condition image goes
+    to both, in one batch of 2B rows (guidance over the text alone). `drop_condition`: the unconditional branch is
+    the backbone alone with the empty text (no adapter), so the guidance is over the text and the condition together
+    and still means something with the empty prompt (it then pushes along the condition alone); two calls, B rows
+    each."""
     b = z_t.shape[0]
     t = _timesteps(t, z_t)
     empty = empty_emb.to(text_emb).expand(b, -1, -1) if empty_emb.shape[0] == 1 else empty_emb[:b].to(text_emb)
+    if drop_condition:  # a denoiser with no adapter (or a wrapper of the backbone alone) takes no condition anyway
+        plain = model if getattr(model, "adapter", None) is None else ConditionedDenoiser(model.unet, model.schedule)
+        return model(z_t, t, cond, text_emb), plain(z_t, t, None, empty)
     x, eps = model(torch.cat([z_t, z_t]), torch.cat([t, t]), None if cond is None else torch.cat([cond, cond]),
                    torch.cat([text_emb, empty]))
     return (x[:b], eps[:b]), (x[b:], eps[b:])
@@ -59,14 +65,16 @@ class ClassifierFreeGuided:
     """A denoiser sampled with classifier-free guidance at weight w: (1 + w) f(z_t, t, c, text) - w f(z_t, t, c, "")
     for x_hat and eps_hat alike (the map from the network's output to both is linear), both branches in one batch;
     diffusers' guidance_scale is 1 + w. Two passes per step: the slow teacher rows a w-conditioned student (one pass)
-    is compared with. `empty_emb`: the embedding of "" ([1, L, D] or one row per sample)."""
+    is compared with. `empty_emb`: the embedding of "" ([1, L, D] or one row per sample). `drop_condition`: the
+    unconditional branch is the backbone alone (`both_branches`)."""
 
-    def __init__(self, model: ConditionedDenoiser, empty_emb: torch.Tensor, w: float):
-        self.model, self.empty_emb, self.w = model, empty_emb, float(w)
+    def __init__(self, model: ConditionedDenoiser, empty_emb: torch.Tensor, w: float, drop_condition: bool = False):
+        self.model, self.empty_emb, self.w, self.drop_condition = model, empty_emb, float(w), drop_condition
 
     def __call__(self, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_emb: torch.Tensor):
         w = self.w
-        (x_c, eps_c), (x_u, eps_u) = both_branches(self.model, z_t, t, cond, text_emb, self.empty_emb)
+        (x_c, eps_c), (x_u, eps_u) = both_branches(self.model, z_t, t, cond, text_emb, self.empty_emb,
+                                                   self.drop_condition)
         return (1 + w) * x_c - w * x_u, (1 + w) * eps_c - w * eps_u
 
     def bind(self, cond: torch.Tensor | None, text_emb: torch.Tensor):

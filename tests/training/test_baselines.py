@@ -230,6 +230,10 @@ def test_baselines_distil_a_finetuned_entry_end_to_end(pixel_backbone_dir, tmp_p
         (["--method", "cm", "--mode", "lora", "--init-from", str(teacher)], "mode must be pe (or lora with method codi"),
         (["--method", "cm", "--init-from", str(teacher), "--cond-weight", "1"], "--cond-weight: option(s) that --method cm does not use"),
         (["--method", "codi", "--guidance", "1"], "--guidance: option(s) that --method codi does not use"),
+        (["--method", "codi", "--guidance-unconditional", "text+condition"],
+         "--guidance-unconditional: option(s) that --method codi does not use"),
+        (["--method", "gd", "--init-from", str(teacher), "--guidance-unconditional", "text+condition"],
+         "--guidance-unconditional: option(s) that --method gd does not use"),
     ]
     for argv, message in cases:
         assert main([*TINY, *bb, "--output", str(tmp_path / "bad"), *argv]) == 2, argv

@@ -363,6 +363,47 @@ def test_guided_codi_steps_with_the_classifier_free_guided_teacher(schedule, bat
     torch.testing.assert_close(terms.parts["guidance"], ((student.x_hat - x) ** 2).mean())
 
 
+class ConditionTextTeacher(TextTeacher):
+    """TextTeacher plus the condition image: x_hat = (1 + m + q) z_t with q = mean(c) per sample (0 when the
+    condition is None); eps_hat as TextTeacher's. No adapter attribute: both_branches calls it with c = None for the
+    backbone alone."""
+
+    def __call__(self, z_t, t, c, text):
+        self.calls.append((z_t, t, c, text))
+        m = text.abs().mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+        q = 0 if c is None else c.mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)
+        return (1 + m + q) * z_t, (2 - m) * z_t
+
+
+def test_guided_codi_with_the_condition_dropped_from_the_unconditional_branch(schedule, batch):
+    """guidance_unconditional text+condition: f(c, text) and the backbone alone with "" (c = None), two calls; the
+    guidance then pushes along the condition with the empty prompt too, where the text-only guidance is zero."""
+    x, c, text = batch
+    c = c.abs() + 0.1  # q > 0
+    empty = torch.zeros(1, *text.shape[1:])
+    for prompt in (text, empty.expand(B, -1, -1)):
+        student, target, teacher = Recorder(1), Recorder(2), ConditionTextTeacher()
+        loss = CoDiLoss(schedule, N=N, guidance=(0.5, 3.0), empty_text=empty, set_w=lambda w: None, drop_condition=True)
+        terms = loss(student, target, teacher, x, c, prompt, torch.Generator().manual_seed(7))
+        g = torch.Generator().manual_seed(7)
+        n = torch.randint(1, N + 1, (1,), generator=g).repeat(B)
+        eps = torch.randn(SHAPE, generator=g)
+        ww = (0.5 + 2.5 * torch.rand(B, generator=g)).reshape(-1, 1, 1, 1)
+        t = n * (T // N) - 1
+        alpha_t, sigma_t = reference_alpha_sigma(t)
+        z_t = alpha_t * x + sigma_t * eps
+        (z1, t1, c1, text1), (z2, t2, c2, text2) = teacher.calls
+        assert torch.equal(c1, c) and c2 is None and torch.equal(text1, prompt)
+        assert torch.equal(text2, empty.expand(B, -1, -1)) and torch.equal(t1, t) and torch.equal(t2, t)
+        m = prompt.abs().mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+        q = c.mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)
+        shift = ww * (m + q) * z_t  # w (x_c - x_u): x_c = (1 + m + q) z_t, x_u = z_t
+        torch.testing.assert_close(terms.parts["guidance"], ((student.x_hat - (x + shift)) ** 2).mean())
+        s = (t - T // N).clamp(min=0)
+        alpha_s, sigma_s = reference_alpha_sigma(s)
+        torch.testing.assert_close(target.calls[0][0], alpha_s * (z_t * (1 + m + q) + shift) + sigma_s * eps)
+
+
 def test_guided_codi_needs_its_inputs(schedule):
     with pytest.raises(ValueError, match="empty_text"):
         CoDiLoss(schedule, guidance=(0.0, 2.0))

@@ -247,6 +247,15 @@ def test_cfg_rows_are_the_entry_with_two_pass_guidance(pixel_backbone_dir, pixel
     rows = rows_by_key(tmp_path / "out")
     plain, zero, two = rows["plain", "prev", 1], rows["plain cfg=0", "prev", 1], rows["plain cfg=2", "prev", 1]
     assert zero["psnr"] == pytest.approx(plain["psnr"], abs=1e-3) and two["psnr"] != plain["psnr"]
+    # --cfg-unconditional text+condition: the unconditional branch is the backbone alone (rows 'cfg-both')
+    rc, _, err = run("--task", "depth", "--backbone", pixel_backbone_dir, "--num-images", 2, "--steps", "1",
+                     "--adapters", tmp_path / "plain", "--cfg", "0,2", "--cfg-unconditional", "text+condition",
+                     "--out", tmp_path / "both", "--attributes", "none")
+    assert rc == 0, err
+    rows = rows_by_key(tmp_path / "both")
+    zero, both = rows["plain cfg-both=0", "prev", 1], rows["plain cfg-both=2", "prev", 1]
+    assert zero["psnr"] == pytest.approx(plain["psnr"], abs=1e-3) and both["cfg_unconditional"] == "text+condition"
+    assert both["psnr"] != two["psnr"]  # another unconditional branch than the condition with ""
 
 
 @pytest.mark.parametrize(

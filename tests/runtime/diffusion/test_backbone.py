@@ -88,3 +88,28 @@ def test_pixel_folder_runs_in_plain_diffusers(pixel_backbone, pixel_backbone_dir
     z = sample_ddim(ConditionedDenoiser(bb.unet, bb.schedule).bind(None, bb.encode_text(["a red cube"])),
                     initial_noise([3], (3, 16, 16)), bb.schedule.trailing_timesteps(4), bb.schedule)
     torch.testing.assert_close(images, (z / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("drop_condition", [False, True])
+def test_classifier_free_guidance_by_hand(pixel_backbone, perturb, drop_condition):
+    """(1 + w) f(c, text) - w f(u), f(u) the entry with the condition and "" or, with drop_condition, the backbone
+    alone with "" (the condition unused by that branch)."""
+    from cdd.adapters.architectures import build_adapter
+    from cdd.runtime.diffusion.denoiser import ClassifierFreeGuided, ConditionedDenoiser
+
+    bb = pixel_backbone
+    model = ConditionedDenoiser(bb.unet, bb.schedule, perturb(build_adapter("controlnet", bb.unet, bb.vae_scale_factor), 0.05))
+    g = torch.Generator().manual_seed(0)
+    z_t, cond = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    t = torch.tensor([999, 500])
+    text, empty = bb.encode_text(["a red sphere", "a blue cube"]), bb.encode_text([""])
+    with torch.no_grad():
+        guided = ClassifierFreeGuided(model, empty, 2.0, drop_condition=drop_condition)(z_t, t, cond, text)
+        x_c, eps_c = model(z_t, t, cond, text)
+        plain = ConditionedDenoiser(bb.unet, bb.schedule)
+        x_u, eps_u = (plain(z_t, t, None, empty.expand(2, -1, -1)) if drop_condition
+                      else model(z_t, t, cond, empty.expand(2, -1, -1)))
+        other = ClassifierFreeGuided(model, empty, 2.0, drop_condition=not drop_condition)(z_t, t, cond, text)
+    torch.testing.assert_close(guided[0], 3 * x_c - 2 * x_u, rtol=1e-3, atol=1e-4)  # batched: 2B rows
+    torch.testing.assert_close(guided[1], 3 * eps_c - 2 * eps_u, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(guided[0], other[0], atol=1e-4)  # the two unconditional branches differ
