@@ -80,15 +80,18 @@ class CoDiLoss:
     # x + w (x_c - x_u) (the data itself at w = 0); False: the data at every w, which anchors every w to the
     # unguided data (measured: the student then ignored w)
     guided_cond_term: bool = True
-    # guided only: the teacher's unconditional branch is the backbone alone with "" (no condition image) instead of
-    # the teacher with "" and the condition (denoiser.both_branches)
-    drop_condition: bool = False
+    # guided only: what the teacher's unconditional branch drops (denoiser.both_branches): "text" (the teacher with
+    # the condition and ""), "text+condition" (the backbone alone with ""), or "text+condition-if-empty" (the
+    # backbone alone for the samples whose prompt is "", the teacher with the condition and "" for the others)
+    unconditional: str = "text"
 
     def __post_init__(self) -> None:
         if self.guidance is not None and (self.empty_text is None or self.set_w is None):
             raise ValueError("guided CoDi needs empty_text (the embedding of \"\") and set_w")
         if self.guidance is not None and self.prev_predictor == "ddim":
             raise ValueError("guided CoDi takes the step with the guided teacher: prev_predictor prev or teacher, not ddim")
+        if self.unconditional not in UNCONDITIONAL:
+            raise ValueError(f"unconditional {self.unconditional!r} is not one of {', '.join(UNCONDITIONAL)}")
         if self.prev_predictor not in ("prev", "ddim", "teacher"):
             raise ValueError(f"prev_predictor {self.prev_predictor!r} is not prev, ddim or teacher")
         if self.consistency_space not in ("eps", "x"):
@@ -165,9 +168,14 @@ class CoDiLoss:
     @torch.no_grad()
     def guided_teacher(self, teacher: Denoiser, z_t, t, c, text, w: torch.Tensor):
         """The classifier-free-guided teacher at (z_t, t): (1 + w) f(c, text) - w f(c, ""), for x_hat and eps_hat
-        alike (the map from the raw output to both is linear); c goes to both branches, or with `drop_condition` the
+        alike (the map from the raw output to both is linear); c goes to both branches, or (`unconditional`) the
         unconditional branch is the backbone alone with "". Also the guidance shift of x_hat, w (x_c - x_u)."""
-        (x_c, eps_c), (x_u, eps_u) = both_branches(teacher, z_t, t, c, text, self.empty_text, self.drop_condition)
+        if self.unconditional == "text+condition-if-empty":  # the rows whose prompt is "" (caption dropout)
+            empty = self.empty_text.to(text).expand_as(text)
+            drop = torch.isclose(text, empty, atol=1e-5).flatten(1).all(dim=1)
+        else:
+            drop = self.unconditional == "text+condition"
+        (x_c, eps_c), (x_u, eps_u) = both_branches(teacher, z_t, t, c, text, self.empty_text, drop)
         ww = w.to(z_t.device, z_t.dtype).reshape(-1, *([1] * (z_t.ndim - 1)))
         shift = ww * (x_c - x_u)
         return x_c + shift, (1 + ww) * eps_c - ww * eps_u, shift
@@ -233,6 +241,9 @@ def truncated_snr(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) 
     x-space loss (the larger of the x and the eps losses), used by progressive and guided distillation."""
     alpha_t, sigma_t = schedule.alpha_sigma(t, like)
     return (alpha_t**2 / sigma_t.clamp_min(1e-6) ** 2).clamp_min(1.0)
+
+
+UNCONDITIONAL = ("text", "text+condition", "text+condition-if-empty")  # what a guided teacher's "" branch drops
 
 
 def _draw_w(batch: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:
@@ -335,7 +346,7 @@ def build_objective(config, schedule: NoiseSchedule, *, empty_text: torch.Tensor
         empty_text=empty_text if guided else None,
         set_w=set_w if guided else None,
         guided_cond_term=config.guided_cond_term,
-        drop_condition=guided and config.guidance_unconditional == "text+condition",
+        unconditional=config.guidance_unconditional,
         N=config.steps,
         r=config.cond_weight,
         cond_weighting=config.cond_weighting,

@@ -92,8 +92,9 @@ class TrainConfig:
     guidance: float = 0.0  # the w the entry is served with: 0 is the conditional teacher's own distribution
     guided_cond_term: bool = True  # guidance-aware codi: the r d_x term's target is x + w (x_c - x_u), not x alone
     guidance_unconditional: str = "text"  # guidance-aware codi: what the teacher's unconditional branch drops: the
-    # text (the condition image goes to both branches) or text+condition (the backbone alone with "": the guidance then
-    # also pushes along the condition, and still does with the empty prompt)
+    # text (the condition image goes to both branches), text+condition (the backbone alone with "": the guidance then
+    # also pushes along the condition, and still does with the empty prompt), or text+condition-if-empty (the
+    # backbone alone only for the samples whose prompt is "")
 
     caption_dropout: float = 0.0  # the probability of training on the empty caption instead of the sample's: a
     # teacher meant for Guided Distillation needs it (0.1), since GD's unconditional branch runs it on "" (On Distillation of Guided Diffusion Models)
@@ -162,7 +163,8 @@ class TrainConfig:
         _check("guidance_max", self.guidance_max, self.guidance_min <= self.guidance_max,
                f"must be >= guidance_min ({self.guidance_min})")
         _check("guidance_unconditional", self.guidance_unconditional,
-               self.guidance_unconditional in ("text", "text+condition"), "must be text or text+condition")
+               self.guidance_unconditional in ("text", "text+condition", "text+condition-if-empty"),
+               "must be text, text+condition or text+condition-if-empty")
         _check("guidance", self.guidance, self.guidance_min <= self.guidance <= self.guidance_max,
                f"must be in [guidance_min, guidance_max] = [{self.guidance_min}, {self.guidance_max}]")
         if self.method in FROM_ENTRY and not self.init_from:

@@ -127,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plain-cond-term", dest="guided_cond_term", action="store_false",
                    help="guidance-aware CoDi: the conditional term's target is the data at every w (ablation); by "
                         "default it is x + w (x_c - x_u), the data moved along the guided teacher's direction")
-    g.add_argument("--guidance-unconditional", choices=("text", "text+condition"),
+    g.add_argument("--guidance-unconditional", choices=("text", "text+condition", "text+condition-if-empty"),
                    help="guidance-aware CoDi: what the guided teacher's unconditional branch drops: the text (the "
-                        "condition image goes to both branches) or the text and the condition (the backbone alone "
-                        f"with \"\", so the guidance also follows the condition, with the empty prompt too) (default "
-                        f"{d.guidance_unconditional})")
+                        "condition image goes to both branches), the text and the condition (the backbone alone "
+                        "with \"\", so the guidance also follows the condition, with the empty prompt too), or the "
+                        "text and the condition only where the prompt is \"\" (caption dropout's samples) "
+                        f"(default {d.guidance_unconditional})")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help=f"constant learning rate (default {d.lr}; SD-class: 1e-5)")

@@ -43,22 +43,30 @@ class ConditionedDenoiser(nn.Module):
 
 
 def both_branches(model, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_emb: torch.Tensor,
-                  empty_emb: torch.Tensor, drop_condition: bool = False):
+                  empty_emb: torch.Tensor, drop_condition: bool | torch.Tensor = False):
     """`model`'s (x_hat, eps_hat) with the text and with the empty text ("" : [1, L, D] or one row per sample):
     ((x_c, eps_c), (x_u, eps_u)), the two branches of classifier-free guidance. By default the condition image goes
-    to both, in one batch of 2B rows (guidance over the text alone). `drop_condition`: the unconditional branch is
-    the backbone alone with the empty text (no adapter), so the guidance is over the text and the condition together
-    and still means something with the empty prompt (it then pushes along the condition alone); two calls, B rows
-    each."""
+    to both, in one batch of 2B rows (guidance over the text alone). `drop_condition` (one bool, or one per sample):
+    the unconditional branch is the backbone alone with the empty text (no adapter), so the guidance is over the
+    text and the condition together and still means something with the empty prompt (it then pushes along the
+    condition alone); those rows take one more call."""
     b = z_t.shape[0]
     t = _timesteps(t, z_t)
     empty = empty_emb.to(text_emb).expand(b, -1, -1) if empty_emb.shape[0] == 1 else empty_emb[:b].to(text_emb)
-    if drop_condition:  # a denoiser with no adapter (or a wrapper of the backbone alone) takes no condition anyway
-        plain = model if getattr(model, "adapter", None) is None else ConditionedDenoiser(model.unet, model.schedule)
-        return model(z_t, t, cond, text_emb), plain(z_t, t, None, empty)
-    x, eps = model(torch.cat([z_t, z_t]), torch.cat([t, t]), None if cond is None else torch.cat([cond, cond]),
-                   torch.cat([text_emb, empty]))
-    return (x[:b], eps[:b]), (x[b:], eps[b:])
+    drop = torch.as_tensor(drop_condition, dtype=torch.bool, device=z_t.device).expand(b)
+    keep = ~drop
+    pick = lambda v: None if v is None else v[keep]  # noqa: E731
+    x, eps = model(torch.cat([z_t, z_t[keep]]), torch.cat([t, t[keep]]),
+                   None if cond is None else torch.cat([cond, pick(cond)]), torch.cat([text_emb, empty[keep]]))
+    x_c, eps_c = x[:b], eps[:b]
+    if not drop.any():
+        return (x_c, eps_c), (x[b:], eps[b:])
+    # a denoiser with no adapter (or a wrapper of the backbone alone) takes no condition anyway
+    plain = model if getattr(model, "adapter", None) is None else ConditionedDenoiser(model.unet, model.schedule)
+    x_p, eps_p = plain(z_t[drop], t[drop], None, empty[drop])
+    x_u, eps_u = torch.empty_like(x_c), torch.empty_like(eps_c)
+    x_u[keep], eps_u[keep], x_u[drop], eps_u[drop] = x[b:], eps[b:], x_p, eps_p
+    return (x_c, eps_c), (x_u, eps_u)
 
 
 class ClassifierFreeGuided:

@@ -383,7 +383,8 @@ def test_guided_codi_with_the_condition_dropped_from_the_unconditional_branch(sc
     empty = torch.zeros(1, *text.shape[1:])
     for prompt in (text, empty.expand(B, -1, -1)):
         student, target, teacher = Recorder(1), Recorder(2), ConditionTextTeacher()
-        loss = CoDiLoss(schedule, N=N, guidance=(0.5, 3.0), empty_text=empty, set_w=lambda w: None, drop_condition=True)
+        loss = CoDiLoss(schedule, N=N, guidance=(0.5, 3.0), empty_text=empty, set_w=lambda w: None,
+                        unconditional="text+condition")
         terms = loss(student, target, teacher, x, c, prompt, torch.Generator().manual_seed(7))
         g = torch.Generator().manual_seed(7)
         n = torch.randint(1, N + 1, (1,), generator=g).repeat(B)
@@ -402,6 +403,37 @@ def test_guided_codi_with_the_condition_dropped_from_the_unconditional_branch(sc
         s = (t - T // N).clamp(min=0)
         alpha_s, sigma_s = reference_alpha_sigma(s)
         torch.testing.assert_close(target.calls[0][0], alpha_s * (z_t * (1 + m + q) + shift) + sigma_s * eps)
+
+
+def test_guided_codi_drops_the_condition_only_where_the_prompt_is_empty(schedule, batch):
+    """text+condition-if-empty: the rows whose prompt is "" take the backbone alone as their unconditional branch
+    (shift w q z_t, the condition's), the captioned rows the teacher with c and "" (shift w m z_t, the caption's)."""
+    x, c, text = batch
+    c = c.abs() + 0.1
+    empty = torch.zeros(1, *text.shape[1:])
+    prompt = text.clone()
+    prompt[1] = 0  # the second sample's caption was dropped
+    is_empty = torch.tensor([i == 1 for i in range(B)])
+    student, teacher = Recorder(1), ConditionTextTeacher()
+    loss = CoDiLoss(schedule, N=N, guidance=(0.5, 3.0), empty_text=empty, set_w=lambda w: None,
+                    unconditional="text+condition-if-empty")
+    terms = loss(student, Recorder(2), teacher, x, c, prompt, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    n = torch.randint(1, N + 1, (1,), generator=g).repeat(B)
+    eps = torch.randn(SHAPE, generator=g)
+    ww = (0.5 + 2.5 * torch.rand(B, generator=g)).reshape(-1, 1, 1, 1)
+    alpha_t, sigma_t = reference_alpha_sigma(n * (T // N) - 1)
+    z_t = alpha_t * x + sigma_t * eps
+    (z1, _, c1, text1), (z2, _, c2, text2) = teacher.calls
+    keep = ~is_empty
+    torch.testing.assert_close(z1, torch.cat([z_t, z_t[keep]]))  # caption rows' "" branch batched with the caption
+    assert torch.equal(c1, torch.cat([c, c[keep]])) and c2 is None and torch.equal(z2, z_t[is_empty])
+    m = prompt.abs().mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+    q = c.mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)
+    shift = ww * torch.where(is_empty.reshape(-1, 1, 1, 1), q, m) * z_t
+    torch.testing.assert_close(terms.parts["guidance"], ((student.x_hat - (x + shift)) ** 2).mean())
+    with pytest.raises(ValueError, match="unconditional 'both' is not one of"):
+        CoDiLoss(schedule, guidance=(0.0, 2.0), empty_text=empty, set_w=print, unconditional="both")
 
 
 def test_guided_codi_needs_its_inputs(schedule):
