@@ -6,9 +6,9 @@
 #
 # The second depth run (2026-12-06, later) changes one thing against the first guided run: the guided teacher's
 # unconditional branch is the backbone alone with "" (--guidance-unconditional text+condition), not the entry with
-# the map and "".
+# the map and "". The third (-ifempty) does so only for the samples whose caption was dropped.
 #
-#     bash experiments/guided_codi.sh [train-depth|train-depth-both|train-edit|eval-depth|eval-edit]...
+#     bash experiments/guided_codi.sh [train-depth|train-depth-both|train-depth-ifempty|train-edit|eval-depth|eval-edit]...
 #
 #   RUNS   where runs and tables go (runs/guided)
 #   SEEDS  noise seeds ("0 1000 2000")
@@ -35,6 +35,9 @@ for what in "$@"; do
     train-depth-both)
       cdd-train-adapter $DEPTH --adapter controlnet-guided --guidance-min 0 --guidance-max 3 --guidance 1 \
         --guidance-unconditional text+condition --output "$RUNS/depth-gcodi-both" ;;
+    train-depth-ifempty)  # the backbone alone as the unconditional branch only where the caption was dropped
+      cdd-train-adapter $DEPTH --adapter controlnet-guided --guidance-min 0 --guidance-max 3 --guidance 1 \
+        --guidance-unconditional text+condition-if-empty --output "$RUNS/depth-gcodi-ifempty" ;;
     train-edit)  # the control is the served edit entry: plain CoDi, 2000 steps from the same teacher
       cdd-train-adapter $EDIT --adapter controlnet-guided --init-from docs/results/zoo-v2/entries/edit-teacher-xxl \
         --guidance-min 0 --guidance-max 3 --guidance 1 --output "$RUNS/edit-gcodi2" ;;
