@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("--replace", action="store_true", help="overwrite an entry of that name")
     install.add_argument("--sampler", help="default sampler to serve it with (default: the manifest's)")
     install.add_argument("--steps", type=int, help="default steps to serve it with (default: the manifest's)")
+    install.add_argument("--guidance", type=float, help="default guidance weight w of a controlnet-guided entry, within "
+                         "its trained range (default: the manifest's)")
     args = parser.parse_args(argv)
     settings = ZooSettings(**({"zoo": args.zoo} if args.zoo is not None else {}))
     zoos = settings.zoo_dirs()
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"exported": str(out), "kind": entry.manifest.kind}))
         elif args.command == "install":
             dest = install_entry(args.entry, settings.install_dir(), name=args.name, half=args.half,
-                                 replace=args.replace, sampler=args.sampler, steps=args.steps)
+                                 replace=args.replace, sampler=args.sampler, steps=args.steps,
+                                 guidance=args.guidance)
             where = "" if settings.zoo is not None else (
                 " (the user zoo, CDD_USER_ZOO: cdd-serve without --zoo serves it beside the embedded zoo)")
             print(f"installed {args.entry} as {dest}{where}")

@@ -380,11 +380,13 @@ def add_fidelity(src: str | Path, dest: str | Path, net: FidelityNet, *, default
 
 
 def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, half: bool = False,
-                  replace: bool = False, sampler: str | None = None, steps: int | None = None) -> Path:
+                  replace: bool = False, sampler: str | None = None, steps: int | None = None,
+                  guidance: float | None = None) -> Path:
     """Copy a verified entry into `zoo` as `<zoo>/<name>` (default: its manifest name), atomically.
     `half` stores floating-point weights as float16 (loading casts them back to the model's dtype): how the
     embedded zoo is kept small. `sampler` / `steps` replace the default the entry is served with (e.g. the
-    one cdd-eval measured best). The manifest keeps everything else and records where the entry came from."""
+    one cdd-eval measured best); `guidance`, the default w of an entry that takes one, within its trained range. The
+    manifest keeps everything else and records where the entry came from."""
     src = Path(src)
     manifest = verify_entry(src)
     name = name or manifest.name
@@ -404,6 +406,14 @@ def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, 
         if not 1 <= int(steps) <= 1000:
             raise ZooError(f"steps {steps!r}: expected an integer in 1..1000")
         manifest.steps = int(steps)
+    if guidance is not None:
+        range_ = manifest.guidance
+        if range_ is None:
+            raise ZooError(f"guidance {guidance:g}: {src} is a {manifest.kind} entry, which takes no guidance weight")
+        if not range_[1] <= guidance <= range_[2]:
+            raise ZooError(f"guidance {guidance:g} is outside the range the entry was trained on, "
+                           f"[{range_[1]:g}, {range_[2]:g}]")
+        manifest.architecture = {**manifest.architecture, "guidance": float(guidance)}
     manifest.training = {**manifest.training, "installed_from": {"path": str(src), "float16": half}}
     with atomic_directory(dest) as tmp:
         for fname in manifest.files:

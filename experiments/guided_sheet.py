@@ -34,11 +34,14 @@ def main() -> None:
     p.add_argument("--served", type=Path, required=True, help="today's entry")
     p.add_argument("--guided", type=Path, required=True, help="a controlnet-guided entry of the task")
     p.add_argument("--w", default="0,1,2,3")
+    p.add_argument("--no-prompt-w", default=None, help="depth: the w of the no-prompt columns (default: one column "
+                   "at the entry's default)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--scenes", type=int, default=6)
     p.add_argument("--seed", type=int, default=4242, help="scene seed (no training or evaluation stream uses it)")
     args = p.parse_args()
     ws = [float(w) for w in args.w.split(",")]
+    empty_ws = [float(w) for w in args.no_prompt_w.split(",")] if args.no_prompt_w else [None]
     rng = np.random.default_rng(args.seed)
     rows, captions = [], []
     with tempfile.TemporaryDirectory() as zoo:
@@ -62,11 +65,13 @@ def main() -> None:
                 tiles.append(ask(client, args.task, cond, prompt=text, adapter=served))
                 tiles += [ask(client, args.task, cond, prompt=text, adapter=guided, guidance=str(w)) for w in ws]
                 if args.task == "depth":
-                    tiles.append(ask(client, args.task, cond, adapter=guided))
+                    tiles += [ask(client, args.task, cond, adapter=guided, **({} if w is None else {"guidance": str(w)}))
+                              for w in empty_ws]
                 rows.append(np.concatenate(tiles, axis=1))
                 captions.append(text)
     first = ["depth map", "render"] if args.task == "depth" else ["source", "asked"]
-    columns = first + ["today"] + [f"guided w={w:g}" for w in ws] + (["no prompt"] if args.task == "depth" else [])
+    no_prompt = ["no prompt" if w is None else f"no prompt w={w:g}" for w in empty_ws]
+    columns = first + ["today"] + [f"guided w={w:g}" for w in ws] + (no_prompt if args.task == "depth" else [])
     scale = 2
     sheet = np.concatenate(rows, axis=0)
     from PIL import Image

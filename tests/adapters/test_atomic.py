@@ -61,3 +61,24 @@ def test_saved_and_installed_entries_are_readable_per_the_umask(umask, pixel_bac
         files = list(entry.iterdir())
         assert {f.name for f in files} == {"manifest.json", "adapter.safetensors"}
         assert all(mode(f) == 0o666 & ~umask for f in files), [(f.name, oct(mode(f))) for f in files]
+
+
+def test_install_sets_the_default_guidance_within_the_trained_range(pixel_backbone, tmp_path):
+    """cdd-zoo install --guidance W: a controlnet-guided entry's served default, checked against its training range;
+    an entry that takes no w is refused."""
+    from cdd.adapters.zoo import ZooError, verify_entry
+
+    bb = pixel_backbone
+    guided = build_adapter("controlnet-guided", bb.unet, bb.vae_scale_factor, guidance=1.0)
+    cond = {"channels": 3, "range": [0, 1], "resolution": 16}
+    save_entry(tmp_path / "run" / "g", guided, name="g", task="depth", backbone_fingerprint=bb.fingerprint,
+               condition=cond, training={"config": {"guidance_min": 0.0, "guidance_max": 3.0}})
+    install_entry(tmp_path / "run" / "g", tmp_path / "zoo", guidance=2.0)
+    assert verify_entry(tmp_path / "zoo" / "g").guidance == (2.0, 0.0, 3.0)
+    with pytest.raises(ZooError, match=r"guidance 3.5 is outside the range the entry was trained on, \[0, 3\]"):
+        install_entry(tmp_path / "run" / "g", tmp_path / "zoo", name="g2", guidance=3.5)
+    plain = build_adapter("controlnet", bb.unet, bb.vae_scale_factor)
+    save_entry(tmp_path / "run" / "p", plain, name="p", task="depth", backbone_fingerprint=bb.fingerprint, condition=cond)
+    with pytest.raises(ZooError, match="a controlnet entry, which takes no guidance weight"):
+        install_entry(tmp_path / "run" / "p", tmp_path / "zoo", guidance=1.0)
+    assert sorted(p.name for p in (tmp_path / "zoo").iterdir()) == ["g"]  # nothing half-installed
