@@ -31,6 +31,20 @@ def _resolve(ref: str, zoos: list[Path]) -> Path:
     raise ZooError(f"no zoo entry {ref!r}: not a folder and not an entry of {' or '.join(map(str, zoos))}")
 
 
+def _steps_weights(items: list[str]) -> dict[int, float]:
+    """["1=0", "2=1.5"] -> {1: 0.0, 2: 1.5} (ZooError naming a malformed item)."""
+    out = {}
+    for item in items:
+        k, sep, w = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[int(k)] = float(w)
+        except ValueError:
+            raise ZooError(f"--guidance-at {item!r}: expected STEPS=W, e.g. 1=0") from None
+    return out
+
+
 def _table(rows: list[list[str]]) -> str:
     """Rows as columns, each padded to its longest cell (a row's last cell is not padded)."""
     widths: dict[int, int] = {}
@@ -74,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("--steps", type=int, help="default steps to serve it with (default: the manifest's)")
     install.add_argument("--guidance", type=float, help="default guidance weight w of a controlnet-guided entry, within "
                          "its trained range (default: the manifest's)")
+    install.add_argument("--guidance-at", action="append", default=[], metavar="STEPS=W",
+                         help="the default w for requests of that many steps, where another w than --guidance is "
+                              "better (e.g. 1=0); repeatable")
     args = parser.parse_args(argv)
     settings = ZooSettings(**({"zoo": args.zoo} if args.zoo is not None else {}))
     zoos = settings.zoo_dirs()
@@ -108,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "install":
             dest = install_entry(args.entry, settings.install_dir(), name=args.name, half=args.half,
                                  replace=args.replace, sampler=args.sampler, steps=args.steps,
-                                 guidance=args.guidance)
+                                 guidance=args.guidance, guidance_steps=_steps_weights(args.guidance_at))
             where = "" if settings.zoo is not None else (
                 " (the user zoo, CDD_USER_ZOO: cdd-serve without --zoo serves it beside the embedded zoo)")
             print(f"installed {args.entry} as {dest}{where}")

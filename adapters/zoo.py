@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -84,6 +84,9 @@ class Manifest(BaseModel):
     # super-resolution's fidelity module (adapters/fidelity.py) in fidelity.safetensors: {"architecture": {...},
     # "default": w served when a request gives none, "training": {...}}; None: the entry has none
     fidelity: dict[str, Any] | None = None
+    # controlnet-guided only: the default w for a step count where it differs from the entry's own default
+    # ({"1": 0.0}: a 1-step request served at w = 0 when it gives no guidance); None: one default for every count
+    guidance_steps: dict[str, float] | None = None
     format_version: int = FORMAT_VERSION
     created: str = Field("", max_length=64)
 
@@ -102,6 +105,29 @@ class Manifest(BaseModel):
         config = self.training.get("config", {})
         return (float(self.architecture.get("guidance", 0.0)), float(config.get("guidance_min", 0.0)),
                 float(config.get("guidance_max", 2.0)))
+
+    def default_guidance(self, steps: int) -> float | None:
+        """The w a request of `steps` steps is served with when it gives none (`guidance_steps`, else the entry's
+        default); None for an entry that takes no w."""
+        g = self.guidance
+        if g is None:
+            return None
+        return float((self.guidance_steps or {}).get(str(int(steps)), g[0]))
+
+    @model_validator(mode="after")
+    def _guidance_steps(self) -> "Manifest":
+        if self.guidance_steps is None:
+            return self
+        g = self.guidance
+        if g is None:
+            raise ValueError(f"guidance_steps: a {self.kind} entry takes no guidance weight")
+        for k, w in self.guidance_steps.items():
+            if not k.isdigit() or not 1 <= int(k) <= 1000:
+                raise ValueError(f"guidance_steps: key {_short(k)} is not a step count in 1..1000")
+            if type(w) not in (int, float) or not g[1] <= w <= g[2]:
+                raise ValueError(f"guidance_steps[{k}]: {_short(w)} is not a number in the trained range "
+                                 f"[{g[1]:g}, {g[2]:g}]")
+        return self
 
     @field_validator("fidelity")
     @classmethod
@@ -381,12 +407,13 @@ def add_fidelity(src: str | Path, dest: str | Path, net: FidelityNet, *, default
 
 def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, half: bool = False,
                   replace: bool = False, sampler: str | None = None, steps: int | None = None,
-                  guidance: float | None = None) -> Path:
+                  guidance: float | None = None, guidance_steps: dict[int, float] | None = None) -> Path:
     """Copy a verified entry into `zoo` as `<zoo>/<name>` (default: its manifest name), atomically.
     `half` stores floating-point weights as float16 (loading casts them back to the model's dtype): how the
     embedded zoo is kept small. `sampler` / `steps` replace the default the entry is served with (e.g. the
-    one cdd-eval measured best); `guidance`, the default w of an entry that takes one, within its trained range. The
-    manifest keeps everything else and records where the entry came from."""
+    one cdd-eval measured best); `guidance`, the default w of an entry that takes one, within its trained range, and
+    `guidance_steps` ({steps: w}) the default for step counts where another w is better. The manifest keeps
+    everything else and records where the entry came from."""
     src = Path(src)
     manifest = verify_entry(src)
     name = name or manifest.name
@@ -414,6 +441,12 @@ def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, 
             raise ZooError(f"guidance {guidance:g} is outside the range the entry was trained on, "
                            f"[{range_[1]:g}, {range_[2]:g}]")
         manifest.architecture = {**manifest.architecture, "guidance": float(guidance)}
+    if guidance_steps:
+        try:
+            manifest = Manifest(**{**manifest.model_dump(), "guidance_steps": {str(int(k)): float(w)
+                                                                               for k, w in guidance_steps.items()}})
+        except ZooError as e:
+            raise ZooError(f"{src}: {e}") from None
     manifest.training = {**manifest.training, "installed_from": {"path": str(src), "float16": half}}
     with atomic_directory(dest) as tmp:
         for fname in manifest.files:

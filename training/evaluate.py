@@ -664,11 +664,14 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
         for name, images in {**probes, **follow.references()}.items():
             reference_row(f"probe: {name}", name, PROBE, images)
     def sampled_rows(model: ConditionedDenoiser, method: str, names: list[str], entry: dict, fidelity=None,
-                     labels=None) -> None:
+                     labels=None, before=None) -> None:
         """A row per (sampler, steps); with `fidelity` (net, [w, ...]) one sample per (sampler, steps) measured at
-        each w, the rows labelled labels[i] and their entry fields entry[i]."""
+        each w, the rows labelled labels[i] and their entry fields entry[i]. `before(k)`: called before each row
+        of k steps (a guided entry's served w for that step count)."""
         warm_up(model, backbone, data, text_emb, args.batch_size)
         for sampler, k in itertools.product(names, steps):
+            if before is not None:
+                before(k)
             images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size,
                                        degradation_preset(degradation).scale if sr else 4, fidelity)
             if fidelity is None:
@@ -709,6 +712,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                 ws = args.fidelity if args.fidelity is not None else [c.manifest.fidelity["default"]]
                 labels = [f"{c.method} fidelity={w:g}" for w in ws] if args.fidelity is not None else [c.method]
                 sampled_rows(model, c.method, c.samplers, [{**entry, "fidelity": w} for w in ws], (net, ws), labels)
+            elif c.manifest.guidance_steps:  # served at the entry's default w for each step count
+                sampled_rows(model, c.method, c.samplers, entry,
+                             before=lambda k, m=c.manifest: model.adapter.set_default_guidance(m.default_guidance(k)))
             else:
                 sampled_rows(model, c.method, c.samplers, entry)
 

@@ -207,7 +207,7 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
         check_guidance(reg.name, reg.manifest.guidance, form.guidance)
     except ValueError as err:
         raise APIError(422, "invalid_parameter", str(err)) from err
-    guidance = form.guidance if form.guidance is not None else (reg.manifest.guidance or (None,))[0]
+    guidance = form.guidance if form.guidance is not None else reg.manifest.default_guidance(steps)
     try:
         check_fidelity(reg.name, reg.manifest.fidelity, form.fidelity)
     except ValueError as err:
@@ -631,6 +631,7 @@ def _info(reg: Registered, resident: bool, detail: bool = True) -> AdapterInfo:
     return AdapterInfo(name=reg.name, task=reg.task, kind=m.kind, mode=m.mode, steps=m.steps, sampler=m.sampler,
                        resolution=reg.resolution, channels=reg.channels, backbone_lora=m.backbone_lora is not None,
                        resident=resident, guidance=list(m.guidance) if m.guidance else None,
+                       guidance_steps=m.guidance_steps,
                        fidelity=m.fidelity["default"] if m.fidelity else None,
                        manifest=m.public() if detail else None)
 

@@ -555,10 +555,10 @@ class Engine:
 
 
 def row_guidance(reg: Registered, works: list[Work]) -> torch.Tensor | None:
-    """Each row's guidance weight w for a controlnet-guided entry (a request's own, else the entry's default),
-    None for an entry that takes none."""
-    g = reg.manifest.guidance
-    if g is None:
+    """Each row's guidance weight w for a controlnet-guided entry (a request's own, else the entry's default for
+    the request's step count), None for an entry that takes none."""
+    m = reg.manifest
+    if m.guidance is None:
         return None
-    return torch.tensor([g[0] if w.guidance is None else w.guidance for w in works for _ in range(w.rows)],
-                        dtype=torch.float32)
+    return torch.tensor([m.default_guidance(w.steps) if w.guidance is None else w.guidance
+                         for w in works for _ in range(w.rows)], dtype=torch.float32)

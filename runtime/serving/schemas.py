@@ -29,6 +29,8 @@ class AdapterInfo(BaseModel):
     resident: bool
     guidance: list[float] | None = Field(None, description="[default, min, max] of the classifier-free guidance "
                                          "weight w the entry takes (controlnet-guided); null: it takes none")
+    guidance_steps: dict[str, float] | None = Field(None, description="the default w for a step count where it "
+                                                    "differs from the entry's default, e.g. {\"1\": 0}; null: none")
     fidelity: float | None = Field(None, description="the default fidelity weight in [0, 1] of the entry's fidelity "
                                    "module (super-resolution); null: it has none")
     manifest: dict[str, Any] | None = Field(None, description="the whole manifest (GET /v1/tasks?detail=true)")

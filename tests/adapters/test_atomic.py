@@ -82,3 +82,14 @@ def test_install_sets_the_default_guidance_within_the_trained_range(pixel_backbo
     with pytest.raises(ZooError, match="a controlnet entry, which takes no guidance weight"):
         install_entry(tmp_path / "run" / "p", tmp_path / "zoo", guidance=1.0)
     assert sorted(p.name for p in (tmp_path / "zoo").iterdir()) == ["g"]  # nothing half-installed
+    # a default per step count (cdd-zoo install --guidance-at 1=0), checked against the range too
+    install_entry(tmp_path / "run" / "g", tmp_path / "zoo", name="g1", guidance=2.0, guidance_steps={1: 0.0})
+    m = verify_entry(tmp_path / "zoo" / "g1")
+    assert (m.default_guidance(1), m.default_guidance(2), m.default_guidance(4)) == (0.0, 2.0, 2.0)
+    with pytest.raises(ZooError, match=r"guidance_steps\[1\]: 5.0 is not a number in the trained range \[0, 3\]"):
+        install_entry(tmp_path / "run" / "g", tmp_path / "zoo", name="g3", guidance_steps={1: 5.0})
+    with pytest.raises(ZooError, match="is not a step count in 1..1000"):
+        install_entry(tmp_path / "run" / "g", tmp_path / "zoo", name="g3", guidance_steps={0: 1.0})
+    with pytest.raises(ZooError, match="a controlnet entry takes no guidance weight"):
+        install_entry(tmp_path / "run" / "p", tmp_path / "zoo", name="p1", guidance_steps={1: 0.0})
+    assert sorted(p.name for p in (tmp_path / "zoo").iterdir()) == ["g", "g1"]

@@ -236,6 +236,14 @@ def test_guided_entry_rows_at_each_guidance(pixel_backbone_dir, pixel_backbone, 
                                                      ("guided w=3", "prev", 1)}
     assert rows["guided w=0", "prev", 1]["guidance"] == 0 and rows["guided w=3", "prev", 1]["guidance"] == 3
     assert rows["guided w=0", "prev", 1]["psnr"] != rows["guided w=3", "prev", 1]["psnr"]  # w was applied
+    # without --guidance, an entry with a per-step default (guidance_steps) is measured at the w it is served with
+    manifest = json.loads((tmp_path / "guided" / "manifest.json").read_text())  # training range [0, 2], default 1
+    (tmp_path / "guided" / "manifest.json").write_text(json.dumps({**manifest, "guidance_steps": {"1": 0.0}}))
+    rc, _, err = run("--task", "depth", "--backbone", pixel_backbone_dir, "--num-images", 2, "--steps", "1",
+                     "--adapters", tmp_path / "guided", "--out", tmp_path / "served", "--attributes", "none")
+    assert rc == 0, err
+    assert rows_by_key(tmp_path / "served")["guided", "prev", 1]["psnr"] == pytest.approx(
+        rows["guided w=0", "prev", 1]["psnr"], abs=1e-4)
 
 
 def test_cfg_rows_are_the_entry_with_two_pass_guidance(pixel_backbone_dir, pixel_backbone, tmp_path, empty_hub):

@@ -222,13 +222,15 @@ def test_architecture_key_ignores_diffusers_bookkeeping(zoo):
 
 
 def test_shipped_controlnets_share_one_slot():
-    """depth, edit and super-resolution of the embedded zoo are one ControlNet architecture: one slot."""
+    """edit and super-resolution of the embedded zoo are one ControlNet architecture: one slot; depth, a
+    controlnet-guided entry (the same ControlNet plus a w branch), has a slot of its own."""
     from cdd.adapters.zoo import Manifest, default_zoo_dir
     from cdd.runtime.serving.pool import architecture_key
 
     keys = {name: architecture_key(Manifest.from_file(default_zoo_dir() / name / "manifest.json"))
             for name in ("depth", "edit", "super-resolution")}
-    assert len(set(keys.values())) == 1, keys
+    assert keys["edit"] == keys["super-resolution"] != keys["depth"], keys
+    assert keys["depth"].startswith("controlnet-guided:"), keys
 
 
 @pytest.mark.parametrize("device, exact, expected", [

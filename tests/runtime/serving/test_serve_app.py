@@ -249,18 +249,24 @@ def test_guidance_per_request_for_a_guided_entry(world, tmp_path):
     guidance is the entry's default; out of range, not a number, or for an entry that takes none is a 422 naming it."""
     bb, zoo = world["backbone"], tmp_path / "zoo"
     adapter = save_adapter(bb, zoo, "depth-g", "depth", "controlnet-guided", 6, steps=2, sampler="prev")
+    manifest = json.loads((adapter / "manifest.json").read_text())  # 1-step requests default to w = 0
+    (adapter / "manifest.json").write_text(json.dumps({**manifest, "guidance_steps": {"1": 0.0}}))
     save_adapter(bb, zoo, "edit", "edit", "controlnet", 7, steps=1, sampler="prev")
     app = create_app(ServeSettings(backbone=world["backbone_dir"], zoo=zoo, warmup=False, max_wait_ms=5))
     with TestClient(app) as c:
         assert app.state.engine.wait_ready(120)
         info = next(a for t in c.get("/v1/tasks").json()["tasks"] for a in t["adapters"] if a["name"] == "depth-g")
         assert info["guidance"] == [1.0, 0.0, 2.0]  # architectures' default w, the training range's defaults
+        assert info["guidance_steps"] == {"1": 0.0}
         assert "guidance" in str(c.get("/openapi.json").json()["components"])
         default, one, two = (post(c, "depth", png(8, 8), seed=3, prompt="a red cube", **g)
                              for g in ({}, {"guidance": 1}, {"guidance": 2}))
         assert default.status_code == one.status_code == two.status_code == 200
         assert default.headers["x-cdd-guidance"] == "1" and two.headers["x-cdd-guidance"] == "2"
         assert default.content == one.content
+        one_step, at_zero = (post(c, "depth", png(8, 8), seed=3, prompt="a red cube", steps=1, **g)
+                             for g in ({}, {"guidance": 0}))
+        assert one_step.headers["x-cdd-guidance"] == "0" and one_step.content == at_zero.content
         j = c.post("/v1/tasks/depth", files={"image": ("in.png", png(8, 8), "image/png")},
                    data={"guidance": "0.5", "seed": "3"}, headers={"accept": "application/json"}).json()
         assert j["guidance"] == 0.5
