@@ -14,7 +14,7 @@ import argparse
 import re
 from pathlib import Path
 
-from seed_table import label, seed_rows  # noqa: E402 (experiments/ is the script's folder)
+from seed_table import label, mean, means_and_bars, seed_rows  # noqa: E402 (experiments/ is the script's folder)
 
 
 def main() -> None:
@@ -48,14 +48,11 @@ def main() -> None:
         for i, steps in enumerate(sorted(lines)):
             pts = sorted(lines[steps], key=lambda x: x[0])
             ws = [w for w, _ in pts]
-            vals = [v[metric] for _, v in pts]
-            mean = [sum(v) / len(v) for v in vals]
-            err = [[m - min(v) for m, v in zip(mean, vals)], [max(v) - m for m, v in zip(mean, vals)]]
-            ax.errorbar(ws, mean, yerr=err, marker="o", capsize=3, color=f"C{i}", label=f"{steps} steps")
+            y, err = means_and_bars([v[metric] for _, v in pts])
+            ax.errorbar(ws, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=f"{steps} steps")
             for (method, _s, k), values in reference.items():
                 if k == steps and (args.reference_method is None or method == args.reference_method):
-                    v = values[metric]
-                    ax.axhline(sum(v) / len(v), color=f"C{i}", linestyle="--", linewidth=1)
+                    ax.axhline(mean(values[metric]), color=f"C{i}", linestyle="--", linewidth=1)
         ax.set_xlabel("guidance weight w")
         ax.set_title(label(metric))
         ax.grid(alpha=0.3)

@@ -67,6 +67,13 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def means_and_bars(groups: list[list[float]]) -> tuple[list[float], list[list[float]]]:
+    """Each group's mean and its distances down to the lowest and up to the highest value: matplotlib's
+    (y, yerr) for a bar from min to max."""
+    y = [mean(v) for v in groups]
+    return y, [[m - min(v) for m, v in zip(y, groups)], [max(v) - m for m, v in zip(y, groups)]]
+
+
 def gap_closed(table: dict, metric: str, start: tuple, end: tuple) -> dict[tuple, float | None]:
     """Per row: (mean at `start` - row's mean) / (mean at `start` - mean at `end`) for `metric`."""
     for row in (start, end):
@@ -116,8 +123,7 @@ def plot(table: dict, metric: str, out: Path, skip: tuple[str, ...] = ()) -> Non
     for (method, sampler), points in series.items():
         points.sort()
         x = [k for k, _ in points]
-        y = [mean(v) for _, v in points]
-        err = [[m - min(v) for m, (_, v) in zip(y, points)], [max(v) - m for m, (_, v) in zip(y, points)]]
+        y, err = means_and_bars([v for _, v in points])
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method} ({sampler})")
     ax.set_xscale("log")
     ticks: list[int] = []

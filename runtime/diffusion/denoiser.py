@@ -54,13 +54,14 @@ def both_branches(model, z_t: torch.Tensor, t, cond: torch.Tensor | None, text_e
     t = _timesteps(t, z_t)
     empty = empty_emb.to(text_emb).expand(b, -1, -1) if empty_emb.shape[0] == 1 else empty_emb[:b].to(text_emb)
     drop = torch.as_tensor(drop_condition, dtype=torch.bool, device=z_t.device).expand(b)
-    keep = ~drop
-    pick = lambda v: None if v is None else v[keep]  # noqa: E731
+    if not drop.any():  # guidance over the text alone: both branches in one batch of 2B rows
+        x, eps = model(torch.cat([z_t, z_t]), torch.cat([t, t]), None if cond is None else torch.cat([cond, cond]),
+                       torch.cat([text_emb, empty]))
+        return (x[:b], eps[:b]), (x[b:], eps[b:])
+    keep = ~drop  # the rows that keep the condition in their "" branch share the conditional branch's batch
     x, eps = model(torch.cat([z_t, z_t[keep]]), torch.cat([t, t[keep]]),
-                   None if cond is None else torch.cat([cond, pick(cond)]), torch.cat([text_emb, empty[keep]]))
+                   None if cond is None else torch.cat([cond, cond[keep]]), torch.cat([text_emb, empty[keep]]))
     x_c, eps_c = x[:b], eps[:b]
-    if not drop.any():
-        return (x_c, eps_c), (x[b:], eps[b:])
     # a denoiser with no adapter (or a wrapper of the backbone alone) takes no condition anyway
     plain = model if getattr(model, "adapter", None) is None else ConditionedDenoiser(model.unet, model.schedule)
     x_p, eps_p = plain(z_t[drop], t[drop], None, empty[drop])
