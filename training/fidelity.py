@@ -14,7 +14,8 @@ own served outputs, and install it into the entry.
    autoencoder's round trips of the truth instead, it would learn to trust details the sampler invents.
    `--sampler` picks another servable super-resolution sampler (the one the entry will serve with); the pool's
    settings are kept beside it (`pool/settings.json`) and a pool made with other settings is refused.
-2. Training: L1 between y + R(y, c) and the truth (w = 1), random flips and quarter turns of all three images
+2. Training: L1 between y + R(y, c) and the truth (w = 1; `--pixel-loss rmse`: the root of the batch's mean
+   squared error, the error PSNR counts, at the L1's scale so `--flat-weight` keeps its meaning), random flips and quarter turns of all three images
    together, AdamW; a checkpoint every `--checkpoint-every` steps (atomic; `--resume` continues the newest).
    `--flat-weight` adds the L1 of the error's high frequencies where the truth is flat (`flat_error`): speckle
    on a patch of sky is a small share of a per-pixel loss and the most visible thing the decoder invents.
@@ -174,12 +175,27 @@ def flat_error(out: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (hf * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+PIXEL_LOSSES = ("l1", "rmse")
+
+
+def pixel_error(out: torch.Tensor, truth: torch.Tensor, kind: str) -> torch.Tensor:
+    """The per-pixel term: "l1" the mean absolute error (its minimiser a median, which keeps an uncertain edge
+    sharp); "rmse" the root of the mean squared error (its minimiser the mean, which PSNR rewards: an edge whose
+    place the input does not fix comes out as soft as the uncertainty), the root so its size is the L1's."""
+    if kind == "l1":
+        return F.l1_loss(out, truth)
+    return F.mse_loss(out, truth).clamp_min(1e-12).sqrt()
+
+
 def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: int, lr: float, seed: int,
           checkpoint_every: int, architecture: dict, resume: bool, holdout: int | None = None, flat_weight: float = 0.0,
-          log=print) -> Path:
+          pixel_loss: str = "l1", log=print) -> Path:
     """Train R on the pool (its last `holdout` samples, default an eighth up to 256, kept for validation); returns
-    the final checkpoint. `flat_weight`: the weight of `flat_error` beside the L1. SIGINT / SIGTERM: the step in
+    the final checkpoint. `pixel_loss`: "l1" or "rmse" (`pixel_error`); `flat_weight`: the weight of `flat_error`
+    beside it. SIGINT / SIGTERM: the step in
     progress is finished, checkpointed, and `FidelityInterrupted` raised."""
+    if pixel_loss not in PIXEL_LOSSES:
+        raise FidelityError(f"pixel loss {pixel_loss!r}: choose from {', '.join(PIXEL_LOSSES)}")
     out.mkdir(parents=True, exist_ok=True)
     n = pool["target"].shape[0]
     holdout = min(256, n // 8) if holdout is None else holdout
@@ -198,6 +214,9 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
         if state.get("flat_weight", 0.0) != flat_weight:  # one run, one objective
             raise FidelityError(f"{ckpt} was trained with --flat-weight {state.get('flat_weight', 0.0):g}, not "
                                 f"{flat_weight:g}; resume with the same weight or give a new --output")
+        if state.get("pixel_loss", "l1") != pixel_loss:
+            raise FidelityError(f"{ckpt} was trained with --pixel-loss {state.get('pixel_loss', 'l1')}, not {pixel_loss}; "
+                                "resume with the same loss or give a new --output")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
@@ -218,7 +237,8 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
 
     def checkpoint() -> None:
         _save({"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(), "step": step,
-               "history": history, "architecture": architecture, "flat_weight": flat_weight}, ckpt)
+               "history": history, "architecture": architecture, "flat_weight": flat_weight,
+               "pixel_loss": pixel_loss}, ckpt)
 
     stop = StopSignals()
     t0 = time.perf_counter()
@@ -231,7 +251,7 @@ def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: i
             for group in opt.param_groups:
                 group["lr"] = lr_now
             fixed = net(y, c)
-            loss = F.l1_loss(fixed, x)
+            loss = pixel_error(fixed, x, pixel_loss)
             if flat_weight:
                 loss = loss + flat_weight * flat_error(fixed, x)
             opt.zero_grad(set_to_none=True)
@@ -276,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the one it will serve with)")
     p.add_argument("--flat-weight", type=float, default=0.0,
                    help="weight of the high-frequency error on the truth's flat regions beside the L1 (default 0)")
+    p.add_argument("--pixel-loss", choices=PIXEL_LOSSES, default="l1",
+                   help="the per-pixel term: l1 (default) or rmse (the root of the mean squared error)")
     p.add_argument("--max-train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -321,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = train(load_pool(chunks), args.output, steps=args.max_train_steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, checkpoint_every=args.checkpoint_every,
                      architecture={"width": args.width, "blocks": args.blocks, "head": 32}, resume=args.resume,
-                     flat_weight=args.flat_weight, log=log)
+                     flat_weight=args.flat_weight, pixel_loss=args.pixel_loss, log=log)
         (args.output / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         if args.install is not None:
             dest = install(args.entry, ckpt, args.install, args.fidelity_default, settings)

@@ -95,6 +95,22 @@ def test_flat_error_counts_high_frequencies_on_the_truths_flat_regions_only():
     assert fidelity.flat_error(truth + 0.1, truth) < 1e-6
 
 
+def test_pixel_error_l1_and_rmse_by_hand():
+    """l1: the mean |error|; rmse: the root of the mean squared error (what PSNR counts), at the same scale: an
+    error of 0.1 everywhere is 0.1 in both; one pixel off by 0.4 in four is 0.1 as L1 and 0.2 as RMSE."""
+    truth = torch.zeros(1, 1, 2, 2)
+    even = truth + 0.1
+    one = truth.clone()
+    one[0, 0, 0, 0] = 0.4
+    assert fidelity.pixel_error(even, truth, "l1").item() == pytest.approx(0.1)
+    assert fidelity.pixel_error(even, truth, "rmse").item() == pytest.approx(0.1)
+    assert fidelity.pixel_error(one, truth, "l1").item() == pytest.approx(0.1)
+    assert fidelity.pixel_error(one, truth, "rmse").item() == pytest.approx(0.2)
+    x = truth.clone().requires_grad_()
+    fidelity.pixel_error(x, truth, "rmse").backward()  # no NaN at a zero error
+    assert torch.isfinite(x.grad).all()
+
+
 def test_training_moves_outputs_towards_the_truth_and_resumes_exactly(world, tmp_path):
     _, pool = world
     arch = {"width": 8, "blocks": 1, "head": 4}
@@ -114,6 +130,12 @@ def test_training_moves_outputs_towards_the_truth_and_resumes_exactly(world, tmp
     assert all(torch.equal(state_a["model"][k], state_b["model"][k]) for k in state_a["model"])
     with pytest.raises(fidelity.FidelityError, match="trained with --flat-weight 0, not 2"):  # another objective
         fidelity.train(pool, tmp_path / "b", steps=80, resume=True, **{**kw, "flat_weight": 2.0})
+    with pytest.raises(fidelity.FidelityError, match="trained with --pixel-loss l1, not rmse"):
+        fidelity.train(pool, tmp_path / "b", steps=80, resume=True, **{**kw, "pixel_loss": "rmse"})
+    ckpt_c = fidelity.train(pool, tmp_path / "c", steps=60, resume=False, **{**kw, "pixel_loss": "rmse"})
+    state_c = torch.load(ckpt_c, weights_only=False)
+    assert state_c["pixel_loss"] == "rmse"
+    assert state_c["history"][-1]["psnr_fixed"] > state_c["history"][-1]["psnr_output"] + 0.5
 
 
 def test_a_signal_stops_training_with_a_checkpoint_and_installs_nothing(world, tmp_path, capsys, monkeypatch):
