@@ -53,6 +53,7 @@ from .run_checkpoints import (
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    source_fingerprint,
 )
 from .adversarial import build_adversarial
 from .codi import build_objective, changed_region_weight, noise_removed
@@ -402,13 +403,16 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     adversarial = build_adversarial(config, backbone.unet, backbone.schedule, resolution // backbone.vae_scale_factor,
                                     backbone.unet.config.cross_attention_dim, device)
 
-    # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position.
+    # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position. The
+    # --init-from entry is pinned by its files' hashes: installing over that folder must not change a run's teacher.
+    source = source_fingerprint(roles.source.files) if roles.source is not None else None
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0]))
     step = 0
     if resume_from is not None:
         step = load_checkpoint(accelerator, resume_from, trainable=trainable, ema=ema, optimizer=optimizer,
-                               generator=generator, fingerprint=backbone.fingerprint, adversarial=adversarial)
+                               generator=generator, fingerprint=backbone.fingerprint, adversarial=adversarial,
+                               source=source, source_path=config.init_from)
         accelerator.print(f"resumed from {resume_from} at step {step}")
     elif config.resume == "latest":
         accelerator.print(f"--resume: no checkpoint in {out / CHECKPOINTS} yet, starting a new run")
@@ -459,7 +463,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         path = out / CHECKPOINTS / f"step-{step:06d}"
         save_checkpoint(accelerator, path, step=step, config=config, trainable=trainable, ema=ema,
                         optimizer=optimizer, generator=generator, fingerprint=backbone.fingerprint, loss=loss,
-                        adversarial=adversarial)
+                        adversarial=adversarial, source=source)
         return path
 
     probe = None

@@ -4,6 +4,8 @@ run has the adversarial term). training/checkpoints.py holds the file-level piec
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,21 +80,30 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     return state
 
 
+def source_fingerprint(files: dict[str, str]) -> str:
+    """One sha256 over a zoo entry's file hashes (its manifest's `files`): which weights `--init-from` held when a
+    run started (for codi with a guided student, cm and gd they are also its frozen teacher)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, trainable, ema: EMA, optimizer,
-                    generator: torch.Generator, fingerprint: str, loss: dict[str, float], adversarial=None) -> None:
-    """Every process contributes its RNG state; the main process writes the folder atomically."""
+                    generator: torch.Generator, fingerprint: str, loss: dict[str, float], adversarial=None,
+                    source: str | None = None) -> None:
+    """Every process contributes its RNG state; the main process writes the folder atomically. `source`: the
+    `source_fingerprint` of the `--init-from` entry, checked on resume."""
     rng = _gather_objects(accelerator, _rng_state(generator))
     if accelerator.is_main_process:
         writing(path, lambda: _write_checkpoint(accelerator, path, step=step, config=config, trainable=trainable,
                                                 ema=ema, optimizer=optimizer, rng=rng, fingerprint=fingerprint, loss=loss,
-                                                adversarial=adversarial))
+                                                adversarial=adversarial, source=source))
         for old in checkpoint_dirs(path.parent.parent)[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, trainable, ema: EMA, optimizer,
-                      rng: list, fingerprint: str, loss: dict[str, float], adversarial=None) -> None:
+                      rng: list, fingerprint: str, loss: dict[str, float], adversarial=None,
+                      source: str | None = None) -> None:
     with atomic_directory(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
@@ -111,17 +122,20 @@ def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig
             "backbone_fingerprint": fingerprint,
             "loss": loss,
         }
+        if source is not None:
+            state["init_from_fingerprint"] = source
         write_state(tmp, state)
 
 
 def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
-                    fingerprint: str, adversarial=None) -> int:
+                    fingerprint: str, adversarial=None, source: str | None = None, source_path: str | None = None) -> int:
     """Restore weights, EMA, optimizer and this process's RNG states; returns the step. Every file is
     checked against its sha256 first; a bad one raises CheckpointError naming it and the newest intact
-    older checkpoint."""
+    older checkpoint. `source`: the `source_fingerprint` of the `--init-from` entry (at `source_path`) as loaded
+    now; a checkpoint that recorded another is refused (the run's teacher or start would change under it)."""
     try:
         step = _load_checkpoint(accelerator, path, trainable=trainable, ema=ema, optimizer=optimizer,
-                                generator=generator, fingerprint=fingerprint)
+                                generator=generator, fingerprint=fingerprint, source=source, source_path=source_path)
         if adversarial is not None:
             adversarial.load(path)
         return step
@@ -131,7 +145,7 @@ def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, 
 
 
 def _load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
-                     fingerprint: str) -> int:
+                     fingerprint: str, source: str | None = None, source_path: str | None = None) -> int:
     state = read_state(path)
     if state.get("num_processes") != accelerator.num_processes:
         raise ConfigError(
@@ -141,6 +155,11 @@ def _load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer,
     if state.get("backbone_fingerprint") != fingerprint:
         raise ConfigError(f"checkpoint {path} was trained on backbone {str(state.get('backbone_fingerprint'))[:16]}..., "
                           f"not on the loaded one ({fingerprint[:16]}...)")
+    recorded = state.get("init_from_fingerprint")  # absent in checkpoints written before it was recorded
+    if recorded is not None and source is not None and recorded != source:
+        raise ConfigError(f"checkpoint {path} was trained from the --init-from entry {source_path} as it held files "
+                          f"{recorded[:16]}...; that folder now holds other weights ({source[:16]}...), so the run's "
+                          "teacher / start would change under it: put that entry back, or start a new --output")
     weights = loading(path, "trainable.safetensors", lambda: load_file(path / "trainable.safetensors"))
     shadow = loading(path, "ema.safetensors", lambda: load_file(path / "ema.safetensors"))
     if set(weights) != set(trainable) or set(shadow) != set(ema.shadow):

@@ -180,6 +180,35 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, pixel_backbone_dir):
     assert steps == sorted(set(steps))  # the resumed run replaced the lines after its checkpoint
 
 
+def test_resume_refuses_an_init_from_entry_that_changed_under_the_run(tmp_path, pixel_backbone_dir):
+    """The --init-from entry is pinned by its files' hashes in every checkpoint: a folder that now holds other
+    weights (another entry installed over it) would change a cm run's frozen teacher mid-run, so resuming is
+    refused, naming the folder; with the entry put back the run resumes."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    first = train(config(tmp_path / "ft1", pixel_backbone_dir, method="finetune", seed=1), dataset=TinySet()).entry
+    other = train(config(tmp_path / "ft2", pixel_backbone_dir, method="finetune", seed=2), dataset=TinySet()).entry
+    shutil.copytree(first, teacher)
+    cfg = config(tmp_path / "cm", pixel_backbone_dir, method="cm", init_from=str(teacher), max_train_steps=4,
+                 checkpoint_every=2)
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt  # after the step-2 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, dataset=TinySet(), on_step=kill)
+    state = json.loads((tmp_path / "cm" / "run" / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert len(state["init_from_fingerprint"]) == 64
+    shutil.rmtree(teacher)
+    shutil.copytree(other, teacher)  # another entry installed over the folder
+    with pytest.raises(ConfigError, match=f"--init-from entry {teacher} .*now holds other weights"):
+        train(cfg.replace(resume="latest"), dataset=TinySet())
+    shutil.rmtree(teacher)
+    shutil.copytree(first, teacher)
+    assert train(cfg.replace(resume="latest"), dataset=TinySet()).step == 4
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, pixel_backbone_dir):
     cfg = config(tmp_path, pixel_backbone_dir, max_train_steps=10, checkpoint_every=2)
     # batch size 2: steps 1-3 read samples 0-5, step 4 reads sample 6 = the first NaN
