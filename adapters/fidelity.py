@@ -20,6 +20,15 @@ of inside it, for two reasons measured or required here:
 
 Fully convolutional: any even height and width, tiles or whole images. The body works at half resolution
 (pixel unshuffle), which keeps its cost near one UNet step of the same pixels.
+
+An optional **flat guard** (`flat_guard`: a threshold, part of the architecture so the manifest records it) takes
+out texture the input cannot support: where the input itself is flat (the local std of c's luminance under the
+threshold, fading out up to twice it: mask m), the corrected output's difference to the input is blurred,
+out = y' - m HP(y' - c) with y' = y + R and HP = 1 - G_1 (G_1 a Gaussian blur of sigma 1 pixel, the scale
+`training/metrics.flat_hf_energy` measures), so that where m = 1, out = c + G_1(y' - c): a colour or brightness
+correction stays, speckle is blurred away. A flat 16 px input says nothing about texture at that scale, so any
+there is invented; where the input has texture or noise (m = 0) the module's output is unchanged. At a weight w
+the correction and the guard are both scaled by w.
 """
 
 from __future__ import annotations
@@ -43,15 +52,44 @@ class _Block(nn.Module):
         return x + self.conv2(F.silu(self.conv1(x)))
 
 
+GUARD_WINDOW = 7  # pixels: the window of the input's local std (training/metrics.FLAT_WINDOW)
+GUARD_SIGMA = 1.0  # the Gaussian blur whose residual is the high-frequency part (training/metrics.HF_SIGMA)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Per-channel Gaussian blur, radius 3 sigma, reflected at the borders."""
+    r = max(1, int(3 * sigma + 0.5))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=x.device) ** 2 / (2 * sigma**2))
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[1]
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def input_flatness(cond: torch.Tensor, threshold: float, window: int = GUARD_WINDOW) -> torch.Tensor:
+    """[B, 1, H, W] in [0, 1]: 1 where the condition ([-1, 1]) is flat, its luminance's local std (in [0, 1]) over
+    `window` x `window` under `threshold`, falling linearly to 0 at twice the threshold."""
+    x = (cond.float() + 1) / 2
+    y = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    pad = window // 2
+    mean = F.avg_pool2d(F.pad(y, (pad,) * 4, mode="reflect"), window, stride=1)
+    sq = F.avg_pool2d(F.pad(y * y, (pad,) * 4, mode="reflect"), window, stride=1)
+    std = (sq - mean * mean).clamp_min(0).sqrt()
+    return ((2 * threshold - std) / threshold).clamp(0, 1).to(cond.dtype)
+
+
 class FidelityNet(nn.Module):
     """R of `out = y + w R([y, c, y - c])`; the last convolution starts at zero, so an untrained module is
-    the identity on y at every w."""
+    the identity on y at every w. `flat_guard`: the input-flatness threshold of the guard (None: none)."""
 
-    def __init__(self, width: int = 64, blocks: int = 6, head: int = 32):
+    def __init__(self, width: int = 64, blocks: int = 6, head: int = 32, flat_guard: float | None = None):
         super().__init__()
         if width < 1 or blocks < 0 or head < 1:
             raise ValueError(f"FidelityNet needs width >= 1, blocks >= 0, head >= 1, got {width}, {blocks}, {head}")
-        self.width, self.blocks, self.head_width = width, blocks, head
+        if flat_guard is not None and not 0 < flat_guard < 1:
+            raise ValueError(f"FidelityNet flat_guard must be in (0, 1) (a local std of luminance), got {flat_guard}")
+        self.width, self.blocks, self.head_width, self.flat_guard = width, blocks, head, flat_guard
         self.head = nn.Conv2d(9, head, 3, padding=1)
         self.down = nn.Conv2d(4 * head, width, 1)
         self.body = nn.Sequential(*[_Block(width) for _ in range(blocks)])
@@ -61,11 +99,14 @@ class FidelityNet(nn.Module):
         nn.init.zeros_(self.tail.bias)
 
     def config(self) -> dict[str, Any]:
-        return {"width": self.width, "blocks": self.blocks, "head": self.head_width}
+        config = {"width": self.width, "blocks": self.blocks, "head": self.head_width}
+        if self.flat_guard is not None:
+            config["flat_guard"] = self.flat_guard
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FidelityNet:
-        unknown = set(config) - {"width", "blocks", "head"}
+        unknown = set(config) - {"width", "blocks", "head", "flat_guard"}
         if unknown:
             raise ValueError(f"unknown fidelity architecture keys {sorted(unknown)}")
         return cls(**config)
@@ -86,6 +127,9 @@ class FidelityNet(nn.Module):
         """y + w R: `y` the decoded output and `cond` the condition, both [B, 3, H, W] in [-1, 1]; `w` a float or
         one weight per row ([B])."""
         r = self.correction(y, cond)
+        if self.flat_guard is not None:
+            d = y + r - cond
+            r = r - input_flatness(cond, self.flat_guard) * (d - _gaussian_blur(d, GUARD_SIGMA))
         if isinstance(w, torch.Tensor):
             w = w.to(r.dtype).reshape(-1, 1, 1, 1)
         return y + w * r

@@ -4,6 +4,8 @@
 
     python experiments/graft_fidelity.py --entry runs/onestep/sr-adv2/entry \
         --module-from adapters/embedded/zoo/super-resolution --out runs/onestep2/adv-entry
+    python experiments/graft_fidelity.py --entry adapters/embedded/zoo/super-resolution \
+        --module-from adapters/embedded/zoo/super-resolution --flat-guard 0.02 --out runs/guard/entry
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from cdd.adapters.fidelity import FidelityNet
 from cdd.adapters.zoo import add_fidelity, install_entry, load_fidelity, verify_entry
 
 
@@ -20,11 +23,16 @@ def main() -> None:
     p.add_argument("--entry", type=Path, required=True, help="the super-resolution entry whose adapter is kept")
     p.add_argument("--module-from", type=Path, required=True, help="the entry whose fidelity module and sampler it takes")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--flat-guard", type=float, default=None,
+                   help="give the module this flat guard threshold (adapters/fidelity.py; default: the donor's)")
     args = p.parse_args()
     donor = verify_entry(args.module_from)
     net = load_fidelity(args.module_from, donor)
     if net is None:
         raise SystemExit(f"{args.module_from} has no fidelity module")
+    if args.flat_guard is not None:
+        net = FidelityNet.from_config({**net.config(), "flat_guard": args.flat_guard}).requires_grad_(False)
+        net.load_state_dict(load_fidelity(args.module_from, donor).state_dict())
     training = {**donor.fidelity["training"], "grafted_from": str(args.module_from)}
     with tempfile.TemporaryDirectory() as tmp:
         grafted = add_fidelity(args.entry, Path(tmp) / "entry", net, default=donor.fidelity["default"], training=training)

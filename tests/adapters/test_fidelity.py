@@ -45,6 +45,37 @@ def test_untrained_module_is_the_identity_and_w_scales_its_correction_by_hand():
         FidelityNet.from_config({"width": 8, "depth": 3})
 
 
+def test_flat_guard_takes_invented_texture_off_flat_input_only_by_hand():
+    """Where the input is flat the guarded output is the input plus the blurred difference of the module's output
+    to it (speckle the input does not hold is blurred away; a colour shift stays); where the input has texture the
+    output is the unguarded one; w scales both; the threshold travels in the config."""
+    from cdd.adapters.fidelity import _gaussian_blur, input_flatness
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 3, 32, 32), 0.2)
+    textured = flat + torch.randn(1, 3, 32, 32, generator=g) * 0.3  # local std far above 2 x 0.02
+    assert torch.equal(input_flatness(flat, 0.02), torch.ones(1, 1, 32, 32))
+    assert input_flatness(textured, 0.02).max() == 0
+    assert input_flatness(flat + 0.001 * torch.randn(1, 3, 32, 32, generator=g), 0.02).min() == 1  # std 0.0005
+    plain = randomised(FidelityNet(width=8, blocks=1, head=4), seed=1, std=0.2)
+    guarded = FidelityNet(width=8, blocks=1, head=4, flat_guard=0.02)
+    guarded.load_state_dict(plain.state_dict())
+    y = flat + torch.randn(1, 3, 32, 32, generator=g) * 0.1  # a decoded output with speckle on a flat input
+    r = plain(y, flat) - y
+    out = guarded(y, flat)
+    hp = lambda x: x - _gaussian_blur(x, 1.0)
+    assert hp(plain(y, flat)).abs().mean() > 0.01
+    torch.testing.assert_close(out, y + r - hp(y + r - flat))  # by hand: m = 1 everywhere
+    torch.testing.assert_close(out - flat, _gaussian_blur(y + r - flat, 1.0))  # its difference to the input blurred
+    assert hp(out).pow(2).mean() < 0.1 * hp(plain(y, flat)).pow(2).mean()  # the speckle's energy mostly gone
+    torch.testing.assert_close(guarded(y, textured), plain(y, textured))  # textured input: unchanged
+    torch.testing.assert_close(guarded(y, flat, 0.5), y + 0.5 * (out - y))
+    assert torch.equal(guarded(y, flat, 0.0), y)
+    assert FidelityNet.from_config(guarded.config()).flat_guard == 0.02 and "flat_guard" not in plain.config()
+    with pytest.raises(ValueError, match="flat_guard must be in"):
+        FidelityNet(flat_guard=0.0)
+
+
 @pytest.fixture(scope="module")
 def sr_entry(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid")
@@ -91,3 +122,21 @@ def test_an_entry_carries_its_module_hashed_and_refuses_a_tampered_or_missing_on
     (installed / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ZooError, match=r"fidelity.*'default' must be a number in \[0, 1\]"):
         verify_entry(installed)
+
+
+def test_an_entry_keeps_its_flat_guard_and_refuses_a_bad_one(sr_entry, tmp_path):
+    """The guard's threshold is part of the module's architecture in the manifest: loaded back as it was saved;
+    a manifest edited to an impossible threshold is refused naming the file."""
+    root, bb = sr_entry
+    net = randomised(FidelityNet(width=8, blocks=1, head=4, flat_guard=0.01))
+    dest = add_fidelity(root / "sr", tmp_path / "guarded", net, default=1.0, training={})
+    assert verify_entry(dest).fidelity["architecture"]["flat_guard"] == 0.01
+    loaded = load_entry(dest, bb.unet, bb.fingerprint).fidelity
+    y, c = torch.rand(1, 3, 16, 16), torch.full((1, 3, 16, 16), 0.5)
+    assert loaded.flat_guard == 0.01
+    torch.testing.assert_close(loaded(y, c, 1.0), net(y, c, 1.0))
+    m = json.loads((dest / "manifest.json").read_text())
+    m["fidelity"]["architecture"]["flat_guard"] = 3
+    (dest / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ZooError, match="does not fit its fidelity architecture.*flat_guard must be in"):
+        load_entry(dest, bb.unet, bb.fingerprint)
