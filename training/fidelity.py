@@ -15,7 +15,8 @@ own served outputs, and install it into the entry.
    `--sampler` picks another servable super-resolution sampler (the one the entry will serve with); the pool's
    settings are kept beside it (`pool/settings.json`) and a pool made with other settings is refused.
 2. Training: L1 between y + R(y, c) and the truth (w = 1; `--pixel-loss rmse`: the root of the batch's mean
-   squared error, the error PSNR counts, at the L1's scale so `--flat-weight` keeps its meaning), random flips and quarter turns of all three images
+   squared error, the error PSNR counts, at the L1's scale so `--flat-weight` keeps its meaning; `l1+rmse`: their
+   mean), random flips and quarter turns of all three images
    together, AdamW; a checkpoint every `--checkpoint-every` steps (atomic; `--resume` continues the newest).
    `--flat-weight` adds the L1 of the error's high frequencies where the truth is flat (`flat_error`): speckle
    on a patch of sky is a small share of a per-pixel loss and the most visible thing the decoder invents.
@@ -175,16 +176,19 @@ def flat_error(out: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (hf * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-PIXEL_LOSSES = ("l1", "rmse")
+PIXEL_LOSSES = ("l1", "rmse", "l1+rmse")
 
 
 def pixel_error(out: torch.Tensor, truth: torch.Tensor, kind: str) -> torch.Tensor:
     """The per-pixel term: "l1" the mean absolute error (its minimiser a median, which keeps an uncertain edge
     sharp); "rmse" the root of the mean squared error (its minimiser the mean, which PSNR rewards: an edge whose
-    place the input does not fix comes out as soft as the uncertainty), the root so its size is the L1's."""
-    if kind == "l1":
-        return F.l1_loss(out, truth)
-    return F.mse_loss(out, truth).clamp_min(1e-12).sqrt()
+    place the input does not fix comes out as soft as the uncertainty), the root so its size is the L1's;
+    "l1+rmse" their mean (measured: rmse alone raises PSNR and lowers SSIM, docs/results.md)."""
+    l1 = F.l1_loss(out, truth) if kind in ("l1", "l1+rmse") else None
+    rmse = F.mse_loss(out, truth).clamp_min(1e-12).sqrt() if kind in ("rmse", "l1+rmse") else None
+    if l1 is None:
+        return rmse
+    return l1 if rmse is None else 0.5 * (l1 + rmse)
 
 
 def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: int, lr: float, seed: int,
@@ -297,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flat-weight", type=float, default=0.0,
                    help="weight of the high-frequency error on the truth's flat regions beside the L1 (default 0)")
     p.add_argument("--pixel-loss", choices=PIXEL_LOSSES, default="l1",
-                   help="the per-pixel term: l1 (default) or rmse (the root of the mean squared error)")
+                   help="the per-pixel term: l1 (default), rmse (the root of the mean squared error) or l1+rmse (their mean)")
     p.add_argument("--max-train-steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)

@@ -106,6 +106,7 @@ def test_pixel_error_l1_and_rmse_by_hand():
     assert fidelity.pixel_error(even, truth, "rmse").item() == pytest.approx(0.1)
     assert fidelity.pixel_error(one, truth, "l1").item() == pytest.approx(0.1)
     assert fidelity.pixel_error(one, truth, "rmse").item() == pytest.approx(0.2)
+    assert fidelity.pixel_error(one, truth, "l1+rmse").item() == pytest.approx(0.15)
     x = truth.clone().requires_grad_()
     fidelity.pixel_error(x, truth, "rmse").backward()  # no NaN at a zero error
     assert torch.isfinite(x.grad).all()
