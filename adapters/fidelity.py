@@ -56,26 +56,37 @@ GUARD_WINDOW = 7  # pixels: the window of the input's local std (training/metric
 GUARD_SIGMA = 1.0  # the Gaussian blur whose residual is the high-frequency part (training/metrics.HF_SIGMA)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Per-channel Gaussian blur, radius 3 sigma, reflected at the borders."""
-    r = max(1, int(3 * sigma + 0.5))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=x.device) ** 2 / (2 * sigma**2))
-    k = (k / k.sum()).to(x.dtype)
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] RGB in [0, 1] -> [B, 1, H, W] Rec. 601 luma, float32 (one channel is returned as it is)."""
+    if x.shape[1] == 1:
+        return x.float()
+    r, g, b = x.float().unbind(1)
+    return (0.299 * r + 0.587 * g + 0.114 * b)[:, None]
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (radius 3 sigma), reflect-padded: the image's size and dtype are kept."""
+    radius = max(1, round(3 * sigma))
+    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2) / (2 * sigma**2))
+    k = (k / k.sum()).to(x.device, x.dtype)
     c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def local_std(y: torch.Tensor, window: int, padding: str = "replicate") -> torch.Tensor:
+    """The standard deviation of `y` ([B, 1, H, W]) over each pixel's `window` x `window` neighbourhood, the borders
+    padded by `padding` (F.pad's mode)."""
+    pad = window // 2
+    padded = F.pad(y, (pad, pad, pad, pad), mode=padding)
+    mean = F.avg_pool2d(padded, window, 1)
+    return (F.avg_pool2d(padded * padded, window, 1) - mean * mean).clamp_min(0).sqrt()
 
 
 def input_flatness(cond: torch.Tensor, threshold: float, window: int = GUARD_WINDOW) -> torch.Tensor:
     """[B, 1, H, W] in [0, 1]: 1 where the condition ([-1, 1]) is flat, its luminance's local std (in [0, 1]) over
     `window` x `window` under `threshold`, falling linearly to 0 at twice the threshold."""
-    x = (cond.float() + 1) / 2
-    y = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    pad = window // 2
-    mean = F.avg_pool2d(F.pad(y, (pad,) * 4, mode="reflect"), window, stride=1)
-    sq = F.avg_pool2d(F.pad(y * y, (pad,) * 4, mode="reflect"), window, stride=1)
-    std = (sq - mean * mean).clamp_min(0).sqrt()
+    std = local_std(luminance((cond + 1) / 2), window, "reflect")
     return ((2 * threshold - std) / threshold).clamp(0, 1).to(cond.dtype)
 
 
@@ -129,7 +140,7 @@ class FidelityNet(nn.Module):
         r = self.correction(y, cond)
         if self.flat_guard is not None:
             d = y + r - cond
-            r = r - input_flatness(cond, self.flat_guard) * (d - _gaussian_blur(d, GUARD_SIGMA))
+            r = r - input_flatness(cond, self.flat_guard) * (d - gaussian_blur(d, GUARD_SIGMA))
         if isinstance(w, torch.Tensor):
             w = w.to(r.dtype).reshape(-1, 1, 1, 1)
         return y + w * r

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..adapters.fidelity import gaussian_blur, local_std, luminance  # noqa: F401 (also this module's API)
+
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [0, 1], shape [B, C, H, W]."""
@@ -131,34 +133,11 @@ FLAT_ERODE = 3  # pixels: the flat mask shrunk this far, so an edge's blur never
 HF_SIGMA = 1.0  # the Gaussian blur whose residual is the high-frequency part
 
 
-def luminance(x: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] RGB in [0, 1] -> [B, 1, H, W] Rec. 601 luma (one channel is returned as it is)."""
-    if x.shape[1] == 1:
-        return x.float()
-    r, g, b = x.float().unbind(1)
-    return (0.299 * r + 0.587 * g + 0.114 * b)[:, None]
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur (radius 3 sigma), reflect-padded: the image's size is kept."""
-    radius = max(1, round(3 * sigma))
-    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2) / (2 * sigma**2))
-    k = (k / k.sum()).float().to(x.device)
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def flat_mask(truth: torch.Tensor, threshold: float = FLAT_STD, window: int = FLAT_WINDOW,
               erode: int = FLAT_ERODE) -> torch.Tensor:
     """[B, 1, H, W] bool: where the truth is flat, its luminance's std over a `window` x `window` neighbourhood
     under `threshold`, the mask then eroded by `erode` pixels (a pixel stays flat only if all within `erode` are)."""
-    y = luminance(truth)
-    pad = window // 2
-    padded = F.pad(y, (pad, pad, pad, pad), mode="replicate")
-    mean = F.avg_pool2d(padded, window, 1)
-    std = (F.avg_pool2d(padded * padded, window, 1) - mean * mean).clamp_min(0).sqrt()
-    flat = (std < threshold).float()
+    flat = (local_std(luminance(truth), window) < threshold).float()
     if erode:
         flat = -F.max_pool2d(-F.pad(flat, (erode,) * 4, value=1.0), 2 * erode + 1, 1)
     return flat > 0.5

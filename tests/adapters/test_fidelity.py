@@ -49,7 +49,7 @@ def test_flat_guard_takes_invented_texture_off_flat_input_only_by_hand():
     """Where the input is flat the guarded output is the input plus the blurred difference of the module's output
     to it (speckle the input does not hold is blurred away; a colour shift stays); where the input has texture the
     output is the unguarded one; w scales both; the threshold travels in the config."""
-    from cdd.adapters.fidelity import _gaussian_blur, input_flatness
+    from cdd.adapters.fidelity import gaussian_blur, input_flatness
 
     g = torch.Generator().manual_seed(0)
     flat = torch.full((1, 3, 32, 32), 0.2)
@@ -63,10 +63,10 @@ def test_flat_guard_takes_invented_texture_off_flat_input_only_by_hand():
     y = flat + torch.randn(1, 3, 32, 32, generator=g) * 0.1  # a decoded output with speckle on a flat input
     r = plain(y, flat) - y
     out = guarded(y, flat)
-    hp = lambda x: x - _gaussian_blur(x, 1.0)
+    hp = lambda x: x - gaussian_blur(x, 1.0)
     assert hp(plain(y, flat)).abs().mean() > 0.01
     torch.testing.assert_close(out, y + r - hp(y + r - flat))  # by hand: m = 1 everywhere
-    torch.testing.assert_close(out - flat, _gaussian_blur(y + r - flat, 1.0))  # its difference to the input blurred
+    torch.testing.assert_close(out - flat, gaussian_blur(y + r - flat, 1.0))  # its difference to the input blurred
     assert hp(out).pow(2).mean() < 0.1 * hp(plain(y, flat)).pow(2).mean()  # the speckle's energy mostly gone
     torch.testing.assert_close(guarded(y, textured), plain(y, textured))  # textured input: unchanged
     torch.testing.assert_close(guarded(y, flat, 0.5), y + 0.5 * (out - y))
