@@ -31,8 +31,9 @@ def main() -> None:
     if net is None:
         raise SystemExit(f"{args.module_from} has no fidelity module")
     if args.flat_guard is not None:
-        net = FidelityNet.from_config({**net.config(), "flat_guard": args.flat_guard}).requires_grad_(False)
-        net.load_state_dict(load_fidelity(args.module_from, donor).state_dict())
+        guarded = FidelityNet.from_config({**net.config(), "flat_guard": args.flat_guard})
+        guarded.load_state_dict(net.state_dict())
+        net = guarded
     training = {**donor.fidelity["training"], "grafted_from": str(args.module_from)}
     with tempfile.TemporaryDirectory() as tmp:
         grafted = add_fidelity(args.entry, Path(tmp) / "entry", net, default=donor.fidelity["default"], training=training)

@@ -184,18 +184,17 @@ def pixel_error(out: torch.Tensor, truth: torch.Tensor, kind: str) -> torch.Tens
     sharp); "rmse" the root of the mean squared error (its minimiser the mean, which PSNR rewards: an edge whose
     place the input does not fix comes out as soft as the uncertainty), the root so its size is the L1's;
     "l1+rmse" their mean (measured: rmse alone raises PSNR and lowers SSIM, docs/results.md)."""
-    l1 = F.l1_loss(out, truth) if kind in ("l1", "l1+rmse") else None
-    rmse = F.mse_loss(out, truth).clamp_min(1e-12).sqrt() if kind in ("rmse", "l1+rmse") else None
-    if l1 is None:
-        return rmse
-    return l1 if rmse is None else 0.5 * (l1 + rmse)
+    if kind == "l1":
+        return F.l1_loss(out, truth)
+    rmse = F.mse_loss(out, truth).clamp_min(1e-12).sqrt()
+    return rmse if kind == "rmse" else 0.5 * (F.l1_loss(out, truth) + rmse)
 
 
 def train(pool: dict[str, torch.Tensor], out: Path, *, steps: int, batch_size: int, lr: float, seed: int,
           checkpoint_every: int, architecture: dict, resume: bool, holdout: int | None = None, flat_weight: float = 0.0,
           pixel_loss: str = "l1", log=print) -> Path:
     """Train R on the pool (its last `holdout` samples, default an eighth up to 256, kept for validation); returns
-    the final checkpoint. `pixel_loss`: "l1" or "rmse" (`pixel_error`); `flat_weight`: the weight of `flat_error`
+    the final checkpoint. `pixel_loss`: one of PIXEL_LOSSES (`pixel_error`); `flat_weight`: the weight of `flat_error`
     beside it. SIGINT / SIGTERM: the step in
     progress is finished, checkpointed, and `FidelityInterrupted` raised."""
     if pixel_loss not in PIXEL_LOSSES:
