@@ -80,6 +80,10 @@ class CoDiLoss:
     # x + w (x_c - x_u) (the data itself at w = 0); False: the data at every w, which anchors every w to the
     # unguided data (measured: the student then ignored w)
     guided_cond_term: bool = True
+    # guided only, with guided_cond_term: the point moved along the direction, "data" (x + w (x_c - x_u)) or "teacher"
+    # (x_c + w (x_c - x_u), the guided teacher's own x_hat: the same target in expectation when x_c = E[x | z_t], without
+    # the data's spread around it, which at large t is far larger than the w-dependent part the student must learn)
+    guided_cond_target: str = "data"
     # guided only: what the teacher's unconditional branch drops (denoiser.both_branches): "text" (the teacher with
     # the condition and ""), "text+condition" (the backbone alone with ""), or "text+condition-if-empty" (the
     # backbone alone for the samples whose prompt is "", the teacher with the condition and "" for the others)
@@ -90,6 +94,8 @@ class CoDiLoss:
             raise ValueError("guided CoDi needs empty_text (the embedding of \"\") and set_w")
         if self.guidance is not None and self.prev_predictor == "ddim":
             raise ValueError("guided CoDi takes the step with the guided teacher: prev_predictor prev or teacher, not ddim")
+        if self.guided_cond_target not in ("data", "teacher"):
+            raise ValueError(f"guided_cond_target {self.guided_cond_target!r} is not data or teacher")
         if self.unconditional not in UNCONDITIONAL:
             raise ValueError(f"unconditional {self.unconditional!r} is not one of {', '.join(UNCONDITIONAL)}")
         if self.prev_predictor not in ("prev", "ddim", "teacher"):
@@ -126,8 +132,8 @@ class CoDiLoss:
         if self.guidance is not None:
             x_w, eps_w, shift = self.guided_teacher(teacher, z_t, t, c, text, w)
             x_step, eps_step = (x_w, eps) if self.prev_predictor == "prev" else (x_w, eps_w)   # eq. 12 / eq. 6
-            if self.guided_cond_term:
-                truth = x + shift                                                # x + w (x_c - x_u)
+            if self.guided_cond_term:                                            # x + w (x_c - x_u), or x_c + w (x_c - x_u)
+                truth = (x if self.guided_cond_target == "data" else x_w - shift) + shift
         elif self.prev_predictor == "prev":
             x_step, eps_step = x_hat_t.detach(), eps                            # eq. 12: PREv, the real noise
         elif self.prev_predictor == "ddim":
@@ -346,6 +352,7 @@ def build_objective(config, schedule: NoiseSchedule, *, empty_text: torch.Tensor
         empty_text=empty_text if guided else None,
         set_w=set_w if guided else None,
         guided_cond_term=config.guided_cond_term,
+        guided_cond_target=config.guided_cond_target,
         unconditional=config.guidance_unconditional,
         N=config.steps,
         r=config.cond_weight,

@@ -91,6 +91,8 @@ class TrainConfig:
     guidance_max: float = 2.0
     guidance: float = 0.0  # the w the entry is served with: 0 is the conditional teacher's own distribution
     guided_cond_term: bool = True  # guidance-aware codi: the r d_x term's target is x + w (x_c - x_u), not x alone
+    guided_cond_target: str = "data"  # guidance-aware codi: that target moves the data (x + w (x_c - x_u)) or the
+    # guided teacher's own prediction ("teacher": x_c + w (x_c - x_u), no spread of the data around x_c)
     guidance_unconditional: str = "text"  # guidance-aware codi: what the teacher's unconditional branch drops: the
     # text (the condition image goes to both branches), text+condition (the backbone alone with "": the guidance then
     # also pushes along the condition, and still does with the empty prompt), or text+condition-if-empty (the
@@ -165,6 +167,8 @@ class TrainConfig:
         _check("guidance_unconditional", self.guidance_unconditional,
                self.guidance_unconditional in ("text", "text+condition", "text+condition-if-empty"),
                "must be text, text+condition or text+condition-if-empty")
+        _check("guided_cond_target", self.guided_cond_target, self.guided_cond_target in ("data", "teacher"),
+               "must be data or teacher")
         _check("guidance", self.guidance, self.guidance_min <= self.guidance <= self.guidance_max,
                f"must be in [guidance_min, guidance_max] = [{self.guidance_min}, {self.guidance_max}]")
         if self.method in FROM_ENTRY and not self.init_from:

@@ -361,6 +361,14 @@ def test_guided_codi_steps_with_the_classifier_free_guided_teacher(schedule, bat
     student = Recorder(1)
     terms = plain(student, Recorder(2), TextTeacher(), x, c, text, torch.Generator().manual_seed(7))
     torch.testing.assert_close(terms.parts["guidance"], ((student.x_hat - x) ** 2).mean())
+    # ... or the guided teacher's own prediction moved along it, x_c + w (x_c - x_u) (guided_cond_target="teacher")
+    own = CoDiLoss(schedule, N=N, prev_predictor=predictor, guidance=(0.5, 3.0), empty_text=empty,
+                   set_w=lambda w: None, guided_cond_target="teacher")
+    student = Recorder(1)
+    terms = own(student, Recorder(2), TextTeacher(), x, c, text, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(terms.parts["guidance"], ((student.x_hat - x_w) ** 2).mean())
+    with pytest.raises(ValueError, match="guided_cond_target 'mean' is not data or teacher"):
+        CoDiLoss(schedule, N=N, guidance=(0.5, 3.0), empty_text=empty, set_w=lambda w: None, guided_cond_target="mean")
 
 
 class ConditionTextTeacher(TextTeacher):
