@@ -91,6 +91,7 @@ class TrainConfig:
     guidance_max: float = 2.0
     guidance: float = 0.0  # the w the entry is served with: 0 is the conditional teacher's own distribution
     guided_cond_term: bool = True  # guidance-aware codi: the r d_x term's target is x + w (x_c - x_u), not x alone
+    guidance_lr_scale: float = 1.0  # guidance-aware codi: the w branch (the adapter's w projection) learns at lr x this
     guided_cond_target: str = "data"  # guidance-aware codi: that target moves the data (x + w (x_c - x_u)) or the
     # guided teacher's own prediction ("teacher": x_c + w (x_c - x_u), no spread of the data around x_c)
     guidance_unconditional: str = "text"  # guidance-aware codi: what the teacher's unconditional branch drops: the
@@ -167,6 +168,7 @@ class TrainConfig:
         _check("guidance_unconditional", self.guidance_unconditional,
                self.guidance_unconditional in ("text", "text+condition", "text+condition-if-empty"),
                "must be text, text+condition or text+condition-if-empty")
+        _check("guidance_lr_scale", self.guidance_lr_scale, self.guidance_lr_scale > 0, "must be positive")
         _check("guided_cond_target", self.guided_cond_target, self.guided_cond_target in ("data", "teacher"),
                "must be data or teacher")
         _check("guidance", self.guidance, self.guidance_min <= self.guidance <= self.guidance_max,

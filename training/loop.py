@@ -97,6 +97,21 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
+W_BRANCH = "time_embedding.cond_proj."  # the controlnet-guided adapter's only w-specific weights (its w projection)
+
+
+def parameter_groups(trainable: dict[str, nn.Parameter], config: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: one at `lr`, and with `guidance_lr_scale` != 1 the w branch of a
+    controlnet-guided student (`W_BRANCH`) in a second group at lr x that scale. The groups' order is fixed, so a
+    resumed optimizer state lands on the same parameters."""
+    w_branch = [p for name, p in trainable.items() if W_BRANCH in name] if config.guidance_lr_scale != 1 else []
+    if not w_branch:
+        return [{"params": list(trainable.values())}]
+    ids = {id(p) for p in w_branch}
+    return [{"params": [p for p in trainable.values() if id(p) not in ids]},
+            {"params": w_branch, "lr": config.lr * config.guidance_lr_scale}]
+
+
 # theta^-: the EMA of the trainable parameters, and forwards with substituted weights
 
 
@@ -392,8 +407,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         _cast_frozen(teacher.adapter, weight_dtype)
 
     # 3. Optimizer on the trainable parameters only; theta^- the EMA of exactly those.
-    optimizer = torch.optim.AdamW(trainable.values(), lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(trainable, config), lr=config.lr, betas=config.adam_betas,
+                                  eps=config.adam_eps, weight_decay=config.weight_decay)
     ema = EMA(trainable, config.ema, warmup=config.method == "finetune")
     student, optimizer = accelerator.prepare(student_module, optimizer)
     ema_target = WithWeights(student_module, ema.shadow)

@@ -36,7 +36,7 @@ from .data.degradations import DEFAULT_TRAINING_PRESET, DEGRADATION_PRESETS
 CODI_OPTIONS = ("prev_predictor", "consistency_space", "distance", "huber_c", "cond_weight", "cond_weighting", "same_t",
                 "steps")
 GD_OPTIONS = ("gd_stage", "gd_steps", "guidance_min", "guidance_max", "guidance")
-GUIDED_CODI_ONLY = ("guided_cond_term", "guided_cond_target", "guidance_unconditional")  # the guided teacher of CoDi; GD has its own loss
+GUIDED_CODI_ONLY = ("guided_cond_term", "guided_cond_target", "guidance_unconditional", "guidance_lr_scale")  # the guided teacher of CoDi; GD has its own loss
 GUIDED_CODI_OPTIONS = ("guidance_min", "guidance_max", "guidance") + GUIDED_CODI_ONLY  # codi with --adapter controlnet-guided
 # Options a method has no use for (given anyway, they are refused rather than silently ignored).
 EDIT_WEIGHT = ("changed_weight",)  # finetune's diffusion loss and codi's guidance term
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plain-cond-term", dest="guided_cond_term", action="store_false",
                    help="guidance-aware CoDi: the conditional term's target is the data at every w (ablation); by "
                         "default it is x + w (x_c - x_u), the data moved along the guided teacher's direction")
+    g.add_argument("--guidance-lr-scale", type=float,
+                   help="guidance-aware CoDi: the student's w branch (the adapter's projection of w into its time "
+                        f"embedding, zero at the start) learns at --lr x this (default {d.guidance_lr_scale})")
     g.add_argument("--guided-cond-target", choices=("data", "teacher"),
                    help="guidance-aware CoDi: the conditional term's target is the data moved along the guided "
                         "teacher's direction, x + w (x_c - x_u), or the guided teacher's own prediction, "

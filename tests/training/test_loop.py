@@ -342,3 +342,20 @@ def test_caption_dropout_and_the_noise_removed_log(tmp_path, pixel_backbone_dir)
     assert 0 < seen[0.5].count("") < 18  # some captions dropped, not all
     logged = [json.loads(line) for line in (tmp_path / "0.5" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(-1 < row[f"noise_removed/t{t}"] < 2 for row in logged for t in (19, 99, 249))
+
+
+def test_the_w_branch_learns_at_its_own_rate():
+    from cdd.training.loop import parameter_groups
+
+    names = ["adapter.controlnet.conv_in.weight", "adapter.controlnet.time_embedding.cond_proj.weight",
+             "adapter.controlnet.time_embedding.linear_1.weight"]
+    trainable = {n: torch.nn.Parameter(torch.zeros(2)) for n in names}
+    one = parameter_groups(trainable, TrainConfig(task="depth", lr=1e-4))
+    assert len(one) == 1 and one[0]["params"] == list(trainable.values())
+    two = parameter_groups(trainable, TrainConfig(task="depth", lr=1e-4, guidance_lr_scale=10))
+    assert [len(g["params"]) for g in two] == [2, 1] and two[1]["params"][0] is trainable[names[1]]
+    assert "lr" not in two[0] and two[1]["lr"] == pytest.approx(1e-3)
+    opt = torch.optim.AdamW(two, lr=1e-4)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-4), pytest.approx(1e-3)]
+    with pytest.raises(ConfigError, match="guidance_lr_scale"):
+        TrainConfig(task="depth", guidance_lr_scale=0)
