@@ -33,7 +33,6 @@ def main() -> None:
     p.add_argument("--w", default="1,2,3")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.manual_seed(args.seed)
     backbone = load_backbone(default_backbone_dir(), device=torch.device("cpu"))
     (student_c,), (teacher_c,) = (resolve_adapters(f"{n}={e}", None, "depth", None)
                                   for n, e in (("student", args.student), ("teacher", args.teacher)))

@@ -24,6 +24,7 @@ import torch
 from ..runtime.diffusion.denoiser import both_branches
 from ..runtime.diffusion.schedule import FINAL, NoiseSchedule, boundary_scalings
 from .condition_metrics import changed_region
+from .config import GUIDED_COND_TARGETS
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,7 +95,7 @@ class CoDiLoss:
             raise ValueError("guided CoDi needs empty_text (the embedding of \"\") and set_w")
         if self.guidance is not None and self.prev_predictor == "ddim":
             raise ValueError("guided CoDi takes the step with the guided teacher: prev_predictor prev or teacher, not ddim")
-        if self.guided_cond_target not in ("data", "teacher"):
+        if self.guided_cond_target not in GUIDED_COND_TARGETS:
             raise ValueError(f"guided_cond_target {self.guided_cond_target!r} is not data or teacher")
         if self.unconditional not in UNCONDITIONAL:
             raise ValueError(f"unconditional {self.unconditional!r} is not one of {', '.join(UNCONDITIONAL)}")
@@ -132,8 +133,8 @@ class CoDiLoss:
         if self.guidance is not None:
             x_w, eps_w, shift = self.guided_teacher(teacher, z_t, t, c, text, w)
             x_step, eps_step = (x_w, eps) if self.prev_predictor == "prev" else (x_w, eps_w)   # eq. 12 / eq. 6
-            if self.guided_cond_term:                                            # x + w (x_c - x_u), or x_c + w (x_c - x_u)
-                truth = (x if self.guided_cond_target == "data" else x_w - shift) + shift
+            if self.guided_cond_term:                 # x + w (x_c - x_u), or the guided teacher's x_w = x_c + w (x_c - x_u)
+                truth = x + shift if self.guided_cond_target == "data" else x_w
         elif self.prev_predictor == "prev":
             x_step, eps_step = x_hat_t.detach(), eps                            # eq. 12: PREv, the real noise
         elif self.prev_predictor == "ddim":

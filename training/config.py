@@ -23,6 +23,7 @@ METHODS = ("codi", "finetune", "cm", "gd")
 PREV_PREDICTORS = ("prev", "ddim", "teacher")
 CONSISTENCY_SPACES = ("eps", "x")
 DISTANCES = ("l2", "huber")
+GUIDED_COND_TARGETS = ("data", "teacher")  # guidance-aware CoDi: what its conditional term moves along the guidance
 COND_WEIGHTINGS = ("x", "truncated-snr")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -169,7 +170,7 @@ class TrainConfig:
                self.guidance_unconditional in ("text", "text+condition", "text+condition-if-empty"),
                "must be text, text+condition or text+condition-if-empty")
         _check("guidance_lr_scale", self.guidance_lr_scale, self.guidance_lr_scale > 0, "must be positive")
-        _check("guided_cond_target", self.guided_cond_target, self.guided_cond_target in ("data", "teacher"),
+        _check("guided_cond_target", self.guided_cond_target, self.guided_cond_target in GUIDED_COND_TARGETS,
                "must be data or teacher")
         _check("guidance", self.guidance, self.guidance_min <= self.guidance <= self.guidance_max,
                f"must be in [guidance_min, guidance_max] = [{self.guidance_min}, {self.guidance_max}]")

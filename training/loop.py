@@ -107,8 +107,7 @@ def parameter_groups(trainable: dict[str, nn.Parameter], config: TrainConfig) ->
     w_branch = [p for name, p in trainable.items() if W_BRANCH in name] if config.guidance_lr_scale != 1 else []
     if not w_branch:
         return [{"params": list(trainable.values())}]
-    ids = {id(p) for p in w_branch}
-    return [{"params": [p for p in trainable.values() if id(p) not in ids]},
+    return [{"params": [p for name, p in trainable.items() if W_BRANCH not in name]},
             {"params": w_branch, "lr": config.lr * config.guidance_lr_scale}]
 
 

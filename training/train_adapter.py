@@ -22,6 +22,7 @@ from .config import (
     COND_WEIGHTINGS,
     CONSISTENCY_SPACES,
     DISTANCES,
+    GUIDED_COND_TARGETS,
     METHODS,
     MIXED_PRECISION,
     PREV_PREDICTORS,
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-lr-scale", type=float,
                    help="guidance-aware CoDi: the student's w branch (the adapter's projection of w into its time "
                         f"embedding, zero at the start) learns at --lr x this (default {d.guidance_lr_scale})")
-    g.add_argument("--guided-cond-target", choices=("data", "teacher"),
+    g.add_argument("--guided-cond-target", choices=GUIDED_COND_TARGETS,
                    help="guidance-aware CoDi: the conditional term's target is the data moved along the guided "
                         "teacher's direction, x + w (x_c - x_u), or the guided teacher's own prediction, "
                         f"x_c + w (x_c - x_u) (default {d.guided_cond_target})")
