@@ -3,7 +3,8 @@
     cdd-eval --task depth --adapters codi=runs/depth/entry,finetune=runs/depth-ft/entry --steps 1,2,4
 
 Held-out data: the first N samples of the scenes world drawn with EVAL_SEED = 20261125, a seed no
-training run uses by default (training streams use seed 0, their validation grids seed 1); for
+training run uses by default (training streams use seed 0, their validation grids seed 1; `--data-seed` draws
+another stream, e.g. 7, a tuning stream to choose a setting on before it is measured on the held-out one); for
 super-resolution, `--dataset photos` takes N patches of the held-out photographs instead (astronaut,
 chelsea, flower; positions from EVAL_SEED), degraded with `--degradation` (default realesrgan, the
 published settings). Every adapter, sampler and step count sees the same N conditions, the same prompts
@@ -475,10 +476,11 @@ def probe_sets(truth: torch.Tensor, other: torch.Tensor, other_name: str = "othe
     }
 
 
-def other_scene_sets(task: str, num_images: int, resolution: int, dataset: str = "scenes") -> list[torch.Tensor]:
+def other_scene_sets(task: str, num_images: int, resolution: int, dataset: str = "scenes",
+                     data_seed: int = EVAL_SEED) -> list[torch.Tensor]:
     """The targets of `num_images` *other* scenes of the world (or patches of the held-out photographs),
-    OTHER_SCENE_SETS sets (streams EVAL_SEED + 1, + 2, ...)."""
-    return [quantise(held_out(task, num_images, resolution, seed=EVAL_SEED + i, dataset=dataset)["target"])
+    OTHER_SCENE_SETS sets (streams data_seed + 1, + 2, ...)."""
+    return [quantise(held_out(task, num_images, resolution, seed=data_seed + i, dataset=dataset)["target"])
             for i in range(1, OTHER_SCENE_SETS + 1)]
 
 
@@ -516,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=64, help="held-out images per row (default 64; at least 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed SEED + i (default 0)")
+    p.add_argument("--data-seed", type=int, default=EVAL_SEED,
+                   help=f"the stream the images and conditions come from (default {EVAL_SEED}, the held-out stream); "
+                        "another seed, e.g. 7, is a tuning stream to choose a setting on before measuring it on the "
+                        "held-out one")
     p.add_argument("--resolution", type=int, default=None, help="default: the entries' condition resolution")
     p.add_argument("--backbone", type=Path, default=default_backbone_dir())
     p.add_argument("--zoo", type=Path, default=default_zoo_dir())
@@ -600,7 +606,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     if steps[-1] > backbone.schedule.num_train_timesteps:
         raise EvalError(f"--steps: {steps[-1]} exceeds the backbone's {backbone.schedule.num_train_timesteps} timesteps")
 
-    results = {"task": args.task, "num_images": args.num_images, "rows": [], "seed": args.seed, "data_seed": EVAL_SEED,
+    results = {"task": args.task, "num_images": args.num_images, "rows": [], "seed": args.seed, "data_seed": args.data_seed,
                "resolution": resolution, "backbone_fingerprint": backbone.fingerprint, "device": str(device),
                "dataset": args.dataset, "degradation": degradation, "prompt": prompt, "notes": {}}
     previous = None
@@ -613,7 +619,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                                 f"{results[key]!r}; its rows would not be comparable")
 
     # 3. The held-out set, its text embeddings, and the reference images (saved for the grid).
-    data = held_out(args.task, args.num_images, resolution, dataset=args.dataset, degradation=degradation)
+    data = held_out(args.task, args.num_images, resolution, seed=args.data_seed, dataset=args.dataset,
+                    degradation=degradation)
     truth = quantise(data["target"])
     # The prompts the rows are sampled with; the captions stay the ground truth the attribute agreement checks.
     text_emb = backbone.encode_text(data["text"] if prompt == "caption" else [""] * args.num_images)
@@ -629,7 +636,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     results["swd_truth_vs_itself"] = float(sliced_wasserstein(truth, truth)["swd"])  # the estimator's own floor
     if sr:  # the truth's own high-frequency energy where it is flat: what a faithful output has there
         results["flat_hf_truth"] = mean_flat_hf(truth, truth)
-    others = other_scene_sets(args.task, args.num_images, resolution, args.dataset)
+    others = other_scene_sets(args.task, args.num_images, resolution, args.dataset, data_seed=args.data_seed)
     results["swd_other_scenes"] = swd_other_scenes(args.task, args.num_images, resolution, truth, others)
     save_grid(out / "images" / "condition.png", to_uint8(data["condition"][:GRID_EXAMPLES]))
     save_grid(out / "images" / "target.png", to_uint8(truth[:GRID_EXAMPLES]))

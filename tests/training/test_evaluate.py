@@ -196,6 +196,25 @@ def test_append_replaces_a_row_and_keeps_the_others(first, zoo, pixel_backbone_d
     assert rc == 2 and "num_images 3, this run 2" in err
 
 
+def test_data_seed_draws_another_stream_and_is_not_merged_with_the_held_out_one(first, zoo, pixel_backbone_dir,
+                                                                              tmp_path, empty_hub):
+    out = tmp_path / "out"
+    shutil.copytree(first[0], out)
+    tuning = tmp_path / "tuning"
+    rc, _, err = run(*common(zoo, pixel_backbone_dir), "--adapters", "a", "--steps", "2", "--data-seed", 7, "--out", tuning)
+    assert rc == 0, err
+    results = json.loads((tuning / "results.json").read_text())
+    assert results["data_seed"] == 7
+    truth = png(tuning / "images" / "target.png")
+    samples = list(itertools.islice(iter(build_dataset("depth", "scenes", size=16, seed=7)), 3))
+    mine = ((torch.stack([s["target"] for s in samples]) + 1) * 127.5).round().numpy().transpose(0, 2, 3, 1)
+    assert np.abs(truth.astype(np.int64) - mine.reshape(48, 16, 3)).max() <= 1  # the stream of seed 7, not EVAL_SEED
+    assert not np.array_equal(truth, png(out / "images" / "target.png"))
+    rc, _, err = run(*common(zoo, pixel_backbone_dir), "--adapters", "a", "--steps", "2", "--data-seed", 7, "--out", out,
+                     "--append")
+    assert rc == 2 and f"data_seed {ev.EVAL_SEED}, this run 7" in err
+
+
 def test_lora_full_and_guided_entries_are_sampled_as_trained(pixel_backbone_dir, pixel_backbone, tmp_path, empty_hub):
     # three entries with the same adapter weights (seed 3): plain, plus a backbone LoRA, plus a fine-tuned UNet;
     # all sampled with their manifest's sampler (cm), and a Guided-Distillation entry with its own (gd)
