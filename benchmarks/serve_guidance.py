@@ -12,7 +12,6 @@ CPU figures depend on the machine's load: compare rows of one run, never with GP
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cdd.adapters.zoo import default_backbone_dir
+from cdd.adapters.zoo import default_backbone_dir, install_entry
 from cdd.runtime.diffusion.denoiser import ClassifierFreeGuided
 from cdd.runtime.diffusion.samplers import initial_noise, sample_prev
 from cdd.runtime.serving.engine import Engine
@@ -37,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="a red sphere and a blue cube on a plain floor at noon")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as zoo:
-        for name, entry in (("guided", args.guided), ("plain", args.plain)):
-            shutil.copytree(entry, Path(zoo) / name)
+        for name, entry in (("guided", args.guided), ("plain", args.plain)):  # named apart: both may be `depth`
+            install_entry(entry, zoo, name=name)
         engine = Engine(ServeSettings(backbone=args.backbone, zoo=zoo, max_batch=1, max_wait_ms=0, warmup=False)).start()
         try:
             regs = {r.path.name: r for r in engine.pool.entries()}
