@@ -14,13 +14,13 @@ source, the edited scene asked for, today's entry, the guided entry at each --w.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from fastapi.testclient import TestClient
 
+from cdd.adapters.zoo import install_entry
 from cdd.runtime.serving.app import create_app
 from cdd.runtime.serving.settings import ServeSettings
 from cdd.training.data import scenes
@@ -46,7 +46,7 @@ def main() -> None:
     rows, captions = [], []
     with tempfile.TemporaryDirectory() as zoo:
         for name, entry in (("a-served", args.served), ("b-guided", args.guided)):
-            shutil.copytree(entry, Path(zoo) / name)
+            install_entry(entry, zoo, name=name)  # named apart: both may be the task's name
         with TestClient(create_app(ServeSettings(zoo=zoo))) as client:
             assert client.app.state.engine.wait_ready(300)
             names = {r.path.name: r.name for r in client.app.state.engine.pool.entries()}
