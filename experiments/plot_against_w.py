@@ -2,7 +2,8 @@
 # without the map"): each measure of a guidance-aware entry against its guidance weight w.
 """Each measure of a controlnet-guided entry's `cdd-eval --guidance` rows against w, one line per step count, the
 mean over noise seeds with its min-max bar, from the same cdd-eval folders seed_table.py reads (rows labelled
-'METHOD w=W'); an optional reference (e.g. the entry the guided one replaced) as a dashed line per step count.
+'METHOD w=W'); an optional reference (e.g. the entry the guided one replaced) as a dashed line per step count, or a dashed curve
+against w where its rows are 'REFERENCE w=W' too.
 
     python experiments/plot_against_w.py docs/results/guided-uncond/depth-caption-ifempty6000/seed{0,1000,2000} \
         --method guided-ifempty-6000 --metrics attr_recall,depth_edge_match,kid_attr,swd --out against_w.png
@@ -38,6 +39,7 @@ def main() -> None:
     if not lines:
         raise SystemExit(f"no rows labelled '{args.method} w=W' in {args.runs[0]}")
     reference = seed_rows(args.reference, metrics)[1] if args.reference else {}
+    ref_pattern = re.compile(rf"^{re.escape(args.reference_method)} w=([0-9.]+)$") if args.reference_method else None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,9 +52,17 @@ def main() -> None:
             ws = [w for w, _ in pts]
             y, err = means_and_bars([v[metric] for _, v in pts])
             ax.errorbar(ws, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=f"{steps} steps")
+            ref_curve = []  # a guided reference (rows 'REFERENCE w=W'): a dashed curve; else a dashed level
             for (method, _s, k), values in reference.items():
-                if k == steps and (args.reference_method is None or method == args.reference_method):
+                if k != steps:
+                    continue
+                m = ref_pattern.match(method) if ref_pattern else None
+                if m:
+                    ref_curve.append((float(m.group(1)), mean(values[metric])))
+                elif args.reference_method is None or method == args.reference_method:
                     ax.axhline(mean(values[metric]), color=f"C{i}", linestyle="--", linewidth=1)
+            if ref_curve:
+                ax.plot(*zip(*sorted(ref_curve)), color=f"C{i}", linestyle="--", linewidth=1, marker=".")
         ax.set_xlabel("guidance weight w")
         ax.set_title(label(metric))
         ax.grid(alpha=0.3)
