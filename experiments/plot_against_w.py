@@ -2,8 +2,8 @@
 # without the map"): each measure of a guidance-aware entry against its guidance weight w.
 """Each measure of a controlnet-guided entry's `cdd-eval --guidance` rows against w, one line per step count, the
 mean over noise seeds with its min-max bar, from the same cdd-eval folders seed_table.py reads (rows labelled
-'METHOD w=W'); an optional reference (e.g. the entry the guided one replaced) as a dashed line per step count, or a dashed curve
-against w where its rows are 'REFERENCE w=W' too.
+'METHOD w=W'); an optional reference (e.g. the entry the guided one replaced) as a dashed line per step count,
+or as a dashed curve against w where its rows are 'REFERENCE w=W' too.
 
     python experiments/plot_against_w.py docs/results/guided-uncond/depth-caption-ifempty6000/seed{0,1000,2000} \
         --method guided-ifempty-6000 --metrics attr_recall,depth_edge_match,kid_attr,swd --out against_w.png
