@@ -96,7 +96,7 @@ class CoDiLoss:
         if self.guidance is not None and self.prev_predictor == "ddim":
             raise ValueError("guided CoDi takes the step with the guided teacher: prev_predictor prev or teacher, not ddim")
         if self.guided_cond_target not in GUIDED_COND_TARGETS:
-            raise ValueError(f"guided_cond_target {self.guided_cond_target!r} is not data or teacher")
+            raise ValueError(f"guided_cond_target {self.guided_cond_target!r} is not {' or '.join(GUIDED_COND_TARGETS)}")
         if self.unconditional not in UNCONDITIONAL:
             raise ValueError(f"unconditional {self.unconditional!r} is not one of {', '.join(UNCONDITIONAL)}")
         if self.prev_predictor not in ("prev", "ddim", "teacher"):

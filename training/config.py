@@ -171,7 +171,7 @@ class TrainConfig:
                "must be text, text+condition or text+condition-if-empty")
         _check("guidance_lr_scale", self.guidance_lr_scale, self.guidance_lr_scale > 0, "must be positive")
         _check("guided_cond_target", self.guided_cond_target, self.guided_cond_target in GUIDED_COND_TARGETS,
-               "must be data or teacher")
+               "must be " + " or ".join(GUIDED_COND_TARGETS))
         _check("guidance", self.guidance, self.guidance_min <= self.guidance <= self.guidance_max,
                f"must be in [guidance_min, guidance_max] = [{self.guidance_min}, {self.guidance_max}]")
         if self.method in FROM_ENTRY and not self.init_from:
