@@ -35,6 +35,9 @@ RESUMABLE_CHANGES = frozenset(
      "zoo_out", "output", "backbone", "mixed_precision"}
 )
 
+ADVERSARIAL_FIELDS = frozenset(  # the distribution-level term (training/adversarial.py)
+    {"adversarial_weight", "adversarial_lr", "adversarial_t_max", "adversarial_text", "adversarial_start"})
+
 # Fields added after runs were saved without them, with the value those runs used when it differs from today's
 # default: a saved config.json lacking one is read with this value, so resuming it changes nothing.
 LEGACY_DEFAULTS = {"degradation": "realesrgan"}
@@ -113,6 +116,9 @@ class TrainConfig:
     adversarial_weight: float = 0.0  # W, the weight of the student's adversarial term in the loss
     adversarial_lr: float = 1e-3  # the discriminator heads' AdamW learning rate (1e-4: it had not learnt after 530 steps)
     adversarial_t_max: int = 249  # the discriminator's re-noising timestep t' ~ U{0..t_max}
+    adversarial_text: bool = False  # the heads also read the caption (a projection term per head)
+    adversarial_start: int = 0  # the term is on from this optimizer step (distil first, then add it, as ADD does);
+    # a run without the term may be resumed with it from a checkpoint at or before this step
 
     # super-resolution data
     degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
@@ -207,10 +213,14 @@ class TrainConfig:
         _check("adversarial_lr", self.adversarial_lr, self.adversarial_lr > 0, "must be > 0")
         _check("adversarial_t_max", self.adversarial_t_max, 0 <= self.adversarial_t_max <= 999,
                "must be in 0..999 (the discriminator's re-noising timesteps)")
-        if self.adversarial_weight and (self.method != "codi" or self.mode != "pe" or self.adapter == "controlnet-guided"):
+        if self.adversarial_weight and (self.method != "codi" or self.mode != "pe"):
             raise ConfigError(f"adversarial_weight {self.adversarial_weight}: the discriminator term is built for "
-                              f"--method codi in mode pe (its features come from the frozen backbone UNet) with an "
-                              f"adapter that takes no w, not {self.method} / mode {self.mode} / {self.adapter}")
+                              f"--method codi in mode pe (its features come from the frozen backbone UNet), not "
+                              f"{self.method} / mode {self.mode}")
+        _check("adversarial_start", self.adversarial_start, self.adversarial_start >= 0, "must be >= 0")
+        if self.adversarial_text and not self.adversarial_weight:
+            raise ConfigError("adversarial_text: the discriminator reads the caption only when there is one "
+                              "(--adversarial-weight > 0)")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
         _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")
@@ -317,12 +327,16 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-    def resume_conflicts(self, saved: TrainConfig) -> list[str]:
-        """Run-defining fields whose value differs from the checkpoint's config, as 'field: saved -> now'."""
+    def resume_conflicts(self, saved: TrainConfig, step: int | None = None) -> list[str]:
+        """Run-defining fields whose value differs from the checkpoint's config, as 'field: saved -> now'. The
+        adversarial term's fields may be added to a checkpoint (at `step`) of a run without it when the term starts
+        at or after that step: until then the run with the term takes the same steps (the term draws nothing from
+        the run's generator while it is off)."""
         mine, theirs = self.to_dict(), saved.to_dict()
-        return [
-            f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]
-        ]
+        free = set(RESUMABLE_CHANGES)
+        if not saved.adversarial_weight and step is not None and self.adversarial_start >= step:
+            free |= ADVERSARIAL_FIELDS
+        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in free and mine[k] != theirs[k]]
 
 
 def saved_config(data: dict[str, Any]) -> dict[str, Any]:

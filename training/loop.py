@@ -49,6 +49,7 @@ from .checkpoints import StopSignals, writing
 from .run_checkpoints import (
     CHECKPOINTS,
     checkpoint_dirs,
+    checkpoint_step,
     incomplete_report,
     load_checkpoint,
     resolve_resume,
@@ -387,7 +388,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         accelerator.print(f"warning: {report}")
     if resume_from is not None:
         saved = TrainConfig.from_file(resume_from / "config.json")
-        conflicts = config.resume_conflicts(saved)
+        conflicts = config.resume_conflicts(saved, checkpoint_step(resume_from))
         if conflicts:
             raise ConfigError(f"cannot resume {resume_from} with other run settings: {'; '.join(conflicts)}")
 
@@ -415,7 +416,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     empty_text = backbone.encode_text([""]) if guided else None
     objective = build_objective(config, backbone.schedule, empty_text=empty_text, set_w=roles.set_w)
     adversarial = build_adversarial(config, backbone.unet, backbone.schedule, resolution // backbone.vae_scale_factor,
-                                    backbone.unet.config.cross_attention_dim, device)
+                                    backbone.unet.config.cross_attention_dim, device, set_w=roles.set_w)
 
     # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position. The
     # --init-from entry is pinned by its files' hashes: installing over that folder must not change a run's teacher.
@@ -539,7 +540,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
             with accelerator.accumulate(student):
                 with accelerator.autocast():
                     terms = objective(student, ema_target, teacher, x, c, text_emb, generator, **extra)
-                    if adversarial is not None:  # + W x the discriminator term, after one discriminator step
+                    if adversarial is not None and step >= config.adversarial_start:  # + W x the discriminator
+                        # term, after one discriminator step
                         terms = adversarial(terms, student, x, c, text_emb, generator)
                 _stop_if_not_finite(accelerator, terms.loss, "loss", step + 1, terms.parts, last_ckpt)
                 accelerator.backward(terms.loss)

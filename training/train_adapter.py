@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adversarial-lr", type=float, help=f"the discriminator's learning rate (default {d.adversarial_lr})")
     g.add_argument("--adversarial-t-max", type=int, help="the discriminator re-noises at t' ~ U{0..t_max} "
                    f"(default {d.adversarial_t_max})")
+    g.add_argument("--adversarial-start", type=int, help="the term is on from this optimizer step; a run without "
+                   "the term may be resumed with it from a checkpoint at or before this step (default "
+                   f"{d.adversarial_start})")
+    g.add_argument("--adversarial-text", action="store_true", help="the discriminator's heads also read the caption "
+                   "(a projection term per head); default: only the condition image and the UNet's features")
 
     g = p.add_argument_group("Guided Distillation (--method gd), and guidance-aware CoDi (--method codi --adapter "
                              "controlnet-guided: the w range and the served w)")

@@ -4,9 +4,10 @@ checkpoints carry the discriminator and its optimiser."""
 
 import pytest
 import torch
+from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file
 
-from cdd.adapters.architectures import build_adapter
+from cdd.adapters.architectures import GuidedControlNetAdapter, build_adapter
 from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
 from cdd.training.adversarial import (
     DISCRIMINATOR,
@@ -15,6 +16,7 @@ from cdd.training.adversarial import (
     FeatureDiscriminator,
     build_adversarial,
     feature_channels,
+    hinge_discriminator_loss,
     unet_features,
 )
 from cdd.training.checkpoints import CheckpointError
@@ -75,6 +77,64 @@ def test_a_discriminator_step_lowers_its_loss_on_separable_data(latent_backbone)
     term = AdversarialTerm(latent_backbone.schedule, unet, disc, torch.optim.AdamW(disc.parameters(), lr=1e-3), 1.0)
     losses = [float(term.discriminator_step(real, fake, c)) for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_text_heads_start_as_the_plain_ones_and_learn_what_the_plain_ones_cannot(latent_backbone):
+    """Real and fake features identical, only the captions differ: the text-free heads cannot tell them apart (the
+    hinge loss stays at 2), the projection term can; with P at zero both give the same logits."""
+    unet = latent_backbone.unet
+    x, c, _ = inputs(latent_backbone, batch=4)
+    red, blue = (latent_backbone.encode_text([cap] * 4) for cap in ("a red cube", "a blue sphere at night"))
+    t = torch.full((4,), 100)
+    with torch.no_grad():
+        feats = unet_features(unet, x, t, red)
+    channels = [f.shape[1] for f in feats]
+    torch.manual_seed(0)
+    plain = FeatureDiscriminator(channels)
+    torch.manual_seed(0)
+    texted = FeatureDiscriminator(channels, text_dim=red.shape[-1])
+    assert torch.equal(plain(feats, c), texted(feats, c, red))  # P = 0: the same discriminator at the start
+    with pytest.raises(ValueError, match="needs the caption"):
+        texted(feats, c)
+    with pytest.raises(ValueError, match="takes none"):
+        plain(feats, c, red)
+
+    def train(disc, text_real, text_fake):
+        optimizer = torch.optim.AdamW(disc.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(40):
+            loss = hinge_discriminator_loss(disc(feats, c, text_real), disc(feats, c, text_fake))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        return losses
+    assert min(train(plain, None, None)) > 1.99  # the same input on both sides: nothing to learn
+    losses = train(texted, red, blue)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_guided_student_is_judged_at_w_zero(latent_backbone, perturb):
+    unet, schedule = latent_backbone.unet, latent_backbone.schedule
+    torch.manual_seed(0)
+    plain = build_adapter("controlnet", unet, latent_backbone.vae_scale_factor)
+    adapter = perturb(GuidedControlNetAdapter.from_controlnet(plain, guidance=2.0))
+    student = ConditionedDenoiser(unet, schedule, adapter)
+    seen = []
+    hook = adapter.controlnet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep_cond"].clone()),
+                                                        with_kwargs=True)
+    x, c, text = inputs(latent_backbone)
+    cfg = TrainConfig(task="depth", adapter="controlnet-guided", adversarial_weight=0.5, adversarial_text=True)
+    term = build_adversarial(cfg, unet, schedule, x.shape[-1], text.shape[-1], torch.device("cpu"),
+                             set_w=adapter.set_guidance)
+    assert term.reads_text
+    base = Terms(torch.zeros(()), {"distillation": torch.tensor(0.0)}, torch.zeros(2))
+    term(base, student, x, c, text, torch.Generator().manual_seed(0))
+    hook.remove()
+    # the w embedding the student saw is the one of w = 0, for every sample, and w is handed back afterwards
+    w0 = get_timestep_embedding(torch.zeros(2), adapter.embedding_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert len(seen) == 1 and torch.allclose(seen[0].float(), w0)
+    assert adapter.w is None and adapter.guidance == 2.0
 
 
 def test_gradients_reach_only_the_adapter_and_the_discriminator_takes_its_step(latent_backbone, perturb):
@@ -150,3 +210,32 @@ def test_the_term_is_refused_where_it_is_not_built(tmp_path):
         TrainConfig(task="depth", adversarial_weight=0.1, method="finetune")
     with pytest.raises(ConfigError, match="adversarial_t_max"):
         TrainConfig(task="depth", adversarial_t_max=1000)
+    with pytest.raises(ConfigError, match="adversarial_text"):
+        TrainConfig(task="depth", adversarial_text=True)
+    TrainConfig(task="depth", adapter="controlnet-guided", adversarial_weight=0.1, adversarial_text=True)  # built
+
+
+def test_a_guided_codi_run_trains_with_the_text_reading_term(tmp_path, latent_backbone_dir):
+    run = train(config(tmp_path, latent_backbone_dir, max_train_steps=2, checkpoint_every=2, adapter="controlnet-guided",
+                       guidance_max=3.0, adversarial_weight=0.5, adversarial_text=True), dataset=TinySet())
+    saved = load_file(run.checkpoint / DISCRIMINATOR)
+    assert any(k.startswith("text.") for k in saved) and {"adversarial", "discriminator", "guidance"} <= set(run.last_loss)
+
+
+def test_a_run_continued_with_the_term_added_starts_its_discriminator_fresh(tmp_path, latent_backbone_dir):
+    plain = config(tmp_path, latent_backbone_dir, max_train_steps=2, checkpoint_every=2)
+    first = train(plain, dataset=TinySet())
+    assert not (first.checkpoint / DISCRIMINATOR).exists()
+    with pytest.raises(ConfigError, match="adversarial_weight: 0.0 -> 0.5"):  # the term would have been on at step 1
+        train(plain.replace(resume="latest", max_train_steps=4, adversarial_weight=0.5), dataset=TinySet())
+    added = plain.replace(resume="latest", max_train_steps=4, adversarial_weight=0.5, adversarial_start=2)
+    more = train(added, dataset=TinySet())
+    assert more.step == 4 and (more.checkpoint / DISCRIMINATOR).is_file() and "adversarial" in more.last_loss
+    # the same config from scratch takes the same steps: plain CoDi up to step 2, then the term
+    scratch = train(added.replace(resume=None, output=str(tmp_path / "scratch")), dataset=TinySet())
+    a, b = load_file(more.checkpoint / "trainable.safetensors"), load_file(scratch.checkpoint / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint written with the term must still have its discriminator
+    (more.checkpoint / DISCRIMINATOR).unlink()
+    with pytest.raises(CheckpointError, match=f"{DISCRIMINATOR} is missing"):
+        train(added.replace(max_train_steps=5), dataset=TinySet())
