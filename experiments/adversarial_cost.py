@@ -4,6 +4,11 @@ runs from the same entry, alternating (plain, term, plain, term, ...), each time
 (its moving average, checkpoints and grids left out).
 
     OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --task super-resolution [--weight 0.05] [--steps 40]
+
+A guidance-aware CoDi student (the served depth entry's settings: w ~ U[0, 3], the conditional term at weight 10;
+ENTRY the plain controlnet entry, also its teacher), with the caption-reading discriminator:
+
+    OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --task depth --guided --text --weight 0.1
 """
 from __future__ import annotations
 
@@ -25,9 +30,14 @@ def main() -> None:
     p.add_argument("--weight", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--guided", action="store_true", help="guidance-aware CoDi as the served depth entry was trained "
+                   "(controlnet-guided, w ~ U[0, 3], r = 10, its unconditional branch)")
+    p.add_argument("--text", action="store_true", help="the discriminator reads the caption (--adversarial-text)")
     a = p.parse_args()
     torch.set_num_threads(1)
     sr = dict(photo_fraction=0.5, degradation="mild-64px") if a.task == "super-resolution" else {}
+    guided = dict(adapter="controlnet-guided", guidance_max=3.0, guidance=1.0, cond_weight=10.0,
+                  guidance_unconditional="text+condition-if-empty") if a.guided else {}
     times: dict[str, list[float]] = {"plain": [], "adversarial": []}
     root = Path(tempfile.mkdtemp(prefix="adv-cost-"))
     try:
@@ -35,7 +45,8 @@ def main() -> None:
             for name, w in (("plain", 0.0), ("adversarial", a.weight)):
                 cfg = TrainConfig(task=a.task, init_from=a.entry, ema=0.99, lr=3e-4, batch_size=4, caption_dropout=0.5,
                                   num_workers=1, sample_every=0, checkpoint_every=0, checkpoint_minutes=0,
-                                  max_train_steps=a.steps, output=str(root / f"{name}-{r}"), adversarial_weight=w, **sr)
+                                  max_train_steps=a.steps, output=str(root / f"{name}-{r}"), adversarial_weight=w,
+                                  adversarial_text=bool(w) and a.text, **sr, **guided)
                 times[name].append(train(cfg).seconds_per_step)
                 print(f"round {r} {name}: {times[name][-1]:.3f} s/step", flush=True)
     finally:
