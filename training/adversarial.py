@@ -18,9 +18,9 @@ D(F, c) = the mean over levels and positions of each level's head, conv3x3 -> Gr
 on that level's features concatenated with the condition image resized to the level (so D judges the pair, not
 only realism: a super-resolution output must also match its input). With `--adversarial-text` each head also reads
 the caption, as a projection discriminator does (Miyato & Koyama; ADD's discriminator is text-conditioned the same
-way): logit += <h, P e>, h the head's hidden features at each position, e the caption's token embeddings averaged,
-P a linear map per head. Without it the caption reaches D only through the frozen UNet's cross-attention, and a
-depth student's one-step colours drifted away from the caption under the term (docs/results.md).
+way): logit += <h, P e>, h the head's hidden features averaged over positions, e the caption's token embeddings
+averaged, P a linear map per head. Without it the caption reaches D only through the frozen UNet's cross-attention,
+and a depth student's one-step colours drifted away from the caption under the term (docs/results.md).
 
 A w-conditioned student (guidance-aware CoDi, `controlnet-guided`) is judged at w = 0: the discriminator's real
 samples are the data, which is the distribution of the unguided (w = 0) student; a guided output at w > 0 is meant
@@ -29,8 +29,8 @@ to differ from it. A one-step request is served at w = 0, so that is also the pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -117,7 +117,7 @@ class TrainConfig:
     adversarial_lr: float = 1e-3  # the discriminator heads' AdamW learning rate (1e-4: it had not learnt after 530 steps)
     adversarial_t_max: int = 249  # the discriminator's re-noising timestep t' ~ U{0..t_max}
     adversarial_text: bool = False  # the heads also read the caption (a projection term per head)
-    adversarial_start: int = 0  # the term is on from this optimizer step (distil first, then add it, as ADD does);
+    adversarial_start: int = 0  # the term is on from this optimizer step (distil first, then add it);
     # a run without the term may be resumed with it from a checkpoint at or before this step
 
     # super-resolution data
