@@ -425,8 +425,11 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0]))
     step = 0
     if resume_from is not None:
+        restore = adversarial if saved.adversarial_weight else None  # its discriminator, if the run had the term
+        if adversarial is not None and restore is None:  # a run continued with the term added (adversarial_start)
+            accelerator.print(f"{resume_from} was written without the adversarial term: the discriminator starts fresh")
         step = load_checkpoint(accelerator, resume_from, trainable=trainable, ema=ema, optimizer=optimizer,
-                               generator=generator, fingerprint=backbone.fingerprint, adversarial=adversarial,
+                               generator=generator, fingerprint=backbone.fingerprint, adversarial=restore,
                                source=source, source_path=config.init_from)
         accelerator.print(f"resumed from {resume_from} at step {step}")
     elif config.resume == "latest":

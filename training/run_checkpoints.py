@@ -142,21 +142,11 @@ def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, 
         step = _load_checkpoint(accelerator, path, trainable=trainable, ema=ema, optimizer=optimizer,
                                 generator=generator, fingerprint=fingerprint, source=source, source_path=source_path)
         if adversarial is not None:
-            if _written_with_term(path):
-                adversarial.load(path)
-            else:  # a run continued with the term added: there is no discriminator to restore
-                accelerator.print(f"{path} was written without the adversarial term: the discriminator starts fresh")
+            adversarial.load(path)
         return step
     except CheckpointError as e:
         older = [p for p in reversed(checkpoint_dirs(path.parent.parent)) if p.name < path.name]
         raise with_fallback(e, older) from e.__cause__
-
-
-def _written_with_term(path: Path) -> bool:
-    """Whether the run that wrote the checkpoint had the adversarial term (its config.json, hashed in state.json
-    and checked by `_load_checkpoint` before this is asked). Then its discriminator files must be there."""
-    saved = loading(path, "config.json", lambda: json.loads((path / "config.json").read_text()))
-    return bool(saved.get("adversarial_weight"))
 
 
 def _load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
