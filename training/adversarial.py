@@ -123,6 +123,16 @@ class FeatureDiscriminator(nn.Module):
         return torch.stack(logits, dim=1)
 
 
+def served_student_timesteps(schedule: NoiseSchedule, batch: int, p_one_step: float,
+                             generator: torch.Generator) -> torch.Tensor:
+    """The timesteps a distribution-level term takes the student's prediction from: the served 1-step timestep (999)
+    with probability `p_one_step`, else one of the 2- and 4-step ones (749, 499, 249) uniformly."""
+    served = schedule.trailing_timesteps(4)  # 999, 749, 499, 249
+    one = torch.rand(batch, generator=generator) < p_one_step
+    other = torch.tensor(served[1:])[torch.randint(0, len(served) - 1, (batch,), generator=generator)]
+    return torch.where(one, torch.full_like(other, served[0]), other)
+
+
 def hinge_discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
 
@@ -146,10 +156,7 @@ class AdversarialTerm:
         return self.discriminator.text is not None
 
     def student_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        served = self.schedule.trailing_timesteps(4)  # 999, 749, 499, 249
-        one = torch.rand(batch, generator=generator) < self.p_one_step
-        other = torch.tensor(served[1:])[torch.randint(0, len(served) - 1, (batch,), generator=generator)]
-        return torch.where(one, torch.full_like(other, served[0]), other)
+        return served_student_timesteps(self.schedule, batch, self.p_one_step, generator)
 
     def __call__(self, terms, student, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor,
                  generator: torch.Generator):

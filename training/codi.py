@@ -126,7 +126,7 @@ class CoDiLoss:
         alpha_s, sigma_s = self.schedule.alpha_sigma(s, x)
         z_t = alpha_t * x + sigma_t * eps                                        # eq. 1
         if self.guidance is not None:
-            w = _draw_w(x.shape[0], *self.guidance, generator)                  # w ~ U[w_min, w_max]
+            w = draw_w(x.shape[0], *self.guidance, generator)                  # w ~ U[w_min, w_max]
             self.set_w(w)                                                        # the student and theta^- take w
         x_hat_t, eps_hat_t = student(z_t, t, c, text)                            # with grad
         truth = x
@@ -253,7 +253,7 @@ def truncated_snr(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) 
 UNCONDITIONAL = ("text", "text+condition", "text+condition-if-empty")  # what a guided teacher's "" branch drops
 
 
-def _draw_w(batch: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:
+def draw_w(batch: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:
     return w_min + (w_max - w_min) * torch.rand(batch, generator=generator)
 
 
@@ -274,7 +274,7 @@ class GuidanceDistillationLoss:
     def __call__(self, student: Denoiser, ema_target: Denoiser | None, teacher: Denoiser,
                  x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> Terms:
         B = x.shape[0]
-        w = _draw_w(B, self.w_min, self.w_max, generator)                        # w ~ U[w_min, w_max]
+        w = draw_w(B, self.w_min, self.w_max, generator)                        # w ~ U[w_min, w_max]
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), generator=generator)
         xi = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)     # xi ~ N(0, I)
         z_t = self.schedule.add_noise(x, xi, t)                                  # z_t = alpha_t x + sigma_t xi
@@ -306,7 +306,7 @@ class ProgressiveDistillationLoss:
     def __call__(self, student: Denoiser, ema_target: Denoiser | None, teacher: Denoiser,
                  x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> Terms:
         B, k, sched = x.shape[0], self.student_steps, self.schedule
-        w = _draw_w(B, self.w_min, self.w_max, generator)
+        w = draw_w(B, self.w_min, self.w_max, generator)
         grid = torch.tensor(sched.trailing_timesteps(k))
         t = grid[torch.randint(0, k, (B,), generator=generator)]                 # t = i/N, i ~ U{1..N}
         half = sched.num_train_timesteps // (2 * k)

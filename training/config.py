@@ -74,6 +74,8 @@ class TrainConfig:
     name: str | None = None  # zoo entry name; None: <task>-<adapter>-<method>
     init_from: str | None = None  # cm, gd: the zoo entry distilled from (the fine-tuned teacher, or GD's previous
     # round); codi: optional, the student starts as that entry (its teacher stays the frozen backbone)
+    teacher: str | None = None  # guidance-aware CoDi continued from a controlnet-guided entry (init_from): the
+    # controlnet entry that is its guided teacher (a guided entry started from a controlnet one is its own teacher)
 
     # CoDi, Algorithm 1
     prev_predictor: str = "prev"
@@ -120,6 +122,13 @@ class TrainConfig:
     adversarial_start: int = 0  # the term is on from this optimizer step (distil first, then add it);
     # a run without the term may be resumed with it from a checkpoint at or before this step
 
+    # distribution matching (training/distribution_matching.py, guidance-aware CoDi from an entry): the reverse-KL
+    # gradient of DMD, the guided teacher's score against a fake score adapter trained on the student's outputs
+    dmd_weight: float = 0.0  # W, the weight of the student's DMD loss; 0: plain CoDi, bit for bit
+    dmd_lr: float = 3e-4  # the fake score adapter's AdamW learning rate
+    dmd_t_min: int = 20  # the scores are compared at t ~ U{dmd_t_min..dmd_t_max} (DMD's 0.02 T .. 0.98 T)
+    dmd_t_max: int = 980
+
     # super-resolution data
     degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
     # super-resolution (the published realesrgan leaves many 16 px inputs unrecognisable), unused by the other tasks
@@ -155,7 +164,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.data = str(self.data)
-        for name in ("backbone", "output", "zoo_out", "resume", "init_from"):
+        for name in ("backbone", "output", "zoo_out", "resume", "init_from", "teacher"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, str(value))
@@ -187,6 +196,11 @@ class TrainConfig:
             raise ConfigError(f"init_from is for methods {', '.join(MAY_INIT_FROM)}, not {self.method}")
         if self.init_from and not Path(self.init_from).is_dir():
             raise ConfigError(f"init_from {self.init_from!r} is not a zoo entry folder")
+        if self.teacher and not (self.method == "codi" and self.adapter == "controlnet-guided" and self.init_from):
+            raise ConfigError("teacher is the guided teacher of guidance-aware CoDi continued from a controlnet-guided "
+                              "entry: it needs --method codi --adapter controlnet-guided --init-from ENTRY")
+        if self.teacher and not Path(self.teacher).is_dir():
+            raise ConfigError(f"teacher {self.teacher!r} is not a zoo entry folder")
         if self.method == "gd" and self.adapter != "controlnet-guided":
             raise ConfigError(f"method gd trains a controlnet-guided adapter (the student takes w), not {self.adapter!r}")
         if self.init_from and self.mode != "pe" and not (self.method == "codi" and self.mode == "lora"):
@@ -221,6 +235,15 @@ class TrainConfig:
         if self.adversarial_text and not self.adversarial_weight:
             raise ConfigError("adversarial_text: the discriminator reads the caption only when there is one "
                               "(--adversarial-weight > 0)")
+        _check("dmd_weight", self.dmd_weight, self.dmd_weight >= 0, "must be >= 0")
+        _check("dmd_lr", self.dmd_lr, self.dmd_lr > 0, "must be > 0")
+        _check("dmd_t_max", self.dmd_t_max, 0 <= self.dmd_t_min <= self.dmd_t_max <= 999,
+               f"must be in dmd_t_min ({self.dmd_t_min})..999 (the timesteps the scores are compared at)")
+        if self.dmd_weight and not (self.method == "codi" and self.adapter == "controlnet-guided" and self.init_from
+                                    and self.mode == "pe"):
+            raise ConfigError(f"dmd_weight {self.dmd_weight}: distribution matching compares the student with the "
+                              "guided teacher of guidance-aware CoDi: it needs --method codi --adapter controlnet-guided "
+                              "--init-from ENTRY in mode pe")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
         _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")

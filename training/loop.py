@@ -58,6 +58,7 @@ from .run_checkpoints import (
 )
 from .adversarial import build_adversarial
 from .codi import build_objective, changed_region_weight, noise_removed
+from .distribution_matching import build_distribution_matching
 from .config import ConfigError, TrainConfig
 
 NOISE_REMOVED_AT = (19, 99, 249)  # timesteps at which the EMA weights' noise-removed fraction is logged
@@ -265,6 +266,39 @@ def _same_condition(condition: dict) -> bool:
     return all(condition.get(k) == v for k, v in IMAGE_CONDITION.items())
 
 
+def _guided_codi_start(config: TrainConfig, backbone: Backbone, entry, where: str):
+    """Guidance-aware CoDi's student adapter and the entry that is its guided teacher: from a controlnet entry, the
+    student is its copy with a zero-initialised w branch and the entry is the teacher; a controlnet-guided entry is
+    a student continued (after its run's checkpoints are gone, say), its teacher named by `config.teacher`."""
+    m = entry.manifest
+    if m.kind == "controlnet-guided":
+        if config.teacher is None:
+            raise ConfigError(f"{where} is a controlnet-guided student: continuing it needs its guided teacher, "
+                              "the controlnet entry it was distilled from (--teacher ENTRY)")
+        teacher_entry = load_entry(config.teacher, backbone.unet, backbone.fingerprint)
+        tm = teacher_entry.manifest
+        if tm.kind != "controlnet" or tm.task != config.task:
+            raise ConfigError(f"teacher {config.teacher} is a {tm.task} {tm.kind} adapter; the guided teacher of a "
+                              f"{config.task} student is a {config.task} controlnet entry")
+        adapter = adapter_from_config(m.kind, m.architecture, backbone.unet)
+        adapter.load_weights(entry.adapter.weights())
+        adapter.set_default_guidance(config.guidance)
+        adapter.requires_grad_(True)
+    elif m.kind == "controlnet":
+        if config.teacher is not None:
+            raise ConfigError(f"{where} is a controlnet adapter: started from it, the student's guided teacher is "
+                              "that entry itself (--teacher is for continuing a controlnet-guided student)")
+        teacher_entry = entry
+        adapter = GuidedControlNetAdapter.from_controlnet(entry.adapter, config.guidance).requires_grad_(True)
+    else:
+        raise ConfigError(f"{where} is a {m.kind} adapter; guidance-aware CoDi starts from a controlnet entry, which "
+                          "is also its guided teacher, or continues a controlnet-guided one (--teacher)")
+    if not teacher_entry.manifest.training.get("config", {}).get("caption_dropout"):
+        warnings.warn(f"the guided teacher {teacher_entry.manifest.name} was trained without caption dropout: its "
+                      "unconditional branch runs it on the empty caption, which it never saw", stacklevel=2)
+    return adapter, teacher_entry
+
+
 def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     """cm and gd distil a trained zoo entry (`init_from`): it becomes the frozen teacher, and the student starts
     as a copy of it (gd stage 1: plus the zero-initialised w branch). codi and finetune only start from it."""
@@ -279,14 +313,9 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         raise ConfigError(f"{where} has mode {m.mode}; {config.method} distils adapter-only (pe) entries")
     torch.manual_seed(config.seed)
     guided_codi = config.method == "codi" and config.adapter == "controlnet-guided"
+    teacher_entry = entry  # cm, gd, guided codi: the frozen entry whose (guided) prediction is the teacher's
     if guided_codi:
-        if m.kind != "controlnet":
-            raise ConfigError(f"{where} is a {m.kind} adapter; guidance-aware CoDi starts from a controlnet entry, "
-                              "which is also its guided teacher")
-        if not m.training.get("config", {}).get("caption_dropout"):
-            warnings.warn(f"{where} was trained without caption dropout: the guided teacher's unconditional branch runs "
-                          "it on the empty caption, which it never saw", stacklevel=2)
-        adapter = GuidedControlNetAdapter.from_controlnet(entry.adapter, config.guidance).requires_grad_(True)
+        adapter, teacher_entry = _guided_codi_start(config, backbone, entry, where)
     elif config.method in ("cm", "codi", "finetune"):
         if m.kind != config.adapter:
             raise ConfigError(f"{where} is a {m.kind} adapter: continue it with --adapter {m.kind}")
@@ -315,8 +344,8 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     trainable = {name: p for name, p in student.named_parameters() if p.requires_grad}
     if config.method == "finetune":  # the plain diffusion loss: no teacher, the entry is only where it starts
         teacher = None
-    elif guided_codi:  # the entry, frozen, is the teacher whose guided prediction takes the step
-        teacher = ConditionedDenoiser(unet, schedule, entry.adapter)
+    elif guided_codi:  # the controlnet entry, frozen, is the teacher whose guided prediction takes the step
+        teacher = ConditionedDenoiser(unet, schedule, teacher_entry.adapter)
     elif config.method == "codi":  # CoDi's teacher is the unconditional backbone, whatever the student starts from
         teacher = None
         if config.prev_predictor == "teacher":
@@ -325,7 +354,7 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
             teacher = WithWeights(base, zeros) if zeros else base
     else:
         teacher = ConditionedDenoiser(unet, schedule, entry.adapter)
-    guided = [a for a in (adapter, entry.adapter) if isinstance(a, GuidedControlNetAdapter)]
+    guided = [a for a in (adapter, teacher_entry.adapter) if isinstance(a, GuidedControlNetAdapter)]
 
     def set_w(w):
         for a in guided:
@@ -417,6 +446,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     objective = build_objective(config, backbone.schedule, empty_text=empty_text, set_w=roles.set_w)
     adversarial = build_adversarial(config, backbone.unet, backbone.schedule, resolution // backbone.vae_scale_factor,
                                     backbone.unet.config.cross_attention_dim, device, set_w=roles.set_w)
+    matching = build_distribution_matching(config, roles, objective, device)
 
     # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position. The
     # --init-from entry is pinned by its files' hashes: installing over that folder must not change a run's teacher.
@@ -429,7 +459,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         if adversarial is not None and restore is None:  # a run continued with the term added (adversarial_start)
             accelerator.print(f"{resume_from} was written without the adversarial term: the discriminator starts fresh")
         step = load_checkpoint(accelerator, resume_from, trainable=trainable, ema=ema, optimizer=optimizer,
-                               generator=generator, fingerprint=backbone.fingerprint, adversarial=restore,
+                               generator=generator, fingerprint=backbone.fingerprint,
+                               extra=[term for term in (restore, matching) if term is not None],
                                source=source, source_path=config.init_from)
         accelerator.print(f"resumed from {resume_from} at step {step}")
     elif config.resume == "latest":
@@ -481,7 +512,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         path = out / CHECKPOINTS / f"step-{step:06d}"
         save_checkpoint(accelerator, path, step=step, config=config, trainable=trainable, ema=ema,
                         optimizer=optimizer, generator=generator, fingerprint=backbone.fingerprint, loss=loss,
-                        adversarial=adversarial, source=source)
+                        extra=[term for term in (adversarial, matching) if term is not None], source=source)
         return path
 
     probe = None
@@ -546,6 +577,8 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
                     if adversarial is not None and step >= config.adversarial_start:  # + W x the discriminator
                         # term, after one discriminator step
                         terms = adversarial(terms, student, x, c, text_emb, generator)
+                    if matching is not None:  # + W x the DMD loss, after it took one fake score step
+                        terms = matching(terms, student, x, c, text_emb, generator)
                 _stop_if_not_finite(accelerator, terms.loss, "loss", step + 1, terms.parts, last_ckpt)
                 accelerator.backward(terms.loss)
                 if accelerator.sync_gradients:

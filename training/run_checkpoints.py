@@ -1,6 +1,6 @@
 """A training run's checkpoint folders (`<output>/checkpoints/step-N/`): which to resume, writing one atomically
 with the sha256 of every file, and reading one back (weights, EMA, optimizer, RNG states, the discriminator when the
-run has the adversarial term). training/checkpoints.py holds the file-level pieces these use."""
+run has a distribution-level term: the discriminator, the fake score). training/checkpoints.py holds the file-level pieces these use."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def source_fingerprint(files: dict[str, str]) -> str:
 
 
 def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, trainable, ema: EMA, optimizer,
-                    generator: torch.Generator, fingerprint: str, loss: dict[str, float], adversarial=None,
+                    generator: torch.Generator, fingerprint: str, loss: dict[str, float], extra=(),
                     source: str | None = None) -> None:
     """Every process contributes its RNG state; the main process writes the folder atomically. `source`: the
     `source_fingerprint` of the `--init-from` entry, checked on resume."""
@@ -100,14 +100,14 @@ def save_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, 
     if accelerator.is_main_process:
         writing(path, lambda: _write_checkpoint(accelerator, path, step=step, config=config, trainable=trainable,
                                                 ema=ema, optimizer=optimizer, rng=rng, fingerprint=fingerprint, loss=loss,
-                                                adversarial=adversarial, source=source))
+                                                extra=extra, source=source))
         for old in checkpoint_dirs(path.parent.parent)[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig, trainable, ema: EMA, optimizer,
-                      rng: list, fingerprint: str, loss: dict[str, float], adversarial=None,
+                      rng: list, fingerprint: str, loss: dict[str, float], extra=(),
                       source: str | None = None) -> None:
     with atomic_directory(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
@@ -116,8 +116,8 @@ def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         torch.save(rng, tmp / "rng.pt")
-        if adversarial is not None:  # the discriminator and its optimizer (training/adversarial.py)
-            adversarial.save(tmp)
+        for term in extra:  # the distribution-level terms' own networks and optimizers (a discriminator, a fake score)
+            term.save(tmp)
         (tmp / "config.json").write_text(config.to_json())
         state = {  # with the sha256 of every file, verified on resume
             "step": step,
@@ -133,7 +133,7 @@ def _write_checkpoint(accelerator, path: Path, *, step: int, config: TrainConfig
 
 
 def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, generator: torch.Generator,
-                    fingerprint: str, adversarial=None, source: str | None = None, source_path: str | None = None) -> int:
+                    fingerprint: str, extra=(), source: str | None = None, source_path: str | None = None) -> int:
     """Restore weights, EMA, optimizer and this process's RNG states; returns the step. Every file is
     checked against its sha256 first; a bad one raises CheckpointError naming it and the newest intact
     older checkpoint. `source`: the `source_fingerprint` of the `--init-from` entry (at `source_path`) as loaded
@@ -141,8 +141,8 @@ def load_checkpoint(accelerator, path: Path, *, trainable, ema: EMA, optimizer, 
     try:
         step = _load_checkpoint(accelerator, path, trainable=trainable, ema=ema, optimizer=optimizer,
                                 generator=generator, fingerprint=fingerprint, source=source, source_path=source_path)
-        if adversarial is not None:
-            adversarial.load(path)
+        for term in extra:
+            term.load(path)
         return step
     except CheckpointError as e:
         older = [p for p in reversed(checkpoint_dirs(path.parent.parent)) if p.name < path.name]

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "gd stage 2: the previous round); codi: optional, the student starts as that entry; finetune: optional, "
                    "continue that entry's adapter (e.g. with another --caption-dropout), or another task's with the same kind "
                    "of condition image (transfer)")
+    g.add_argument("--teacher", metavar="ENTRY", help="codi --adapter controlnet-guided continued from a "
+                   "controlnet-guided entry (--init-from): the controlnet entry that is its guided teacher")
     g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
     g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
     g.add_argument("--caption-dropout", type=float, help="probability of training on the empty caption; a teacher meant "
@@ -121,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{d.adversarial_start})")
     g.add_argument("--adversarial-text", action="store_true", help="the discriminator's heads also read the caption "
                    "(a projection term per head); default: only the condition image and the UNet's features")
+
+    g = p.add_argument_group("distribution matching (DMD: guidance-aware CoDi from an entry; "
+                             "training/distribution_matching.py)")
+    g.add_argument("--dmd-weight", type=float, help="W: add W x the DMD loss, the guided teacher's score against a fake "
+                   f"score adapter trained on the student's outputs; 0 = plain CoDi (default {d.dmd_weight})")
+    g.add_argument("--dmd-lr", type=float, help=f"the fake score adapter's learning rate (default {d.dmd_lr})")
+    g.add_argument("--dmd-t-min", type=int, help=f"the scores are compared at t >= this (default {d.dmd_t_min})")
+    g.add_argument("--dmd-t-max", type=int, help=f"... and t <= this (default {d.dmd_t_max})")
 
     g = p.add_argument_group("Guided Distillation (--method gd), and guidance-aware CoDi (--method codi --adapter "
                              "controlnet-guided: the w range and the served w)")

@@ -1,0 +1,149 @@
+"""Distribution matching (training/distribution_matching.py): the DMD gradient against a hand computation, the fake
+score's start and its checkpoints, and guidance-aware CoDi continued from its own entry (--teacher)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.training.checkpoints import CheckpointError
+from cdd.training.codi import Terms, build_objective
+from cdd.training.config import ConfigError, TrainConfig
+from cdd.training.distribution_matching import FAKE_SCORE, DistributionMatchingTerm, build_distribution_matching
+from cdd.training.loop import build_roles, train
+
+from .test_baselines import schedule
+from .test_loop import TinySet
+from .test_loop import config as loop_config
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/training/conftest.py
+
+
+class FixedDenoiser:
+    """A denoiser whose x_hat is a fixed tensor; records the w its adapter is given."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.seen = x, []
+        self.adapter = SimpleNamespace(set_guidance=self.seen.append)
+
+    def __call__(self, z, t, c, text):
+        return self.x.expand_as(z), torch.zeros_like(z)
+
+
+def test_the_student_gradient_is_the_normalised_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x_hat = torch.randn(3, 2, 4, 4, generator=g, requires_grad=True)
+    x_real, x_fake = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    fake = FixedDenoiser(x_fake)
+    seen_teacher = []
+
+    def guided_teacher(teacher, z, t, c, text, w):
+        seen_teacher.append((t.clone(), w.clone()))
+        return x_real, None, None
+
+    term = DistributionMatchingTerm(schedule(), fake, None, 2.0, guided_teacher, teacher=None, set_w=lambda w: None,
+                                    t_min=20, t_max=980)
+    w = torch.tensor([0.0, 1.5, 3.0])
+    loss = term.matching_loss(x_hat, None, None, w, torch.Generator().manual_seed(1))
+    # by hand: g = (x_fake - x_real) / mean|x_hat - x_real| per sample; d/dx_hat 0.5 mean (x_hat - sg(x_hat - g))^2 = g / n
+    scale = (x_hat.detach() - x_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (x_fake - x_real) / scale
+    (grad,) = torch.autograd.grad(loss, x_hat)
+    assert torch.allclose(grad, expected / x_hat.numel(), atol=1e-7)
+    assert torch.allclose(loss, 0.5 * expected.pow(2).mean(), atol=1e-6)
+    t, w_teacher = seen_teacher[0]
+    assert torch.equal(w_teacher, w) and ((20 <= t) & (t <= 980)).all()           # the teacher at the student's w
+    assert torch.equal(fake.seen[0], w) and fake.seen[-1] is None                  # ... the fake score too, then reset
+
+
+def teacher_entry(tmp_path, backbone_dir):
+    """A tiny depth ControlNet fine-tuned with caption dropout: a guided teacher."""
+    run = train(loop_config(tmp_path, backbone_dir, method="finetune", caption_dropout=0.5, output=str(tmp_path / "ft")),
+                dataset=TinySet())
+    return run.entry
+
+
+def guided(tmp_path, backbone_dir, start, **kw):
+    return loop_config(tmp_path, backbone_dir, adapter="controlnet-guided", init_from=str(start), guidance_max=3.0,
+                       guidance_unconditional="text+condition-if-empty", **kw)
+
+
+def test_the_fake_score_starts_as_the_teacher_at_every_w(tmp_path, latent_backbone_dir):
+    teacher = teacher_entry(tmp_path, latent_backbone_dir)
+    config = guided(tmp_path, latent_backbone_dir, teacher, dmd_weight=1.0)
+    backbone = load_backbone(config.check_backbone())
+    roles = build_roles(config, backbone)
+    objective = build_objective(config, backbone.schedule, empty_text=backbone.encode_text([""]), set_w=roles.set_w)
+    term = build_distribution_matching(config, roles, objective, torch.device("cpu"))
+    assert build_distribution_matching(config.replace(dmd_weight=0.0), roles, objective, torch.device("cpu")) is None
+    g = torch.Generator().manual_seed(0)
+    size = backbone.resolution // backbone.vae_scale_factor
+    z = torch.randn(2, backbone.unet.config.in_channels, size, size, generator=g)
+    c, text = torch.rand(2, 3, 16, 16, generator=g), backbone.encode_text(["a red cube", ""])
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        want = roles.teacher(z, t, c, text)[0]
+        for w in (0.0, 2.5):
+            term.fake_adapter.set_guidance(torch.full((2,), w))
+            assert torch.allclose(term.fake(z, t, c, text)[0], want, atol=1e-5)
+    # its own parameters, trained by its own optimizer: the teacher's stay as they were
+    assert not any(p is q for p in term.fake_adapter.parameters() for q in roles.teacher.adapter.parameters())
+    assert all(p.requires_grad for p in term.fake_adapter.parameters())
+
+
+def test_a_guided_run_with_dmd_checkpoints_its_fake_score_and_resumes_bit_for_bit(tmp_path, latent_backbone_dir):
+    teacher = teacher_entry(tmp_path, latent_backbone_dir)
+    straight = train(guided(tmp_path, latent_backbone_dir, teacher, dmd_weight=1.0, max_train_steps=2,
+                            output=str(tmp_path / "straight")), dataset=TinySet())
+    assert {"dmd", "fake_score", "guidance"} <= set(straight.last_loss)
+    half = guided(tmp_path, latent_backbone_dir, teacher, dmd_weight=1.0, max_train_steps=1, checkpoint_every=1,
+                  output=str(tmp_path / "half"))
+    first = train(half, dataset=TinySet())
+    assert (first.checkpoint / FAKE_SCORE).is_file()
+    resumed = train(half.replace(resume="latest", max_train_steps=2), dataset=TinySet())
+    for name in ("trainable.safetensors", FAKE_SCORE):
+        a, b = load_file(straight.checkpoint / name), load_file(resumed.checkpoint / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # the term's settings define the run; a checkpoint written with it needs its fake score
+    with pytest.raises(ConfigError, match="dmd_weight: 1.0 -> 0.5"):
+        train(half.replace(resume="latest", max_train_steps=3, dmd_weight=0.5), dataset=TinySet())
+    (resumed.checkpoint / FAKE_SCORE).unlink()
+    with pytest.raises(CheckpointError, match=f"{FAKE_SCORE} is missing"):
+        train(half.replace(resume="latest", max_train_steps=3), dataset=TinySet())
+
+
+def test_a_guided_student_continues_from_its_entry_with_its_teacher(tmp_path, latent_backbone_dir):
+    teacher = teacher_entry(tmp_path, latent_backbone_dir)
+    student = train(guided(tmp_path, latent_backbone_dir, teacher, output=str(tmp_path / "g")), dataset=TinySet()).entry
+    # continued at a vanishing lr, its EMA entry keeps the student's weights (w branch included)
+    more = train(guided(tmp_path, latent_backbone_dir, student, teacher=str(teacher), lr=1e-12,
+                        output=str(tmp_path / "g2")), dataset=TinySet())
+    a, b = load_file(student / "adapter.safetensors"), load_file(more.entry / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any("cond_proj" in k for k in a)
+    with pytest.raises(ConfigError, match="continuing it needs its guided teacher"):
+        train(guided(tmp_path, latent_backbone_dir, student, output=str(tmp_path / "x1")), dataset=TinySet())
+    with pytest.raises(ConfigError, match="the guided teacher of a depth student is a depth controlnet entry"):
+        train(guided(tmp_path, latent_backbone_dir, student, teacher=str(student), output=str(tmp_path / "x2")),
+              dataset=TinySet())
+    with pytest.raises(ConfigError, match="--teacher is for continuing a controlnet-guided student"):
+        train(guided(tmp_path, latent_backbone_dir, teacher, teacher=str(teacher), output=str(tmp_path / "x3")),
+              dataset=TinySet())
+
+
+def test_config_refuses_what_the_terms_cannot_do(tmp_path):
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    with pytest.raises(ConfigError, match="needs --method codi --adapter controlnet-guided --init-from ENTRY"):
+        TrainConfig(task="depth", dmd_weight=1.0)                                 # no guided teacher to compare with
+    with pytest.raises(ConfigError, match="needs --method codi --adapter controlnet-guided --init-from ENTRY"):
+        TrainConfig(task="depth", teacher=str(entry))
+    with pytest.raises(ConfigError, match="is not a zoo entry folder"):
+        TrainConfig(task="depth", adapter="controlnet-guided", init_from=str(entry), teacher=str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="dmd_t_max 1000"):
+        TrainConfig(task="depth", dmd_t_max=1000)
+    with pytest.raises(ConfigError, match="dmd_weight -1"):
+        TrainConfig(task="depth", dmd_weight=-1)
+    TrainConfig(task="depth", adapter="controlnet-guided", init_from=str(entry), teacher=str(entry), dmd_weight=0.5)

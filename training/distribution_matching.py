@@ -1,0 +1,152 @@
+"""A distribution-level term for guidance-aware CoDi: distribution matching distillation (DMD) with a fake score adapter.
+
+After Yin et al., "One-step Diffusion with Distribution Matching Distillation" (DMD) and its successor (DMD2): the
+gradient of the reverse KL between the student's output distribution and the teacher's is the difference of two
+scores at the re-noised student output, the teacher's ("real") and that of a second denoiser trained online on the
+student's outputs ("fake"). Here the real score is the guided teacher of guidance-aware CoDi, classifier-free guided
+at the student's own w, and the fake score is a w-conditioned copy of the teacher's ControlNet (the
+`controlnet-guided` architecture, its w branch zero-initialised: it starts as the teacher at every w, as DMD2 starts
+its fake score from the teacher). The frozen backbone UNet is shared by all three.
+
+    t_s ~ {999 w.p. 1/2, else U{749, 499, 249}}; w ~ U[w_min, w_max]          the served timesteps, CoDi's w range
+    x_hat = student(alpha_ts x + sigma_ts eps, t_s, c, text; w)                 one more student forward, with grad
+    t ~ U{t_min..t_max} (20..980);  z = alpha_t sg(x_hat) + sigma_t eps'
+    x_real = (1 + w) f_T(z, t, c, text) - w f_T(z, t, c / -, "")               the guided teacher (CoDi's own)
+    x_fake = f_fake(z, t, c, text; w)                                           no grad
+    g = (x_fake - x_real) / mean|x_hat - x_real|                                DMD's normalisation, per sample
+    student: L += W * 0.5 * mean (x_hat - sg(x_hat - g))^2                      its gradient is W g / numel
+    fake step:  the plain diffusion loss of f_fake on sg(x_hat) at w (its own AdamW)
+
+W = 0 builds nothing and draws nothing from the run's generator: the objective is today's, bit for bit. One fake
+update per student step (DMD2 takes five; on this machine one keeps the step's cost near the adversarial term's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..adapters.architectures import GuidedControlNetAdapter
+from ..runtime.diffusion.denoiser import ConditionedDenoiser
+from ..runtime.diffusion.schedule import NoiseSchedule
+from .adversarial import served_student_timesteps
+from .checkpoints import loading
+from .codi import DiffusionLoss, draw_w
+
+FAKE_SCORE = "fake_score.safetensors"
+FAKE_SCORE_OPTIMIZER = "fake_score_optimizer.pt"
+
+
+@dataclass
+class DistributionMatchingTerm:
+    """The term and its fake score (see the module's docstring). `__call__(terms, ...)` takes CoDi's Terms, adds
+    W * the student's DMD loss, and takes one step of the fake score on this step's student outputs."""
+
+    schedule: NoiseSchedule
+    fake: ConditionedDenoiser  # the shared frozen UNet with the trained fake adapter (controlnet-guided)
+    optimizer: torch.optim.Optimizer
+    weight: float
+    guided_teacher: Callable  # CoDiLoss.guided_teacher: (teacher, z, t, c, text, w) -> (x_w, eps_w, shift)
+    teacher: ConditionedDenoiser
+    set_w: Callable[[torch.Tensor | None], None]  # the student's w
+    guidance: tuple[float, float] = (0.0, 3.0)
+    t_min: int = 20
+    t_max: int = 980
+    p_one_step: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.denoising = DiffusionLoss(self.schedule)
+
+    @property
+    def fake_adapter(self) -> GuidedControlNetAdapter:
+        return self.fake.adapter
+
+    def __call__(self, terms, student, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor,
+                 generator: torch.Generator):
+        B = x.shape[0]
+        t_s = served_student_timesteps(self.schedule, B, self.p_one_step, generator)
+        w = draw_w(B, *self.guidance, generator)
+        eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        self.set_w(w)
+        try:
+            x_hat, _ = student(self.schedule.add_noise(x, eps, t_s), t_s, c, text)     # with grad
+        finally:
+            self.set_w(None)
+        matching = self.matching_loss(x_hat, c, text, w, generator)
+        fake_loss = self.fake_step(x_hat.detach(), c, text, w, generator)
+        parts = {**terms.parts, "dmd": matching.detach(), "fake_score": fake_loss}
+        return type(terms)(terms.loss + self.weight * matching, parts, terms.t)
+
+    def score_difference(self, x_hat: torch.Tensor, c: torch.Tensor, text: torch.Tensor, w: torch.Tensor,
+                         generator: torch.Generator) -> torch.Tensor:
+        """g = (x_fake - x_real) / mean|x_hat - x_real| at a random t (the DMD gradient of the student's x_hat)."""
+        B = x_hat.shape[0]
+        t = torch.randint(self.t_min, self.t_max + 1, (B,), generator=generator)
+        eps = torch.randn(x_hat.shape, generator=generator).to(x_hat.device, x_hat.dtype)
+        with torch.no_grad():
+            z = self.schedule.add_noise(x_hat.detach(), eps, t)
+            x_real = self.guided_teacher(self.teacher, z, t, c, text, w)[0]
+            self.fake_adapter.set_guidance(w)
+            try:
+                x_fake = self.fake(z, t, c, text)[0]
+            finally:
+                self.fake_adapter.set_guidance(None)
+            scale = (x_hat.detach() - x_real).float().abs().mean(dim=tuple(range(1, x_hat.ndim)), keepdim=True)
+            return torch.nan_to_num((x_fake - x_real).float() / scale.clamp_min(1e-8))
+
+    def matching_loss(self, x_hat, c, text, w, generator) -> torch.Tensor:
+        g = self.score_difference(x_hat, c, text, w, generator)
+        return 0.5 * F.mse_loss(x_hat.float(), (x_hat.detach().float() - g))
+
+    def fake_step(self, x_hat: torch.Tensor, c: torch.Tensor, text: torch.Tensor, w: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+        """One AdamW step of the fake adapter on the plain diffusion loss of the student's outputs (at their w)."""
+        self.fake_adapter.set_guidance(w)
+        try:
+            with torch.enable_grad():
+                loss = self.denoising(self.fake, None, None, x_hat, c, text, generator).loss
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+        finally:
+            self.fake_adapter.set_guidance(None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # checkpoints: two more files in the checkpoint folder (hashed in its state.json like the others)
+    def save(self, folder: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.fake_adapter.state_dict().items()},
+                  folder / FAKE_SCORE)
+        torch.save(self.optimizer.state_dict(), folder / FAKE_SCORE_OPTIMIZER)
+
+    def load(self, folder: Path) -> None:
+        weights = loading(folder, FAKE_SCORE, lambda: load_file(folder / FAKE_SCORE))
+        try:
+            self.fake_adapter.load_state_dict(weights)
+        except RuntimeError as e:
+            from .checkpoints import CheckpointError
+
+            raise CheckpointError(f"checkpoint {folder}: {FAKE_SCORE} does not fit this run's fake score "
+                                  f"({str(e).splitlines()[0][:200]})") from e
+        self.optimizer.load_state_dict(loading(folder, FAKE_SCORE_OPTIMIZER, lambda: torch.load(
+            folder / FAKE_SCORE_OPTIMIZER, map_location="cpu", weights_only=True)))
+
+
+def build_distribution_matching(config, roles, objective, device: torch.device) -> DistributionMatchingTerm | None:
+    """The term a TrainConfig asks for, or None (dmd_weight 0). Guidance-aware CoDi only (TrainConfig checks):
+    its guided teacher is the real score, and the fake score starts as a copy of the teacher's ControlNet."""
+    if not config.dmd_weight:
+        return None
+    teacher = roles.teacher
+    fake_adapter = GuidedControlNetAdapter.from_controlnet(teacher.adapter).to(device).float().requires_grad_(True)
+    fake_adapter.train()
+    fake = ConditionedDenoiser(teacher.unet, teacher.schedule, fake_adapter)
+    optimizer = torch.optim.AdamW(fake_adapter.parameters(), lr=config.dmd_lr, weight_decay=0.0)
+    return DistributionMatchingTerm(teacher.schedule, fake, optimizer, config.dmd_weight, objective.guided_teacher,
+                                    teacher, roles.set_w, guidance=(config.guidance_min, config.guidance_max),
+                                    t_min=config.dmd_t_min, t_max=config.dmd_t_max)
