@@ -1,4 +1,4 @@
-# Experiment script. Produced the training cost per step of the adversarial term against plain CoDi (docs/results.md, "A distribution term for one step").
+# Experiment script. Produced the training cost per step of the adversarial term and of DMD against plain CoDi (docs/results.md, "A distribution term for one step", "Distribution matching").
 """Training cost per step of CoDi with the adversarial term against plain CoDi, side by side in one process: short
 runs from the same entry, alternating (plain, term, plain, term, ...), each timed by the loop's own seconds per step
 (its moving average, checkpoints and grids left out).
@@ -9,6 +9,10 @@ A guidance-aware CoDi student (the served depth entry's settings: w ~ U[0, 3], t
 ENTRY the plain controlnet entry, also its teacher), with the caption-reading discriminator:
 
     OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --task depth --guided --text --weight 0.1
+
+The same for distribution matching (DMD, training/distribution_matching.py) instead of the discriminator:
+
+    OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --task depth --guided --dmd --weight 10
 """
 from __future__ import annotations
 
@@ -33,20 +37,23 @@ def main() -> None:
     p.add_argument("--guided", action="store_true", help="guidance-aware CoDi as the served depth entry was trained "
                    "(controlnet-guided, w ~ U[0, 3], r = 10, its unconditional branch)")
     p.add_argument("--text", action="store_true", help="the discriminator reads the caption (--adversarial-text)")
+    p.add_argument("--dmd", action="store_true", help="time the DMD term (--dmd-weight) instead of the discriminator")
     a = p.parse_args()
     torch.set_num_threads(1)
     sr = dict(photo_fraction=0.5, degradation="mild-64px") if a.task == "super-resolution" else {}
     guided = dict(adapter="controlnet-guided", guidance_max=3.0, guidance=1.0, cond_weight=10.0,
                   guidance_unconditional="text+condition-if-empty") if a.guided else {}
-    times: dict[str, list[float]] = {"plain": [], "adversarial": []}
+    term = "dmd" if a.dmd else "adversarial"
+    times: dict[str, list[float]] = {"plain": [], term: []}
     root = Path(tempfile.mkdtemp(prefix="adv-cost-"))
     try:
         for r in range(a.rounds):
-            for name, w in (("plain", 0.0), ("adversarial", a.weight)):
+            for name, w in (("plain", 0.0), (term, a.weight)):
                 cfg = TrainConfig(task=a.task, init_from=a.entry, ema=0.99, lr=3e-4, batch_size=4, caption_dropout=0.5,
                                   num_workers=1, sample_every=0, checkpoint_every=0, checkpoint_minutes=0,
-                                  max_train_steps=a.steps, output=str(root / f"{name}-{r}"), adversarial_weight=w,
-                                  adversarial_text=bool(w) and a.text, **sr, **guided)
+                                  max_train_steps=a.steps, output=str(root / f"{name}-{r}"), **sr, **guided,
+                                  **(dict(dmd_weight=w) if a.dmd else dict(adversarial_weight=w,
+                                                                           adversarial_text=bool(w) and a.text)))
                 times[name].append(train(cfg).seconds_per_step)
                 print(f"round {r} {name}: {times[name][-1]:.3f} s/step", flush=True)
     finally:

@@ -248,6 +248,7 @@ class Roles:
     lora_name: str | None = None
     set_w: Callable[[torch.Tensor | None], None] | None = None  # GD: the guidance weight of student and teacher
     source: Manifest | None = None  # the entry the student started from (`init_from`)
+    teacher_source: Manifest | None = None  # guided CoDi continued from its entry: the teacher named apart (`teacher`)
 
 
 def _fresh_adapter(config: TrainConfig, backbone: Backbone):
@@ -360,7 +361,8 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         for a in guided:
             a.set_guidance(w)
 
-    return Roles(student, trainable, teacher, adapter, lora, lora_name, set_w=set_w, source=m)
+    return Roles(student, trainable, teacher, adapter, lora, lora_name, set_w=set_w, source=m,
+                 teacher_source=teacher_entry.manifest if teacher_entry is not entry else None)
 
 
 def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
@@ -450,7 +452,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
 
     # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position. The
     # --init-from entry is pinned by its files' hashes: installing over that folder must not change a run's teacher.
-    source = source_fingerprint(roles.source.files) if roles.source is not None else None
+    source = source_fingerprint(_pinned_files(roles)) if roles.source is not None else None
     rank, world = accelerator.process_index, accelerator.num_processes
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, rank]).generate_state(1)[0]))
     step = 0
@@ -461,7 +463,9 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         step = load_checkpoint(accelerator, resume_from, trainable=trainable, ema=ema, optimizer=optimizer,
                                generator=generator, fingerprint=backbone.fingerprint,
                                extra=[term for term in (restore, matching) if term is not None],
-                               source=source, source_path=config.init_from)
+                               source=source, source_path=config.init_from + (f" (with the --teacher entry {config.teacher})"
+                                                                              if config.teacher else "")
+                               if config.init_from else None)
         accelerator.print(f"resumed from {resume_from} at step {step}")
     elif config.resume == "latest":
         accelerator.print(f"--resume: no checkpoint in {out / CHECKPOINTS} yet, starting a new run")
@@ -681,15 +685,27 @@ def export_entry(config: TrainConfig, backbone: Backbone, roles: Roles, ema: EMA
         backbone_lora=backbone_lora,
         unet_state=unet_state,
         training={"method": config.method, "config": config.to_dict(), "step": step, "loss": loss,
-                  "weights": "ema", "backbone": str(config.backbone_dir), **_init_from(config, roles.source)},
+                  "weights": "ema", "backbone": str(config.backbone_dir), **_init_from(config, roles)},
     )
     return config.entry_dir
 
 
-def _init_from(config: TrainConfig, source: Manifest | None) -> dict[str, Any]:
-    if source is None:
-        return {}
-    return {"init_from": {"path": str(config.init_from), "name": source.name, "method": source.training.get("method")}}
+def _init_from(config: TrainConfig, roles: Roles) -> dict[str, Any]:
+    """The manifest's record of the entries a run started from: `init_from`, and a guided student's `teacher`."""
+    out = {}
+    for key, path, m in (("init_from", config.init_from, roles.source), ("teacher", config.teacher, roles.teacher_source)):
+        if m is not None:
+            out[key] = {"path": str(path), "name": m.name, "method": m.training.get("method")}
+    return out
+
+
+def _pinned_files(roles: Roles) -> dict[str, str]:
+    """The files (name -> sha256) a checkpoint pins: the `init_from` entry's, and the teacher's when one is named
+    apart (under "teacher/"), so that neither can change under a resumed run."""
+    files = dict(roles.source.files)
+    if roles.teacher_source is not None:
+        files.update({f"teacher/{k}": v for k, v in roles.teacher_source.files.items()})
+    return files
 
 
 def _stop_if_not_finite(accelerator, value: torch.Tensor, what: str, step: int, parts: dict, last_ckpt: Path | None):

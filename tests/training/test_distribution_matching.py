@@ -1,6 +1,8 @@
 """Distribution matching (training/distribution_matching.py): the DMD gradient against a hand computation, the fake
 score's start and its checkpoints, and guidance-aware CoDi continued from its own entry (--teacher)."""
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -123,6 +125,18 @@ def test_a_guided_student_continues_from_its_entry_with_its_teacher(tmp_path, la
     a, b = load_file(student / "adapter.safetensors"), load_file(more.entry / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any("cond_proj" in k for k in a)
+    manifest = json.loads((more.entry / "manifest.json").read_text())
+    assert manifest["training"]["teacher"]["path"] == str(teacher)
+    # the teacher is pinned by its files' hashes as the start is: another entry put in its place is refused
+    checkpointed = guided(tmp_path, latent_backbone_dir, student, teacher=str(teacher), checkpoint_every=2,
+                          output=str(tmp_path / "g3"))
+    train(checkpointed, dataset=TinySet())
+    other = train(loop_config(tmp_path, latent_backbone_dir, method="finetune", caption_dropout=0.5, seed=5,
+                              output=str(tmp_path / "ft-other")), dataset=TinySet()).entry
+    shutil.rmtree(teacher)
+    shutil.copytree(other, teacher)
+    with pytest.raises(ConfigError, match="with the --teacher entry .* now holds other weights"):
+        train(checkpointed.replace(resume="latest", max_train_steps=3), dataset=TinySet())
     with pytest.raises(ConfigError, match="continuing it needs its guided teacher"):
         train(guided(tmp_path, latent_backbone_dir, student, output=str(tmp_path / "x1")), dataset=TinySet())
     with pytest.raises(ConfigError, match="the guided teacher of a depth student is a depth controlnet entry"):
