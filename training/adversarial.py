@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..runtime.diffusion.schedule import NoiseSchedule
-from .checkpoints import loading
+from .checkpoints import load_term_state, save_term_state
 
 DISCRIMINATOR = "discriminator.safetensors"
 DISCRIMINATOR_OPTIMIZER = "discriminator_optimizer.pt"
@@ -199,21 +198,11 @@ class AdversarialTerm:
 
     # checkpoints: two more files in the checkpoint folder (hashed in its state.json like the others)
     def save(self, folder: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.discriminator.state_dict().items()},
-                  folder / DISCRIMINATOR)
-        torch.save(self.optimizer.state_dict(), folder / DISCRIMINATOR_OPTIMIZER)
+        save_term_state(folder, self.discriminator, self.optimizer, DISCRIMINATOR, DISCRIMINATOR_OPTIMIZER)
 
     def load(self, folder: Path) -> None:
-        weights = loading(folder, DISCRIMINATOR, lambda: load_file(folder / DISCRIMINATOR))
-        try:
-            self.discriminator.load_state_dict(weights)
-        except RuntimeError as e:
-            from .checkpoints import CheckpointError
-
-            raise CheckpointError(f"checkpoint {folder}: {DISCRIMINATOR} does not fit this run's discriminator "
-                                  f"({str(e).splitlines()[0][:200]})") from e
-        self.optimizer.load_state_dict(loading(folder, DISCRIMINATOR_OPTIMIZER, lambda: torch.load(
-            folder / DISCRIMINATOR_OPTIMIZER, map_location="cpu", weights_only=True)))
+        load_term_state(folder, self.discriminator, self.optimizer, DISCRIMINATOR, DISCRIMINATOR_OPTIMIZER,
+                        "discriminator")
 
 
 def build_adversarial(config, unet: nn.Module, schedule: NoiseSchedule, latent_size: int, text_dim: int,

@@ -67,6 +67,30 @@ def loading(folder: Path, name: str, load: Callable[[], T]) -> T:
                               f"cannot be loaded ({type(e).__name__}: {str(e)[:200]})")) from e
 
 
+def save_term_state(folder: Path, module, optimizer, weights: str, optimizer_file: str) -> None:
+    """A distribution-level term's own network (safetensors) and optimiser (torch.save) into a checkpoint folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, folder / weights)
+    torch.save(optimizer.state_dict(), folder / optimizer_file)
+
+
+def load_term_state(folder: Path, module, optimizer, weights: str, optimizer_file: str, what: str) -> None:
+    """The inverse of `save_term_state`; a missing, unreadable or ill-fitting file is a CheckpointError naming it."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = loading(folder, weights, lambda: load_file(folder / weights))
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {folder}: {weights} does not fit this run's {what} "
+                              f"({str(e).splitlines()[0][:200]})") from e
+    optimizer.load_state_dict(loading(folder, optimizer_file, lambda: torch.load(
+        folder / optimizer_file, map_location="cpu", weights_only=True)))
+
+
 def with_fallback(err: CheckpointError, older: Iterable[Path]) -> CheckpointError:
     """`err` with the newest intact checkpoint among `older` (newest first) named."""
     for folder in older:

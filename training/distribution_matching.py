@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from ..adapters.architectures import GuidedControlNetAdapter
 from ..runtime.diffusion.denoiser import ConditionedDenoiser
 from ..runtime.diffusion.schedule import NoiseSchedule
 from .adversarial import served_student_timesteps
-from .checkpoints import loading
+from .checkpoints import load_term_state, save_term_state
 from .codi import DiffusionLoss, draw_w
 
 FAKE_SCORE = "fake_score.safetensors"
@@ -120,21 +119,10 @@ class DistributionMatchingTerm:
 
     # checkpoints: two more files in the checkpoint folder (hashed in its state.json like the others)
     def save(self, folder: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.fake_adapter.state_dict().items()},
-                  folder / FAKE_SCORE)
-        torch.save(self.optimizer.state_dict(), folder / FAKE_SCORE_OPTIMIZER)
+        save_term_state(folder, self.fake_adapter, self.optimizer, FAKE_SCORE, FAKE_SCORE_OPTIMIZER)
 
     def load(self, folder: Path) -> None:
-        weights = loading(folder, FAKE_SCORE, lambda: load_file(folder / FAKE_SCORE))
-        try:
-            self.fake_adapter.load_state_dict(weights)
-        except RuntimeError as e:
-            from .checkpoints import CheckpointError
-
-            raise CheckpointError(f"checkpoint {folder}: {FAKE_SCORE} does not fit this run's fake score "
-                                  f"({str(e).splitlines()[0][:200]})") from e
-        self.optimizer.load_state_dict(loading(folder, FAKE_SCORE_OPTIMIZER, lambda: torch.load(
-            folder / FAKE_SCORE_OPTIMIZER, map_location="cpu", weights_only=True)))
+        load_term_state(folder, self.fake_adapter, self.optimizer, FAKE_SCORE, FAKE_SCORE_OPTIMIZER, "fake score")
 
 
 def build_distribution_matching(config, roles, objective, device: torch.device) -> DistributionMatchingTerm | None:
