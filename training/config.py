@@ -128,6 +128,8 @@ class TrainConfig:
     dmd_lr: float = 3e-4  # the fake score adapter's AdamW learning rate
     dmd_t_min: int = 20  # the scores are compared at t ~ U{dmd_t_min..dmd_t_max} (DMD's 0.02 T .. 0.98 T)
     dmd_t_max: int = 980
+    dmd_one_step: float = 0.5  # the share of the student's predictions taken from the 1-step timestep (999); the rest
+    # from the 2- and 4-step ones (749, 499, 249): 1.0 leaves the 2- and 4-step paths to CoDi alone
 
     # super-resolution data
     degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
@@ -239,6 +241,7 @@ class TrainConfig:
         _check("dmd_lr", self.dmd_lr, self.dmd_lr > 0, "must be > 0")
         _check("dmd_t_max", self.dmd_t_max, 0 <= self.dmd_t_min <= self.dmd_t_max <= 999,
                f"must be in dmd_t_min ({self.dmd_t_min})..999 (the timesteps the scores are compared at)")
+        _check("dmd_one_step", self.dmd_one_step, 0 <= self.dmd_one_step <= 1, "must be in [0, 1]")
         if self.dmd_weight and not (self.method == "codi" and self.adapter == "controlnet-guided" and self.init_from
                                     and self.mode == "pe"):
             raise ConfigError(f"dmd_weight {self.dmd_weight}: distribution matching compares the student with the "

@@ -137,4 +137,4 @@ def build_distribution_matching(config, roles, objective, device: torch.device) 
     optimizer = torch.optim.AdamW(fake_adapter.parameters(), lr=config.dmd_lr, weight_decay=0.0)
     return DistributionMatchingTerm(teacher.schedule, fake, optimizer, config.dmd_weight, objective.guided_teacher,
                                     teacher, roles.set_w, guidance=(config.guidance_min, config.guidance_max),
-                                    t_min=config.dmd_t_min, t_max=config.dmd_t_max)
+                                    t_min=config.dmd_t_min, t_max=config.dmd_t_max, p_one_step=config.dmd_one_step)

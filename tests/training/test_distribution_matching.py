@@ -80,6 +80,8 @@ def test_the_fake_score_starts_as_the_teacher_at_every_w(tmp_path, latent_backbo
     objective = build_objective(config, backbone.schedule, empty_text=backbone.encode_text([""]), set_w=roles.set_w)
     term = build_distribution_matching(config, roles, objective, torch.device("cpu"))
     assert build_distribution_matching(config.replace(dmd_weight=0.0), roles, objective, torch.device("cpu")) is None
+    one = build_distribution_matching(config.replace(dmd_one_step=1.0), roles, objective, torch.device("cpu"))
+    assert one.p_one_step == 1.0 and term.p_one_step == 0.5
     g = torch.Generator().manual_seed(0)
     size = backbone.resolution // backbone.vae_scale_factor
     z = torch.randn(2, backbone.unet.config.in_channels, size, size, generator=g)
@@ -158,6 +160,8 @@ def test_config_refuses_what_the_terms_cannot_do(tmp_path):
         TrainConfig(task="depth", adapter="controlnet-guided", init_from=str(entry), teacher=str(tmp_path / "none"))
     with pytest.raises(ConfigError, match="dmd_t_max 1000"):
         TrainConfig(task="depth", dmd_t_max=1000)
+    with pytest.raises(ConfigError, match="dmd_one_step 1.5"):
+        TrainConfig(task="depth", dmd_one_step=1.5)
     with pytest.raises(ConfigError, match="dmd_weight -1"):
         TrainConfig(task="depth", dmd_weight=-1)
     TrainConfig(task="depth", adapter="controlnet-guided", init_from=str(entry), teacher=str(entry), dmd_weight=0.5)
