@@ -61,7 +61,6 @@ def main() -> None:
             x, c, text = batch()
             codi.append(grad_norm(objective(roles.student, ema, roles.teacher, x, c, text, gen).loss, params))
             zero = Terms(torch.zeros(()), {}, None)
-            term.weight = 1.0
             t = term(zero, roles.student, x, c, text, gen)  # also one fake step: the probe's batches are new ones
             dmd.append(grad_norm(t.loss, params))
         cm, dm = sum(codi) / len(codi), sum(dmd) / len(dmd)

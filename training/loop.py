@@ -267,6 +267,15 @@ def _same_condition(condition: dict) -> bool:
     return all(condition.get(k) == v for k, v in IMAGE_CONDITION.items())
 
 
+def _guided_copy(entry, config: TrainConfig, unet):
+    """A trainable copy of a controlnet-guided entry's adapter, serving `config.guidance` by default (GD stage 2's
+    next round, or a guided CoDi student continued)."""
+    adapter = adapter_from_config(entry.manifest.kind, entry.manifest.architecture, unet)
+    adapter.load_weights(entry.adapter.weights())
+    adapter.set_default_guidance(config.guidance)
+    return adapter
+
+
 def _guided_codi_start(config: TrainConfig, backbone: Backbone, entry, where: str):
     """Guidance-aware CoDi's student adapter and the entry that is its guided teacher: from a controlnet entry, the
     student is its copy with a zero-initialised w branch and the entry is the teacher; a controlnet-guided entry is
@@ -281,10 +290,7 @@ def _guided_codi_start(config: TrainConfig, backbone: Backbone, entry, where: st
         if tm.kind != "controlnet" or tm.task != config.task:
             raise ConfigError(f"teacher {config.teacher} is a {tm.task} {tm.kind} adapter; the guided teacher of a "
                               f"{config.task} student is a {config.task} controlnet entry")
-        adapter = adapter_from_config(m.kind, m.architecture, backbone.unet)
-        adapter.load_weights(entry.adapter.weights())
-        adapter.set_default_guidance(config.guidance)
-        adapter.requires_grad_(True)
+        adapter = _guided_copy(entry, config, backbone.unet)
     elif m.kind == "controlnet":
         if config.teacher is not None:
             raise ConfigError(f"{where} is a controlnet adapter: started from it, the student's guided teacher is "
@@ -333,9 +339,7 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         if m.kind != "controlnet-guided":
             raise ConfigError(f"{where} is a {m.kind} adapter; GD stage 2 continues a controlnet-guided entry "
                               "(GD stage 1 or an earlier round)")
-        adapter = adapter_from_config(m.kind, m.architecture, unet)
-        adapter.load_weights(entry.adapter.weights())
-        adapter.set_default_guidance(config.guidance)
+        adapter = _guided_copy(entry, config, unet)
     lora = lora_name = None
     if config.mode == "lora":  # codi only (TrainConfig): the backbone LoRA starts at zero, so the student starts as the entry
         lora_name = backbone_lora_name(config.entry_name)
