@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 import pytest
@@ -54,6 +55,18 @@ def latent_backbone_dir(tmp_path_factory, latent_backbone):
     from cdd.runtime.diffusion.factory import save_backbone
 
     return save_backbone(latent_backbone, tmp_path_factory.mktemp("bb") / "latent")
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    return free_port_
+
+
+def free_port_() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for a server or a launcher a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

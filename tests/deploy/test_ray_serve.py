@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,12 +66,6 @@ def reference(world):
         yield client
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # On two busy cores a Serve proxy can take longer to start than Ray allows by default: the controller kills a
 # proxy that is not ready within RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (5 s) and starts another, which
 # serve.start() sees as ActorDiedError, and serve.start() itself waits a fixed 60 s (HTTP_PROXY_TIMEOUT).
@@ -110,7 +103,7 @@ def wait_proxy(client, prefixes) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_serve(world):
+def ray_serve(world, free_port):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_START_S))
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

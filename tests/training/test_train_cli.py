@@ -1,12 +1,14 @@
 """`cdd-train-adapter` end to end on tiny backbones and the scenes world at 16 px: options, outputs,
 a real SIGKILL and --resume, and a 2-process `accelerate launch` run."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,15 +184,36 @@ def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_one(pixel_back
 
 
 @pytest.mark.slow
-def test_two_process_cpu_run_through_accelerate_launch(pixel_backbone_dir, tmp_path):
+def test_two_process_cpu_run_through_accelerate_launch(pixel_backbone_dir, tmp_path, free_port):
     # accelerate 1.x's `launch --cpu` starts several processes only through MPI (--mpirun_hostfile); its torchrun
     # launcher (--multi_gpu) with ACCELERATE_USE_CPU=1 starts them on any machine and Accelerator(cpu) picks gloo.
+    # Its own free rendezvous port, so the run does not depend on what else listens on 29500 (accelerate then falls
+    # back to a standalone rendezvous). Should it hang, every process prints its Python stacks (faulthandler, on
+    # SIGABRT) before it is killed: one CI run (2026-12-07) hung after training had finished and printed its summary,
+    # and 40 runs here (some beside CPU burners or with 29500 taken) did not repeat it.
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cdd.training.train_adapter",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "cdd.training.train_adapter",
            *TINY, "--backbone", str(pixel_backbone_dir), "--output", str(out), "--max-train-steps", "3",
            "--checkpoint-every", "2", "--sample-every", "2"]
-    done = subprocess.run(cmd, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen(cmd, env={**env(), "ACCELERATE_USE_CPU": "1", "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each worker in its own session: signal the launcher's descendants one by one.
+        tree = [proc.pid, *_descendants(proc.pid)]
+        for pid in reversed(tree):  # the workers first: their stacks, before the launcher stops forwarding
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(5)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the 2-process run did not end in 240 s; its output:\n{stdout[-3000:]}\n{stderr[-12000:]}")
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
     state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
@@ -199,3 +222,18 @@ def test_two_process_cpu_run_through_accelerate_launch(pixel_backbone_dir, tmp_p
     assert len(rng) == 2 and not torch.equal(rng[0]["generator"], rng[1]["generator"])  # each process its own draws
     assert (out / "samples" / "step-000002.png").is_file()
     assert zoo_main(["verify", str(out / "entry"), "--backbone", str(pixel_backbone_dir)]) == 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux /proc), parents before children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child)
+    return out

@@ -93,24 +93,18 @@ def test_a_port_in_use_fails_in_seconds_before_the_model_loads(tmp_path, capsys)
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url, timeout=5):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.status, r.read()
 
 
-def test_cdd_serve_process_serves_logs_json_and_drains_on_sigterm(tmp_path):
+def test_cdd_serve_process_serves_logs_json_and_drains_on_sigterm(tmp_path, free_port):
     bb = make_backbone("latent", resolution=16, seed=8)
     save_backbone(bb, tmp_path / "backbone")
     adapter = build_adapter("controlnet", bb.unet, bb.vae_scale_factor)
     save_entry(tmp_path / "zoo" / "depth", adapter, name="depth", task="depth", backbone_fingerprint=bb.fingerprint,
                condition={"channels": 3, "range": [0, 1], "resolution": 16}, steps=1)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CDD_ZOO": str(tmp_path / "zoo"), "CDD_MAX_BATCH": "2", "PYTHONUNBUFFERED": "1",
            "CDD_READ_TIMEOUT_S": "1", "CDD_MAX_HEADER_KB": "8", "CDD_DRAIN_S": "5"}
     proc = subprocess.Popen(
