@@ -130,6 +130,7 @@ class TrainConfig:
     dmd_t_max: int = 980
     dmd_one_step: float = 0.5  # the share of the student's predictions taken from the 1-step timestep (999); the rest
     # from the 2- and 4-step ones (749, 499, 249): 1.0 leaves the 2- and 4-step paths to CoDi alone
+    dmd_fake_steps: int = 1  # fake score updates per student step, each extra one on fresh student outputs (DMD2: 5)
 
     # super-resolution data
     degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
@@ -242,6 +243,7 @@ class TrainConfig:
         _check("dmd_t_max", self.dmd_t_max, 0 <= self.dmd_t_min <= self.dmd_t_max <= 999,
                f"must be in dmd_t_min ({self.dmd_t_min})..999 (the timesteps the scores are compared at)")
         _check("dmd_one_step", self.dmd_one_step, 0 <= self.dmd_one_step <= 1, "must be in [0, 1]")
+        _check("dmd_fake_steps", self.dmd_fake_steps, self.dmd_fake_steps >= 1, "must be >= 1")
         if self.dmd_weight and not (self.method == "codi" and self.adapter == "controlnet-guided" and self.init_from
                                     and self.mode == "pe"):
             raise ConfigError(f"dmd_weight {self.dmd_weight}: distribution matching compares the student with the "

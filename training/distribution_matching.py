@@ -16,9 +16,12 @@ its fake score from the teacher). The frozen backbone UNet is shared by all thre
     g = (x_fake - x_real) / mean|x_hat - x_real|                                DMD's normalisation, per sample
     student: L += W * 0.5 * mean (x_hat - sg(x_hat - g))^2                      its gradient is W g / numel
     fake step:  the plain diffusion loss of f_fake on sg(x_hat) at w (its own AdamW)
+    fake_steps - 1 more fake steps, each on fresh student outputs of the batch (new t_s, w, eps; no grad)
 
 W = 0 builds nothing and draws nothing from the run's generator: the objective is today's, bit for bit. One fake
-update per student step (DMD2 takes five; on this machine one keeps the step's cost near the adversarial term's).
+update per student step by default (the step's cost stays near the adversarial term's); DMD2 takes five, each on
+new generator outputs, so that the fake score keeps up with the student (its "two time-scale update rule"):
+`fake_steps` 5 is that, at about one student forward and one fake forward and backward more per extra update.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class DistributionMatchingTerm:
     t_min: int = 20
     t_max: int = 980
     p_one_step: float = 0.5
+    fake_steps: int = 1  # fake score updates per student step
 
     def __post_init__(self) -> None:
         self.denoising = DiffusionLoss(self.schedule)
@@ -67,19 +71,28 @@ class DistributionMatchingTerm:
 
     def __call__(self, terms, student, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor,
                  generator: torch.Generator):
+        x_hat, w = self.student_outputs(student, x, c, text, generator)      # with grad
+        matching = self.matching_loss(x_hat, c, text, w, generator)
+        fake_loss = self.fake_step(x_hat.detach(), c, text, w, generator)
+        for _ in range(self.fake_steps - 1):
+            with torch.no_grad():
+                x_more, w_more = self.student_outputs(student, x, c, text, generator)
+            fake_loss = self.fake_step(x_more, c, text, w_more, generator)
+        parts = {**terms.parts, "dmd": matching.detach(), "fake_score": fake_loss}
+        return type(terms)(terms.loss + self.weight * matching, parts, terms.t)
+
+    def student_outputs(self, student, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's x_hat from a served timestep at a drawn w (and that w), as a request would get it."""
         B = x.shape[0]
         t_s = served_student_timesteps(self.schedule, B, self.p_one_step, generator)
         w = draw_w(B, *self.guidance, generator)
         eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
         self.set_w(w)
         try:
-            x_hat, _ = student(self.schedule.add_noise(x, eps, t_s), t_s, c, text)     # with grad
+            return student(self.schedule.add_noise(x, eps, t_s), t_s, c, text)[0], w
         finally:
             self.set_w(None)
-        matching = self.matching_loss(x_hat, c, text, w, generator)
-        fake_loss = self.fake_step(x_hat.detach(), c, text, w, generator)
-        parts = {**terms.parts, "dmd": matching.detach(), "fake_score": fake_loss}
-        return type(terms)(terms.loss + self.weight * matching, parts, terms.t)
 
     def score_difference(self, x_hat: torch.Tensor, c: torch.Tensor, text: torch.Tensor, w: torch.Tensor,
                          generator: torch.Generator) -> torch.Tensor:
@@ -137,4 +150,5 @@ def build_distribution_matching(config, roles, objective, device: torch.device) 
     optimizer = torch.optim.AdamW(fake_adapter.parameters(), lr=config.dmd_lr, weight_decay=0.0)
     return DistributionMatchingTerm(teacher.schedule, fake, optimizer, config.dmd_weight, objective.guided_teacher,
                                     teacher, roles.set_w, guidance=(config.guidance_min, config.guidance_max),
-                                    t_min=config.dmd_t_min, t_max=config.dmd_t_max, p_one_step=config.dmd_one_step)
+                                    t_min=config.dmd_t_min, t_max=config.dmd_t_max, p_one_step=config.dmd_one_step,
+                                    fake_steps=config.dmd_fake_steps)

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dmd-t-max", type=int, help=f"... and t <= this (default {d.dmd_t_max})")
     g.add_argument("--dmd-one-step", type=float, help="the share of the student's predictions judged from the 1-step "
                    f"timestep (999), the rest from 749 / 499 / 249 (default {d.dmd_one_step})")
+    g.add_argument("--dmd-fake-steps", type=int, help="fake score updates per student step, each extra one on fresh "
+                   f"student outputs (DMD2 takes 5; default {d.dmd_fake_steps})")
 
     g = p.add_argument_group("Guided Distillation (--method gd), and guidance-aware CoDi (--method codi --adapter "
                              "controlnet-guided: the w range and the served w)")

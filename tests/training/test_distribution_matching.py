@@ -97,6 +97,48 @@ def test_the_fake_score_starts_as_the_teacher_at_every_w(tmp_path, latent_backbo
     assert all(p.requires_grad for p in term.fake_adapter.parameters())
 
 
+def test_more_fake_steps_train_the_fake_score_on_fresh_outputs_and_leave_the_student_gradient(tmp_path,
+                                                                                             latent_backbone_dir):
+    teacher = teacher_entry(tmp_path, latent_backbone_dir)
+    config = guided(tmp_path, latent_backbone_dir, teacher, dmd_weight=1.0)
+    backbone = load_backbone(config.check_backbone())
+    g = torch.Generator().manual_seed(3)
+    size = backbone.resolution // backbone.vae_scale_factor
+    x = torch.randn(2, backbone.unet.config.in_channels, size, size, generator=g)
+    c, text = torch.rand(2, 3, 16, 16, generator=g), backbone.encode_text(["a red cube", "a blue sphere"])
+
+    def one_call(fake_steps):
+        roles = build_roles(config.replace(dmd_fake_steps=fake_steps), backbone)
+        objective = build_objective(config, backbone.schedule, empty_text=backbone.encode_text([""]), set_w=roles.set_w)
+        term = build_distribution_matching(config.replace(dmd_fake_steps=fake_steps), roles, objective,
+                                           torch.device("cpu"))
+        seen, fake_step = [], term.fake_step
+        term.fake_step = lambda x_hat, c, text, w, gen: (seen.append((x_hat, w)), fake_step(x_hat, c, text, w, gen))[1]
+        before = {k: v.detach().clone() for k, v in term.fake_adapter.state_dict().items()}
+        zero = Terms(torch.zeros(()), {}, torch.zeros(2))
+        out = term(zero, roles.student, x, c, text, torch.Generator().manual_seed(5))
+        params = [p for p in roles.trainable.values()]
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        moved = any(not torch.equal(before[k], v) for k, v in term.fake_adapter.state_dict().items())
+        return term, seen, grads, moved
+
+    one, seen_one, grads_one, moved_one = one_call(1)
+    three, seen_three, grads_three, moved_three = one_call(3)
+    assert one.fake_steps == 1 and three.fake_steps == 3 and moved_one and moved_three
+    assert len(seen_one) == 1 and len(seen_three) == 3
+    assert torch.equal(seen_three[0][0], seen_one[0][0]) and torch.equal(seen_three[0][1], seen_one[0][1])
+    # the extra updates: fresh student outputs (no graph), each at its own drawn w
+    assert all(not x_more.requires_grad for x_more, _ in seen_three)
+    assert not torch.equal(seen_three[1][0], seen_three[0][0]) and not torch.equal(seen_three[2][0], seen_three[1][0])
+    assert not torch.equal(seen_three[1][1], seen_three[0][1])
+    # the student's gradient is taken before the fake score moves: the same for one update or three
+    assert any(a is not None and a.abs().sum() > 0 for a in grads_one)
+    for a, b in zip(grads_one, grads_three, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(ConfigError, match="dmd_fake_steps 0"):
+        TrainConfig(task="depth", dmd_fake_steps=0)
+
+
 def test_a_guided_run_with_dmd_checkpoints_its_fake_score_and_resumes_bit_for_bit(tmp_path, latent_backbone_dir):
     teacher = teacher_entry(tmp_path, latent_backbone_dir)
     straight = train(guided(tmp_path, latent_backbone_dir, teacher, dmd_weight=1.0, max_train_steps=2,
