@@ -12,7 +12,7 @@ ENTRY the plain controlnet entry, also its teacher), with the caption-reading di
 
 The same for distribution matching (DMD, training/distribution_matching.py) instead of the discriminator:
 
-    OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --task depth --guided --dmd --weight 10
+    OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --task depth --guided --dmd --weight 10 [--fake-steps 5]
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def main() -> None:
                    "(controlnet-guided, w ~ U[0, 3], r = 10, its unconditional branch)")
     p.add_argument("--text", action="store_true", help="the discriminator reads the caption (--adversarial-text)")
     p.add_argument("--dmd", action="store_true", help="time the DMD term (--dmd-weight) instead of the discriminator")
+    p.add_argument("--fake-steps", type=int, default=1, help="with --dmd: fake score updates per step (--dmd-fake-steps)")
     a = p.parse_args()
     torch.set_num_threads(1)
     sr = dict(photo_fraction=0.5, degradation="mild-64px") if a.task == "super-resolution" else {}
@@ -52,7 +53,7 @@ def main() -> None:
                 cfg = TrainConfig(task=a.task, init_from=a.entry, ema=0.99, lr=3e-4, batch_size=4, caption_dropout=0.5,
                                   num_workers=1, sample_every=0, checkpoint_every=0, checkpoint_minutes=0,
                                   max_train_steps=a.steps, output=str(root / f"{name}-{r}"), **sr, **guided,
-                                  **(dict(dmd_weight=w) if a.dmd else dict(adversarial_weight=w,
+                                  **(dict(dmd_weight=w, dmd_fake_steps=a.fake_steps) if a.dmd else dict(adversarial_weight=w,
                                                                            adversarial_text=bool(w) and a.text)))
                 times[name].append(train(cfg).seconds_per_step)
                 print(f"round {r} {name}: {times[name][-1]:.3f} s/step", flush=True)
