@@ -284,7 +284,9 @@ def test_playground_offers_each_task_its_samplers_an_example_and_clears_a_stale_
         page.choose("task", "depth")
         assert page.options("sampler") == ["", "prev", "ddim", "cm", "gd"]
         assert page.js("document.querySelector('#sampler option').textContent") == "default (prev)"
+        assert page.js("document.getElementById('prompt').placeholder") == "optional; name the objects left to right"
         page.choose("task", "super-resolution")
+        assert page.js("document.getElementById('prompt').placeholder") == "optional"
         samplers = page.options("sampler")
         assert "prev+ilvr" in samplers and "gd+ilvr" in samplers and not any(s.endswith("+keep") for s in samplers)
         assert "prev+ilvr-out" in samplers  # each option says what its step does, the longest suffix matched
