@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from ..adapters.zoo import sha256_file
 from .config import ConfigError
 
@@ -69,18 +72,12 @@ def loading(folder: Path, name: str, load: Callable[[], T]) -> T:
 
 def save_term_state(folder: Path, module, optimizer, weights: str, optimizer_file: str) -> None:
     """A distribution-level term's own network (safetensors) and optimiser (torch.save) into a checkpoint folder."""
-    import torch
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, folder / weights)
     torch.save(optimizer.state_dict(), folder / optimizer_file)
 
 
 def load_term_state(folder: Path, module, optimizer, weights: str, optimizer_file: str, what: str) -> None:
     """The inverse of `save_term_state`; a missing, unreadable or ill-fitting file is a CheckpointError naming it."""
-    import torch
-    from safetensors.torch import load_file
-
     state = loading(folder, weights, lambda: load_file(folder / weights))
     try:
         module.load_state_dict(state)

@@ -117,8 +117,7 @@ def test_more_fake_steps_train_the_fake_score_on_fresh_outputs_and_leave_the_stu
         before = {k: v.detach().clone() for k, v in term.fake_adapter.state_dict().items()}
         zero = Terms(torch.zeros(()), {}, torch.zeros(2))
         out = term(zero, roles.student, x, c, text, torch.Generator().manual_seed(5))
-        params = [p for p in roles.trainable.values()]
-        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        grads = torch.autograd.grad(out.loss, list(roles.trainable.values()), allow_unused=True)
         moved = any(not torch.equal(before[k], v) for k, v in term.fake_adapter.state_dict().items())
         return term, seen, grads, moved
 
