@@ -5,7 +5,9 @@ score alone has trained some steps on the fixed student's outputs: how to choose
     python experiments/dmd_gradients.py STUDENT_ENTRY TEACHER_ENTRY [--task depth] [--fake-steps 100]
 
 The student is continued as `cdd-train-adapter --init-from STUDENT --teacher TEACHER` would (the w range and the
-conditional term's weight as the depth entry's run: 0-3, r = 10, unconditional branch text+condition-if-empty).
+conditional term's weight as the depth entry's run: 0-3, r = 10, unconditional branch text+condition-if-empty);
+with --plain as plain CoDi (`--adapter controlnet`, the super-resolution entry's recipe), TEACHER the fine-tuned
+entry whose score is DMD's real one.
 """
 from __future__ import annotations
 
@@ -34,19 +36,26 @@ def main() -> None:
     p.add_argument("--fake-steps", type=int, default=100)
     p.add_argument("--probes", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4, help="the fake score's (--dmd-lr)")
+    p.add_argument("--plain", action="store_true", help="a plain CoDi student (--adapter controlnet), TEACHER its "
+                   "fine-tuned conditional entry")
     a = p.parse_args()
     torch.set_num_threads(1)
-    config = TrainConfig(task=a.task, adapter="controlnet-guided", init_from=a.student, teacher=a.teacher,
-                         cond_weight=10.0, guidance_min=0.0, guidance_max=3.0, guidance=2.0,
-                         guidance_unconditional="text+condition-if-empty", caption_dropout=0.5, dmd_weight=1.0,
-                         dmd_lr=a.lr)
+    if a.plain:  # plain CoDi (the super-resolution entry's recipe): the teacher entry is DMD's real score at w = 0
+        config = TrainConfig(task=a.task, adapter="controlnet", init_from=a.student, teacher=a.teacher,
+                             caption_dropout=0.5, dmd_weight=1.0, dmd_lr=a.lr, degradation="mild-64px",
+                             photo_fraction=0.5 if a.task == "super-resolution" else 0.0)
+    else:
+        config = TrainConfig(task=a.task, adapter="controlnet-guided", init_from=a.student, teacher=a.teacher,
+                             cond_weight=10.0, guidance_min=0.0, guidance_max=3.0, guidance=2.0,
+                             guidance_unconditional="text+condition-if-empty", caption_dropout=0.5, dmd_weight=1.0,
+                             dmd_lr=a.lr)
     backbone = load_backbone(config.check_backbone())
     roles = build_roles(config, backbone)
     params = list(roles.trainable.values())
     ema = WithWeights(roles.student, EMA(roles.trainable, 0.99).shadow)
     objective = build_objective(config, backbone.schedule, empty_text=backbone.encode_text([""]), set_w=roles.set_w)
     term = build_distribution_matching(config, roles, objective, torch.device("cpu"))
-    data = iter(build_dataset(a.task, "scenes", size=64, seed=11))
+    data = iter(build_dataset(a.task, "scenes", size=64, seed=11, **config.dataset_options()))
     gen = torch.Generator().manual_seed(0)
 
     def batch():

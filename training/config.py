@@ -75,7 +75,8 @@ class TrainConfig:
     init_from: str | None = None  # cm, gd: the zoo entry distilled from (the fine-tuned teacher, or GD's previous
     # round); codi: optional, the student starts as that entry (its teacher stays the frozen backbone)
     teacher: str | None = None  # guidance-aware CoDi continued from a controlnet-guided entry (init_from): the
-    # controlnet entry that is its guided teacher (a guided entry started from a controlnet one is its own teacher)
+    # controlnet entry that is its guided teacher (a guided entry started from a controlnet one is its own teacher);
+    # plain CoDi with dmd_weight: the conditional controlnet entry (the fine-tuned teacher) that is DMD's real score
 
     # CoDi, Algorithm 1
     prev_predictor: str = "prev"
@@ -122,8 +123,9 @@ class TrainConfig:
     adversarial_start: int = 0  # the term is on from this optimizer step (distil first, then add it);
     # a run without the term may be resumed with it from a checkpoint at or before this step
 
-    # distribution matching (training/distribution_matching.py, guidance-aware CoDi from an entry): the reverse-KL
-    # gradient of DMD, the guided teacher's score against a fake score adapter trained on the student's outputs
+    # distribution matching (training/distribution_matching.py, CoDi from an entry): the reverse-KL gradient of DMD,
+    # the teacher's score against a fake score adapter trained on the student's outputs; the teacher is guidance-aware
+    # CoDi's guided one, or for plain CoDi (--adapter controlnet) the conditional entry named by `teacher`, at w = 0
     dmd_weight: float = 0.0  # W, the weight of the student's DMD loss; 0: plain CoDi, bit for bit
     dmd_lr: float = 3e-4  # the fake score adapter's AdamW learning rate
     dmd_t_min: int = 20  # the scores are compared at t ~ U{dmd_t_min..dmd_t_max} (DMD's 0.02 T .. 0.98 T)
@@ -199,9 +201,12 @@ class TrainConfig:
             raise ConfigError(f"init_from is for methods {', '.join(MAY_INIT_FROM)}, not {self.method}")
         if self.init_from and not Path(self.init_from).is_dir():
             raise ConfigError(f"init_from {self.init_from!r} is not a zoo entry folder")
-        if self.teacher and not (self.method == "codi" and self.adapter == "controlnet-guided" and self.init_from):
+        plain_dmd = self.method == "codi" and self.adapter == "controlnet" and self.init_from and self.dmd_weight
+        if self.teacher and not (self.method == "codi" and self.adapter == "controlnet-guided" and self.init_from
+                                 or plain_dmd):
             raise ConfigError("teacher is the guided teacher of guidance-aware CoDi continued from a controlnet-guided "
-                              "entry: it needs --method codi --adapter controlnet-guided --init-from ENTRY")
+                              "entry: it needs --method codi --adapter controlnet-guided --init-from ENTRY (or, with "
+                              "--adapter controlnet and --dmd-weight, the conditional entry that is DMD's real score)")
         if self.teacher and not Path(self.teacher).is_dir():
             raise ConfigError(f"teacher {self.teacher!r} is not a zoo entry folder")
         if self.method == "gd" and self.adapter != "controlnet-guided":
@@ -244,11 +249,12 @@ class TrainConfig:
                f"must be in dmd_t_min ({self.dmd_t_min})..999 (the timesteps the scores are compared at)")
         _check("dmd_one_step", self.dmd_one_step, 0 <= self.dmd_one_step <= 1, "must be in [0, 1]")
         _check("dmd_fake_steps", self.dmd_fake_steps, self.dmd_fake_steps >= 1, "must be >= 1")
-        if self.dmd_weight and not (self.method == "codi" and self.adapter == "controlnet-guided" and self.init_from
-                                    and self.mode == "pe"):
+        if self.dmd_weight and not (self.method == "codi" and self.init_from and self.mode == "pe" and (
+                self.adapter == "controlnet-guided" or self.adapter == "controlnet" and self.teacher)):
             raise ConfigError(f"dmd_weight {self.dmd_weight}: distribution matching compares the student with the "
                               "guided teacher of guidance-aware CoDi: it needs --method codi --adapter controlnet-guided "
-                              "--init-from ENTRY in mode pe")
+                              "--init-from ENTRY in mode pe (or --adapter controlnet --init-from ENTRY --teacher ENTRY: "
+                              "plain CoDi, whose teacher is the backbone alone, with a conditional entry as the real score)")
         _check("steps", self.steps, 1 <= self.steps <= 1000, "must be in 1..1000 (N intervals of the T timesteps)")
         _check("huber_c", self.huber_c, self.huber_c > 0, "must be > 0")
         _check("cond_weight", self.cond_weight, self.cond_weight >= 0, "must be >= 0")

@@ -1,4 +1,4 @@
-"""A distribution-level term for guidance-aware CoDi: distribution matching distillation (DMD) with a fake score adapter.
+"""A distribution-level term for CoDi: distribution matching distillation (DMD) with a fake score adapter.
 
 After Yin et al., "One-step Diffusion with Distribution Matching Distillation" (DMD) and its successor (DMD2): the
 gradient of the reverse KL between the student's output distribution and the teacher's is the difference of two
@@ -17,6 +17,9 @@ its fake score from the teacher). The frozen backbone UNet is shared by all thre
     student: L += W * 0.5 * mean (x_hat - sg(x_hat - g))^2                      its gradient is W g / numel
     fake step:  the plain diffusion loss of f_fake on sg(x_hat) at w (its own AdamW)
     fake_steps - 1 more fake steps, each on fresh student outputs of the batch (new t_s, w, eps; no grad)
+
+Plain CoDi (`--adapter controlnet`, its own teacher the backbone alone) takes the term too, with the fine-tuned
+conditional entry (`--teacher`) as the real score at w = 0: x_real = f_T(z, t, c, text), the fake score at w = 0.
 
 W = 0 builds nothing and draws nothing from the run's generator: the objective is today's, bit for bit. One fake
 update per student step by default (the step's cost stays near the adversarial term's); DMD2 takes five, each on
@@ -138,17 +141,28 @@ class DistributionMatchingTerm:
         load_term_state(folder, self.fake_adapter, self.optimizer, FAKE_SCORE, FAKE_SCORE_OPTIMIZER, "fake score")
 
 
+def conditional_prediction(teacher, z_t, t, c, text, w: torch.Tensor):
+    """The real score of plain CoDi's DMD: the conditional teacher's own prediction (w = 0; `guided_teacher`'s
+    signature, its guidance shift zero)."""
+    x, eps = teacher(z_t, t, c, text)
+    return x, eps, torch.zeros_like(x)
+
+
 def build_distribution_matching(config, roles, objective, device: torch.device) -> DistributionMatchingTerm | None:
-    """The term a TrainConfig asks for, or None (dmd_weight 0). Guidance-aware CoDi only (TrainConfig checks):
-    its guided teacher is the real score, and the fake score starts as a copy of the teacher's ControlNet."""
+    """The term a TrainConfig asks for, or None (dmd_weight 0). Guidance-aware CoDi: its guided teacher, at the
+    student's w, is the real score. Plain CoDi (whose own teacher is the backbone alone): the conditional entry named
+    by `config.teacher` is, at w = 0 (TrainConfig checks that one is named). The fake score starts as a copy of the
+    real score's ControlNet."""
     if not config.dmd_weight:
         return None
-    teacher = roles.teacher
+    guided = config.adapter == "controlnet-guided"
+    teacher = roles.teacher if guided else roles.real_score
     fake_adapter = GuidedControlNetAdapter.from_controlnet(teacher.adapter).to(device).float().requires_grad_(True)
     fake_adapter.train()
     fake = ConditionedDenoiser(teacher.unet, teacher.schedule, fake_adapter)
     optimizer = torch.optim.AdamW(fake_adapter.parameters(), lr=config.dmd_lr, weight_decay=0.0)
-    return DistributionMatchingTerm(teacher.schedule, fake, optimizer, config.dmd_weight, objective.guided_teacher,
-                                    teacher, roles.set_w, guidance=(config.guidance_min, config.guidance_max),
+    return DistributionMatchingTerm(teacher.schedule, fake, optimizer, config.dmd_weight,
+                                    objective.guided_teacher if guided else conditional_prediction, teacher,
+                                    roles.set_w, guidance=(config.guidance_min, config.guidance_max) if guided else (0.0, 0.0),
                                     t_min=config.dmd_t_min, t_max=config.dmd_t_max, p_one_step=config.dmd_one_step,
                                     fake_steps=config.dmd_fake_steps)

@@ -249,6 +249,7 @@ class Roles:
     set_w: Callable[[torch.Tensor | None], None] | None = None  # GD: the guidance weight of student and teacher
     source: Manifest | None = None  # the entry the student started from (`init_from`)
     teacher_source: Manifest | None = None  # guided CoDi continued from its entry: the teacher named apart (`teacher`)
+    real_score: Any = None  # plain CoDi with DMD: the conditional entry (`teacher`), frozen, whose score DMD follows
 
 
 def _fresh_adapter(config: TrainConfig, backbone: Backbone):
@@ -306,6 +307,18 @@ def _guided_codi_start(config: TrainConfig, backbone: Backbone, entry, where: st
     return adapter, teacher_entry
 
 
+def _real_score_entry(config: TrainConfig, backbone: Backbone):
+    """Plain CoDi with DMD: the conditional entry named by `config.teacher` (the fine-tuned teacher), whose score at
+    the student's re-noised outputs is DMD's real one."""
+    entry = load_entry(config.teacher, backbone.unet, backbone.fingerprint)
+    tm = entry.manifest
+    if tm.kind != "controlnet" or tm.task != config.task or tm.mode != "pe":
+        raise ConfigError(f"teacher {config.teacher} is a {tm.task} {tm.kind} adapter (mode {tm.mode}); DMD's real "
+                          f"score for a {config.task} student is a {config.task} controlnet entry in mode pe (the "
+                          "fine-tuned teacher)")
+    return entry
+
+
 def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     """cm and gd distil a trained zoo entry (`init_from`): it becomes the frozen teacher, and the student starts
     as a copy of it (gd stage 1: plus the zero-initialised w branch). codi and finetune only start from it."""
@@ -353,6 +366,8 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         teacher = ConditionedDenoiser(unet, schedule, teacher_entry.adapter)
     elif config.method == "codi":  # CoDi's teacher is the unconditional backbone, whatever the student starts from
         teacher = None
+        if config.teacher is not None:  # ... and DMD's real score a conditional entry (TrainConfig: dmd_weight > 0)
+            teacher_entry = _real_score_entry(config, backbone)
         if config.prev_predictor == "teacher":
             base = ConditionedDenoiser(unet, schedule)
             zeros = {n: torch.zeros_like(p) for n, p in base.named_parameters() if "lora_B" in n}
@@ -365,8 +380,10 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         for a in guided:
             a.set_guidance(w)
 
+    real_score = (ConditionedDenoiser(unet, schedule, teacher_entry.adapter)
+                  if not guided_codi and teacher_entry is not entry else None)
     return Roles(student, trainable, teacher, adapter, lora, lora_name, set_w=set_w, source=m,
-                 teacher_source=teacher_entry.manifest if teacher_entry is not entry else None)
+                 teacher_source=teacher_entry.manifest if teacher_entry is not entry else None, real_score=real_score)
 
 
 def build_roles(config: TrainConfig, backbone: Backbone) -> Roles:
@@ -438,8 +455,9 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
         _cast_frozen(module, weight_dtype)
     if isinstance(teacher, ConditionedDenoiser) and teacher.unet is not backbone.unet:  # mode full's kept-aside copy
         _cast_frozen(teacher.unet, weight_dtype)
-    if isinstance(teacher, ConditionedDenoiser) and teacher.adapter is not None:  # cm / gd: the distilled entry
-        _cast_frozen(teacher.adapter, weight_dtype)
+    for frozen in (teacher, roles.real_score):  # cm / gd: the distilled entry; plain CoDi with DMD: its real score
+        if isinstance(frozen, ConditionedDenoiser) and frozen.adapter is not None:
+            _cast_frozen(frozen.adapter, weight_dtype)
 
     # 3. Optimizer on the trainable parameters only; theta^- the EMA of exactly those.
     optimizer = torch.optim.AdamW(parameter_groups(trainable, config), lr=config.lr, betas=config.adam_betas,

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "continue that entry's adapter (e.g. with another --caption-dropout), or another task's with the same kind "
                    "of condition image (transfer)")
     g.add_argument("--teacher", metavar="ENTRY", help="codi --adapter controlnet-guided continued from a "
-                   "controlnet-guided entry (--init-from): the controlnet entry that is its guided teacher")
+                   "controlnet-guided entry (--init-from): the controlnet entry that is its guided teacher; codi "
+                   "--adapter controlnet with --dmd-weight: the fine-tuned controlnet entry that is DMD's real score")
     g.add_argument("--adapter-rank", type=int, help=f"LoRA rank inside controlnet-lora (default {d.adapter_rank})")
     g.add_argument("--lora-rank", type=int, help=f"backbone LoRA rank, mode lora (default {d.lora_rank})")
     g.add_argument("--caption-dropout", type=float, help="probability of training on the empty caption; a teacher meant "

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cdd.runtime.diffusion.backbone import load_backbone
+from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
 from cdd.training.checkpoints import CheckpointError
 from cdd.training.codi import Terms, build_objective
 from cdd.training.config import ConfigError, TrainConfig
@@ -188,6 +189,48 @@ def test_a_guided_student_continues_from_its_entry_with_its_teacher(tmp_path, la
     with pytest.raises(ConfigError, match="--teacher is for continuing a controlnet-guided student"):
         train(guided(tmp_path, latent_backbone_dir, teacher, teacher=str(teacher), output=str(tmp_path / "x3")),
               dataset=TinySet())
+
+
+def test_plain_codi_takes_dmd_with_the_fine_tuned_entry_as_its_real_score(tmp_path, latent_backbone_dir):
+    teacher = teacher_entry(tmp_path, latent_backbone_dir)
+    start = train(loop_config(tmp_path, latent_backbone_dir, init_from=str(teacher), output=str(tmp_path / "codi")),
+                  dataset=TinySet()).entry                                      # a plain CoDi student of it
+    config = loop_config(tmp_path, latent_backbone_dir, init_from=str(start), teacher=str(teacher), dmd_weight=1.0,
+                         output=str(tmp_path / "dmd"))
+    backbone = load_backbone(config.check_backbone())
+    roles = build_roles(config, backbone)
+    assert roles.teacher is None                       # CoDi's own teacher stays the backbone alone (the prev predictor)
+    real = load_file(teacher / "adapter.safetensors")
+    held = roles.real_score.adapter.weights()
+    assert real.keys() == held.keys() and all(torch.equal(real[k], held[k].to(real[k].dtype)) for k in real)
+    objective = build_objective(config, backbone.schedule, set_w=roles.set_w)
+    term = build_distribution_matching(config, roles, objective, torch.device("cpu"))
+    assert term.teacher is roles.real_score and term.guidance == (0.0, 0.0)
+    g = torch.Generator().manual_seed(0)
+    size = backbone.resolution // backbone.vae_scale_factor
+    z = torch.randn(2, backbone.unet.config.in_channels, size, size, generator=g)
+    c, text = torch.rand(2, 3, 16, 16, generator=g), backbone.encode_text(["a red cube", ""])
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        want = roles.real_score(z, t, c, text)[0]
+        x_real, _, shift = term.guided_teacher(term.teacher, z, t, c, text, torch.zeros(2))
+        term.fake_adapter.set_guidance(torch.zeros(2))
+        x_fake = term.fake(z, t, c, text)[0]
+    assert torch.equal(x_real, want) and not shift.any()                  # the entry's own conditional prediction
+    assert torch.allclose(x_fake, want, atol=1e-5)                        # the fake score starts there
+    assert not torch.allclose(want, ConditionedDenoiser(backbone.unet, backbone.schedule)(z, t, c, text)[0], atol=1e-3)
+    run = train(config, dataset=TinySet())
+    assert {"distillation", "guidance", "dmd", "fake_score"} <= set(run.last_loss)    # CoDi's own terms and DMD's
+    manifest = json.loads((run.entry / "manifest.json").read_text())
+    assert manifest["kind"] == "controlnet" and manifest["training"]["teacher"]["path"] == str(teacher)
+    with pytest.raises(ConfigError, match="the conditional entry that is DMD's real score"):
+        loop_config(tmp_path, latent_backbone_dir, init_from=str(start), teacher=str(teacher))   # no DMD: no use for it
+    with pytest.raises(ConfigError, match="plain CoDi, whose teacher is the backbone alone"):
+        loop_config(tmp_path, latent_backbone_dir, init_from=str(start), dmd_weight=1.0)         # no real score named
+    guided_student = train(guided(tmp_path, latent_backbone_dir, teacher, output=str(tmp_path / "g")),
+                           dataset=TinySet()).entry
+    with pytest.raises(ConfigError, match="DMD's real score for a depth student is a depth controlnet entry"):
+        train(config.replace(teacher=str(guided_student), output=str(tmp_path / "x")), dataset=TinySet())
 
 
 def test_config_refuses_what_the_terms_cannot_do(tmp_path):
