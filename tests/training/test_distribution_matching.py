@@ -73,6 +73,15 @@ def guided(tmp_path, backbone_dir, start, **kw):
                        guidance_unconditional="text+condition-if-empty", **kw)
 
 
+def probe_inputs(backbone):
+    """(z, t, c, text) of two rows, one with a caption and one with the empty prompt, at two timesteps."""
+    g = torch.Generator().manual_seed(0)
+    size = backbone.resolution // backbone.vae_scale_factor
+    z = torch.randn(2, backbone.unet.config.in_channels, size, size, generator=g)
+    c, text = torch.rand(2, 3, 16, 16, generator=g), backbone.encode_text(["a red cube", ""])
+    return z, torch.tensor([100, 700]), c, text
+
+
 def test_the_fake_score_starts_as_the_teacher_at_every_w(tmp_path, latent_backbone_dir):
     teacher = teacher_entry(tmp_path, latent_backbone_dir)
     config = guided(tmp_path, latent_backbone_dir, teacher, dmd_weight=1.0)
@@ -83,11 +92,7 @@ def test_the_fake_score_starts_as_the_teacher_at_every_w(tmp_path, latent_backbo
     assert build_distribution_matching(config.replace(dmd_weight=0.0), roles, objective, torch.device("cpu")) is None
     one = build_distribution_matching(config.replace(dmd_one_step=1.0), roles, objective, torch.device("cpu"))
     assert one.p_one_step == 1.0 and term.p_one_step == 0.5
-    g = torch.Generator().manual_seed(0)
-    size = backbone.resolution // backbone.vae_scale_factor
-    z = torch.randn(2, backbone.unet.config.in_channels, size, size, generator=g)
-    c, text = torch.rand(2, 3, 16, 16, generator=g), backbone.encode_text(["a red cube", ""])
-    t = torch.tensor([100, 700])
+    z, t, c, text = probe_inputs(backbone)
     with torch.no_grad():
         want = roles.teacher(z, t, c, text)[0]
         for w in (0.0, 2.5):
@@ -206,11 +211,7 @@ def test_plain_codi_takes_dmd_with_the_fine_tuned_entry_as_its_real_score(tmp_pa
     objective = build_objective(config, backbone.schedule, set_w=roles.set_w)
     term = build_distribution_matching(config, roles, objective, torch.device("cpu"))
     assert term.teacher is roles.real_score and term.guidance == (0.0, 0.0)
-    g = torch.Generator().manual_seed(0)
-    size = backbone.resolution // backbone.vae_scale_factor
-    z = torch.randn(2, backbone.unet.config.in_channels, size, size, generator=g)
-    c, text = torch.rand(2, 3, 16, 16, generator=g), backbone.encode_text(["a red cube", ""])
-    t = torch.tensor([100, 700])
+    z, t, c, text = probe_inputs(backbone)
     with torch.no_grad():
         want = roles.real_score(z, t, c, text)[0]
         x_real, _, shift = term.guided_teacher(term.teacher, z, t, c, text, torch.zeros(2))
