@@ -13,6 +13,10 @@ ENTRY the plain controlnet entry, also its teacher), with the caption-reading di
 The same for distribution matching (DMD, training/distribution_matching.py) instead of the discriminator:
 
     OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --task depth --guided --dmd --weight 10 [--fake-steps 5]
+
+DMD on plain CoDi (the super-resolution entry), TEACHER the fine-tuned entry that is its real score:
+
+    OMP_NUM_THREADS=1 python experiments/adversarial_cost.py ENTRY --dmd --weight 1 --teacher TEACHER
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ def main() -> None:
     p.add_argument("--text", action="store_true", help="the discriminator reads the caption (--adversarial-text)")
     p.add_argument("--dmd", action="store_true", help="time the DMD term (--dmd-weight) instead of the discriminator")
     p.add_argument("--fake-steps", type=int, default=1, help="with --dmd: fake score updates per step (--dmd-fake-steps)")
+    p.add_argument("--teacher", help="with --dmd on plain CoDi: the fine-tuned entry that is DMD's real score (--teacher)")
     a = p.parse_args()
     torch.set_num_threads(1)
     sr = dict(photo_fraction=0.5, degradation="mild-64px") if a.task == "super-resolution" else {}
@@ -53,7 +58,8 @@ def main() -> None:
                 cfg = TrainConfig(task=a.task, init_from=a.entry, ema=0.99, lr=3e-4, batch_size=4, caption_dropout=0.5,
                                   num_workers=1, sample_every=0, checkpoint_every=0, checkpoint_minutes=0,
                                   max_train_steps=a.steps, output=str(root / f"{name}-{r}"), **sr, **guided,
-                                  **(dict(dmd_weight=w, dmd_fake_steps=a.fake_steps) if a.dmd else dict(adversarial_weight=w,
+                                  **(dict(dmd_weight=w, dmd_fake_steps=a.fake_steps, teacher=a.teacher if w else None)
+                                     if a.dmd else dict(adversarial_weight=w,
                                                                            adversarial_text=bool(w) and a.text)))
                 times[name].append(train(cfg).seconds_per_step)
                 print(f"round {r} {name}: {times[name][-1]:.3f} s/step", flush=True)
