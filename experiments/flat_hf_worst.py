@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
-from PIL import Image
 
 from cdd.adapters.zoo import load_entry
 from cdd.runtime.diffusion.backbone import load_backbone
 from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
+from cdd.training.eval_report import to_uint8
 from cdd.training.evaluate import generate, held_out, quantise
 from cdd.training.metrics import flat_hf_energy
+from cdd.training.sample_grid import save_grid
 
 
 def main() -> None:
@@ -43,10 +45,8 @@ def main() -> None:
     order = torch.argsort(torch.nan_to_num(energy, nan=-1.0), descending=True)[: a.show]
     print(f"flat HF: mean {float(finite.mean()):.3f}, median {float(finite.median()):.3f}; worst (image, energy): "
           + ", ".join(f"({int(i)}, {float(energy[i]):.2f})" for i in order))
-    rows = [torch.cat([images[i] for i in order], dim=2), torch.cat([truth[i] for i in order], dim=2)]
-    sheet = (torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-    image = Image.fromarray(sheet)
-    image.resize((image.width * 3, image.height * 3), Image.NEAREST).save(a.out)
+    sheet = np.concatenate([to_uint8(torch.stack([images[i], truth[i]])) for i in order], axis=1)  # output over truth
+    save_grid(a.out, sheet.repeat(3, axis=0).repeat(3, axis=1))
     print(f"written {a.out} (top: outputs, bottom: truths)")
 
 

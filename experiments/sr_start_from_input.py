@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cdd.adapters.zoo import load_entry
@@ -24,7 +25,9 @@ from cdd.runtime.diffusion import samplers
 from cdd.runtime.diffusion.backbone import load_backbone
 from cdd.runtime.diffusion.denoiser import ConditionedDenoiser
 from cdd.training.attributes import default_dir
+from cdd.training.eval_report import to_uint8
 from cdd.training.evaluate import EVAL_SEED, AttributeMetrics, OptionalMetrics, generate, held_out, measure, quantise
+from cdd.training.sample_grid import save_grid
 
 KEYS = ("kid_attr", "swd", "psnr", "ssim", "flat_hf", "attr_all")
 
@@ -46,11 +49,8 @@ def from_input(model, backbone, data, text, t: int, seed: int, batch_size: int =
 
 
 def save_sheet(path: str, columns: list[torch.Tensor], n: int = 4) -> None:
-    from PIL import Image
-
-    grid = torch.cat([torch.cat([c[i] for c in columns], dim=2) for i in range(n)], dim=1)
-    image = Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
-    image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path)
+    sheet = np.concatenate([to_uint8(c[:n]) for c in columns], axis=1)
+    save_grid(path, sheet.repeat(2, axis=0).repeat(2, axis=1))
 
 
 def main() -> None:

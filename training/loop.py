@@ -334,6 +334,7 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
     torch.manual_seed(config.seed)
     guided_codi = config.method == "codi" and config.adapter == "controlnet-guided"
     teacher_entry = entry  # cm, gd, guided codi: the frozen entry whose (guided) prediction is the teacher's
+    real_score = None
     if guided_codi:
         adapter, teacher_entry = _guided_codi_start(config, backbone, entry, where)
     elif config.method in ("cm", "codi", "finetune"):
@@ -368,6 +369,7 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         teacher = None
         if config.teacher is not None:  # ... and DMD's real score a conditional entry (TrainConfig: dmd_weight > 0)
             teacher_entry = _real_score_entry(config, backbone)
+            real_score = ConditionedDenoiser(unet, schedule, teacher_entry.adapter)
         if config.prev_predictor == "teacher":
             base = ConditionedDenoiser(unet, schedule)
             zeros = {n: torch.zeros_like(p) for n, p in base.named_parameters() if "lora_B" in n}
@@ -380,8 +382,6 @@ def roles_from_entry(config: TrainConfig, backbone: Backbone) -> Roles:
         for a in guided:
             a.set_guidance(w)
 
-    real_score = (ConditionedDenoiser(unet, schedule, teacher_entry.adapter)
-                  if not guided_codi and teacher_entry is not entry else None)
     return Roles(student, trainable, teacher, adapter, lora, lora_name, set_w=set_w, source=m,
                  teacher_source=teacher_entry.manifest if teacher_entry is not entry else None, real_score=real_score)
 
