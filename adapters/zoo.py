@@ -74,6 +74,9 @@ class Manifest(BaseModel):
     condition: dict[str, Any]  # {"channels": 3, "range": [0, 1], "resolution": 64}
     sampler: SamplerName = "prev"
     steps: int = Field(4, ge=1, le=1000)
+    # the share of the noise schedule a request runs when it gives none: 1 from noise, < 1 from the input
+    # (diffusers' img2img `strength`; tasks whose input is a picture of the output: super-resolution, edit)
+    strength: float = Field(1.0, gt=0, le=1)
     mode: str = "pe"
     backbone_lora: dict[str, Any] | None = None
     training: dict[str, Any] = Field(default_factory=dict)
@@ -268,6 +271,7 @@ def save_entry(
     unet_state: dict[str, torch.Tensor] | None = None,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    strength: float = 1.0,
 ) -> Manifest:
     """Write a zoo entry atomically: readers see the old entry or the complete new one."""
     manifest = Manifest(
@@ -279,6 +283,7 @@ def save_entry(
         condition=condition,
         sampler=sampler,
         steps=int(steps),
+        strength=float(strength),
         mode=mode,
         backbone_lora=backbone_lora[0] if backbone_lora else None,
         training=json.loads(json.dumps(training or {}, default=_jsonable)),

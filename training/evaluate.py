@@ -56,6 +56,7 @@ from ..adapters.zoo import (
 from ..runtime.diffusion import samplers
 from ..runtime.diffusion.backbone import Backbone, BackboneError, load_backbone
 from ..runtime.diffusion.denoiser import ClassifierFreeGuided, ConditionedDenoiser
+from ..runtime.serving.tasks import check_strength
 from .condition_metrics import CAPTION_FIELDS, ConditionMetrics
 from .data.datasets import TASKS, DataError, _sr_from_hr, build_dataset
 from .data.degradations import DEGRADATION_PRESETS, degradation_preset
@@ -253,14 +254,17 @@ def _full_unet(backbone: Backbone, state: dict, path: Path):
 
 @torch.no_grad()
 def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_emb: torch.Tensor, sampler: str,
-             steps: int, seed: int, batch_size: int, sr_scale: int = 4, fidelity=None) -> tuple[torch.Tensor, float]:
+             steps: int, seed: int, batch_size: int, sr_scale: int = 4, fidelity=None,
+             strength: float = 1.0) -> tuple[torch.Tensor, float]:
     """All N images for one row, in [0, 1] on the CPU, and the seconds spent sampling them. A `NAME+ilvr` sampler
     runs NAME with the ILVR step towards the condition's low frequencies at down-scale `sr_scale` (on a latent
     backbone x_hat is decoded, corrected and encoded again each step), `NAME+ilvr-out` with ILVR's update on the
     decoded output only; a `NAME+keep` sampler runs NAME and gives
     its decoded output the source's detail where the edit kept it (`samplers.keep_source`). `fidelity`:
     (FidelityNet, [w, ...]), a super-resolution entry's fidelity module applied to the decoded output at each weight
-    w: the images are then [len(ws), N, 3, H, W], one sample through the module at each w."""
+    w: the images are then [len(ws), N, 3, H, W], one sample through the module at each w. `strength` < 1: a few-step
+    sampler's run starts from the condition noised to the first of its timesteps over that share of the schedule
+    (`samplers.start_from`, as cdd-serve's `strength`)."""
     device, schedule = backbone.device, backbone.schedule
     sampler, step = samplers.split_sampler(sampler)
     consistent = samplers.keeps_low_frequencies(step)
@@ -284,9 +288,13 @@ def generate(model: ConditionedDenoiser, backbone: Backbone, data: dict, text_em
         _sync(device)
         t0 = time.perf_counter()
         if sampler in samplers.FEW_STEP:
-            timesteps = schedule.trailing_timesteps(steps)
-            z_0 = samplers.FEW_STEP[sampler](bound, z_T, timesteps, schedule, fresh_noise=fresh)
+            timesteps = schedule.trailing_timesteps(steps, strength)
+            z_start = (samplers.start_from(backbone.to_model_space(cond.float() * 2 - 1), z_T, timesteps, schedule)
+                       if strength < 1 else None)
+            z_0 = samplers.FEW_STEP[sampler](bound, z_T, timesteps, schedule, fresh_noise=fresh, z_start=z_start)
         else:
+            if strength < 1:
+                raise ValueError(f"the teacher sampler {sampler!r} runs from noise only (strength 1)")
             z_0 = samplers.sample_with_scheduler(bound, z_T, steps, schedule, backbone.scheduler_config, sampler)
         x = backbone.from_model_space(z_0)
         if consistent:
@@ -543,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity", default=None, metavar="W[,W...]",
                    help="super-resolution entries with a fidelity module: rows at each of these weights w instead of "
                         "the manifest's default, labelled 'METHOD fidelity=W' (0: the module off)")
+    p.add_argument("--strength", default=None, metavar="S[,S...]",
+                   help="super-resolution and edit: rows at each of these strengths instead of each entry's manifest's "
+                        "(1: from noise; 0.5: from the input noised to timestep 499, the steps taken over that half, as "
+                        "cdd-serve's strength), labelled 'METHOD strength=S'")
     p.add_argument("--probes", action="store_true", help="also measure the probe sets (truth, noisy, blurred, other "
                    "scenes) as rows with sampler 'probe'")
     p.add_argument("--text-only", action="store_true", help=f"also sample the backbone with no adapter (the prompt alone) "
@@ -561,6 +573,12 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     args.fidelity = parse_guidance(args.fidelity, "--fidelity") if args.fidelity is not None else None
     if args.fidelity is not None and any(not 0 <= w <= 1 for w in args.fidelity):
         raise EvalError(f"--fidelity: every weight must be in [0, 1], got {args.fidelity}")
+    args.strength = parse_guidance(args.strength, "--strength") if getattr(args, "strength", None) is not None else None
+    for s in args.strength or ():
+        try:
+            check_strength(args.task, s, max(steps))
+        except ValueError as e:
+            raise EvalError(f"--strength: {e}") from None
     chosen = [check_sampler(s.strip(), "--samplers", args.task) for s in args.samplers.split(",")] if args.samplers else None
     sr = args.task == SUPER_RESOLUTION
     for flag, given in (("--bicubic", args.bicubic), ("--dataset photos", args.dataset == "photos"),
@@ -645,7 +663,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     ws = lambda c: ((len(args.guidance) if args.guidance is not None and c.manifest.kind == "controlnet-guided" else
                      len(args.fidelity) if args.fidelity is not None and c.manifest.fidelity is not None else 1)
                     + len(args.cfg or ()))
-    total = (sum(len(c.samplers) * ws(c) for c in candidates) + len(text_only_samplers)) * len(steps)
+    total = (sum(len(c.samplers) * ws(c) * len(args.strength or (1,)) for c in candidates)
+             + len(text_only_samplers)) * len(steps)
     print(f"cdd-eval: {args.task}, {len(candidates)} entr{'y' if len(candidates) == 1 else 'ies'}, {total} rows of "
           f"{args.num_images} held-out {args.dataset} at {resolution} px on {device}, prompt {prompt}", flush=True)
     rows: list[dict] = []
@@ -671,21 +690,26 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
         for name, images in {**probes, **follow.references()}.items():
             reference_row(f"probe: {name}", name, PROBE, images)
     def sampled_rows(model: ConditionedDenoiser, method: str, names: list[str], entry: dict, fidelity=None,
-                     labels=None, before=None) -> None:
-        """A row per (sampler, steps); with `fidelity` (net, [w, ...]) one sample per (sampler, steps) measured at
-        each w, the rows labelled labels[i] and their entry fields entry[i]. `before(k)`: called before each row
-        of k steps (a guided entry's served w for that step count)."""
+                     labels=None, before=None, strength: float = 1.0) -> None:
+        """A row per (sampler, steps), and per strength with --strength (else at `strength`, the entry's served one);
+        with `fidelity` (net, [w, ...]) one sample per (sampler, steps) measured at each w, the rows labelled
+        labels[i] and their entry fields entry[i]. `before(k)`: called before each row of k steps (a guided entry's
+        served w for that step count)."""
         warm_up(model, backbone, data, text_emb, args.batch_size)
-        for sampler, k in itertools.product(names, steps):
+        runs = [(sampler, k, st) for sampler, k in itertools.product(names, steps)  # teachers run from noise only
+                for st in ((args.strength or [strength]) if samplers.split_sampler(sampler)[0] in samplers.FEW_STEP
+                           else [1.0])]
+        for sampler, k, st in runs:
             if before is not None:
                 before(k)
             images, seconds = generate(model, backbone, data, text_emb, sampler, k, args.seed, args.batch_size,
-                                       degradation_preset(degradation).scale if sr else 4, fidelity)
+                                       degradation_preset(degradation).scale if sr else 4, fidelity, st)
+            tag = f" strength={st:g}" if args.strength is not None else ""
             if fidelity is None:
-                one_row(method, sampler, k, images, seconds, entry)
+                one_row(method + tag, sampler, k, images, seconds, {**entry, "strength": st})
             else:
                 for i, part in enumerate(images):
-                    one_row(labels[i], sampler, k, part, seconds, entry[i])
+                    one_row(labels[i] + tag, sampler, k, part, seconds, {**entry[i], "strength": st})
 
     def one_row(method: str, sampler: str, k: int, images: torch.Tensor, seconds: float, entry: dict) -> None:
         row = {"method": method, "sampler": sampler, "steps": k, **measure(images, truth, optional, attribute, follow, sr),
@@ -709,21 +733,24 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                 both = args.cfg_unconditional == "text+condition"
                 sampled_rows(ClassifierFreeGuided(model, backbone.encode_text([""]), w, drop_condition=both),
                              f"{c.method} cfg{'-both' if both else ''}={w:g}", c.samplers,
-                             {**entry, "cfg": w, "cfg_unconditional": args.cfg_unconditional})
+                             {**entry, "cfg": w, "cfg_unconditional": args.cfg_unconditional}, strength=c.manifest.strength)
             net = load_fidelity(c.path, c.manifest)
             if args.guidance is not None and c.manifest.kind == "controlnet-guided":
                 for w in args.guidance:
                     model.adapter.set_default_guidance(w)
-                    sampled_rows(model, f"{c.method} w={w:g}", c.samplers, {**entry, "guidance": w})
+                    sampled_rows(model, f"{c.method} w={w:g}", c.samplers, {**entry, "guidance": w},
+                                 strength=c.manifest.strength)
             elif net is not None:  # measured as served (its default weight), or at each --fidelity weight
                 ws = args.fidelity if args.fidelity is not None else [c.manifest.fidelity["default"]]
                 labels = [f"{c.method} fidelity={w:g}" for w in ws] if args.fidelity is not None else [c.method]
-                sampled_rows(model, c.method, c.samplers, [{**entry, "fidelity": w} for w in ws], (net, ws), labels)
+                sampled_rows(model, c.method, c.samplers, [{**entry, "fidelity": w} for w in ws], (net, ws), labels,
+                             strength=c.manifest.strength)
             elif c.manifest.guidance_steps:  # served at the entry's default w for each step count
                 sampled_rows(model, c.method, c.samplers, entry,
-                             before=lambda k, m=c.manifest: model.adapter.set_default_guidance(m.default_guidance(k)))
+                             before=lambda k, m=c.manifest: model.adapter.set_default_guidance(m.default_guidance(k)),
+                             strength=c.manifest.strength)
             else:
-                sampled_rows(model, c.method, c.samplers, entry)
+                sampled_rows(model, c.method, c.samplers, entry, strength=c.manifest.strength)
 
     # 5. Merge (--append), write, record.
     results["notes"] = {m: why for m, why in optional.status.items() if why}

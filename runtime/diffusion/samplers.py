@@ -2,11 +2,13 @@
 
 Each few-step sampler is a plain function with one signature:
 
-    sample_X(model, z_T, timesteps, schedule, *, fresh_noise=None) -> final model-space sample
+    sample_X(model, z_T, timesteps, schedule, *, fresh_noise=None, z_start=None) -> final model-space sample
 
 where `model(z_t, t) -> (x_hat, eps_hat)` (a ConditionedDenoiser with its condition and text bound),
-`timesteps` the descending trailing timesteps, and each step goes from t to s = t - T//k exactly as
-diffusers' DDIMScheduler.step does (the last step lands on the final alpha).
+`timesteps` the descending trailing timesteps (`NoiseSchedule.trailing_timesteps`), and each step goes from t to
+s = t - S//k exactly as diffusers' DDIMScheduler.step does (the last step lands on the final alpha); S, the span of
+the run, is timesteps[0] + 1 (T from noise). A run from noise starts at z_T; one from the input (diffusers' img2img,
+`strength` < 1) starts at `z_start` = alpha_t0 x_input + sigma_t0 z_T (`start_from`), z_T staying its noise.
 """
 
 from __future__ import annotations
@@ -62,13 +64,27 @@ def fresh_noise(sampler: str, seeds: Sequence[int], shape: Sequence[int], steps:
     return step_noise(seeds, shape, steps, device, dtype) if is_stochastic(sampler) else None
 
 
-def _few_step(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, noise_of_step) -> torch.Tensor:
+def start_from(x_input: torch.Tensor, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule) -> torch.Tensor:
+    """Where a run from the input starts: the input in model space (`Backbone.to_model_space`) noised to the run's
+    first timestep with the run's own noise, alpha_t0 x_input + sigma_t0 z_T (diffusers' img2img: its
+    scheduler.add_noise of the encoded image at the first timestep). float32."""
+    alpha, sigma = schedule.alpha_sigma(int(timesteps[0]), z_T)
+    return alpha * x_input.float() + sigma * z_T.float()
+
+
+def span_of(timesteps: Sequence[int]) -> int:
+    """The span S of a run of trailing timesteps: its first timestep + 1 (T from noise)."""
+    return int(timesteps[0]) + 1
+
+
+def _few_step(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, noise_of_step,
+              z_start: torch.Tensor | None = None) -> torch.Tensor:
     """The loop the few-step samplers share: z_s = alpha_s x_hat + sigma_s n_i, where only the noise
     direction n_i = noise_of_step(i, eps_hat) differs between them. Step i goes from t to
-    s = t - T//k, as diffusers' DDIMScheduler.step computes it."""
-    z = z_T
+    s = t - S//k, as diffusers' DDIMScheduler.step computes it; the run starts at `z_start` (default z_T)."""
+    z = z_T if z_start is None else z_start
     for i, t in enumerate(timesteps):
-        s = schedule.previous_timestep(t, len(timesteps))
+        s = schedule.previous_timestep(t, len(timesteps), span_of(timesteps))
         x_hat, eps_hat = model(z, torch.full((z.shape[0],), t, dtype=torch.long))
         alpha_s, sigma_s = schedule.alpha_sigma(s, z)
         z = alpha_s * x_hat + sigma_s * noise_of_step(i, eps_hat)
@@ -76,21 +92,24 @@ def _few_step(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedul
 
 
 @torch.no_grad()
-def sample_ddim(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
+def sample_ddim(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None,
+                z_start=None) -> torch.Tensor:
     """Deterministic DDIM (eq. 6/8): z_s = alpha_s x_hat + sigma_s eps_hat. Equals diffusers'
     DDIMScheduler(timestep_spacing="trailing", eta=0) step for step."""
-    return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: eps_hat)
+    return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: eps_hat, z_start)
 
 
 @torch.no_grad()
-def sample_prev(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
+def sample_prev(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None,
+                z_start=None) -> torch.Tensor:
     """PREv sampler: z_s = alpha_s x_hat + sigma_s z_T. Reuses the initial noise, as training's
-    PREv predictor (eq. 12) reuses the real noise eps."""
-    return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: z_T)
+    PREv predictor (eq. 12) reuses the real noise eps (from the input too: z_T is the noise `start_from` added)."""
+    return _few_step(model, z_T, timesteps, schedule, lambda i, eps_hat: z_T, z_start)
 
 
 @torch.no_grad()
-def sample_cm(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
+def sample_cm(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None,
+              z_start=None) -> torch.Tensor:
     """Consistency-model multistep sampling (Song et al., "Consistency Models", Algorithm 1, as LCM serves it): each
     step's estimate is the boundary-scaled f(z_t, t) = c_skip(t) z_t + c_out(t) x_hat (`boundary_scalings`, the
     output cm training is consistent on), then z_s = alpha_s f(z_t, t) + sigma_s xi with a fresh xi each step
@@ -103,11 +122,12 @@ def sample_cm(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedul
         c_skip, c_out = boundary_scalings(t, z_t)
         return c_skip * z_t + c_out * x_hat, eps_hat
 
-    return _few_step(consistency_function, z_T, timesteps, schedule, lambda i, eps_hat: fresh_noise[i])
+    return _few_step(consistency_function, z_T, timesteps, schedule, lambda i, eps_hat: fresh_noise[i], z_start)
 
 
 @torch.no_grad()
-def sample_gd(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None) -> torch.Tensor:
+def sample_gd(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule, *, fresh_noise=None,
+              z_start=None) -> torch.Tensor:
     """The stochastic sampler of "On Distillation of Guided Diffusion Models" (after Karras et al.): from t to
     s = t - T/k, first a deterministic DDIM step twice as long, to u = s - T/k,
         z_u = alpha_u x_hat + sigma_u (z_t - alpha_t x_hat) / sigma_t,
@@ -116,15 +136,15 @@ def sample_gd(model: Model, z_T: torch.Tensor, timesteps: Sequence[int], schedul
     The last step (s past t = 0) is the usual deterministic one. `fresh_noise[i]` is xi of step i."""
     if fresh_noise is None or len(fresh_noise) < len(timesteps):
         raise ValueError(f"gd sampling with {len(timesteps)} steps needs {len(timesteps)} fresh noise tensors")
-    k, z = len(timesteps), z_T
+    k, z, span = len(timesteps), z_T if z_start is None else z_start, span_of(timesteps)
     for i, t in enumerate(timesteps):
-        s = schedule.previous_timestep(t, k)
+        s = schedule.previous_timestep(t, k, span)
         x_hat, eps_hat = model(z, torch.full((z.shape[0],), t, dtype=torch.long))
         if s == FINAL:
             alpha_s, sigma_s = schedule.alpha_sigma(s, z)
             z = alpha_s * x_hat + sigma_s * eps_hat
             continue
-        u = s - schedule.num_train_timesteps // k
+        u = s - span // k
         u = u if u >= 0 else FINAL
         alpha_u, sigma_u = schedule.alpha_sigma(u, z)
         alpha_s, sigma_s = schedule.alpha_sigma(s, z)
@@ -150,8 +170,8 @@ def sampler_step(name: str, i: int, timesteps: Sequence[int], z_t: torch.Tensor,
     """Step i of the few-step sampler `name` on its own: from t = timesteps[i] to the next sample, given the
     model's (x_hat, eps_hat) at z_t. Iterating it over i gives what `few_step_sampler(name)` gives (a test
     checks it); step-level batching calls it once per row group per denoiser evaluation."""
-    k, t = len(timesteps), timesteps[i]
-    s = schedule.previous_timestep(t, k)
+    k, t, span = len(timesteps), timesteps[i], span_of(timesteps)
+    s = schedule.previous_timestep(t, k, span)
     alpha_s, sigma_s = schedule.alpha_sigma(s, z_t)
     if name in ("cm", "gd") and (fresh_noise is None or len(fresh_noise) < k):
         raise ValueError(f"{name} sampling with {k} steps needs {k} fresh noise tensors")
@@ -163,7 +183,7 @@ def sampler_step(name: str, i: int, timesteps: Sequence[int], z_t: torch.Tensor,
         c_skip, c_out = boundary_scalings(t, z_t)
         return alpha_s * (c_skip * z_t + c_out * x_hat) + sigma_s * fresh_noise[i]
     if name == "gd":  # as sample_gd: a DDIM step twice as long to u, then noise forward to s
-        u = s - schedule.num_train_timesteps // k
+        u = s - span // k
         alpha_u, sigma_u = schedule.alpha_sigma(u if u >= 0 else FINAL, z_t)
         z_u = alpha_u * x_hat + sigma_u * eps_hat
         ratio = alpha_s / alpha_u

@@ -91,18 +91,27 @@ class NoiseSchedule:
         alpha_t, sigma_t = self.alpha_sigma(t, x)
         return alpha_t * eps - sigma_t * x  # v = alpha eps - sigma x
 
-    def trailing_timesteps(self, k: int) -> list[int]:
-        """diffusers' "trailing" spacing: round(arange(T, 0, -T/k)) - 1 (k=4, T=1000: 999, 749, 499, 249)."""
-        if not 1 <= k <= self.num_train_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_train_timesteps}, got {k}")
-        T = self.num_train_timesteps
-        return [int(v) for v in (torch.arange(T, 0, -T / k, dtype=torch.float64).round() - 1).long()]
+    def span(self, strength: float = 1.0) -> int:
+        """The training timesteps a run of `strength` covers: round(strength T), at least 1 (strength 1: all T; a
+        run that starts from the input, as diffusers' img2img `strength`, covers the last strength T of them)."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        return max(1, round(strength * self.num_train_timesteps))
 
-    def previous_timestep(self, t: int, k: int) -> int:
-        """Where a k-step DDIM step from t lands: t - T // k, as diffusers' DDIMScheduler.step computes it
-        (for k = 3 this is one off the next trailing timestep; we follow diffusers to stay step-for-step equal).
-        Negative means the final alpha."""
-        s = t - self.num_train_timesteps // k
+    def trailing_timesteps(self, k: int, strength: float = 1.0) -> list[int]:
+        """diffusers' "trailing" spacing over the span S = `span(strength)`: round(arange(S, 0, -S/k)) - 1 (k=4,
+        T=1000, strength 1: 999, 749, 499, 249; k=1, strength 0.5: 499). The first timestep is always S - 1."""
+        span = self.span(strength)
+        if not 1 <= k <= span:
+            raise ValueError(f"steps must be in 1..{span}" + (f" at strength {strength:g}" if span < self.num_train_timesteps
+                                                                else "") + f", got {k}")
+        return [int(v) for v in (torch.arange(span, 0, -span / k, dtype=torch.float64).round() - 1).long()]
+
+    def previous_timestep(self, t: int, k: int, span: int | None = None) -> int:
+        """Where a k-step DDIM step from t lands: t - S // k, S the span of the run (`span`; default T, a run
+        from noise), as diffusers' DDIMScheduler.step computes it (for k = 3 this is one off the next trailing
+        timestep; we follow diffusers to stay step-for-step equal). Negative means the final alpha."""
+        s = t - (span or self.num_train_timesteps) // k
         return s if s >= 0 else FINAL
 
 

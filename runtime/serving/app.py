@@ -40,7 +40,8 @@ from ..diffusion.samplers import servable_samplers, split_sampler, step_task
 from .scheduler import Cancelled, DeadlineExceeded, Overloaded, QueueFull, SchedulerClosed
 from .settings import ServeSettings
 from .tasks import (SR_SCALE, SUPER_RESOLUTION, admit, assemble, blank_work, check_fidelity, check_guidance,
-                    prompt_required, served_sr_tile)
+                    check_strength, prompt_required, served_sr_tile,
+                    starts_from_input)
 
 access_log = logging.getLogger("cdd.serve.access")
 log = logging.getLogger("cdd.serve")
@@ -105,6 +106,7 @@ class TaskForm:
     height: int | None = None
     guidance: float | None = None
     fidelity: float | None = None
+    strength: float | None = None
 
 
 def task_form(
@@ -130,8 +132,14 @@ def task_form(
     fidelity: float | None = Form(None, description="super-resolution entries with a fidelity module (GET /v1/tasks: "
                                   "`fidelity`, the default): 0 returns the sampler's output as decoded, 1 the module's "
                                   "full correction towards the input (higher PSNR, fewer invented details); in [0, 1]"),
+    strength: float | None = Form(None, gt=0, le=1, description="super-resolution and edit: the share of the noise "
+                                  "schedule the run covers (diffusers' img2img strength): 1 starts from noise, 0.5 "
+                                  "from the input noised to the schedule's middle (timestep 499); `steps` are taken "
+                                  "over that share, so steps=1 strength=0.5 is one step from timestep 499 (diffusers: "
+                                  "num_inference_steps=2, strength=0.5). Default: the entry's (GET /v1/tasks)"),
 ) -> TaskForm:
-    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms, width, height, guidance, fidelity)
+    return TaskForm(image, prompt, steps, seed, sampler, adapter, x_cdd_deadline_ms, width, height, guidance, fidelity,
+                    strength)
 
 
 TASK_ROUTE = dict(
@@ -164,6 +172,7 @@ class TaskCall:
     height: int | None = None
     guidance: float | None = None  # w; None: the entry's default (or an entry that takes none)
     fidelity: float | None = None  # the fidelity weight; None: an entry without the module
+    strength: float = 1.0  # 1: from noise; < 1: from the input
     warning: str | None = None  # X-CDD-Warning: the input is most likely not the task's condition
     source: tuple[int, int] | None = None  # the upload's (width, height), before any downscale on decoding
 
@@ -186,9 +195,10 @@ class TaskOutput:
 
 async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[str, list[Registered]],
                      settings: ServeSettings, scale_factor: int = 8, size_factor: int | None = None,
-                     unavailable: dict | None = None) -> TaskCall:
+                     unavailable: dict | None = None, num_train_timesteps: int = 1000) -> TaskCall:
     """Pick the adapter, fill in the manifest's defaults, check the work it asks for on the image header,
-    decode the image: every 4xx a client can cause before the engine sees the request."""
+    decode the image: every 4xx a client can cause before the engine sees the request (`num_train_timesteps`:
+    the backbone's, for the steps a `strength` leaves room for; the engine checks again with its own)."""
     reg = pick_adapter(tasks, task, form.adapter, unavailable)
     log_fields = request.scope.setdefault("cdd", {})
     log_fields["task"] = task
@@ -213,7 +223,13 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     except ValueError as err:
         raise APIError(422, "invalid_parameter", str(err)) from err
     fidelity = form.fidelity if form.fidelity is not None else (reg.manifest.fidelity or {}).get("default")
-    log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler, guidance=guidance, fidelity=fidelity)
+    strength = form.strength if form.strength is not None else reg.manifest.strength
+    try:
+        check_strength(task, strength, steps, num_train_timesteps)
+    except ValueError as err:
+        raise APIError(422, "invalid_parameter", str(err)) from err
+    log_fields.update(adapter=reg.name, steps=steps, seed=seed, sampler=sampler, guidance=guidance, fidelity=fidelity,
+                      strength=strength)
 
     data = await form.image.read()
     try:  # one admission check, on the header and the form, before anything is decoded or allocated
@@ -230,7 +246,7 @@ async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[st
     if form.deadline_ms is not None:
         budget = min(budget, form.deadline_ms / 1000)
     return TaskCall(task, reg, cond, prompt, steps, sampler, seed, budget, form.width, form.height, guidance=guidance,
-                    fidelity=fidelity, warning=warning, source=(upload.width, upload.height))
+                    fidelity=fidelity, strength=strength, warning=warning, source=(upload.width, upload.height))
 
 
 async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
@@ -241,7 +257,7 @@ async def execute(e: Engine, call: TaskCall, deadline: float, log_fields: dict,
     try:
         work = await run_in_threadpool(e.prepare, call.reg, call.cond, steps=call.steps, sampler=call.sampler,
                                        seed=call.seed, prompt=call.prompt, width=call.width, height=call.height,
-                                       guidance=call.guidance, fidelity=call.fidelity)
+                                       guidance=call.guidance, fidelity=call.fidelity, strength=call.strength)
     except ValueError as err:  # a width or height the backbone cannot take
         raise APIError(422, "invalid_parameter", str(err)) from err
     if work.layout is None and work.size[0] * work.size[1] > e.settings.max_pixels:
@@ -272,6 +288,8 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
         headers["X-CDD-Guidance"] = f"{call.guidance:g}"
     if call.fidelity is not None:
         headers["X-CDD-Fidelity"] = f"{call.fidelity:g}"
+    if call.strength != 1:
+        headers["X-CDD-Strength"] = f"{call.strength:g}"
     if out.resized:
         headers["X-CDD-Resized"] = out.resized
     if out.tiled:
@@ -282,6 +300,7 @@ def task_response(request: Request, call: TaskCall, out: TaskOutput, arrival: fl
         body = TaskResult(image=base64.b64encode(out.png).decode(), task=call.task, adapter=call.reg.name,
                           steps=call.steps, seed=call.seed, sampler=call.sampler, width=out.width, height=out.height,
                           resized=out.resized, tiles=out.rows, guidance=call.guidance, fidelity=call.fidelity,
+                          strength=call.strength,
                           warning=call.warning,
                           timings=timings)
         return JSONResponse(body.model_dump(), headers=headers)
@@ -304,7 +323,8 @@ def tasks_response(tasks: dict[str, list[Registered]], resident: set[str], setti
         sr = task == SUPER_RESOLUTION
         out.append(TaskInfo(task=task, default_adapter=regs[0].name, prompt_required=prompt_required(task),
                             samplers=list(servable_samplers(task)), steps=list(range(1, MAX_STEPS + 1)),
-                            upscale=SR_SCALE if sr else None, takes_width_height=not sr, adapters=infos))
+                            upscale=SR_SCALE if sr else None, takes_width_height=not sr,
+                            starts_from_input=starts_from_input(task), adapters=infos))
     limits = Limits(max_pixels=settings.max_pixels, max_decode_pixels=settings.max_decode_pixels,
                     max_work=settings.max_work, max_upload_mb=settings.max_upload_mb, max_prompt=MAX_PROMPT)
     gone = [UnavailableInfo(name=u.name, task=u.task, reason=u.reason) for u in unavailable]
@@ -452,7 +472,7 @@ def create_app(settings: ServeSettings | None = None, *, backbone: Backbone | No
         arrival = time.monotonic()
         e = engine()
         call = await parse_task(request, task, form, e.tasks(), settings, e.backbone.vae_scale_factor,
-                                e.backbone.size_factor, e.unavailable)
+                                e.backbone.size_factor, e.unavailable, e.backbone.schedule.num_train_timesteps)
         out = await execute(e, call, arrival + call.budget_s, request.scope["cdd"], lambda: disconnected(request))
         return task_response(request, call, out, arrival)
 
@@ -632,7 +652,7 @@ def _info(reg: Registered, resident: bool, detail: bool = True) -> AdapterInfo:
                        resolution=reg.resolution, channels=reg.channels, backbone_lora=m.backbone_lora is not None,
                        resident=resident, guidance=list(m.guidance) if m.guidance else None,
                        guidance_steps=m.guidance_steps,
-                       fidelity=m.fidelity["default"] if m.fidelity else None,
+                       fidelity=m.fidelity["default"] if m.fidelity else None, strength=m.strength,
                        manifest=m.public() if detail else None)
 
 
@@ -680,7 +700,8 @@ def _install_error_handlers(app: FastAPI, known_tasks: Callable[[], dict | None]
         return error_response(500, "internal", f"internal error: {type(err).__name__}")
 
 
-TASK_FORM_FIELDS = ("prompt", "steps", "seed", "sampler", "adapter", "width", "height", "guidance", "fidelity")
+TASK_FORM_FIELDS = ("prompt", "steps", "seed", "sampler", "adapter", "width", "height", "guidance", "fidelity",
+                    "strength")
 
 
 async def _form_hint(request: Request) -> str:

@@ -33,6 +33,7 @@ class GraphKey:
     resolution: int
     steps: int
     sampler: str
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from .pool import AdapterGone, AdapterPool, Registered
 from ..diffusion.samplers import is_stochastic
 from .scheduler import Job, Scheduler, SchedulerClosed
 from .settings import ServeSettings
-from .tasks import Work, blank_work, check_fidelity, check_guidance, prepare, served_sr_tile
+from .tasks import Work, blank_work, check_fidelity, check_guidance, check_strength, prepare, served_sr_tile
 
 log = logging.getLogger("cdd.serve")
 TEXT_CACHE = 512
@@ -253,11 +253,14 @@ class Engine:
 
     def prepare(self, reg: Registered, image: torch.Tensor, *, steps: int, sampler: str, seed: int, prompt: str,
                 width: int | None = None, height: int | None = None, guidance: float | None = None,
-                fidelity: float | None = None) -> Work:
-        """The request's rows and noise (ValueError for a width or height the backbone cannot take, or a guidance
-        or fidelity weight the entry does not take)."""
+                fidelity: float | None = None, strength: float | None = None) -> Work:
+        """The request's rows and noise (ValueError for a width or height the backbone cannot take, a guidance
+        or fidelity weight the entry does not take, or a strength the task or step count cannot take).
+        `strength` None: the entry's default."""
         check_guidance(reg.name, reg.manifest.guidance, guidance)
         check_fidelity(reg.name, reg.manifest.fidelity, fidelity)
+        strength = reg.manifest.strength if strength is None else strength
+        check_strength(reg.task, strength, steps, self.backbone.schedule.num_train_timesteps)
         return prepare(
             reg.task,
             image,
@@ -277,6 +280,7 @@ class Engine:
             size_factor=self.backbone.size_factor,
             guidance=guidance,
             fidelity=fidelity,
+            strength=strength,
         )
 
     def submit(self, work: Work, deadline: float = float("inf")) -> Job:
@@ -373,7 +377,7 @@ class Engine:
             text = self._encode(w.prompt).expand(w.rows, -1, -1)
             flight = self.executor.board(job, reg, z_T=w.z_T, cond=w.cond, text_emb=text, fresh=w.fresh,
                                          steps=w.steps, sampler=w.sampler, guidance=row_guidance(reg, [w]),
-                                         layout=w.layout)
+                                         layout=w.layout, strength=w.strength)
         flight.boarded = time.perf_counter()
         flight.requests = len(self._flights) + 1
         return flight
@@ -436,6 +440,7 @@ class Engine:
                 steps=w0.steps,
                 sampler=w0.sampler,
                 guidance=row_guidance(reg, works),
+                strength=w0.strength,
             )
             return self.executor.run(slot, reg, batch)
 
@@ -445,7 +450,8 @@ class Engine:
             reg = self.pool.get(works[0].adapter)
             flights = [self.executor.board(None, reg, z_T=w.z_T, cond=w.cond, fresh=w.fresh, steps=w.steps,
                                            text_emb=self._encode(w.prompt).expand(w.rows, -1, -1), sampler=w.sampler,
-                                           guidance=row_guidance(reg, [w]), layout=w.layout) for w in works]
+                                           guidance=row_guidance(reg, [w]), layout=w.layout, strength=w.strength)
+                       for w in works]
             while not flights[0].done:  # one key: the same steps for all
                 self.executor.evaluate(self.pool, flights)
             return self.executor.decode(flights)
@@ -495,15 +501,17 @@ class Engine:
             if wanted is not None and reg.name not in wanted:
                 continue
             m = reg.manifest
-            # step-level: graphs are per (architecture, bucket, size), whatever the steps and sampler
-            key = (reg.architecture, reg.lora_name, reg.resolution) + (() if rows else (m.steps, m.sampler))
+            # step-level: graphs are per (architecture, bucket, size), whatever the steps and sampler (a start from the
+            # input adds the encoder)
+            key = (reg.architecture, reg.lora_name, reg.resolution) + ((m.strength < 1,) if rows else
+                                                                      (m.steps, m.sampler, m.strength))
             try:
                 self.load(reg.name)
                 if key in seen:
                     continue
                 for size in sizes:
                     work = blank_work(reg.name, reg.task, reg.resolution, reg.channels, self.backbone.model_channels,
-                                      self.backbone.vae_scale_factor, m.steps, m.sampler)
+                                      self.backbone.vae_scale_factor, m.steps, m.sampler, m.strength)
                     out = self._warm_rows(reg, work, size) if rows else self._execute([work] * size)
                     if not torch.isfinite(out).all():
                         raise ZooError("its warm-up output has non-finite values")
@@ -521,7 +529,7 @@ class Engine:
             text = self._encode("").expand(size, -1, -1)
             flight = self.executor.board(None, reg, z_T=work.z_T.expand(size, -1, -1, -1), cond=work.cond.expand(size, -1, -1, -1),
                                          text_emb=text, fresh=None, steps=1, sampler="ddim",
-                                         guidance=row_guidance(reg, [work] * size))
+                                         guidance=row_guidance(reg, [work] * size), strength=work.strength)
             self.executor.evaluate(self.pool, [flight])
             return self.executor.decode([flight])[0]
 

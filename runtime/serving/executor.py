@@ -26,8 +26,8 @@ from ..diffusion.backbone import Backbone
 from .cuda_graphs import GraphCache, GraphKey, StepGraphKey
 from .pool import AdapterPool, LiveSlot, Registered
 from ..diffusion.samplers import (ILVR, KEEP, LowPass, few_step_sampler, ilvr, ilvr_correct, ilvr_output, keep_source,
-                                  keeps_low_frequencies, sampler_step,
-                       source_roundtrip, split_sampler)
+                                  keeps_low_frequencies, sampler_step, source_roundtrip, split_sampler, span_of,
+                                  start_from)
 from ..diffusion.schedule import NoiseSchedule
 from .tasks import SR_SCALE, LatentBlend, TileLayout
 
@@ -64,6 +64,7 @@ class Batch:
     steps: int
     sampler: str
     guidance: torch.Tensor | None = None  # [rows] float32: each row's w (controlnet-guided adapters), else None
+    strength: float = 1.0  # 1: from noise; < 1: from the condition noised to the run's first timestep
 
     @property
     def rows(self) -> int:
@@ -129,15 +130,15 @@ class Executor:
             size = self.bucket(n)
             values = self._device_inputs(batch, slice(i, i + n), size)
             if self.graphs is not None:
-                key = GraphKey(slot.key, reg.lora_name, size, reg.resolution, batch.steps, batch.sampler)
-                self._prime(batch.steps, size, values["z_T"])
+                key = GraphKey(slot.key, reg.lora_name, size, reg.resolution, batch.steps, batch.sampler, batch.strength)
+                self._prime(batch.steps, size, values["z_T"], batch.strength)
                 if keeps_low_frequencies(split_sampler(batch.sampler)[1]):
                     self.lowpass(*values["cond"].shape[-2:])  # its matrices on the device before the capture
-                fn = self._loop(slot, batch.steps, batch.sampler)
+                fn = self._loop(slot, batch.steps, batch.sampler, batch.strength)
                 watched = slot.live_tensors() if self.graphs.debug else slot.tensors
                 images = self.graphs.run(key, fn, values, watched)
             else:
-                images = self._loop(slot, batch.steps, batch.sampler)(**values)
+                images = self._loop(slot, batch.steps, batch.sampler, batch.strength)(**values)
             out.append(images[:n].to("cpu", torch.float32))
         return torch.cat(out)
 
@@ -183,18 +184,27 @@ class Executor:
         return {"to_pixels": lambda z: bb.from_model_space(z.to(bb.dtype)).float(),
                 "to_model": lambda x: bb.to_model_space(x.to(bb.dtype)).float()}
 
-    def _prime(self, steps: int, size: int, like: torch.Tensor) -> None:
+    def _prime(self, steps: int, size: int, like: torch.Tensor, strength: float = 1.0) -> None:
         """Make every device constant the loop needs before a capture (a capture must not copy from the host)."""
-        k = len(self.schedule.trailing_timesteps(steps))
-        for t in self.schedule.trailing_timesteps(steps):
+        timesteps = self.schedule.trailing_timesteps(steps, strength)
+        for t in timesteps:
             self._timestep(t, size, like.device)
             self.schedule.alpha_sigma(t, like)
-            self.schedule.alpha_sigma(self.schedule.previous_timestep(t, k), like)
+            self.schedule.alpha_sigma(self.schedule.previous_timestep(t, steps, span_of(timesteps)), like)
 
-    def _loop(self, slot: LiveSlot, steps: int, sampler: str):
-        """fn(z_T, cond, text_emb, fresh) -> images in [0, 1]: the k-step sampler and the decode."""
+    def start(self, cond: torch.Tensor, z_T: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
+        """Where a run from the input starts (`strength` < 1): the condition ([rows, c, H, W] in [0, 1]) in model
+        space, noised with z_T to the first timestep (`samplers.start_from`); encoded a bucket of rows at a time."""
+        step, bb = self.buckets[-1], self.backbone
+        x = torch.cat([bb.to_model_space(cond[a : a + step].to(bb.dtype) * 2 - 1).float()
+                       for a in range(0, cond.shape[0], step)])
+        return start_from(x, z_T, timesteps, self.schedule)
+
+    def _loop(self, slot: LiveSlot, steps: int, sampler: str, strength: float = 1.0):
+        """fn(z_T, cond, text_emb, fresh) -> images in [0, 1]: the k-step sampler (from the input when `strength`
+        < 1) and the decode."""
         denoiser, schedule = slot.denoiser, self.schedule
-        timesteps = schedule.trailing_timesteps(steps)
+        timesteps = schedule.trailing_timesteps(steps, strength)
         base, step = split_sampler(sampler)
         sample = few_step_sampler(base)
 
@@ -217,7 +227,8 @@ class Executor:
                              **self._latent_io())
             if step == KEEP:  # edit: the decoded output gets back what the autoencoder loses of the source
                 roundtrip = source_roundtrip(cond.float() * 2 - 1, self.backbone)
-            z_0 = sample(model, z_T, timesteps, schedule, fresh_noise=fresh or None)
+            z_start = self.start(cond, z_T, timesteps) if strength < 1 else None
+            z_0 = sample(model, z_T, timesteps, schedule, fresh_noise=fresh or None, z_start=z_start)
             return self._to_images(z_0, reference_low, low, cond, roundtrip)
 
         return fn
@@ -236,12 +247,19 @@ class Executor:
     # -- step-level batching -----------------------------------------------------------------
 
     def board(self, payload, reg: Registered, *, z_T, cond, text_emb, fresh, steps: int, sampler: str,
-              guidance: torch.Tensor | None = None, layout: TileLayout | None = None) -> Flight:
+              guidance: torch.Tensor | None = None, layout: TileLayout | None = None, strength: float = 1.0) -> Flight:
         """A request's rows on the device, ready for its first evaluation (CPU tensors in, as `Batch` holds);
-        `layout`: the super-resolution tiles the rows are, averaged every step when it says so (`latent_blend`)."""
+        `layout`: the super-resolution tiles the rows are, averaged every step when it says so (`latent_blend`);
+        `strength` < 1: the run starts from the condition (`start`)."""
         device, dtype = self.backbone.device, self.backbone.dtype
         z_T = z_T.to(device, torch.float32)
         cond = cond.to(device, dtype)
+        timesteps = self.schedule.trailing_timesteps(steps, strength)
+        blend = LatentBlend(layout, self.backbone.vae_scale_factor, device) if layout is not None and layout.latent_blend else None
+        z = z_T
+        if strength < 1:  # tiles of one image start from one latent: their encodings averaged where they overlap
+            z = self.start(cond, z_T, timesteps)
+            z = blend(z) if blend is not None else z
         reference_low = roundtrip = None
         step = split_sampler(sampler)[1]
         if keeps_low_frequencies(step):
@@ -250,13 +268,12 @@ class Executor:
             roundtrip = torch.cat([source_roundtrip(cond[a : a + self.buckets[-1]].float() * 2 - 1, self.backbone)
                                    for a in range(0, cond.shape[0], self.buckets[-1])])
         return Flight(
-            payload, reg, sampler, self.schedule.trailing_timesteps(steps), z_T, z_T,
+            payload, reg, sampler, timesteps, z, z_T,
             cond, text_emb.to(device, dtype),
             [xi.to(device, torch.float32) for xi in fresh] if fresh is not None else None,
             reference_low=reference_low, roundtrip=roundtrip,
             guidance=guidance.to(device, torch.float32) if guidance is not None else None,
-            blend=LatentBlend(layout, self.backbone.vae_scale_factor, device)
-            if layout is not None and layout.latent_blend else None,
+            blend=blend,
         )
 
     @torch.no_grad()

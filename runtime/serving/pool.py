@@ -41,6 +41,7 @@ from ..diffusion.backbone import Backbone
 from ..diffusion.denoiser import ConditionedDenoiser
 from .metrics import Metrics
 from ..diffusion.samplers import servable_samplers
+from .tasks import check_strength
 
 MAX_STEPS = 4  # what a request may ask for
 MAX_MANIFEST_STEPS = 64  # an entry's own default may be more (a Guided Distillation stage-1 student: 16)
@@ -183,6 +184,10 @@ class AdapterPool:
             raise ZooError(f"{where}: manifest steps is {m.steps}; the runtime serves 1-{MAX_MANIFEST_STEPS} steps")
         if m.sampler not in servable_samplers(m.task):
             raise ZooError(f"{where}: manifest sampler {m.sampler!r} is not one of {', '.join(servable_samplers(m.task))}")
+        try:
+            check_strength(m.task, m.strength, m.steps, self.backbone.schedule.num_train_timesteps)
+        except ValueError as e:
+            raise ZooError(f"{where}: manifest {e}") from None
         res = m.condition.get("resolution")
         factor = self.backbone.size_factor
         if not isinstance(res, int) or res < factor or res % factor:

@@ -33,6 +33,8 @@ class AdapterInfo(BaseModel):
                                                     "differs from the entry's default, e.g. {\"1\": 0}; null: none")
     fidelity: float | None = Field(None, description="the default fidelity weight in [0, 1] of the entry's fidelity "
                                    "module (super-resolution); null: it has none")
+    strength: float = Field(1.0, description="the share of the noise schedule a request runs when it gives none: 1 "
+                            "from noise, < 1 from the input (super-resolution, edit)")
     manifest: dict[str, Any] | None = Field(None, description="the whole manifest (GET /v1/tasks?detail=true)")
 
 
@@ -44,6 +46,8 @@ class TaskInfo(BaseModel):
     steps: list[int] = Field(description="the step counts a request may ask for")
     upscale: int | None = Field(None, description="output size / input size (super-resolution), when fixed")
     takes_width_height: bool = Field(description="whether width and height set the output size")
+    starts_from_input: bool = Field(False, description="whether a request may start from its input (strength < 1): "
+                                    "the input is a picture of the output (super-resolution, edit)")
     adapters: list[AdapterInfo]
 
 
@@ -90,6 +94,7 @@ class TaskResult(BaseModel):
     guidance: float | None = Field(None, description="the guidance weight w served (controlnet-guided entries)")
     fidelity: float | None = Field(None, description="the fidelity weight served (super-resolution entries with a "
                                    "fidelity module)")
+    strength: float = Field(1.0, description="the share of the noise schedule run: 1 from noise, < 1 from the input")
     warning: str | None = Field(None, description="why the input is most likely not the task's condition")
     timings: Timings
 

@@ -35,6 +35,31 @@ SERVED_TILE_SCALE = 2  # cdd-serve samples super-resolution in tiles of twice th
 LATENT, PIXELS = "latent", "pixels"  # how super-resolution tiles are blended: every step in latent space, or once
 
 
+FROM_INPUT_TASKS = (SUPER_RESOLUTION, EDIT)  # tasks whose input is a picture of the output: a run can start from it
+
+
+def starts_from_input(task: str) -> bool:
+    """Whether a run of `task` can start from its input (`strength` < 1, diffusers' img2img): the input is a picture
+    of the output (super-resolution's enlarged low-resolution image, the edit's source), not a depth map."""
+    return task in FROM_INPUT_TASKS
+
+
+def check_strength(task: str, strength: float | None, steps: int, num_train_timesteps: int | None = None) -> None:
+    """ValueError naming what is wrong when a request's `strength` cannot be served: in (0, 1], < 1 only for
+    a task whose input is a picture of the output, and (given the backbone's `num_train_timesteps`) at least `steps`
+    training timesteps to cover."""
+    if strength is None or strength == 1:
+        return
+    if not math.isfinite(strength) or not 0 < strength <= 1:
+        raise ValueError(f"strength {strength:g} is outside (0, 1] (1: from noise)")
+    if not starts_from_input(task):
+        raise ValueError(f"task {task!r} cannot start from its input (only {', '.join(FROM_INPUT_TASKS)} can: their "
+                         "input is a picture of the output); leave strength out")
+    span = max(1, round(strength * (num_train_timesteps or 0)))
+    if num_train_timesteps is not None and steps > span:
+        raise ValueError(f"strength {strength:g} covers {span} timestep(s): at most {span} step(s), got {steps}")
+
+
 def prompt_required(task: str) -> bool:
     """An edit's prompt is its instruction: there is no edit without one."""
     return task == EDIT
@@ -185,6 +210,7 @@ class Work:
     resized: str | None = None  # "WxH->wxh" when the condition was resized
     guidance: float | None = None  # w for a controlnet-guided adapter; None: the entry's default
     fidelity: float | None = None  # super-resolution's fidelity weight; None: the entry's default
+    strength: float = 1.0  # the share of the schedule the run covers: 1 from noise, < 1 from the input (img2img)
     info: dict = field(default_factory=dict)
 
     @property
@@ -199,7 +225,7 @@ class Work:
     @property
     def key(self) -> tuple:
         """What must be equal for requests to share a batch (per-adapter batching)."""
-        return (self.task, self.adapter, self.steps, self.sampler, self.size)
+        return (self.task, self.adapter, self.steps, self.sampler, self.strength, self.size)
 
 
 def output_size(width: int, height: int, resolution: int, factor: int) -> tuple[int, int]:
@@ -324,12 +350,16 @@ def prepare(
     fidelity: float | None = None,
     tile: int | None = None,
     blend: str = LATENT,
+    strength: float = 1.0,
 ) -> Work:
     """The condition rows and noise for `image` ([c, H, W] in [0, 1]) under `task`'s semantics. `width` and
     `height` (tasks other than super-resolution) must be multiples of `size_factor` (default: scale_factor).
-    Super-resolution: tiles of `sr_tile(..., tile, size_factor)` px, blended `blend` (LATENT, PIXELS)."""
+    Super-resolution: tiles of `sr_tile(..., tile, size_factor)` px, blended `blend` (LATENT, PIXELS). `strength` < 1:
+    the run starts from the condition (a task of `FROM_INPUT_TASKS`), noised with z_T (the executor does it)."""
+    if strength != 1 and not starts_from_input(task):
+        raise ValueError(f"task {task!r} cannot start from its input; leave strength out")
     common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution,
-                  guidance=guidance, fidelity=fidelity)
+                  guidance=guidance, fidelity=fidelity, strength=float(strength))
     c, in_height, in_width = image.shape
     if task == SUPER_RESOLUTION:
         if width is not None or height is not None:
@@ -389,12 +419,12 @@ def check_fidelity(name: str, fidelity: dict | None, w: float | None) -> None:
 
 
 def blank_work(adapter: str, task: str, resolution: int, channels: int, model_channels: int, scale_factor: int,
-               steps: int, sampler: str) -> Work:
+               steps: int, sampler: str, strength: float = 1.0) -> Work:
     """One row of zeros and seed-0 noise (warm-up)."""
     shape = (model_channels, resolution // scale_factor, resolution // scale_factor)
     return Work(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=0, prompt="", resolution=resolution,
                 cond=torch.zeros(1, channels, resolution, resolution), z_T=initial_noise([0], shape),
-                fresh=fresh_noise(sampler, [0], shape, steps))
+                fresh=fresh_noise(sampler, [0], shape, steps), strength=strength)
 
 
 def assemble(work: Work, rows: torch.Tensor) -> np.ndarray:

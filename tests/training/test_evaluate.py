@@ -668,3 +668,29 @@ def test_an_entry_whose_manifest_default_has_its_tasks_step_is_measured_with_it(
                condition={"channels": 3, "range": [0, 1], "resolution": 16}, sampler=sampler)
     [candidate] = ev.resolve_adapters(str(tmp_path / "e"), tmp_path, task, None)
     assert candidate.samplers == [sampler]
+
+
+def test_strength_rows_start_from_the_input(sr_zoo, pixel_backbone_dir, pixel_backbone, tmp_path, empty_hub):
+    """--strength S: a row per strength, labelled, its images the run from the condition noised to the span's first
+    timestep (by hand: `start_from` + sample_prev); strength 1 is the row from noise; depth is refused."""
+    from cdd.runtime.diffusion.samplers import start_from
+
+    swept, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "swept", "--adapters", "sr", "--strength", "1,0.25")
+    plain, _ = sr_run(sr_zoo, pixel_backbone_dir, tmp_path / "plain", "--adapters", "sr")
+    by = {r["method"]: r for r in swept["rows"]}
+    assert set(by) == {"sr strength=1", "sr strength=0.25"} and plain["rows"][0]["strength"] == 1
+    assert by["sr strength=1"]["psnr"] == pytest.approx(plain["rows"][0]["psnr"])
+    data = ev.held_out("super-resolution", 3, 16)
+    model = ConditionedDenoiser(pixel_backbone.unet, pixel_backbone.schedule,
+                                load_entry(sr_zoo / "sr", pixel_backbone.unet, pixel_backbone.fingerprint).adapter)
+    schedule, z_T = pixel_backbone.schedule, initial_noise(range(3), (3, 16, 16))
+    z_start = start_from(data["condition"] * 2 - 1, z_T, [249], schedule)
+    z_0 = sample_prev(model.bind(data["condition"], pixel_backbone.encode_text([""] * 3)), z_T, [249], schedule,
+                      z_start=z_start)
+    mine = ev.quantise(z_0)
+    assert by["sr strength=0.25"]["psnr"] == pytest.approx(float(ev.psnr(mine, ev.quantise(data["target"])).mean()),
+                                                           rel=1e-4)
+    assert by["sr strength=0.25"]["psnr"] != pytest.approx(by["sr strength=1"]["psnr"])
+    rc, _, err = run("--task", "depth", "--backbone", pixel_backbone_dir, "--adapters", "a", "--strength", "0.5",
+                     "--out", tmp_path / "bad")
+    assert rc == 2 and "--strength: task 'depth' cannot start from its input" in err

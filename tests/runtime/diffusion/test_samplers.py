@@ -273,3 +273,78 @@ def test_each_task_step_is_servable_for_its_own_task_only():
     assert (step_task("cm+keep"), step_task("prev+ilvr"), step_task("prev")) == ("edit", "super-resolution", None)
     assert "prev+ilvr-out" in servable_samplers("super-resolution") and "prev+ilvr-out" not in servable_samplers("edit")
     assert step_task("ddim+ilvr-out") == "super-resolution"
+
+
+def test_a_run_of_strength_s_covers_the_last_s_of_the_schedule():
+    """trailing_timesteps(k, s): k trailing timesteps over the last round(s T) of them, the first always
+    round(s T) - 1; s = 1 is the run from noise; more steps than the span covers, or s outside (0, 1], refused."""
+    schedule = make_backbone("pixel", resolution=16, seed=0).schedule
+    assert schedule.trailing_timesteps(4, 1.0) == schedule.trailing_timesteps(4) == [999, 749, 499, 249]
+    assert schedule.trailing_timesteps(1, 0.5) == [499]
+    assert schedule.trailing_timesteps(2, 0.5) == [499, 249]
+    assert schedule.trailing_timesteps(1, 0.25) == [249]
+    assert schedule.previous_timestep(499, 2, 500) == 249 and schedule.previous_timestep(249, 2, 500) == -1
+    with pytest.raises(ValueError, match="steps must be in 1..2 at strength 0.002"):
+        schedule.trailing_timesteps(3, 0.002)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="strength must be in"):
+            schedule.trailing_timesteps(1, bad)
+
+
+@pytest.mark.parametrize("k,strength", [(1, 0.5), (2, 0.5), (1, 0.25), (3, 0.75)])
+def test_ddim_from_the_input_equals_diffusers_img2img_step_for_step(k, strength):
+    """A run from the input (`start_from`, `z_start`) is diffusers' img2img: DDIMScheduler (trailing) set to the
+    whole grid of k / strength steps, the image noised to the first kept timestep with scheduler.add_noise, then
+    the kept steps. Our k counts the steps taken (diffusers' num_inference_steps counts the whole grid)."""
+    from cdd.runtime.diffusion.samplers import start_from
+
+    backbone = make_backbone("latent", resolution=16, seed=3)
+    denoiser = ConditionedDenoiser(backbone.unet, backbone.schedule)
+    text = backbone.encode_text(["a red sphere on a checkered floor"])
+    z_T = initial_noise([7], (4, 8, 8))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    timesteps = backbone.schedule.trailing_timesteps(k, strength)
+    rec = Recorder(denoiser.bind(None, text))
+    ours = sample_ddim(rec, z_T, timesteps, backbone.schedule, z_start=start_from(x, z_T, timesteps, backbone.schedule))
+
+    ref = DDIMScheduler.from_config(backbone.scheduler_config, timestep_spacing="trailing")
+    grid = round(k / strength)
+    ref.set_timesteps(grid)
+    kept = ref.timesteps[grid - int(grid * strength):]  # diffusers' get_timesteps for img2img
+    assert [int(t) for t in kept] == timesteps
+    z = ref.add_noise(x, z_T, kept[:1])
+    for i, t in enumerate(kept):
+        assert rec.calls[i][1].tolist() == [int(t)]
+        assert _rel(rec.calls[i][0], z) < 1e-5, f"step {i} input differs"
+        with torch.no_grad():
+            out = backbone.unet(z, t, encoder_hidden_states=text).sample
+        z = ref.step(out, t, z).prev_sample
+    assert _rel(ours, z) < 1e-5
+
+
+def test_prev_from_the_input_by_hand(pixel_backbone):
+    """Two `prev` steps at strength 0.5 from the input x, by hand: z_499 = alpha_499 x + sigma_499 z_T, the model
+    at 499, z_249 = alpha_249 x_hat + sigma_249 z_T (z_T stays the noise direction), the final step; and
+    `sampler_step` iterated gives the same."""
+    from cdd.runtime.diffusion.samplers import start_from
+
+    schedule = pixel_backbone.schedule
+    x_fixed, x_input = torch.rand(1, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    z_T = initial_noise([1, 2], (3, 4, 4))
+    timesteps = schedule.trailing_timesteps(2, 0.5)
+    z_start = start_from(x_input, z_T, timesteps, schedule)
+    a499, s499 = schedule.alpha_sigma(499, z_T)
+    torch.testing.assert_close(z_start, a499 * x_input + s499 * z_T)
+    rec = Recorder(_analytic_model(schedule, x_fixed))
+    out = sample_prev(rec, z_T, timesteps, schedule, z_start=z_start)
+    assert [c[1].tolist() for c in rec.calls] == [[499, 499], [249, 249]]
+    torch.testing.assert_close(rec.calls[0][0], z_start)
+    a249, s249 = schedule.alpha_sigma(249, z_T)
+    torch.testing.assert_close(rec.calls[1][0], a249 * x_fixed + s249 * z_T)
+    a_final, s_final = schedule.alpha_sigma(-1, z_T)
+    torch.testing.assert_close(out, a_final * x_fixed + s_final * z_T)
+    model, z = _analytic_model(schedule, x_fixed), z_start
+    for i, t in enumerate(timesteps):
+        x_hat, eps_hat = model(z, torch.full((2,), t))
+        z = sampler_step("prev", i, timesteps, z, x_hat, eps_hat, schedule, z_T)
+    torch.testing.assert_close(z, out)

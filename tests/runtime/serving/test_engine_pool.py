@@ -20,7 +20,7 @@ from cdd.runtime.serving.metrics import Metrics
 from cdd.runtime.serving.pool import AdapterConflict, AdapterGone, AdapterPool
 from cdd.runtime.diffusion.samplers import initial_noise
 from cdd.runtime.serving.settings import ServeSettings
-from cdd.runtime.serving.tasks import prepare
+from cdd.runtime.serving.tasks import check_strength, prepare
 
 RES = 16
 
@@ -564,3 +564,48 @@ def test_guidance_is_per_row_and_batches_in_both_modes(zoo, tmp_path):
     finally:
         for engine in engines:
             engine.stop()
+
+
+def test_a_run_from_the_input_serves_as_the_library_sampler_in_both_batching_modes(zoo):
+    """`strength` < 1 (super-resolution): the run starts from the enlarged input encoded and noised to the span's
+    first timestep with the request's own z_T. One tile equals the library's `start_from` + `sample_prev` + the
+    ILVR output step on the same denoiser; step-level and per-adapter batching agree on a four-tile request (the
+    tiles' starts averaged where they overlap); it differs from the run from noise; and depth, whose input is no
+    picture of its output, is refused with a message naming the tasks that can."""
+    from cdd.runtime.diffusion import samplers
+
+    with both_batching_modes(zoo) as (step, batch):
+        g = torch.Generator().manual_seed(11)
+        one, four = torch.rand(3, RES // 4, RES // 4, generator=g), torch.rand(3, 6, 6, generator=g)
+
+        def sr(image, steps, sampler, **kw):  # entry "c" as a super-resolution adapter
+            return prepare("super-resolution", image, adapter="c", resolution=RES, model_channels=4, scale_factor=2,
+                           steps=steps, sampler=sampler, seed=3, prompt="", **kw)
+
+        w = sr(one, 1, "prev+ilvr-out", strength=0.5)
+        assert w.strength == 0.5 and w.key[4] == 0.5
+        got = step.run(w, timeout=300).rows
+        assert (got - batch.run(w, timeout=300).rows).abs().max() < 1e-4
+        bb = step.backbone
+        slot, _ = step.pool.activate("c")
+        with torch.no_grad():
+            bound = slot.denoiser.bind(w.cond, bb.encode_text([""]))
+            timesteps = bb.schedule.trailing_timesteps(1, 0.5)
+            z_start = samplers.start_from(bb.to_model_space(w.cond * 2 - 1), w.z_T, timesteps, bb.schedule)
+            z_0 = samplers.sample_prev(bound, w.z_T, timesteps, bb.schedule, z_start=z_start)
+            low = samplers.LowPass(RES, RES, 4)
+            want = (samplers.ilvr_output(bb.from_model_space(z_0), low(w.cond * 2 - 1), low) * 0.5 + 0.5).clamp(0, 1)
+        assert (got - want).abs().max() < 1e-4
+        noise = step.run(sr(one, 1, "prev+ilvr-out"), timeout=300).rows
+        assert (noise - got).abs().max() > 1e-2
+
+        w4 = sr(four, 2, "cm", strength=0.75)
+        assert w4.rows == 4 and w4.layout.latent_blend
+        a, b = step.run(w4, timeout=300).rows, batch.run(w4, timeout=300).rows
+        assert (a - b).abs().max() < 1e-4
+
+        with pytest.raises(ValueError, match="task 'depth' cannot start from its input .*super-resolution, edit"):
+            step.prepare(step.pool.get("a"), torch.rand(3, RES, RES), steps=1, sampler="prev", seed=0, prompt="",
+                         strength=0.5)
+        with pytest.raises(ValueError, match=r"strength 0.002 covers 2 timestep\(s\): at most 2 step\(s\), got 3"):
+            check_strength("super-resolution", 0.002, 3, step.backbone.schedule.num_train_timesteps)

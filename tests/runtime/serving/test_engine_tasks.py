@@ -74,7 +74,7 @@ def test_resize_tasks_resize_and_report_it():
     assert work.z_T.shape == (1, 4, 5, 14) and torch.equal(work.z_T, initial_noise([0], (4, 5, 14)))
     same = prepare("edit", torch.rand(3, 16, 16), adapter="x", resolution=16, model_channels=4, scale_factor=2,
                    steps=2, sampler="prev", seed=0, prompt="make it red")
-    assert same.resized is None and same.key == ("edit", "x", 2, "prev", (16, 16))
+    assert same.resized is None and same.key == ("edit", "x", 2, "prev", 1.0, (16, 16))
 
 
 @pytest.mark.parametrize("width, height, expected", [
