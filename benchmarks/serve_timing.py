@@ -1,5 +1,7 @@
 """Wall-clock time of a few requests per task against `cdd-serve` with no settings (the embedded default), end to
-end through the app (FastAPI's TestClient), three requests each, one at a time.
+end through the app (FastAPI's TestClient), three requests each, one at a time (`--repeats`); a request with form
+fields is also given as a ratio of its median to the median of the same task and input size with none (its entry's
+defaults), measured in the same run.
 
     OMP_NUM_THREADS=1 python benchmarks/serve_timing.py
 
@@ -38,6 +40,8 @@ REQUESTS = [  # task, (width, height) of the input, form fields
     ("edit", (64, 64), {"prompt": "make it sunset", "sampler": "prev"}),  # without the default's +keep step (its cost)
     ("super-resolution", (16, 16), {}),
     ("super-resolution", (48, 48), {}),
+    ("super-resolution", (16, 16), {"steps": "1", "strength": "0.5"}),  # one step from the input (img2img)
+    ("super-resolution", (48, 48), {"steps": "1", "strength": "0.5"}),
 ]
 
 
@@ -65,12 +69,13 @@ def pure_compute(engine, task: str, side: int, form: dict) -> float:
 
     reg = engine.pool.get(task)
     work = engine.prepare(reg, torch.rand(3, side, side), steps=reg.manifest.steps, sampler=reg.manifest.sampler,
-                          seed=0, prompt=form.get("prompt", ""))
+                          seed=0, prompt=form.get("prompt", ""), strength=reg.manifest.strength)
     with engine._lock:  # the worker is idle between requests; the lock keeps it off the modules meanwhile
         t0 = time.perf_counter()
         text = engine.backbone.encode_text([work.prompt]).expand(work.rows, -1, -1)
         slot, reg = engine.pool.activate(reg.name)
-        engine.executor.run(slot, reg, Batch(work.z_T, work.cond, text, work.fresh, work.steps, work.sampler))
+        engine.executor.run(slot, reg, Batch(work.z_T, work.cond, text, work.fresh, work.steps, work.sampler,
+                                             strength=work.strength))
         return time.perf_counter() - t0
 
 
@@ -213,6 +218,7 @@ def main() -> None:
     p.add_argument("--keepalive", type=int, metavar="ROUNDS", help="the keep-alive pattern over the real server")
     p.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"), help="uvicorn's event loop")
     p.add_argument("--profile", type=int, metavar="REPEATS", help="where one request's time goes, per task")
+    p.add_argument("--repeats", type=int, default=3, help="requests of each kind (default 3)")
     args = p.parse_args()
     if args.profile:
         return profile(args.profile)
@@ -222,17 +228,23 @@ def main() -> None:
     with TestClient(app) as client:
         if not app.state.engine.wait_ready(300):
             raise SystemExit("the engine did not get ready in 300 s")
+        medians = {}
         for task, (w, h), form in REQUESTS:
             seconds = []
-            for seed in range(3):
+            for seed in range(args.repeats):
                 t0 = time.perf_counter()
                 r = client.post(f"/v1/tasks/{task}", files={"image": ("in.png", png(w, h), "image/png")},
                                 data={"seed": str(seed), **form})
                 seconds.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     raise SystemExit(f"{task} {w}x{h}: HTTP {r.status_code}: {r.text}")
-            print(f"{task} {w}x{h}, sampler {r.headers['x-cdd-sampler']} x {r.headers['x-cdd-steps']}, "
-                  f"tiles {r.headers.get('x-cdd-tiles', 1)}: " + " ".join(f"{t:.2f}" for t in seconds) + " s", flush=True)
+            medians[task, w, h, tuple(sorted(form.items()))] = statistics.median(seconds)
+            base = medians.get((task, w, h, ()))
+            ratio = f"; median / {task} {w}x{h} with no fields: {statistics.median(seconds) / base:.2f}" if form and base else ""
+            print(f"{task} {w}x{h}, sampler {r.headers['x-cdd-sampler']} x {r.headers['x-cdd-steps']}"
+                  + (f", strength {r.headers['x-cdd-strength']}" if "x-cdd-strength" in r.headers else "")
+                  + f", tiles {r.headers.get('x-cdd-tiles', 1)}: " + " ".join(f"{t:.2f}" for t in seconds) + " s"
+                  + ratio, flush=True)
 
 
 if __name__ == "__main__":

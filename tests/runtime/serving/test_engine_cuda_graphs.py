@@ -168,3 +168,35 @@ def test_step_level_graphs_per_bucket_whatever_the_steps_sampler_or_adapter(gpu_
     finally:
         graphs.stop()
         eager.stop()
+
+
+@gpu
+@needs_cuda
+def test_a_run_from_the_input_replays_equal_eager(gpu_world, tmp_path):
+    """`strength` < 1 under graphs: per-adapter batching captures the encode of the input into its loop (a new graph
+    per strength), step-level batching encodes at boarding; both equal eager within a level."""
+    from cdd.runtime.diffusion.backbone import load_backbone
+
+    bb = load_backbone(gpu_world / "backbone")
+    adapter = build_adapter("controlnet", bb.unet, bb.vae_scale_factor)
+    save_entry(tmp_path / "zoo" / "sr", adapter, name="sr", task="super-resolution", backbone_fingerprint=bb.fingerprint,
+               condition={"channels": 3, "range": [0, 1], "resolution": 16}, steps=1, sampler="prev", strength=0.5)
+    for batching in ("request", "step"):
+        common = dict(backbone=gpu_world / "backbone", zoo=tmp_path / "zoo", device="cuda", max_batch=4,
+                      batching=batching)
+        graphs, eager = (Engine(ServeSettings(cuda_graphs=g, **common)).start() for g in (True, False))
+        try:
+            assert graphs.wait_ready(300) and eager.wait_ready(300) and graphs.warmup_error is None
+            low = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(2))
+            outs = []
+            for engine in (graphs, eager):
+                reg = engine.pool.get("sr")
+                for strength in (None, 0.25, 1.0):
+                    work = engine.prepare(reg, low, steps=1, sampler="prev", seed=5, prompt="", strength=strength)
+                    outs.append(to_uint8(engine.run(work, timeout=120).rows)[0].astype(int))
+            for a, b in zip(outs[:3], outs[3:]):
+                assert np.abs(a - b).max() <= 1
+            assert np.abs(outs[0] - outs[2]).max() > 1  # from the input is not from noise
+        finally:
+            graphs.stop()
+            eager.stop()
