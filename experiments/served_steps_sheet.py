@@ -7,7 +7,9 @@ that step count), per prompt and with no prompt: one row per prompt, one column 
         --prompt "a yellow sphere and a green cube on a checkered floor at noon" --prompt "" --out sheet.png
 
 The requests go over HTTP to the server as a user's would (seed 0, the `steps` form field only); an empty --prompt
-is a request without one.
+is a request without one. A column `K@S` is K steps at `strength` S (super-resolution, edit: from the input):
+
+    python experiments/served_steps_sheet.py --task super-resolution --image low.png --prompt "" --steps 4@1,1@0.5,1@0.25 --out sr.png
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def main() -> None:
     p.add_argument("--task", default="depth")
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--prompt", action="append", required=True, help="one row each; '' for no prompt")
-    p.add_argument("--steps", default="1,2,4")
+    p.add_argument("--steps", default="1,2,4", help="columns: K (K steps) or K@S (K steps at strength S)")
     p.add_argument("--seed", default="0")
     p.add_argument("--scale", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
@@ -47,13 +49,18 @@ def main() -> None:
     rows = []
     for prompt in a.prompt:
         form = {"seed": a.seed, **({"prompt": prompt} if prompt else {})}
-        outs = [ask(a.url, a.task, image, steps=s, **form) for s in steps]
+        outs = [ask(a.url, a.task, image, steps=s.split("@")[0], **form,
+                    **({"strength": s.split("@")[1]} if "@" in s else {})) for s in steps]
         size = outs[0].shape[:2]
         rows.append(np.concatenate([np.asarray(Image.fromarray(source).resize(size[::-1]))] + outs, axis=1))
     cell = rows[0].shape[0] * a.scale
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     sheet = grid.resize((grid.width * a.scale, grid.height * a.scale), Image.NEAREST)
-    save_sheet(sheet, ["input"] + [f"{s} step{'s' if s != '1' else ''}" for s in steps], cell,
+    def title(s: str) -> str:
+        k, _, strength = s.partition("@")
+        return f"{k} step{'s' if k != '1' else ''}" + (f" from input, strength {strength}" if strength else "")
+
+    save_sheet(sheet, ["input"] + [title(s) for s in steps], cell,
                [pr or "(no prompt)" for pr in a.prompt], a.out)
 
 

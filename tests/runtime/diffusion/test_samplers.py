@@ -49,8 +49,13 @@ def test_ddim_equals_diffusers_step_for_step(prediction_type, k):
 
     ref = DDIMScheduler.from_config(backbone.scheduler_config, timestep_spacing="trailing")
     ref.set_timesteps(k)
-    z = z_T.clone()
-    for i, t in enumerate(ref.timesteps):
+    _assert_diffusers_steps(backbone, text, rec, ours, ref, ref.timesteps, z_T.clone())
+
+
+def _assert_diffusers_steps(backbone, text, rec, ours, ref, timesteps, z):
+    """diffusers' `ref` scheduler stepped over `timesteps` from z with the backbone's UNet: every step's input equals
+    the one our sampler gave the model (`rec`), and the final sample equals ours."""
+    for i, t in enumerate(timesteps):
         assert rec.calls[i][1].tolist() == [int(t)]
         assert _rel(rec.calls[i][0], z) < 1e-5, f"step {i} input differs"
         with torch.no_grad():
@@ -312,14 +317,7 @@ def test_ddim_from_the_input_equals_diffusers_img2img_step_for_step(k, strength)
     ref.set_timesteps(grid)
     kept = ref.timesteps[grid - int(grid * strength):]  # diffusers' get_timesteps for img2img
     assert [int(t) for t in kept] == timesteps
-    z = ref.add_noise(x, z_T, kept[:1])
-    for i, t in enumerate(kept):
-        assert rec.calls[i][1].tolist() == [int(t)]
-        assert _rel(rec.calls[i][0], z) < 1e-5, f"step {i} input differs"
-        with torch.no_grad():
-            out = backbone.unet(z, t, encoder_hidden_states=text).sample
-        z = ref.step(out, t, z).prev_sample
-    assert _rel(ours, z) < 1e-5
+    _assert_diffusers_steps(backbone, text, rec, ours, ref, kept, ref.add_noise(x, z_T, kept[:1]))
 
 
 def test_prev_from_the_input_by_hand(pixel_backbone):
