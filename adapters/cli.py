@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("--replace", action="store_true", help="overwrite an entry of that name")
     install.add_argument("--sampler", help="default sampler to serve it with (default: the manifest's)")
     install.add_argument("--steps", type=int, help="default steps to serve it with (default: the manifest's)")
+    install.add_argument("--strength", type=float, help="default strength to serve it with (super-resolution, edit: "
+                         "below 1 a request starts from its input; default: the manifest's)")
     install.add_argument("--guidance", type=float, help="default guidance weight w of a controlnet-guided entry, within "
                          "its trained range (default: the manifest's)")
     install.add_argument("--guidance-at", action="append", default=[], metavar="STEPS=W",
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             for zoo in zoos:
                 for path, m in list_entries(zoo):
                     if isinstance(m, Manifest):
-                        rows.append([m.name, m.task, m.kind, m.mode, f"{m.sampler} x {m.steps}", str(path)])
+                        default = f"{m.sampler} x {m.steps}" + (f" strength {m.strength:g}" if m.strength != 1 else "")
+                        rows.append([m.name, m.task, m.kind, m.mode, default, str(path)])
                     else:
                         rows.append([path.name, "INVALID", str(m)])
             print(_table(rows))
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "install":
             dest = install_entry(args.entry, settings.install_dir(), name=args.name, half=args.half,
                                  replace=args.replace, sampler=args.sampler, steps=args.steps,
-                                 guidance=args.guidance, guidance_steps=_steps_weights(args.guidance_at))
+                                 guidance=args.guidance, guidance_steps=_steps_weights(args.guidance_at),
+                                 strength=args.strength)
             where = "" if settings.zoo is not None else (
                 " (the user zoo, CDD_USER_ZOO: cdd-serve without --zoo serves it beside the embedded zoo)")
             print(f"installed {args.entry} as {dest}{where}")

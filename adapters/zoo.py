@@ -412,13 +412,15 @@ def add_fidelity(src: str | Path, dest: str | Path, net: FidelityNet, *, default
 
 def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, half: bool = False,
                   replace: bool = False, sampler: str | None = None, steps: int | None = None,
-                  guidance: float | None = None, guidance_steps: dict[int, float] | None = None) -> Path:
+                  guidance: float | None = None, guidance_steps: dict[int, float] | None = None,
+                  strength: float | None = None) -> Path:
     """Copy a verified entry into `zoo` as `<zoo>/<name>` (default: its manifest name), atomically.
     `half` stores floating-point weights as float16 (loading casts them back to the model's dtype): how the
     embedded zoo is kept small. `sampler` / `steps` replace the default the entry is served with (e.g. the
     one cdd-eval measured best); `guidance`, the default w of an entry that takes one, within its trained range, and
-    `guidance_steps` ({steps: w}) the default for step counts where another w is better. The manifest keeps
-    everything else and records where the entry came from."""
+    `guidance_steps` ({steps: w}) the default for step counts where another w is better; `strength`, the share of the
+    schedule a request runs (below 1: from the input; super-resolution and edit). The manifest keeps everything else
+    and records where the entry came from."""
     src = Path(src)
     manifest = verify_entry(src)
     name = name or manifest.name
@@ -438,6 +440,14 @@ def install_entry(src: str | Path, zoo: str | Path, *, name: str | None = None, 
         if not 1 <= int(steps) <= 1000:
             raise ZooError(f"steps {steps!r}: expected an integer in 1..1000")
         manifest.steps = int(steps)
+    if strength is not None:
+        from ..runtime.serving.tasks import check_strength
+
+        try:
+            check_strength(manifest.task, strength, manifest.steps)  # the span against the steps: when registered
+        except ValueError as e:
+            raise ZooError(str(e)) from None
+        manifest.strength = float(strength)
     if guidance is not None:
         range_ = manifest.guidance
         if range_ is None:

@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--prompt", action="append", required=True, help="one row each; '' for no prompt")
     p.add_argument("--steps", default="1,2,4", help="columns: K (K steps) or K@S (K steps at strength S)")
     p.add_argument("--seed", default="0")
+    p.add_argument("--adapter", help="the zoo entry (default: the task's default adapter)")
     p.add_argument("--scale", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
@@ -48,7 +49,7 @@ def main() -> None:
     steps = a.steps.split(",")
     rows = []
     for prompt in a.prompt:
-        form = {"seed": a.seed, **({"prompt": prompt} if prompt else {})}
+        form = {"seed": a.seed, **({"prompt": prompt} if prompt else {}), **({"adapter": a.adapter} if a.adapter else {})}
         outs = [ask(a.url, a.task, image, steps=s.split("@")[0], **form,
                     **({"strength": s.split("@")[1]} if "@" in s else {})) for s in steps]
         size = outs[0].shape[:2]

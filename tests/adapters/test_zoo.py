@@ -176,3 +176,11 @@ def test_install_copies_renames_and_halves_an_entry(pixel_backbone, tmp_path, pe
                backbone_fingerprint=pixel_backbone.fingerprint, condition={"channels": 3, "range": [0, 1], "resolution": 16})
     assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "sr"), "--sampler", "prev+ilvr"]) == 0
     assert verify_entry(zoo / "sr").sampler == "prev+ilvr"
+    # a start from the input: super-resolution and edit only, the default shown by `list`
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "sr"), "--replace", "--steps", "1",
+                     "--strength", "0.5"]) == 0
+    assert (verify_entry(zoo / "sr").steps, verify_entry(zoo / "sr").strength) == (1, 0.5)
+    capsys.readouterr()
+    assert zoo_main(["--zoo", str(zoo), "list"]) == 0 and "prev x 1 strength 0.5" in capsys.readouterr().out
+    assert zoo_main(["--zoo", str(zoo), "install", str(tmp_path / "run" / "entry"), "--name", "y", "--strength", "0.5"]) == 2
+    assert "task 'depth' cannot start from its input" in capsys.readouterr().err

@@ -31,7 +31,8 @@ def test_every_shipped_entry_verifies_loads_and_records_its_measurements():
         rows = m.metrics["cdd-eval"]["rows"]
         assert rows and all(np.isfinite(r["psnr"]) and np.isfinite(r["swd"]) for r in rows)
         # the served default is one of the measured settings
-        assert any(r["sampler"] == m.sampler and r["steps"] == m.steps for r in rows), m.name
+        assert any(r["sampler"] == m.sampler and r["steps"] == m.steps and r.get("strength", 1.0) == m.strength
+                   for r in rows), m.name
 
 
 def png_bytes(image: np.ndarray) -> bytes:
