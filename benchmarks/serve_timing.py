@@ -40,7 +40,10 @@ REQUESTS = [  # task, (width, height) of the input, form fields
     ("edit", (64, 64), {"prompt": "make it sunset", "sampler": "prev"}),  # without the default's +keep step (its cost)
     ("super-resolution", (16, 16), {}),
     ("super-resolution", (48, 48), {}),
-    ("super-resolution", (16, 16), {"steps": "1", "strength": "0.5"}),  # one step from the input (img2img)
+    # four steps from noise (the default until 2026-12-07) and one step from the input (img2img)
+    ("super-resolution", (16, 16), {"steps": "4", "strength": "1"}),
+    ("super-resolution", (16, 16), {"steps": "1", "strength": "0.5"}),
+    ("super-resolution", (48, 48), {"steps": "4", "strength": "1"}),
     ("super-resolution", (48, 48), {"steps": "1", "strength": "0.5"}),
 ]
 

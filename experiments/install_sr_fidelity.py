@@ -1,5 +1,6 @@
 # Experiment script. Installed the super-resolution entry with its fidelity module into the embedded zoo (2026-12-06;
-# again with `--sampler prev+ilvr-out` and the module trained on that sampler's outputs, 2026-12-06).
+# again with `--sampler prev+ilvr-out` and the module trained on that sampler's outputs, 2026-12-06; the DMD adapter
+# with the same module, served one step from the input, `--steps 1 --strength 0.5`, 2026-12-07).
 """Install a super-resolution entry that carries a fidelity module as the embedded zoo's `super-resolution`, with
 the cdd-eval rows measured at the served weight as its manifest's metrics.
 
@@ -30,12 +31,16 @@ def main() -> None:
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--zoo", type=Path, default=default_zoo_dir())
     p.add_argument("--sampler", default=None, help="the served default sampler (default: the entry's)")
+    p.add_argument("--steps", type=int, default=None, help="the served default steps (default: the entry's)")
+    p.add_argument("--strength", type=float, default=None, help="the served default strength (default: the entry's)")
+    p.add_argument("--chosen-by", default=None, help="where the rows that chose --steps / --strength are (docs/results.md)")
     args = p.parse_args()
     served = verify_entry(args.entry).fidelity
     if served is None or served["default"] != args.weight:
         raise SystemExit(f"{args.entry}: its fidelity module is served at {served and served['default']}, not --weight "
                          f"{args.weight} (cdd-train-fidelity --fidelity-default sets it)")
-    dest = install_entry(args.entry, args.zoo, name="super-resolution", half=True, replace=True, sampler=args.sampler)
+    dest = install_entry(args.entry, args.zoo, name="super-resolution", half=True, replace=True, sampler=args.sampler,
+                         steps=args.steps, strength=args.strength)
     sampler = verify_entry(dest).sampler
     for folder, key in (("scenes-mild-64px", "cdd-eval"), ("photos-mild-64px", "cdd-eval-photos"),
                         ("photos-bicubic", "cdd-eval-photos-bicubic")):
@@ -50,6 +55,9 @@ def main() -> None:
                "fidelity_chosen_by": "docs/results.md, super-resolution fidelity (2026-12-06)"}
     if args.sampler is not None:
         default.update(sampler=sampler, sampler_chosen_by="docs/results.md, ILVR on the output only (2026-12-06)")
+    if args.steps is not None or args.strength is not None:
+        m = verify_entry(dest)
+        default.update(steps=m.steps, strength=m.strength, steps_chosen_by=args.chosen_by)
     write_metrics(dest, "default", default)
     print(f"installed {dest}")
 

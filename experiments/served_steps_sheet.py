@@ -59,7 +59,9 @@ def main() -> None:
     sheet = grid.resize((grid.width * a.scale, grid.height * a.scale), Image.NEAREST)
     def title(s: str) -> str:
         k, _, strength = s.partition("@")
-        return f"{k} step{'s' if k != '1' else ''}" + (f" from input, strength {strength}" if strength else "")
+        from_input = strength and float(strength) < 1
+        return f"{k} step{'s' if k != '1' else ''}" + (f" from the input, strength {strength}" if from_input else
+                                                        " from noise" if strength else "")
 
     save_sheet(sheet, ["input"] + [title(s) for s in steps], cell,
                [pr or "(no prompt)" for pr in a.prompt], a.out)

@@ -314,7 +314,7 @@ def record(entry: Path, results: dict, rows: list[dict], key: str = "cdd-eval") 
     write_metrics(entry, key, {
         **{k: results[k] for k in ("task", "num_images", "seed", "data_seed", "resolution", "dataset", "degradation",
                                    "prompt")},
-        "rows": [{k: r[k] for k in ("method", "sampler", "steps", "guidance", "fidelity", *row_metrics([r]), "swd_levels",
-                                    "edit_kinds", "device")
+        "rows": [{k: r[k] for k in ("method", "sampler", "steps", "guidance", "fidelity", "strength", *row_metrics([r]),
+                                    "swd_levels", "edit_kinds", "device")
                   if k in r} for r in rows],
     })
