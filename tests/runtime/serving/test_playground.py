@@ -340,3 +340,26 @@ def test_playground_offers_each_task_its_samplers_an_example_and_clears_a_stale_
     keep = os.environ.get("CDD_PLAYGROUND_EXAMPLE_SCREENSHOT")
     if keep:
         shutil.copyfile(tmp_path / "playground-example.png", keep)
+
+
+def test_playground_offers_strength_where_a_task_can_start_from_its_input(server, tmp_path):
+    """The strength field shows for super-resolution (its placeholder the entry's default), not for depth; a run at
+    strength 0.5 lists it with the timings."""
+    browser = DevTools(tmp_path / "profile")
+    try:
+        page = Page(browser, server + "/")
+        page.choose("task", "depth")
+        assert page.js("document.getElementById('strength-field').hidden") is True
+        page.choose("task", "super-resolution")
+        assert page.js("document.getElementById('strength-field').hidden") is False
+        assert page.js("document.getElementById('strength').placeholder") == "default 1"
+        page.upload(_input_image(tmp_path / "low-res.png"))
+        page.wait_for("document.getElementById('input').naturalWidth === 16")
+        page.js("document.getElementById('strength').value = '0.5'; document.getElementById('steps').value = '1'")
+        assert page.run() == "done" and page.result_shown()
+        assert "strength\t0.5" in page.js("document.getElementById('timings').innerText")
+        page.js("document.getElementById('strength').value = '0.001'; document.getElementById('steps').value = '2'")
+        assert page.run() == "error"
+        assert "strength 0.001 covers 1 timestep(s)" in page.js("document.getElementById('error').textContent")
+    finally:
+        browser.close()
