@@ -40,11 +40,9 @@ REQUESTS = [  # task, (width, height) of the input, form fields
     ("edit", (64, 64), {"prompt": "make it sunset", "sampler": "prev"}),  # without the default's +keep step (its cost)
     ("super-resolution", (16, 16), {}),
     ("super-resolution", (48, 48), {}),
-    # four steps from noise (the default until 2026-12-07) and one step from the input (img2img)
-    ("super-resolution", (16, 16), {"steps": "4", "strength": "1"}),
-    ("super-resolution", (16, 16), {"steps": "1", "strength": "0.5"}),
-    ("super-resolution", (48, 48), {"steps": "4", "strength": "1"}),
-    ("super-resolution", (48, 48), {"steps": "1", "strength": "0.5"}),
+    # the one-step entry: one step from the input (img2img strength 0.5), against the default's four from noise
+    ("super-resolution", (16, 16), {"adapter": "super-resolution-1step"}),
+    ("super-resolution", (48, 48), {"adapter": "super-resolution-1step"}),
 ]
 
 
@@ -244,7 +242,7 @@ def main() -> None:
             medians[task, w, h, tuple(sorted(form.items()))] = statistics.median(seconds)
             base = medians.get((task, w, h, ()))
             ratio = f"; median / {task} {w}x{h} with no fields: {statistics.median(seconds) / base:.2f}" if form and base else ""
-            print(f"{task} {w}x{h}, sampler {r.headers['x-cdd-sampler']} x {r.headers['x-cdd-steps']}"
+            print(f"{task} {w}x{h}, {r.headers['x-cdd-adapter']}, sampler {r.headers['x-cdd-sampler']} x {r.headers['x-cdd-steps']}"
                   + (f", strength {r.headers['x-cdd-strength']}" if "x-cdd-strength" in r.headers else "")
                   + f", tiles {r.headers.get('x-cdd-tiles', 1)}: " + " ".join(f"{t:.2f}" for t in seconds) + " s"
                   + ratio, flush=True)

@@ -1,8 +1,8 @@
 # Experiment script. Installed the super-resolution entry with its fidelity module into the embedded zoo (2026-12-06;
 # again with `--sampler prev+ilvr-out` and the module trained on that sampler's outputs, 2026-12-06; the DMD adapter
-# with the same module, served one step from the input, `--steps 1 --strength 0.5`, 2026-12-07).
-"""Install a super-resolution entry that carries a fidelity module as the embedded zoo's `super-resolution`, with
-the cdd-eval rows measured at the served weight as its manifest's metrics.
+# with the same module, served one step from the input, as `super-resolution-1step`, 2026-12-07).
+"""Install a super-resolution entry that carries a fidelity module as the embedded zoo's `super-resolution` (or
+`--name`), with the cdd-eval rows measured at the served weight as its manifest's metrics.
 
     python experiments/install_sr_fidelity.py --entry runs/fidelity/entry --results runs/fidelity/eval [--weight 1]
         [--sampler prev+ilvr-out]
@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--zoo", type=Path, default=default_zoo_dir())
+    p.add_argument("--name", default="super-resolution", help="the entry's name in the zoo (default super-resolution)")
     p.add_argument("--sampler", default=None, help="the served default sampler (default: the entry's)")
     p.add_argument("--steps", type=int, default=None, help="the served default steps (default: the entry's)")
     p.add_argument("--strength", type=float, default=None, help="the served default strength (default: the entry's)")
@@ -39,7 +40,7 @@ def main() -> None:
     if served is None or served["default"] != args.weight:
         raise SystemExit(f"{args.entry}: its fidelity module is served at {served and served['default']}, not --weight "
                          f"{args.weight} (cdd-train-fidelity --fidelity-default sets it)")
-    dest = install_entry(args.entry, args.zoo, name="super-resolution", half=True, replace=True, sampler=args.sampler,
+    dest = install_entry(args.entry, args.zoo, name=args.name, half=True, replace=True, sampler=args.sampler,
                          steps=args.steps, strength=args.strength)
     sampler = verify_entry(dest).sampler
     for folder, key in (("scenes-mild-64px", "cdd-eval"), ("photos-mild-64px", "cdd-eval-photos"),
