@@ -133,6 +133,9 @@ class TrainConfig:
     dmd_one_step: float = 0.5  # the share of the student's predictions taken from the 1-step timestep (999); the rest
     # from the 2- and 4-step ones (749, 499, 249): 1.0 leaves the 2- and 4-step paths to CoDi alone
     dmd_fake_steps: int = 1  # fake score updates per student step, each extra one on fresh student outputs (DMD2: 5)
+    dmd_from_input: float = 0.0  # the share of those predictions made one step from the input instead (the served
+    # `strength`: z = alpha_t E(2 c - 1) + sigma_t eps at t = dmd_from_input_t; super-resolution and edit); 0: none
+    dmd_from_input_t: int = 499  # ... at this timestep (strength 0.5: 499)
 
     # super-resolution data
     degradation: str | None = None  # the degradation preset (training/data/degradations.py); None: mild-64px for
@@ -249,6 +252,13 @@ class TrainConfig:
                f"must be in dmd_t_min ({self.dmd_t_min})..999 (the timesteps the scores are compared at)")
         _check("dmd_one_step", self.dmd_one_step, 0 <= self.dmd_one_step <= 1, "must be in [0, 1]")
         _check("dmd_fake_steps", self.dmd_fake_steps, self.dmd_fake_steps >= 1, "must be >= 1")
+        _check("dmd_from_input", self.dmd_from_input, 0 <= self.dmd_from_input <= 1, "must be in [0, 1]")
+        _check("dmd_from_input_t", self.dmd_from_input_t, 0 <= self.dmd_from_input_t <= 999, "must be in 0..999")
+        if self.dmd_from_input and not self.dmd_weight:
+            raise ConfigError("dmd_from_input: the predictions made from the input are DMD's (--dmd-weight > 0)")
+        if self.dmd_from_input and self.task not in ("super-resolution", "edit"):
+            raise ConfigError(f"dmd_from_input: task {self.task!r} has no input to start from (its condition is not "
+                              "a picture of the output; super-resolution and edit are)")
         if self.dmd_weight and not (self.method == "codi" and self.init_from and self.mode == "pe" and (
                 self.adapter == "controlnet-guided" or self.adapter == "controlnet" and self.teacher)):
             raise ConfigError(f"dmd_weight {self.dmd_weight}: distribution matching compares the student with the "

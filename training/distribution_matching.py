@@ -18,6 +18,10 @@ its fake score from the teacher). The frozen backbone UNet is shared by all thre
     fake step:  the plain diffusion loss of f_fake on sg(x_hat) at w (its own AdamW)
     fake_steps - 1 more fake steps, each on fresh student outputs of the batch (new t_s, w, eps; no grad)
 
+`from_input` > 0 (super-resolution, edit): that share of the rows is the served start from the input instead, one step
+from z = alpha_t E(2 c - 1) + sigma_t eps at t = `from_input_t` (a request's `strength`, samplers.start_from), so the
+term also matches the distribution of what one step from the input gives; 0 draws nothing more.
+
 Plain CoDi (`--adapter controlnet`, its own teacher the backbone alone) takes the term too, with the fine-tuned
 conditional entry (`--teacher`) as the real score at w = 0: x_real = f_T(z, t, c, text), the fake score at w = 0.
 
@@ -64,6 +68,9 @@ class DistributionMatchingTerm:
     t_max: int = 980
     p_one_step: float = 0.5
     fake_steps: int = 1  # fake score updates per student step
+    from_input: float = 0.0  # the share of student predictions made one step from the input (see the module docstring)
+    from_input_t: int = 499
+    encode: Callable | None = None  # images in [-1, 1] -> model space (Backbone.to_model_space), for `from_input`
 
     def __post_init__(self) -> None:
         self.denoising = DiffusionLoss(self.schedule)
@@ -86,14 +93,24 @@ class DistributionMatchingTerm:
 
     def student_outputs(self, student, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor,
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The student's x_hat from a served timestep at a drawn w (and that w), as a request would get it."""
+        """The student's x_hat from a served timestep at a drawn w (and that w), as a request would get it: from the
+        noised truth, or (a `from_input` share of the rows) from the noised input."""
         B = x.shape[0]
         t_s = served_student_timesteps(self.schedule, B, self.p_one_step, generator)
         w = draw_w(B, *self.guidance, generator)
         eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        z = self.schedule.add_noise(x, eps, t_s)
+        if self.from_input:
+            rows = torch.rand(B, generator=generator) < self.from_input
+            if rows.any():
+                t_s = torch.where(rows, torch.full_like(t_s, self.from_input_t), t_s)
+                with torch.no_grad():
+                    start = self.encode(c[rows.to(c.device)].float() * 2 - 1).to(x.device, x.dtype)
+                z = z.clone()
+                z[rows.to(z.device)] = self.schedule.add_noise(start, eps[rows.to(eps.device)], self.from_input_t)
         self.set_w(w)
         try:
-            return student(self.schedule.add_noise(x, eps, t_s), t_s, c, text)[0], w
+            return student(z, t_s, c, text)[0], w
         finally:
             self.set_w(None)
 
@@ -148,11 +165,12 @@ def conditional_prediction(teacher, z_t, t, c, text, w: torch.Tensor):
     return x, eps, torch.zeros_like(x)
 
 
-def build_distribution_matching(config, roles, objective, device: torch.device) -> DistributionMatchingTerm | None:
+def build_distribution_matching(config, roles, objective, device: torch.device,
+                                encode: Callable | None = None) -> DistributionMatchingTerm | None:
     """The term a TrainConfig asks for, or None (dmd_weight 0). Guidance-aware CoDi: its guided teacher, at the
     student's w, is the real score. Plain CoDi (whose own teacher is the backbone alone): the conditional entry named
     by `config.teacher` is, at w = 0 (TrainConfig checks that one is named). The fake score starts as a copy of the
-    real score's ControlNet."""
+    real score's ControlNet. `encode` (Backbone.to_model_space): the input's encoder, for `dmd_from_input`."""
     if not config.dmd_weight:
         return None
     guided = config.adapter == "controlnet-guided"
@@ -165,4 +183,5 @@ def build_distribution_matching(config, roles, objective, device: torch.device) 
                                     objective.guided_teacher if guided else conditional_prediction, teacher,
                                     roles.set_w, guidance=(config.guidance_min, config.guidance_max) if guided else (0.0, 0.0),
                                     t_min=config.dmd_t_min, t_max=config.dmd_t_max, p_one_step=config.dmd_one_step,
-                                    fake_steps=config.dmd_fake_steps)
+                                    fake_steps=config.dmd_fake_steps, from_input=config.dmd_from_input,
+                                    from_input_t=config.dmd_from_input_t, encode=encode)

@@ -470,7 +470,7 @@ def train(config: TrainConfig, *, dataset: IterableDataset | None = None, backbo
     objective = build_objective(config, backbone.schedule, empty_text=empty_text, set_w=roles.set_w)
     adversarial = build_adversarial(config, backbone.unet, backbone.schedule, resolution // backbone.vae_scale_factor,
                                     backbone.unet.config.cross_attention_dim, device, set_w=roles.set_w)
-    matching = build_distribution_matching(config, roles, objective, device)
+    matching = build_distribution_matching(config, roles, objective, device, encode=backbone.to_model_space)
 
     # 4. Resume: weights, EMA, optimizer, RNG states; the data stream restarts at the saved position. The
     # --init-from entry is pinned by its files' hashes: installing over that folder must not change a run's teacher.

@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"timestep (999), the rest from 749 / 499 / 249 (default {d.dmd_one_step})")
     g.add_argument("--dmd-fake-steps", type=int, help="fake score updates per student step, each extra one on fresh "
                    f"student outputs (DMD2 takes 5; default {d.dmd_fake_steps})")
+    g.add_argument("--dmd-from-input", type=float, help="the share of the student's DMD predictions made one step from "
+                   "the input, as a request with `strength` runs (super-resolution, edit; default "
+                   f"{d.dmd_from_input})")
+    g.add_argument("--dmd-from-input-t", type=int, help="... from the input noised to this timestep (default "
+                   f"{d.dmd_from_input_t}: strength 0.5)")
 
     g = p.add_argument_group("Guided Distillation (--method gd), and guidance-aware CoDi (--method codi --adapter "
                              "controlnet-guided: the w range and the served w)")

@@ -250,3 +250,41 @@ def test_config_refuses_what_the_terms_cannot_do(tmp_path):
     with pytest.raises(ConfigError, match="dmd_weight -1"):
         TrainConfig(task="depth", dmd_weight=-1)
     TrainConfig(task="depth", adapter="controlnet-guided", init_from=str(entry), teacher=str(entry), dmd_weight=0.5)
+
+
+def test_from_input_predictions_start_from_the_noised_input():
+    """dmd_from_input: the student's DMD prediction is made one step from the input, z = alpha_t E(2 c - 1) +
+    sigma_t eps at t = dmd_from_input_t, with the same eps the row would have had from the truth; 0 leaves the
+    predictions and the generator's draws as they were; the config refuses it where there is no input to start from."""
+    calls = []
+
+    def student(z, t, c, text):
+        calls.append((z.clone(), t.clone()))
+        return z, z
+
+    x, c = torch.randn(3, 4, 2, 2), torch.rand(3, 4, 2, 2)
+    encode = lambda images: images * 0.5 + 0.25  # noqa: E731 - any fixed map stands for the autoencoder here
+    term = DistributionMatchingTerm(schedule(), None, None, 1.0, None, teacher=None, set_w=lambda w: None,
+                                    encode=encode, from_input_t=499)
+    term.student_outputs(student, x, c, None, torch.Generator().manual_seed(3))
+    z0, t0 = calls[-1]
+    alpha, sigma = term.schedule.alpha_sigma(t0, x)
+    eps = (z0 - alpha * x) / sigma                                                   # the row's noise, from the truth
+    term.from_input = 1.0
+    g = torch.Generator().manual_seed(3)
+    term.student_outputs(student, x, c, None, g)
+    z1, t1 = calls[-1]
+    a499, s499 = term.schedule.alpha_sigma(499, x)
+    assert torch.equal(t1, torch.full_like(t0, 499))
+    assert torch.allclose(z1, a499 * encode(c * 2 - 1) + s499 * eps, atol=1e-5)
+    term.from_input = 0.0
+    g0 = torch.Generator().manual_seed(3)
+    term.student_outputs(student, x, c, None, g0)
+    assert torch.equal(calls[-1][0], z0) and torch.equal(calls[-1][1], t0)
+    assert torch.rand(1, generator=g0) != torch.rand(1, generator=g)                 # from_input drew one more
+    with pytest.raises(ConfigError, match="task 'depth' has no input to start from"):
+        TrainConfig(task="depth", dmd_from_input=0.5, dmd_weight=1.0)
+    with pytest.raises(ConfigError, match="the predictions made from the input are DMD's"):
+        TrainConfig(task="super-resolution", dmd_from_input=0.5)
+    with pytest.raises(ConfigError, match="dmd_from_input 1.5"):
+        TrainConfig(task="super-resolution", dmd_from_input=1.5)
