@@ -573,7 +573,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     args.fidelity = parse_guidance(args.fidelity, "--fidelity") if args.fidelity is not None else None
     if args.fidelity is not None and any(not 0 <= w <= 1 for w in args.fidelity):
         raise EvalError(f"--fidelity: every weight must be in [0, 1], got {args.fidelity}")
-    args.strength = parse_guidance(args.strength, "--strength") if getattr(args, "strength", None) is not None else None
+    args.strength = parse_guidance(args.strength, "--strength") if args.strength is not None else None
     for s in args.strength or ():
         try:
             check_strength(args.task, s, max(steps))

@@ -92,11 +92,10 @@ class NoiseSchedule:
         return alpha_t * eps - sigma_t * x  # v = alpha eps - sigma x
 
     def span(self, strength: float = 1.0) -> int:
-        """The training timesteps a run of `strength` covers: round(strength T), at least 1 (strength 1: all T; a
-        run that starts from the input, as diffusers' img2img `strength`, covers the last strength T of them)."""
+        """The training timesteps a run of `strength` covers (`strength_span`)."""
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        return max(1, round(strength * self.num_train_timesteps))
+        return strength_span(strength, self.num_train_timesteps)
 
     def trailing_timesteps(self, k: int, strength: float = 1.0) -> list[int]:
         """diffusers' "trailing" spacing over the span S = `span(strength)`: round(arange(S, 0, -S/k)) - 1 (k=4,
@@ -113,6 +112,12 @@ class NoiseSchedule:
         timestep; we follow diffusers to stay step-for-step equal). Negative means the final alpha."""
         s = t - (span or self.num_train_timesteps) // k
         return s if s >= 0 else FINAL
+
+
+def strength_span(strength: float, num_train_timesteps: int) -> int:
+    """The training timesteps a run of `strength` covers: round(strength T), at least 1 (strength 1: all T; a run that
+    starts from the input, as diffusers' img2img `strength`, covers the last strength T of them)."""
+    return max(1, round(strength * num_train_timesteps))
 
 
 def boundary_scalings(t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,10 +195,11 @@ class TaskOutput:
 
 async def parse_task(request: Request, task: str, form: TaskForm, tasks: dict[str, list[Registered]],
                      settings: ServeSettings, scale_factor: int = 8, size_factor: int | None = None,
-                     unavailable: dict | None = None, num_train_timesteps: int = 1000) -> TaskCall:
+                     unavailable: dict | None = None, num_train_timesteps: int | None = None) -> TaskCall:
     """Pick the adapter, fill in the manifest's defaults, check the work it asks for on the image header,
     decode the image: every 4xx a client can cause before the engine sees the request (`num_train_timesteps`:
-    the backbone's, for the steps a `strength` leaves room for; the engine checks again with its own)."""
+    the backbone's, for the steps a `strength` leaves room for; None, where the backbone is elsewhere (the Ray
+    ingress): the engine's `prepare` checks that with its own, a 422 all the same)."""
     reg = pick_adapter(tasks, task, form.adapter, unavailable)
     log_fields = request.scope.setdefault("cdd", {})
     log_fields["task"] = task

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.samplers import fresh_noise, initial_noise
+from ..diffusion.schedule import strength_span
 
 SUPER_RESOLUTION = "super-resolution"
 EDIT = "edit"
@@ -55,8 +56,7 @@ def check_strength(task: str, strength: float | None, steps: int, num_train_time
     if not starts_from_input(task):
         raise ValueError(f"task {task!r} cannot start from its input (only {', '.join(FROM_INPUT_TASKS)} can: their "
                          "input is a picture of the output); leave strength out")
-    span = max(1, round(strength * (num_train_timesteps or 0)))
-    if num_train_timesteps is not None and steps > span:
+    if num_train_timesteps is not None and steps > (span := strength_span(strength, num_train_timesteps)):
         raise ValueError(f"strength {strength:g} covers {span} timestep(s): at most {span} step(s), got {steps}")
 
 
@@ -356,8 +356,7 @@ def prepare(
     `height` (tasks other than super-resolution) must be multiples of `size_factor` (default: scale_factor).
     Super-resolution: tiles of `sr_tile(..., tile, size_factor)` px, blended `blend` (LATENT, PIXELS). `strength` < 1:
     the run starts from the condition (a task of `FROM_INPUT_TASKS`), noised with z_T (the executor does it)."""
-    if strength != 1 and not starts_from_input(task):
-        raise ValueError(f"task {task!r} cannot start from its input; leave strength out")
+    check_strength(task, strength, steps)
     common = dict(task=task, adapter=adapter, steps=steps, sampler=sampler, seed=seed, prompt=prompt, resolution=resolution,
                   guidance=guidance, fidelity=fidelity, strength=float(strength))
     c, in_height, in_width = image.shape
